@@ -17,7 +17,9 @@ from graff.errors import GraffConfigError, GraffTypeError
 
 def _as_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise GraffTypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+        raise GraffTypeError(
+            f"{name} must be a real number, got {value!r} ({type(value).__name__})."
+        )
     return float(value)
 
 
@@ -46,7 +48,13 @@ def check_non_negative(name: str, value: Any) -> float:
 
 
 def check_in_range(
-    name: str, value: Any, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+    name: str,
+    value: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
     """Return ``value`` as a float, or raise unless it lies in the interval from low to high."""
     x = check_finite(name, value)

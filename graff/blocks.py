@@ -21,8 +21,12 @@ from torch import nn
 
 from graff.errors import GraffConfigError, GraffTypeError
 
-_LORA_PARAM = re.compile(r"^(?P<module>.+)\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\b")
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers|encoder\.layers)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LORA_PARAM = re.compile(
+    r"^(?P<module>.+)\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)\b"
+)
+_LAYER = re.compile(
+    r"(?:^|\.)(?:layers|h|blocks|layer|decoder\.layers|encoder\.layers)\.(?P<idx>\d+)\.(?P<rest>.+)$"
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,9 +72,13 @@ def _from_mapping(
             raise GraffConfigError(f"block {name!r} in blocks= has no parameters.")
         for p in plist:
             if not isinstance(p, torch.Tensor):
-                raise GraffTypeError(f"block {name!r} holds {type(p).__name__}, expected parameters.")
+                raise GraffTypeError(
+                    f"block {name!r} holds {type(p).__name__}, expected parameters."
+                )
             if id(p) not in in_optimizer:
-                raise GraffConfigError(f"block {name!r} holds a parameter the optimizer does not update.")
+                raise GraffConfigError(
+                    f"block {name!r} holds a parameter the optimizer does not update."
+                )
             if id(p) in used:
                 raise GraffConfigError(f"a parameter of block {name!r} is also in another block.")
             used.add(id(p))
@@ -96,7 +104,9 @@ def discover_blocks(
         The blocks, in a deterministic order (mapping order, then module order, then groups).
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise GraffTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        raise GraffTypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
     owned = _optimizer_params(optimizer)
     ids = {id(p) for _, p in owned}
     found: list[Block] = []
@@ -123,7 +133,9 @@ def discover_blocks(
     return found
 
 
-def block_edges(blocks: Sequence[Block], adjacency: Iterable[tuple[int, int]] | None = None) -> torch.Tensor:
+def block_edges(
+    blocks: Sequence[Block], adjacency: Iterable[tuple[int, int]] | None = None
+) -> torch.Tensor:
     """Directed edge list ``(2, E)`` (both directions) between blocks.
 
     With ``adjacency`` (pairs of block indices) those pairs are used. Otherwise blocks of the

@@ -85,18 +85,28 @@ class BudgetClock:
         sync_cuda: bool = True,
         measure_energy: bool = True,
     ) -> None:
-        given = {k: v for k, v in (("seconds", seconds), ("minutes", minutes), ("hours", hours),
-                                   ("steps", steps)) if v is not None}
+        given = {
+            k: v
+            for k, v in (
+                ("seconds", seconds),
+                ("minutes", minutes),
+                ("hours", hours),
+                ("steps", steps),
+            )
+            if v is not None
+        }
         if len(given) != 1:
             raise GraffConfigError(
                 "BudgetClock needs exactly one of seconds=, minutes=, hours= or steps=, got "
                 f"{sorted(given) or 'none'}."
             )
-        (name, value), = given.items()
+        ((name, value),) = given.items()
         total = check_positive(f"BudgetClock({name}=...)", value)
         if name == "steps":
             if not float(total).is_integer():
-                raise GraffConfigError(f"BudgetClock(steps=...) must be a whole number, got {value!r}.")
+                raise GraffConfigError(
+                    f"BudgetClock(steps=...) must be a whole number, got {value!r}."
+                )
             self.kind: BudgetKind = "steps"
             self.total: float = float(int(total))
         else:
@@ -271,5 +281,7 @@ class BudgetClock:
 
     def __repr__(self) -> str:
         unit = "steps" if self.kind == "steps" else "s"
-        return (f"BudgetClock({self.total:g} {unit}, used {self.elapsed:.4g} {unit}, "
-                f"fraction_used={self.fraction_used:.3f})")
+        return (
+            f"BudgetClock({self.total:g} {unit}, used {self.elapsed:.4g} {unit}, "
+            f"fraction_used={self.fraction_used:.3f})"
+        )

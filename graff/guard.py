@@ -59,7 +59,9 @@ _ADAM_LIKE = ("Adam", "AdamW", "NAdam", "Adamax", "RAdam", "SparseAdam")
 _DEFAULT_FRACTION = 0.95
 
 
-def project_to_halfspace(w: Tensor, b: Tensor, h: Tensor, bound: float | Tensor) -> tuple[Tensor, Tensor]:
+def project_to_halfspace(
+    w: Tensor, b: Tensor, h: Tensor, bound: float | Tensor
+) -> tuple[Tensor, Tensor]:
     """Project ``(w, b)`` onto ``{(w, b) : w·h + b ≤ bound}`` (nearest point, Euclidean norm).
 
     Args:
@@ -80,7 +82,9 @@ def project_to_halfspace(w: Tensor, b: Tensor, h: Tensor, bound: float | Tensor)
         (tensor([ 0., -1.]), tensor(-1.))
     """
     if w.dim() != 1 or h.shape != w.shape:
-        raise GraffConfigError(f"w and h must be 1-d of one shape, got {tuple(w.shape)} and {tuple(h.shape)}.")
+        raise GraffConfigError(
+            f"w and h must be 1-d of one shape, got {tuple(w.shape)} and {tuple(h.shape)}."
+        )
     if b.numel() != 1:
         raise GraffConfigError(f"b must hold one number, got shape {tuple(b.shape)}.")
     beta = float(bound)
@@ -106,7 +110,9 @@ def clamp_lr(lr: float, lr_min: float, lr_max: float) -> float:
         (1e-06, 1.0, 0.5)
     """
     if not (0.0 < lr_min <= lr_max < math.inf):
-        raise GraffConfigError(f"need 0 < lr_min <= lr_max < inf, got lr_min={lr_min!r}, lr_max={lr_max!r}.")
+        raise GraffConfigError(
+            f"need 0 < lr_min <= lr_max < inf, got lr_min={lr_min!r}, lr_max={lr_max!r}."
+        )
     x = float(lr)
     if math.isnan(x):
         return lr_min
@@ -146,7 +152,9 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group_index: int = 0) 
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.SGD):
         beta = float(group.get("momentum", 0.0))
-        return (2.0 + 2.0 * beta) / (1.0 + 2.0 * beta) if group.get("nesterov") else 2.0 + 2.0 * beta
+        return (
+            (2.0 + 2.0 * beta) / (1.0 + 2.0 * beta) if group.get("nesterov") else 2.0 + 2.0 * beta
+        )
     if name in _ADAM_LIKE or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         beta1 = float(group["betas"][0])
         return (2.0 + 2.0 * beta1) / (1.0 - beta1)

@@ -1,0 +1,283 @@
+"""Machinery shared by graff's schedulers: budget, loss capture, skipped steps, safe LR writes.
+
+:class:`BudgetedScheduler` is a :class:`torch.optim.lr_scheduler.LRScheduler`, so ``isinstance``
+checks in Hugging Face ``Trainer``, Lightning and accelerate pass. A subclass implements
+:meth:`BudgetedScheduler._plan`, which returns one LR *factor* per parameter group; the base class
+writes ``lr_g = clamp(initial_lr_g · factor_g, lr_min_g, lr_max_g)`` into the optimizer, where the
+clamp bounds are ``lr_min_factor · initial_lr_g`` and ``lr_max_factor · initial_lr_g``. So groups
+keep the ratios of their initial LRs, and whatever a planner does, the LR that reaches the
+optimizer is finite, positive and bounded.
+
+A call to ``step()`` that follows no ``optimizer.step()`` (e.g. ``GradScaler`` skipped an overflow
+step, or a trainer called ``step()`` twice) is not counted as a step: nothing is planned, the
+budget's step count does not move, and :attr:`BudgetedScheduler.skipped_steps` counts it. A NaN
+or infinite loss never reaches a planner: it is counted in
+:attr:`BudgetedScheduler.nonfinite_losses` and the planner sees ``loss=None``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABCMeta, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from graff._validation import check_positive
+from graff.clock import BudgetClock
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
+from graff.guard import clamp_lr
+from graff.probes._context import probing_active
+
+_FORMAT_VERSION = 1
+
+
+def as_budget(budget: BudgetClock | float | int) -> BudgetClock:
+    """A :class:`BudgetClock` from a clock or a number of seconds."""
+    if isinstance(budget, BudgetClock):
+        return budget
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return BudgetClock(seconds=budget)
+    raise GraffTypeError(
+        f"budget must be a graff.BudgetClock or a number of seconds, got {type(budget).__name__}."
+    )
+
+
+def loss_value(loss: Any) -> float | None:
+    """A float from a loss (tensor, number or HF output with ``.loss``); ``None`` if absent."""
+    if loss is None:
+        return None
+    if hasattr(loss, "loss") and not isinstance(loss, Tensor):
+        loss = loss.loss
+    if isinstance(loss, Tensor):
+        if loss.numel() == 0:
+            return math.nan
+        return float(loss.detach().float().mean())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
+
+
+class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
+    """Base class: a budget-aware LR scheduler around any torch optimizer.
+
+    Args:
+        optimizer: Any :class:`torch.optim.Optimizer` whose update is linear in ``lr``.
+        budget: A :class:`~graff.BudgetClock`, or a number of seconds.
+        model: Optional model; its forward outputs' ``.loss`` is captured so that ``step()``
+            can be called without a loss (averaged over gradient-accumulation micro-batches).
+        lr_min_factor: Lower clamp of every group's LR, as a fraction of its initial LR.
+        lr_max_factor: Upper clamp of every group's LR, as a multiple of its initial LR.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        budget: BudgetClock | float | int,
+        *,
+        model: nn.Module | None = None,
+        lr_min_factor: float = 1e-3,
+        lr_max_factor: float = 100.0,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise GraffTypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise GraffTypeError(
+                f"model must be a torch.nn.Module or None, got {type(model).__name__}."
+            )
+        self.lr_min_factor = check_positive("lr_min_factor", lr_min_factor)
+        self.lr_max_factor = check_positive("lr_max_factor", lr_max_factor)
+        if not self.lr_min_factor <= 1.0 <= self.lr_max_factor:
+            raise GraffConfigError(
+                "need lr_min_factor <= 1 <= lr_max_factor, got "
+                f"lr_min_factor={lr_min_factor!r}, lr_max_factor={lr_max_factor!r}."
+            )
+        for i, group in enumerate(optimizer.param_groups):
+            lr = group.get("initial_lr", group["lr"])
+            lr = float(lr) if isinstance(lr, Tensor) else lr
+            if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+                raise GraffConfigError(
+                    f"param_groups[{i}] has lr={lr!r}; {type(self).__name__} scales each group's "
+                    "initial LR, so every group needs a finite lr > 0."
+                )
+        self.budget = as_budget(budget)
+        self.model = model
+        self.skipped_steps = 0
+        self.nonfinite_losses = 0
+        self._optimizer_steps = 0  # optimizer steps since the last scheduler step
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
+        if model is not None:
+            self._handles.append(model.register_forward_hook(self._capture_loss))
+        super().__init__(optimizer)
+        self.budget.start()
+
+    # ------------------------------------------------------------------ hooks
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._optimizer_steps += 1
+
+    def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
+        if probing_active() or not torch.is_grad_enabled():
+            return
+        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            self._loss_sum += float(loss.detach().float())
+            self._loss_count += 1
+
+    def remove(self) -> None:
+        """Detach every hook this scheduler registered (the LR stays as last written)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ------------------------------------------------------------------- step
+    def _initial_step(self) -> None:
+        self._step_count = 0
+        self.last_epoch = 0
+        self._write(self._initial_factors())
+
+    def step(self, loss: Any = None) -> None:  # type: ignore[override]
+        """Plan and apply the LR for the next optimizer step. Call after ``optimizer.step()``.
+
+        Args:
+            loss: The training loss of the step just taken (tensor, float or HF output). When
+                omitted, the loss captured from ``model``'s forward passes is used, if any.
+        """
+        value = loss_value(loss)
+        if value is None and self._loss_count:
+            value = self._loss_sum / self._loss_count
+        self._loss_sum, self._loss_count = 0.0, 0
+        if self._optimizer_steps == 0:
+            self.skipped_steps += 1
+            self._write(self._current_factors())
+            return
+        self._optimizer_steps = 0
+        if value is not None and not math.isfinite(value):
+            self.nonfinite_losses += 1
+            value = None
+        self.budget.tick()
+        self.last_epoch += 1
+        self._step_count += 1
+        self._write(self._plan(value))
+
+    def _write(self, factors: list[float]) -> None:
+        lrs = []
+        for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
+            initial = float(group["initial_lr"])
+            lr = clamp_lr(
+                initial * factor, initial * self.lr_min_factor, initial * self.lr_max_factor
+            )
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+            lrs.append(lr)
+        self._last_lr = lrs
+        self._factors = [
+            lr / float(g["initial_lr"])
+            for lr, g in zip(lrs, self.optimizer.param_groups, strict=True)
+        ]
+
+    def get_lr(self) -> list[float]:  # type: ignore[override]
+        """The LRs last written to the optimizer (graff plans in :meth:`step`)."""
+        return list(self._last_lr)
+
+    def _current_factors(self) -> list[float]:
+        return list(self._factors)
+
+    # -------------------------------------------------------- subclass hooks
+    @abstractmethod
+    def _initial_factors(self) -> list[float]:
+        """Per-group LR factors before the first step."""
+
+    @abstractmethod
+    def _plan(self, loss: float | None) -> list[float]:
+        """Per-group LR factors for the next step, given the finite loss of the last (or None)."""
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Versioned state: counters, budget clock, LRs and the subclass's planner state.
+
+        Holds only tensors, numbers, strings, lists and dicts, so it loads with
+        ``torch.load(..., weights_only=True)``.
+        """
+        return {
+            "format_version": _FORMAT_VERSION,
+            "scheduler": type(self).__name__,
+            "num_groups": len(self.optimizer.param_groups),
+            "last_epoch": self.last_epoch,
+            "step_count": self._step_count,
+            "skipped_steps": self.skipped_steps,
+            "nonfinite_losses": self.nonfinite_losses,
+            "budget": self.budget.state_dict(),
+            "last_lr": list(self._last_lr),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict` and re-apply its LRs to the optimizer.
+
+        Raises:
+            CheckpointError: if the state is of another version, another scheduler type or
+                another number of parameter groups, or is missing keys. Nothing is changed then.
+        """
+        state = state_dict
+        if not isinstance(state, dict) or state.get("format_version") != _FORMAT_VERSION:
+            raise CheckpointError(
+                f"not a graff scheduler state of format_version {_FORMAT_VERSION} "
+                f"(got {type(state).__name__}"
+                f"{', version ' + repr(state.get('format_version')) if isinstance(state, dict) else ''})."
+            )
+        if state.get("scheduler") != type(self).__name__:
+            raise CheckpointError(
+                f"state was saved by {state.get('scheduler')!r}, cannot load into {type(self).__name__}."
+            )
+        n = len(self.optimizer.param_groups)
+        if state.get("num_groups") != n or len(state.get("last_lr", [])) != n:
+            raise CheckpointError(
+                f"state has {state.get('num_groups')!r} parameter groups, the optimizer has {n}."
+            )
+        missing = {
+            "last_epoch",
+            "step_count",
+            "skipped_steps",
+            "nonfinite_losses",
+            "budget",
+            "extra",
+        } - set(state)
+        if missing:
+            raise CheckpointError(f"scheduler state is missing keys {sorted(missing)}.")
+        lrs = [float(x) for x in state["last_lr"]]
+        if not all(math.isfinite(x) and x > 0 for x in lrs):
+            raise CheckpointError(f"scheduler state has invalid last_lr {lrs!r}.")
+        # Validate everything that can fail before changing anything (no half-loaded scheduler).
+        scratch = BudgetClock(steps=1) if self.budget.kind == "steps" else BudgetClock(seconds=1)
+        scratch.load_state_dict(state["budget"])  # raises CheckpointError on a bad clock state
+        self._check_extra_state(state["extra"])
+        self.budget.load_state_dict(state["budget"])
+        self._load_extra_state(state["extra"])
+        self.last_epoch = int(state["last_epoch"])
+        self._step_count = int(state["step_count"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.nonfinite_losses = int(state["nonfinite_losses"])
+        self._optimizer_steps = 0
+        initial = [float(g["initial_lr"]) for g in self.optimizer.param_groups]
+        self._write([lr / base for lr, base in zip(lrs, initial, strict=True)])
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Raise :class:`CheckpointError` if ``extra`` cannot be loaded (default: accept dicts)."""
+        if not isinstance(extra, dict):
+            raise CheckpointError(
+                f"scheduler state 'extra' must be a dict, got {type(extra).__name__}."
+            )
