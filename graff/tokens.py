@@ -201,10 +201,11 @@ def weighted_causal_lm_loss(
         ignore_index=ignore_index,
         reduction="none",
     )
-    if weights is not None:
-        per_token = per_token * weights.detach().to(per_token).flatten()
+    valid = (shift_labels != ignore_index).flatten().to(per_token.device)
+    if weights is not None:  # where(): a NaN weight on an ignored position must not leak in
+        per_token = torch.where(valid, per_token * weights.detach().to(per_token).flatten(), 0.0)
     if num_items_in_batch is None:
-        count = (shift_labels != ignore_index).sum().clamp_min(1)
+        count = valid.sum().clamp_min(1)
     else:
         count = num_items_in_batch
     return per_token.sum() / count

@@ -1,0 +1,499 @@
+"""Logit entropy after an early decoder layer (logit lens), read by a forward hook.
+
+The probe decodes the hidden state :math:`h_j^{(\\ell)}` of token :math:`j` after decoder layer
+:math:`\\ell` (``layer_index``; 0 is the first, "adapter", layer) with the model's own final norm
+and LM head, the *logit lens* (nostalgebraist, "interpreting GPT: the logit lens", LessWrong,
+2020; Belrose et al., "Eliciting Latent Predictions from Transformers with the Tuned Lens",
+https://arxiv.org/abs/2303.08112, 2023), and records the entropy of that prediction:
+
+.. math::
+
+    z_j = W_U\\,\\operatorname{norm}(h_j^{(\\ell)}),\\qquad
+    \\log p_j = \\operatorname{log\\_softmax}(z_j),\\qquad
+    H_j = -\\sum_{v=1}^{V} p_{j,v} \\log p_{j,v} \\in [0, \\log V],
+
+where :math:`W_U` is ``lm_head`` (or ``head=``), :math:`V` the vocabulary size, and
+:math:`\\log p` is computed in float32 whatever the model's dtype. Only a random subset of at most
+``max_tokens`` non-padding tokens goes through norm and head, under ``torch.no_grad`` on a
+detached hidden state, so the model's outputs and gradients are untouched. Its statistics
+(:meth:`EntropyProbe.stats`) are node features for the planners; its per-token entropies
+(``max_tokens=None``) give opt-in loss weights (:meth:`EntropyProbe.token_weights`,
+:mod:`graff.tokens`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graff._validation import check_positive_int
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.probes._context import probing, probing_active
+from graff.tokens import token_weights_from_entropy
+
+__all__ = ["EntropyProbe", "EntropyStats", "entropy_from_logits"]
+
+_FORMAT_VERSION = 1
+_CHUNK_ELEMENTS = 1 << 24  # at most this many float32 logits alive at once (64 MiB)
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, call) pairs
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy :math:`H = -\\sum_v p_v \\log p_v` of ``softmax(logits)`` over the last dim, in float32.
+
+    Uses ``log_softmax`` (no overflow for large logits); entries with :math:`p_v = 0`
+    (``-inf`` logits) contribute 0. NaN or ``+inf`` logits give a NaN entropy for that row.
+
+    Args:
+        logits: ``[..., vocab]`` tensor of any float dtype.
+
+    Returns:
+        Float32 tensor of shape ``logits.shape[:-1]``.
+
+    Examples:
+        >>> entropy_from_logits(torch.zeros(4)).item() == math.log(4)
+        True
+    """
+    logp = logits.float().log_softmax(dim=-1)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+
+
+@dataclass(frozen=True)
+class EntropyStats:
+    """Summary of the sampled entropies of the last forward pass (nats).
+
+    ``std`` is the population standard deviation. ``normalized_mean = mean / log(vocab)`` lies
+    in ``[0, 1]``. With no finite sample (before the first forward, or all dropped) every field
+    is 0 and ``count`` is 0: check ``count`` before using the values.
+    """
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    count: int
+    normalized_mean: float
+
+
+class _LogitLens:
+    """``hidden -> lm_head(norm(hidden))`` without referencing the whole model."""
+
+    def __init__(
+        self, norm: Callable[[Tensor], Tensor], lm_head: Callable[[Tensor], Tensor]
+    ) -> None:
+        self.norm, self.lm_head = norm, lm_head
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))
+
+
+def _candidates(model: nn.Module) -> list[nn.Module]:
+    """``model`` and what it wraps (peft: PeftModel -> LoraModel -> the causal LM)."""
+    seen, out, todo = set(), [], [model]
+    while todo and len(out) < 8:
+        m = todo.pop(0)
+        if not isinstance(m, nn.Module) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        get_base = getattr(m, "get_base_model", None)
+        if callable(get_base):
+            todo.append(get_base())
+        todo.extend(m._modules.get(k) for k in ("base_model", "model") if k in m._modules)
+    return out
+
+
+def _detect(model: nn.Module) -> tuple[nn.ModuleList | None, Callable[[Tensor], Tensor] | None]:
+    """Decoder layers and logit lens of a Llama/Qwen/Mistral- or GPT-2-style causal LM."""
+    for m in _candidates(model):
+        lm_head = m._modules.get("lm_head")
+        for trunk_name, layers_name, norm_name in (
+            ("model", "layers", "norm"),
+            ("transformer", "h", "ln_f"),
+        ):
+            trunk = m._modules.get(trunk_name)
+            layers = trunk._modules.get(layers_name) if trunk is not None else None
+            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+                norm = trunk._modules.get(norm_name)
+                lens = (
+                    _LogitLens(norm, lm_head) if norm is not None and lm_head is not None else None
+                )
+                return layers, lens
+    return None, None
+
+
+def _hook_layer(ref: weakref.ref) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        probe = ref()
+        if probe is not None and not probing_active() and not _in_backward():
+            probe._observe(output)
+
+    return hook
+
+
+def _hook_pre(ref: weakref.ref) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        probe = ref()
+        if probe is not None and not probing_active():
+            mask = kwargs.get("attention_mask")
+            probe._mask = mask if isinstance(mask, Tensor) else None
+
+    return hook
+
+
+def _hook_post(ref: weakref.ref) -> Callable[..., None]:
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        probe = ref()
+        if probe is not None and not probing_active():
+            probe._mask = None
+
+    return hook
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpointing recomputation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _remove_handles(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class EntropyProbe:
+    """Forward hook recording the logit-lens entropy of sampled tokens after an early layer.
+
+    On every forward pass of ``model`` (outside :func:`graff.probes._context.probing`), after
+    decoder layer ``layer_index`` runs, the probe draws at most ``max_tokens`` non-padding token
+    positions, decodes their detached hidden states through the final norm and the LM head and
+    stores the entropies :math:`H_j = -\\sum_v p_{j,v}\\log p_{j,v}` (float32, nats; see the module
+    docstring for the logit-lens formula). The hooks return ``None`` and run under
+    ``torch.no_grad`` without touching the global RNG, so the model's outputs and gradients are
+    bitwise those without the probe.
+
+    Hugging Face causal LMs are detected, also inside peft wrappers: Llama/Qwen/Mistral style
+    (``model.layers``, ``model.norm``, ``lm_head``) and GPT-2 style (``transformer.h``,
+    ``transformer.ln_f``, ``lm_head``). For anything else pass ``layer=`` and ``head=``.
+    Padding is excluded when the forward is called with an ``attention_mask=`` keyword.
+    Subsets are drawn from a private generator seeded by ``(seed, call count)``: two runs with
+    one seed sample the same tokens, and :meth:`state_dict` resumes the sequence.
+
+    Args:
+        model: The module whose forward calls are observed (a causal LM or its peft wrapper).
+        layer: Module whose output is the hidden state (a tensor or a tuple whose element 0 is
+            the ``[batch, seq, hidden]`` tensor). ``None``: decoder layer ``layer_index``.
+        head: Callable ``hidden -> logits`` (``[k, hidden] -> [k, vocab]``). ``None``: the model's
+            final norm followed by its ``lm_head``.
+        layer_index: Which decoder layer to hook when ``layer`` is ``None``; 0 is the first.
+        max_tokens: Most token positions decoded per forward; ``None`` decodes all non-padding
+            tokens (needed for :meth:`token_weights`).
+        seed: Seed of the subset sampling, a non-negative integer.
+
+    Attributes:
+        entropies: Float32 tensor ``[k]`` of the finite entropies of the last forward (``None``
+            before the first one).
+        token_index: Long tensor ``[k]`` of their flat positions in ``batch * seq``, ascending.
+        dropped_samples: Number of NaN/inf entropies dropped since construction.
+
+    Raises:
+        GraffTypeError: if ``model``/``layer`` is not an ``nn.Module``, ``head`` is not
+            callable, or an integer argument is not an integer.
+        GraffConfigError: if ``layer_index``/``max_tokens``/``seed`` is out of range.
+        ProbeError: if no decoder layer or LM head can be found; pass ``layer=``/``head=``.
+
+    Examples:
+        >>> probe = EntropyProbe(model, max_tokens=64)  # doctest: +SKIP
+        >>> out = model(input_ids=ids, attention_mask=mask)  # doctest: +SKIP
+        >>> probe.stats().normalized_mean  # doctest: +SKIP
+        >>> probe.remove()  # doctest: +SKIP
+
+    References:
+        nostalgebraist, "interpreting GPT: the logit lens", LessWrong, 2020.
+        Belrose et al., "Eliciting Latent Predictions from Transformers with the Tuned Lens",
+        https://arxiv.org/abs/2303.08112, 2023.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layer: nn.Module | None = None,
+        head: Callable[[Tensor], Tensor] | None = None,
+        layer_index: int = 0,
+        max_tokens: int | None = 64,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise GraffTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        if layer is not None and not isinstance(layer, nn.Module):
+            raise GraffTypeError(
+                f"layer must be a torch.nn.Module or None, got {type(layer).__name__}."
+            )
+        if head is not None and not callable(head):
+            raise GraffTypeError(f"head must be a callable hidden -> logits or None, got {head!r}.")
+        for name, value in (("layer_index", layer_index), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise GraffTypeError(f"{name} must be an int, got {value!r}.")
+            if value < 0:
+                raise GraffConfigError(f"{name} must be >= 0, got {value!r}.")
+        if layer is not None and layer_index != 0:
+            raise GraffConfigError(
+                f"layer_index={layer_index!r} is only used without layer=; pass one of them."
+            )
+        self.max_tokens = (
+            None if max_tokens is None else check_positive_int("max_tokens", max_tokens)
+        )
+        self.seed = seed
+        layer, self._head = self._resolve(model, layer, head, layer_index)
+        self.entropies: Tensor | None = None
+        self.token_index: Tensor | None = None
+        self._dropped_index: Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
+        self._vocab: int | None = None
+        self._mask: Tensor | None = None
+        self._calls = 0
+        self._dropped = 0
+        ref = weakref.ref(self)
+        handles = [
+            model.register_forward_pre_hook(_hook_pre(ref), with_kwargs=True),
+            model.register_forward_hook(_hook_post(ref), always_call=True),
+            layer.register_forward_hook(_hook_layer(ref)),
+        ]
+        # Removes the hooks on remove() or when the probe is garbage collected; holds no
+        # reference to the probe, so the model never keeps a forgotten probe alive.
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+
+    @staticmethod
+    def _resolve(
+        model: nn.Module,
+        layer: nn.Module | None,
+        head: Callable[[Tensor], Tensor] | None,
+        index: int,
+    ) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
+        layers, lens = _detect(model) if layer is None or head is None else (None, None)
+        if layer is None:
+            if layers is None:
+                raise ProbeError(
+                    f"EntropyProbe found no decoder layers in {type(model).__name__}: it looks for "
+                    "model.layers (Llama/Qwen/Mistral) and transformer.h (GPT-2), also inside peft "
+                    "wrappers. Pass layer=<the nn.Module whose output is the hidden state>."
+                )
+            if index >= len(layers):
+                raise GraffConfigError(
+                    f"layer_index must be in [0, {len(layers) - 1}] for this model with "
+                    f"{len(layers)} decoder layers, got {index!r}."
+                )
+            layer = layers[index]
+        if head is None:
+            if lens is None:
+                raise ProbeError(
+                    f"EntropyProbe found no final norm and lm_head in {type(model).__name__}. "
+                    "Pass head=<callable mapping hidden states [k, hidden] to logits [k, vocab]>."
+                )
+            head = lens
+        return layer, head
+
+    @property
+    def calls(self) -> int:
+        """Number of forward passes observed (the sampling generator's step)."""
+        return self._calls
+
+    @property
+    def dropped_samples(self) -> int:
+        """Number of sampled tokens whose entropy was NaN or infinite (not in ``entropies``)."""
+        return self._dropped
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are still attached (``False`` after :meth:`remove`)."""
+        return self._finalizer.alive
+
+    def remove(self) -> None:
+        """Detach every hook from the model. Idempotent; the last readings stay readable."""
+        self._finalizer()
+
+    def _valid_positions(self, shape: tuple[int, ...]) -> Tensor:
+        """Flat indices (CPU, long) of the non-padding tokens of a ``shape = [batch, seq]`` input."""
+        n, mask = math.prod(shape), self._mask
+        if mask is None:
+            return torch.arange(n)
+        if (
+            len(shape) == 2
+            and mask.dim() == 2
+            and mask.shape[0] == shape[0]
+            and mask.shape[1] >= shape[1]
+        ):
+            keep = (
+                mask[:, mask.shape[1] - shape[1] :].reshape(-1) != 0
+            )  # KV cache: last seq columns
+            return keep.nonzero().squeeze(1).cpu()
+        warnings.warn(
+            f"EntropyProbe: attention_mask of shape {tuple(mask.shape)} does not match hidden "
+            f"states of shape {shape}; sampling from all tokens, padding included.",
+            stacklevel=2,
+        )
+        return torch.arange(n)
+
+    def _sample(self, valid: Tensor) -> Tensor:
+        if self.max_tokens is None or valid.numel() <= self.max_tokens:
+            return valid
+        gen = torch.Generator().manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
+        pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens]
+        return valid[pick.sort().values]
+
+    def _observe(self, output: Any) -> None:
+        hidden = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(hidden, Tensor) or hidden.dim() < 2 or not hidden.is_floating_point():
+            raise ProbeError(
+                "EntropyProbe: the hooked layer must return a float tensor [..., hidden] or a tuple "
+                f"starting with one, got {type(hidden).__name__}. Pass layer= explicitly."
+            )
+        shape = tuple(hidden.shape[:-1])
+        index = self._sample(self._valid_positions(shape)).to(hidden.device)
+        self._calls += 1
+        flat = hidden.detach().reshape(-1, hidden.shape[-1])
+        rows = max(1, _CHUNK_ELEMENTS // (self._vocab or 1 << 16))
+        parts = []
+        with torch.no_grad(), probing():
+            for chunk in index.split(rows):
+                logits = self._head(flat[chunk])
+                self._vocab = int(logits.shape[-1])
+                parts.append(entropy_from_logits(logits).reshape(-1))
+        ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+        finite = torch.isfinite(ent)
+        self._dropped += int((~finite).sum())
+        self.entropies, self.token_index = ent[finite], index[finite]
+        self._dropped_index, self._shape = index[~finite], shape
+
+    def stats(self) -> EntropyStats:
+        """Mean, std (population), min, max, count and ``mean / log(vocab)`` of the last forward.
+
+        Returns:
+            An :class:`EntropyStats` of Python numbers, never NaN: all zeros with ``count=0``
+            before the first forward or if every sample was dropped.
+        """
+        ent = self.entropies
+        if ent is None or ent.numel() == 0:
+            return EntropyStats(0.0, 0.0, 0.0, 0.0, 0, 0.0)
+        e = ent.double()
+        mean = float(e.mean())
+        log_v = math.log(self._vocab) if self._vocab and self._vocab > 1 else 0.0
+        return EntropyStats(
+            mean=mean,
+            std=float(e.std(unbiased=False)),
+            min=float(e.min()),
+            max=float(e.max()),
+            count=int(e.numel()),
+            normalized_mean=mean / log_v if log_v > 0 else 0.0,
+        )
+
+    def token_weights(
+        self,
+        labels: Tensor | None = None,
+        *,
+        ignore_index: int = -100,
+        power: float = 1.0,
+        clip: tuple[float, float] | None = (0.25, 4.0),
+        eps: float = 1e-6,
+    ) -> Tensor:
+        """``[batch, seq]`` loss weights from the last forward's entropies, for the same batch.
+
+        Call after the forward and before ``backward()``, then pass the result to
+        :func:`graff.tokens.weighted_causal_lm_loss`. Weights follow
+        :func:`graff.tokens.token_weights_from_entropy` on the positions that carry loss:
+        non-padding positions ``j`` whose target ``labels[:, j + 1]`` is not ``ignore_index``
+        (all non-padding positions but the last if ``labels`` is ``None``). On those they average
+        1; tokens whose entropy was dropped (NaN/inf) get weight 1; padding and positions without
+        a target get 0.
+
+        Args:
+            labels: ``[batch, seq]`` labels of the forward (unshifted), or ``None``.
+            ignore_index: Label value without loss.
+            power: Exponent of the entropy, see :func:`~graff.tokens.token_weights_from_entropy`.
+            clip: Bounds relative to the mean weight, or ``None``.
+            eps: Added to the entropy before the power.
+
+        Returns:
+            Float32 weights ``[batch, seq]`` on the device of the entropies.
+
+        Raises:
+            ProbeError: before the first forward, or if the probe samples (``max_tokens`` set).
+            GraffConfigError: if ``labels`` does not have the ``[batch, seq]`` shape of the forward.
+        """
+        if self.max_tokens is not None:
+            raise ProbeError(
+                f"token_weights needs the entropy of every token, but max_tokens={self.max_tokens}; "
+                "construct the probe with max_tokens=None."
+            )
+        if self.entropies is None or self._shape is None or len(self._shape) != 2:
+            raise ProbeError("token_weights needs a forward pass on a [batch, seq] input first.")
+        n, device = math.prod(self._shape), self.entropies.device
+        ent = torch.zeros(n, dtype=torch.float32, device=device)
+        ent[self.token_index] = self.entropies
+        seen = torch.zeros(n, dtype=torch.bool, device=device)
+        seen[self.token_index] = True
+        dropped = torch.zeros_like(seen)
+        dropped[self._dropped_index] = True
+        target = torch.ones(self._shape, dtype=torch.bool, device=device)
+        if labels is not None:
+            if tuple(labels.shape) != self._shape:
+                raise GraffConfigError(
+                    f"labels must have the shape {self._shape} of the last forward, got {tuple(labels.shape)}."
+                )
+            target[:, :-1] = labels[:, 1:].to(device) != ignore_index
+        target[:, -1] = False
+        target = target.reshape(-1)
+        weights = token_weights_from_entropy(
+            ent, power=power, clip=clip, mask=seen & target, eps=eps
+        )
+        weights[dropped & target] = 1.0
+        return weights.reshape(self._shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Sampling state: ``format_version``, ``seed``, ``calls``, ``dropped_samples`` (ints)."""
+        return {
+            "format_version": _FORMAT_VERSION,
+            "seed": self.seed,
+            "calls": self._calls,
+            "dropped_samples": self._dropped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the sampling sequence (seed and call count) of a saved probe.
+
+        Raises:
+            CheckpointError: if ``state`` is not an EntropyProbe state of this version.
+        """
+        version = state.get("format_version") if isinstance(state, dict) else None
+        if version != _FORMAT_VERSION:
+            raise CheckpointError(
+                f"Not an EntropyProbe state of format_version {_FORMAT_VERSION}: got {version!r}."
+            )
+        missing = {"seed", "calls", "dropped_samples"} - state.keys()
+        if missing:
+            raise CheckpointError(f"EntropyProbe state is missing keys {sorted(missing)}.")
+        for key in ("seed", "calls", "dropped_samples"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise CheckpointError(f"EntropyProbe state has invalid {key}={value!r}.")
+        self.seed, self._calls, self._dropped = (
+            state["seed"],
+            state["calls"],
+            state["dropped_samples"],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"EntropyProbe(max_tokens={self.max_tokens}, seed={self.seed}, calls={self._calls}, "
+            f"active={self.active})"
+        )
