@@ -156,7 +156,11 @@ class BudgetClock:
         """Wall-clock seconds counted so far (pauses and resume downtime excluded)."""
         running = 0.0
         if self._segment_start is not None:
-            running = max(0.0, self._now() - self._segment_start)
+            now = self._now()
+            if self._segment_start == -math.inf:  # started before the first finite reading
+                self._segment_start = now
+            if math.isfinite(now):
+                running = max(0.0, now - self._segment_start)
         self._max_elapsed = max(self._max_elapsed, self._banked + running)
         return self._max_elapsed
 

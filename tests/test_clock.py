@@ -258,12 +258,6 @@ def test_non_finite_readings_never_decrease_elapsed(junk: float) -> None:
     assert all(math.isfinite(x) for x in seen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a non-finite *first* reading is replaced by _last_now = -inf, so the segment "
-    "starts at -inf and the next finite reading makes elapsed_seconds = inf (budget instantly "
-    "exhausted; state_dict() then holds elapsed_seconds=inf, which load_state_dict rejects)",
-)
 @pytest.mark.parametrize("junk", [math.nan, math.inf])
 def test_non_finite_first_reading_counts_nothing(junk: float) -> None:
     clock = BudgetClock(seconds=100, time_fn=Readings([junk, 0.0, 5.0])).start()
