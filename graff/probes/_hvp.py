@@ -1,0 +1,175 @@
+"""Hessian-vector products, power iteration, and the probe batch they are evaluated on.
+
+A Hessian-vector product :math:`Hv = \\nabla_\\theta\\langle\\nabla_\\theta L(\\theta), v\\rangle`
+costs one extra backward pass through the graph of the gradient (double backward; Pearlmutter,
+"Fast Exact Multiplication by the Hessian", Neural Computation 6(1), 1994). The first-order
+gradient graph is built once per estimate and reused by every product (``retain_graph=True``),
+so ``k`` power iterations cost one forward, one backward and ``k`` double-backward passes.
+
+Vectors are lists of tensors shaped like the parameters (no flattening copies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graff.errors import ProbeError
+from graff.probes._context import probing_active
+
+HVP = Callable[[list[Tensor]], list[Tensor]]
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
+    """``Σ_j ⟨a_j, b_j⟩`` accumulated in float64."""
+    total = torch.zeros((), dtype=torch.float64, device=a[0].device if a else "cpu")
+    for x, y in zip(a, b, strict=True):
+        total += torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
+    return float(total)
+
+
+def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
+    """Return ``v ↦ H v`` for the Hessian ``H`` of the scalar ``loss`` w.r.t. ``params``.
+
+    Parameters the loss does not depend on (or depends on linearly) get a zero product.
+
+    Args:
+        loss: A scalar tensor with a grad graph reaching ``params``.
+        params: The parameters ``θ``; ``v`` must be shaped like them.
+
+    Returns:
+        A function mapping a list of tensors ``v`` to the list ``H v`` (same shapes and dtypes).
+    """
+    grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    outputs = [grads[i] for i in live]
+
+    def hvp(v: list[Tensor]) -> list[Tensor]:
+        out = [torch.zeros_like(p) for p in params]
+        if not live:
+            return out
+        hv = torch.autograd.grad(
+            outputs,
+            list(params),
+            grad_outputs=[v[i].to(grads[i].dtype) for i in live],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for j, h in enumerate(hv):
+            if h is not None:
+                out[j] = h
+        return out
+
+    return hvp
+
+
+def power_iteration(
+    hvp: HVP,
+    v0: Sequence[Tensor],
+    iters: int,
+    scale: Sequence[Tensor] | None = None,
+) -> tuple[float, list[Tensor]]:
+    """Top eigenpair of ``M = D H D`` (``D = diag(scale)``, identity if None) by power iteration.
+
+    Each iteration forms :math:`w = M v` from the normalised iterate :math:`v`, records the
+    Rayleigh quotient :math:`\\lambda = v^\\top M v` and continues from :math:`w/\\lVert w\\rVert`.
+    With ``scale = P^{-1/2}`` the eigenvalues of ``M`` are those of :math:`P^{-1}H`
+    (similar matrices), the preconditioned sharpness.
+
+    Args:
+        hvp: ``v ↦ H v`` (see :func:`make_hvp`).
+        v0: Start vector (warm start: the previous eigenvector); need not be normalised.
+        iters: Number of Hessian-vector products (>= 1).
+        scale: Optional diagonal ``D`` as tensors shaped like the parameters.
+
+    Returns:
+        ``(λ, v)``: the last Rayleigh quotient (NaN if a product was not finite) and the last
+        normalised iterate. For ``iters`` products, ``λ`` is the quotient at iterate ``iters−1``.
+    """
+    v = [x.float() for x in v0]
+    norm = math.sqrt(dot(v, v))
+    if not math.isfinite(norm) or norm == 0.0:
+        return math.nan, list(v0)
+    v = torch._foreach_div(v, norm)
+    lam = math.nan
+    for _ in range(iters):
+        u = v if scale is None else torch._foreach_mul(v, list(scale))
+        w = [h.float() for h in hvp(u)]
+        if scale is not None:
+            w = torch._foreach_mul(w, list(scale))
+        lam = dot(v, w)
+        norm = math.sqrt(max(dot(w, w), 0.0))
+        if not (math.isfinite(lam) and math.isfinite(norm)):
+            return math.nan, v
+        if norm == 0.0:  # v in the null space: the quotient 0 is exact for this direction
+            return lam, v
+        v = torch._foreach_div(w, norm)
+    return lam, v
+
+
+def _detach(obj: Any) -> Any:
+    """Detached clones of every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, Mapping):
+        return {k: _detach(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_detach(v) for v in obj)
+    return obj
+
+
+class InputCapture:
+    """Keeps (detached clones of) the inputs of the first gradient-enabled forward pass.
+
+    The hook ignores passes made while :func:`graff.probes._context.probing_active` (the probe's
+    own re-evaluations) and under ``torch.no_grad()`` (evaluation loops), and removes itself
+    once it has captured a batch.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.args: tuple[Any, ...] | None = None
+        self.kwargs: dict[str, Any] | None = None
+        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.args is not None or probing_active() or not torch.is_grad_enabled():
+            return
+        self.args, self.kwargs = _detach(tuple(args)), _detach(dict(kwargs))
+        self.remove()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a probe batch is available."""
+        return self.args is not None
+
+    def set(self, inputs: Mapping[str, Any] | None) -> None:
+        """Restore ``{"args": [...], "kwargs": {...}}`` (from a state dict) or keep capturing."""
+        if inputs is not None:
+            self.args, self.kwargs = tuple(inputs["args"]), dict(inputs["kwargs"])
+            self.remove()
+
+    def get(self) -> dict[str, Any] | None:
+        """The captured inputs as ``{"args": [...], "kwargs": {...}}``, or None."""
+        if self.args is None:
+            return None
+        return {"args": list(self.args), "kwargs": dict(self.kwargs or {})}
+
+    def loss(self) -> Tensor:
+        """Re-run the model on the captured inputs and return ``output.loss``."""
+        out = self.model(*(self.args or ()), **(self.kwargs or {}))
+        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+        if not isinstance(loss, Tensor):
+            raise ProbeError(
+                f"the model output ({type(out).__name__}) has no .loss: include labels in the "
+                "batch the model is called with, or pass loss_fn= (a closure returning the loss)."
+            )
+        return loss
+
+    def remove(self) -> None:
+        """Detach the forward pre-hook (idempotent)."""
+        self._handle.remove()

@@ -1,0 +1,522 @@
+"""The curvature probe: per-block hypergradients and secants every step, λ̂_max by HVPs.
+
+Two kinds of signal, read through ``Optimizer.register_step_pre_hook``/``register_step_post_hook``
+so that any torch optimizer works:
+
+* **Every step, almost free** (dot products of tensors that already exist). With
+  :math:`\\Delta\\theta_t = \\theta_{t+1} - \\theta_t` the update the optimizer applied and
+  :math:`g_t = \\nabla L_t(\\theta_t)`, for each block :math:`i`
+
+  .. math::
+
+      h_i = \\langle g_{t+1,i}, \\Delta\\theta_{t,i}\\rangle = \\frac{\\partial L_{t+1}}{\\partial\\log m_{t,i}},
+      \\qquad s_i = \\frac{\\langle g_{t+1,i} - g_{t,i}, \\Delta\\theta_{t,i}\\rangle}{\\lVert\\Delta\\theta_{t,i}\\rVert^2},
+      \\qquad q_i = \\frac{\\langle g_{t+1,i} - g_{t,i}, \\Delta\\theta_{t,i}\\rangle}{-\\langle g_{t,i}, \\Delta\\theta_{t,i}\\rangle},
+
+  the hypergradient of Baydin et al. for a per-block LR multiplier :math:`m_{t,i}` (the update
+  is linear in the LR), the secant curvature along the update, and its dimensionless ratio.
+* **Every few steps**: :math:`\\hat\\lambda_{\\max}` by warm-started power iteration with
+  Hessian-vector products on a fixed probe batch, of :math:`H` (SGD) or of the preconditioned
+  :math:`P^{-1/2} H P^{-1/2}` (adaptive optimizers, see :mod:`graff.probes.preconditioner`).
+
+The secant is *not* a λ_max estimator (``feasibility.md``): without noise it measures the
+curvature along the update, 0.2–1.3 % of λ_max on quadratics; with minibatch noise it returns
+≈ 1/η whatever the curvature. Its windowed maximum :attr:`CurvatureProbe.tripwire` is a
+divergence alarm (q > 2 means the loss along the last update grew like an unstable mode), not a
+bound for the guard. The guard uses :attr:`CurvatureProbe.lambda_max_safe`.
+
+Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype) plus the
+eigenvector in bfloat16 (half a float32 copy); during an estimate, the double-backward graph
+of the probe batch and a few float32 vectors.
+
+References:
+    Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
+    https://arxiv.org/abs/1703.04782.
+    Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the Edge of
+    Stability", ICLR 2021, https://arxiv.org/abs/2103.00065.
+    Cohen et al., "Adaptive Gradient Methods at the Edge of Stability", 2022,
+    https://arxiv.org/abs/2207.14484.
+    Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation, 1994.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graff._validation import check_in_range, check_positive_int
+from graff.blocks import Block, discover_blocks
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.probes._context import probing
+from graff.probes._hvp import InputCapture, make_hvp, power_iteration
+from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
+
+FORMAT_VERSION = 1
+_STATE_KEYS = frozenset(
+    {
+        "format_version",
+        "kind",
+        "eigenvector",
+        "lambda_max",
+        "step",
+        "last_attempt_step",
+        "interval",
+        "n_estimates",
+        "dropped_estimates",
+        "dropped_samples",
+        "overhead_seconds",
+        "probe_inputs",
+    }
+)
+
+
+@dataclass(frozen=True)
+class CurvatureStats:
+    """Per-block statistics of one update, tensors of shape ``[n_blocks]`` (float32, CPU).
+
+    Attributes:
+        step: Index ``t`` of the optimizer step whose update :math:`\\Delta\\theta_t` is described.
+        hypergrad: :math:`\\langle g_{t+1,i}, \\Delta\\theta_{t,i}\\rangle = \\partial L_{t+1}/\\partial\\log m_{t,i}`.
+        grad_dot_update: :math:`\\langle g_{t,i}, \\Delta\\theta_{t,i}\\rangle`.
+        update_sq_norm: :math:`\\lVert\\Delta\\theta_{t,i}\\rVert^2`.
+        grad_sq_norm: :math:`\\lVert g_{t+1,i}\\rVert^2`.
+        secant: :math:`\\langle g_{t+1,i}-g_{t,i}, \\Delta\\theta_{t,i}\\rangle/\\lVert\\Delta\\theta_{t,i}\\rVert^2`
+            (0 where the block did not move).
+        secant_ratio: :math:`q_i = \\langle g_{t+1,i}-g_{t,i}, \\Delta\\theta_{t,i}\\rangle/(-\\langle g_{t,i}, \\Delta\\theta_{t,i}\\rangle)`
+            (0 where the denominator is 0).
+    """
+
+    step: int
+    hypergrad: Tensor
+    grad_dot_update: Tensor
+    update_sq_norm: Tensor
+    grad_sq_norm: Tensor
+    secant: Tensor
+    secant_ratio: Tensor
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
+
+
+def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Per-pair float32 dot products ``[⟨a_j, b_j⟩]_j`` (one kernel each, no copies for fp32)."""
+    return torch.stack(
+        [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b, strict=True)]
+    )
+
+
+def _sq_norms(xs: Sequence[Tensor]) -> Tensor:
+    return torch.stack(torch._foreach_norm(list(xs))).float() ** 2
+
+
+def _check_blocks(
+    optimizer: torch.optim.Optimizer, model: nn.Module | None, blocks: Any
+) -> list[Block]:
+    if blocks is None or isinstance(blocks, Mapping):
+        return discover_blocks(optimizer, model, blocks)
+    blocks = list(blocks)
+    if not blocks or not all(isinstance(b, Block) for b in blocks):
+        raise GraffTypeError(
+            f"blocks must be None, a mapping {{name: parameters}} or a non-empty list of "
+            f"graff.blocks.Block, got {blocks!r}."
+        )
+    return blocks
+
+
+class CurvatureProbe:
+    """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
+
+    The top eigenvalue is estimated by power iteration on the fixed probe batch, warm-started
+    from the previous eigenvector (stored in bfloat16), with the Rayleigh quotient
+
+    .. math::
+
+        \\hat\\lambda_{\\max} = v^\\top M v,\\qquad M = H \\text{ (SGD, unknown)}\\ \\text{or}\\
+        M = P^{-1/2} H P^{-1/2} \\text{ (Adam-type, RMSprop, Adagrad)},
+
+    and the guard reads :math:`\\text{margin}\\cdot\\hat\\lambda_{\\max}` (``lambda_max_safe``):
+    power iteration approaches :math:`\\lambda_{\\max}` from below, so a margin (1.1–1.2) makes
+    the guard safe. See the module docstring for the per-step statistics and memory use.
+
+    Args:
+        optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it.
+        model: Optional model. Its LoRA modules become blocks, and when ``loss_fn`` is None the
+            inputs of its first gradient-enabled forward pass are the probe batch, re-run as
+            ``model(**inputs).loss``. The model runs in eval mode during an estimate.
+        blocks: None (:func:`graff.blocks.discover_blocks`), a list of ``Block`` or a mapping.
+        loss_fn: Optional closure returning the scalar loss on a fixed batch (with grad graph).
+            It must not call ``backward()``.
+        every: Refresh interval in optimizer steps, or ``"auto"`` (probe time / step time
+            ≤ ``overhead_target``, never below ``min_every``).
+        power_iters: Hessian-vector products per refresh.
+        initial_iters: Hessian-vector products for the first estimate (cold start).
+        margin: Safety factor ≥ 1 of ``lambda_max_safe``.
+        overhead_target: Target fraction of training time spent in estimates (``every="auto"``).
+        min_every: Smallest interval ``every="auto"`` may choose.
+        preconditioned: None (auto from the optimizer class), True or False.
+        hvp: False turns the λ̂ estimates off (per-step statistics only).
+        secant_window: Number of steps the tripwire takes its maximum over.
+        seed: Seed of the random start vector.
+
+    Raises:
+        GraffTypeError, GraffConfigError: On a bad argument (the message names it).
+
+    Examples:
+        >>> p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> probe = CurvatureProbe(opt, loss_fn=lambda: 5.0 * p[0] ** 2 + 0.5 * p[1] ** 2, every=1)
+        >>> round(probe.estimate_lambda_max(), 3)
+        10.0
+        >>> probe.remove()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        model: nn.Module | None = None,
+        blocks: Sequence[Block] | Mapping[str, Any] | None = None,
+        loss_fn: Callable[[], Tensor] | None = None,
+        every: int | str = "auto",
+        power_iters: int = 3,
+        initial_iters: int = 20,
+        margin: float = 1.15,
+        overhead_target: float = 0.01,
+        min_every: int = 10,
+        preconditioned: bool | None = None,
+        hvp: bool = True,
+        secant_window: int = 20,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise GraffTypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise GraffTypeError(
+                f"model must be a torch.nn.Module or None, got {type(model).__name__}."
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
+        if every != "auto":
+            if isinstance(every, str):
+                raise GraffConfigError(
+                    f"every must be 'auto' or a positive integer, got {every!r}."
+                )
+            every = check_positive_int("every", every)
+        for name, value in (("preconditioned", preconditioned), ("hvp", hvp)):
+            if not (isinstance(value, bool) or (name == "preconditioned" and value is None)):
+                raise GraffTypeError(
+                    f"{name} must be a bool{' or None' if name != 'hvp' else ''}, got {value!r}."
+                )
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise GraffConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+        self.power_iters = check_positive_int("power_iters", power_iters)
+        self.initial_iters = check_positive_int("initial_iters", initial_iters)
+        self.min_every = check_positive_int("min_every", min_every)
+        self.margin = check_in_range("margin", margin, 1.0, 100.0)
+        self.overhead_target = check_in_range(
+            "overhead_target", overhead_target, 0.0, 1.0, low_open=True
+        )
+        secant_window = check_positive_int("secant_window", secant_window)
+        kind = preconditioner_kind(optimizer)
+        if preconditioned and kind is None:
+            raise GraffConfigError(
+                f"preconditioned=True, but graff reads no diagonal preconditioner from "
+                f"{type(optimizer).__name__}; use preconditioned=None or False."
+            )
+        self.kind = kind if preconditioned is not False else None
+        self.optimizer, self.model, self.loss_fn, self.every, self.seed = (
+            optimizer,
+            model,
+            loss_fn,
+            every,
+            seed,
+        )
+        self.blocks = _check_blocks(optimizer, model, blocks)
+        self._params = [p for b in self.blocks for p in b.params]
+        self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
+        self._hvp_params = [p for p in self._params if p.requires_grad]
+        self.hvp = hvp and bool(self._hvp_params)
+        self._capture = (
+            InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
+        )
+        # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
+        self._buf: list[Tensor | None] = [None] * len(self._params)
+        self._valid = torch.zeros(len(self._params), dtype=torch.bool)
+        self._pending: list[int] = []
+        self._gdu = torch.zeros(len(self._params))
+        self._window: deque[float] = deque(maxlen=secant_window)
+        self.last: CurvatureStats | None = None
+        self.lambda_max: float | None = None
+        self._v: list[Tensor] | None = None
+        self.step = 0
+        self._last_attempt: int | None = None
+        self.interval = every if isinstance(every, int) else self.min_every
+        self.n_estimates = self.dropped_estimates = self.dropped_samples = 0
+        self.overhead_seconds = 0.0
+        self._step_time: float | None = None
+        self._t_post: float | None = None
+        self._probe_since_post = 0.0
+        self._handles = [
+            optimizer.register_step_pre_hook(self._pre_hook),
+            optimizer.register_step_post_hook(self._post_hook),
+        ]
+
+    # ------------------------------------------------------------------ per-step statistics
+    @property
+    def lambda_max_safe(self) -> float | None:
+        """``margin × lambda_max`` (the value the guard should use), or None before an estimate."""
+        return None if self.lambda_max is None else self.margin * self.lambda_max
+
+    @property
+    def tripwire(self) -> float | None:
+        """Max of the global secant ratio q over the last ``secant_window`` steps (None before).
+
+        A divergence alarm, not a λ_max estimate: on a quadratic q = η·(curvature along the
+        update), which exceeds 2 only when the update excites an unstable direction, and under
+        minibatch noise q ≈ 1 whatever λ_max is (feasibility.md).
+        """
+        return max(self._window) if self._window else None
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        have = [j for j, p in enumerate(self._params) if p.grad is not None]
+        both = [j for j in have if self._valid[j]]
+        if both:
+            self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
+        for j in have:
+            if self._buf[j] is None:
+                self._buf[j] = torch.empty_like(self._params[j], requires_grad=False)
+        if have:
+            torch._foreach_copy_(
+                [self._buf[j] for j in have], [self._params[j].detach() for j in have]
+            )
+        self._valid.zero_()
+        self._pending = have
+        self.overhead_seconds += time.perf_counter() - t0
+
+    def _record(self, grads: list[Tensor], deltas: list[Tensor], idx: list[int]) -> None:
+        """Turn per-parameter dot products into one per-block sample (or drop it if not finite)."""
+        per_param = torch.stack(
+            [_dots(grads, deltas), self._gdu[idx], _sq_norms(deltas), _sq_norms(grads)]
+        )
+        sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param.cpu())
+        hyper, gdu, usq, gsq = sums
+        curv = hyper - gdu
+        q_global = _safe_div(curv.sum(), -gdu.sum())
+        stats = torch.stack([hyper, gdu, usq, gsq, _safe_div(curv, usq), _safe_div(curv, -gdu)])
+        if not (bool(torch.isfinite(stats).all()) and bool(torch.isfinite(q_global))):
+            self.dropped_samples += 1
+            return
+        self.last = CurvatureStats(self.step - 1, *stats.unbind(0))
+        self._window.append(float(q_global))
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        t0 = time.perf_counter()
+        idx = self._pending
+        if idx:
+            bufs, params = [self._buf[j] for j in idx], [self._params[j].detach() for j in idx]
+            torch._foreach_sub_(bufs, params)
+            torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
+            self._gdu.zero_()
+            self._gdu[idx] = _dots([self._params[j].grad for j in idx], bufs).cpu()
+            self._valid[idx] = True
+        self.step += 1
+        self._time_step(t0)
+        self.overhead_seconds += time.perf_counter() - t0
+        if self._due():
+            self._timed_estimate(
+                self.power_iters if self.lambda_max is not None else self.initial_iters
+            )
+        self._t_post = time.perf_counter()
+
+    def _time_step(self, now: float) -> None:
+        if self._t_post is not None:
+            dt = max(now - self._t_post - self._probe_since_post, 1e-9)
+            self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
+        self._probe_since_post = 0.0
+
+    # ------------------------------------------------------------------ λ̂_max
+    def _ready(self) -> bool:
+        source = self.loss_fn is not None or (self._capture is not None and self._capture.ready)
+        if not (self.hvp and source):
+            return False
+        return self.kind is None or any(self.optimizer.state.get(p) for p in self._hvp_params)
+
+    def _due(self) -> bool:
+        if not self._ready():
+            return False
+        return self._last_attempt is None or self.step - self._last_attempt >= self.interval
+
+    def _timed_estimate(self, iters: int) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            return self._estimate(iters)
+        finally:
+            spent = time.perf_counter() - t0
+            self.overhead_seconds += spent
+            self._probe_since_post += spent
+            self._last_attempt = self.step
+            if self.every == "auto" and self._step_time is not None:
+                per_refresh = spent * (self.power_iters + 1) / (iters + 1)
+                need = per_refresh / (self.overhead_target * self._step_time)
+                self.interval = max(self.min_every, math.ceil(need))
+
+    def estimate_lambda_max(self, iters: int | None = None) -> float | None:
+        """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
+
+        Returns:
+            The new raw estimate (also in :attr:`lambda_max`); the previous one (possibly None)
+            if a Hessian-vector product was not finite (counted in ``dropped_estimates``).
+
+        Raises:
+            ProbeError: If the probe cannot evaluate the loss (no ``loss_fn``, no ``model``, or
+                ``hvp=False``), no probe batch has been captured yet, or an adaptive optimizer
+                has no state yet.
+        """
+        if iters is not None:
+            iters = check_positive_int("iters", iters)
+        if not self.hvp:
+            raise ProbeError(
+                "this CurvatureProbe was built with hvp=False (or no trainable parameters)."
+            )
+        if self.loss_fn is None and self._capture is None:
+            raise ProbeError(
+                "CurvatureProbe needs a way to re-evaluate the loss: pass loss_fn= "
+                "(a closure returning the loss on a fixed batch) or model=."
+            )
+        if self.loss_fn is None and not self._capture.ready:
+            raise ProbeError(
+                "no probe batch captured yet: run a forward pass of the model with "
+                "gradients enabled first, or pass loss_fn=."
+            )
+        if not self._ready():
+            raise ProbeError(
+                f"{type(self.optimizer).__name__} has no state yet, so its "
+                "preconditioner is unknown: call after the first optimizer.step()."
+            )
+        default = self.initial_iters if self.lambda_max is None else self.power_iters
+        return self._timed_estimate(iters or default)
+
+    def _start_vector(self) -> list[Tensor]:
+        if self._v is not None:
+            return [
+                v.to(p.device, torch.float32)
+                for v, p in zip(self._v, self._hvp_params, strict=True)
+            ]
+        gen = torch.Generator().manual_seed(self.seed)
+        return [torch.randn(p.shape, generator=gen).to(p.device) for p in self._hvp_params]
+
+    def _estimate(self, iters: int) -> float | None:
+        scale = None
+        if self.kind is not None:
+            scale = inverse_sqrt_preconditioner(self.optimizer, self._hvp_params, self.kind)
+            if scale is None:
+                return self.lambda_max
+        modules = list(self.model.modules()) if self.model is not None else []
+        modes = [m.training for m in modules]
+        try:
+            with probing(), torch.enable_grad():
+                if self.model is not None:
+                    self.model.eval()
+                loss = self.loss_fn() if self.loss_fn is not None else self._capture.loss()
+                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+                    raise ProbeError(
+                        f"the probe loss must be a scalar tensor with a grad graph, got {loss!r}."
+                    )
+                lam, v = power_iteration(
+                    make_hvp(loss.reshape(()), self._hvp_params), self._start_vector(), iters, scale
+                )
+        finally:
+            for m, mode in zip(modules, modes, strict=True):
+                m.training = mode
+        if not math.isfinite(lam):
+            self.dropped_estimates += 1
+            return self.lambda_max
+        self._v = [x.detach().to(torch.bfloat16) for x in v]
+        self.lambda_max = lam
+        self.n_estimates += 1
+        return lam
+
+    # ------------------------------------------------------------------ lifecycle
+    def remove(self) -> None:
+        """Detach every hook this probe registered (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        if self._capture is not None:
+            self._capture.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Named tensors and numbers, with ``format_version``; loadable with ``weights_only=True``.
+
+        The Δθ buffer is not saved (one step after a resume yields no per-step sample); the
+        eigenvector, estimate, counters, interval and captured probe batch are.
+        """
+        eig = None if self._v is None else torch.cat([v.reshape(-1).cpu() for v in self._v])
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "eigenvector": eig,
+            "lambda_max": self.lambda_max,
+            "step": self.step,
+            "last_attempt_step": self._last_attempt,
+            "interval": self.interval,
+            "n_estimates": self.n_estimates,
+            "dropped_estimates": self.dropped_estimates,
+            "dropped_samples": self.dropped_samples,
+            "overhead_seconds": self.overhead_seconds,
+            "probe_inputs": None if self._capture is None else self._capture.get(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; checks version, keys and the eigenvector size."""
+        if not isinstance(state, Mapping) or state.get("format_version") != FORMAT_VERSION:
+            got = (
+                state.get("format_version") if isinstance(state, Mapping) else type(state).__name__
+            )
+            raise CheckpointError(
+                f"expected a CurvatureProbe state with format_version {FORMAT_VERSION}, got {got!r}."
+            )
+        if set(state) != _STATE_KEYS:
+            raise CheckpointError(
+                f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
+                f"unexpected {sorted(set(state) - _STATE_KEYS)}."
+            )
+        if state["kind"] != self.kind:
+            raise CheckpointError(
+                f"state was saved with preconditioner {state['kind']!r}, this probe uses {self.kind!r}."
+            )
+        eig = state["eigenvector"]
+        sizes = [p.numel() for p in self._hvp_params]
+        if eig is not None and eig.numel() != sum(sizes):
+            raise CheckpointError(
+                f"eigenvector has {eig.numel()} entries, the probed parameters {sum(sizes)}."
+            )
+        self._v = (
+            None
+            if eig is None
+            else [
+                c.reshape(p.shape).to(p.device, torch.bfloat16)
+                for c, p in zip(eig.split(sizes), self._hvp_params, strict=True)
+            ]
+        )
+        self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
+        self.step, self._last_attempt = int(state["step"]), state["last_attempt_step"]
+        self.interval = int(state["interval"])
+        self.n_estimates, self.dropped_estimates = (
+            int(state["n_estimates"]),
+            int(state["dropped_estimates"]),
+        )
+        self.dropped_samples = int(state["dropped_samples"])
+        self.overhead_seconds = float(state["overhead_seconds"])
+        if self._capture is not None:
+            self._capture.set(state["probe_inputs"])
