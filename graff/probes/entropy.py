@@ -63,7 +63,8 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     logp = logits.float().log_softmax(dim=-1)
     p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device)).sum(-1)
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return -torch.where(p == 0, zero, p * logp).sum(-1)  # p == 0 is False for NaN: it propagates
 
 
 @dataclass(frozen=True)
