@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graff._validation import check_in_range, check_positive_int
 from graff.blocks import Block, discover_blocks
@@ -425,7 +426,8 @@ class CurvatureProbe:
         modules = list(self.model.modules()) if self.model is not None else []
         modes = [m.training for m in modules]
         try:
-            with probing(), torch.enable_grad():
+            # Fused attention kernels (flash, memory-efficient) have no double backward.
+            with probing(), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
                 if self.model is not None:
                     self.model.eval()
                 loss = self.loss_fn() if self.loss_fn is not None else self._capture.loss()

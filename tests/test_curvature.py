@@ -1,0 +1,426 @@
+"""CurvatureProbe: λ̂ against closed forms and dense Hessians, per-step statistics by hand."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from graff.blocks import Block
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.probes.curvature import CurvatureProbe, CurvatureStats
+
+# --------------------------------------------------------------------------- helpers
+
+
+def spectrum_matrix(d: int, lam_max: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric A = Q diag(λ) Qᵀ, random orthogonal Q, λ uniform in [1, λ_max], top = λ_max."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    eigs = 1.0 + (lam_max - 1.0) * torch.rand(d, generator=g, dtype=torch.float64)
+    eigs[0] = lam_max
+    return q @ torch.diag(eigs) @ q.T, eigs
+
+
+def quadratic(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x @ a @ x
+
+
+def make_mlp(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A 4-12-2 tanh MLP (86 parameters) and a fixed regression batch of 64 samples."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 2)).double()
+    x = torch.randn(64, 4, dtype=torch.float64)
+    y = torch.sin(x[:, :2] * 2.0)
+    return model, x, y
+
+
+def mlp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((model(x) - y) ** 2).mean()
+
+
+def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        chunks = flat.split([s.numel() for s in shapes])
+        params = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return ((functional_call(model, params, (x,)) - y) ** 2).mean()
+
+    return torch.autograd.functional.hessian(f, flat0)
+
+
+def dense_preconditioner(opt: torch.optim.Optimizer) -> torch.Tensor | None:
+    """P from the optimizer state, written out from the torch docs (the test's own oracle)."""
+    group = opt.param_groups[0]
+    eps = group.get("eps", 0.0)
+    out = []
+    for p in group["params"]:
+        s = opt.state[p]
+        if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+            bc2 = 1.0 - group["betas"][1] ** float(s["step"])
+            out.append(torch.sqrt(s["exp_avg_sq"] / bc2) + eps)
+        elif isinstance(opt, torch.optim.RMSprop):
+            v = s["square_avg"] - (s["grad_avg"] ** 2 if group["centered"] else 0.0)
+            out.append(torch.sqrt(v) + eps)
+        elif isinstance(opt, torch.optim.Adagrad):
+            out.append(torch.sqrt(s["sum"]) + eps)
+        else:
+            return None
+    return torch.cat([t.reshape(-1) for t in out]).double()
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05),
+    "sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    "rmsprop_centered": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, centered=True),
+    "adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+}
+
+
+def train(model, opt, x, y, steps: int) -> list[dict[str, torch.Tensor]]:
+    """Run ``steps`` optimizer steps; return θ before each step and g at each step."""
+    log = []
+    for _ in range(steps):
+        opt.zero_grad()
+        mlp_loss(model, x, y).backward()
+        log.append(
+            {
+                "theta": [p.detach().clone() for p in model.parameters()],
+                "grad": [p.grad.detach().clone() for p in model.parameters()],
+            }
+        )
+        opt.step()
+    return log
+
+
+# --------------------------------------------------------------------------- λ̂ accuracy
+
+
+@pytest.mark.parametrize("lam_max", [10.0, 100.0, 1000.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_power_iteration_brackets_lambda_max_on_quadratics(lam_max: float, seed: int) -> None:
+    a, eigs = spectrum_matrix(40, lam_max, seed)
+    x = nn.Parameter(torch.randn(40, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=0.1 / lam_max)
+    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=1)
+    raw = probe.estimate_lambda_max()
+    true = float(eigs.max())
+    assert raw == probe.lambda_max
+    assert 0.9 * true <= raw <= true * (1 + 1e-5)  # a Rayleigh quotient never exceeds λ_max
+    assert 0.9 * true <= probe.lambda_max_safe <= 1.25 * true
+    assert probe.lambda_max_safe == pytest.approx(1.15 * raw)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_lambda_matches_dense_hessian_on_mlp(name: str) -> None:
+    model, x, y = make_mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    probe = CurvatureProbe(opt, loss_fn=lambda: mlp_loss(model, x, y), every=1000, initial_iters=60)
+    train(model, opt, x, y, 3)
+    h = dense_hessian(model, x, y)
+    p = dense_preconditioner(opt)
+    m = h if p is None else h / torch.outer(p.sqrt(), p.sqrt())
+    eigs = torch.linalg.eigvalsh(m)
+    assert eigs.max() > -eigs.min(), "test premise: the top eigenvalue dominates in magnitude"
+    assert probe.n_estimates == 1  # the first estimate ran by itself after step 1
+    lam = probe.estimate_lambda_max(iters=30)
+    assert lam == pytest.approx(float(eigs.max()), rel=0.10)
+
+
+def test_auto_mode_refreshes_at_the_interval() -> None:
+    a, _ = spectrum_matrix(10, 50.0, 0)
+    x = nn.Parameter(torch.ones(10, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=0.01)
+    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=2)
+    for _ in range(6):
+        opt.zero_grad()
+        quadratic(a, x).backward()
+        opt.step()
+    assert probe.n_estimates == 3  # after steps 1, 3 and 5
+    auto = CurvatureProbe(
+        torch.optim.SGD([x], lr=0.01), loss_fn=lambda: quadratic(a, x), min_every=7
+    )
+    for _ in range(4):
+        auto.optimizer.zero_grad()
+        quadratic(a, x).backward()
+        auto.optimizer.step()
+    assert isinstance(auto.interval, int)
+    assert auto.interval >= 7
+    assert auto.overhead_seconds > 0.0
+
+
+# --------------------------------------------------------------------------- per-step statistics
+
+
+def test_hypergradient_and_secant_closed_form_sgd() -> None:
+    a, _ = spectrum_matrix(5, 20.0, 3)
+    x1 = nn.Parameter(torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64))
+    x2 = nn.Parameter(torch.tensor([0.7, 0.2], dtype=torch.float64))
+    lr = 0.02
+    opt = torch.optim.SGD([x1, x2], lr=lr)
+    blocks = [Block("a", (x1,)), Block("b", (x2,))]
+    probe = CurvatureProbe(opt, blocks=blocks, hvp=False)
+    x0 = torch.cat([x1, x2]).detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        quadratic(a, torch.cat([x1, x2])).backward()
+        opt.step()
+    g0 = a @ x0
+    delta = -lr * g0
+    g1 = a @ (x0 + delta)
+    ad = a @ delta
+    parts = [slice(0, 3), slice(3, 5)]
+
+    def per_block(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([u[s] @ v[s] for s in parts]).float()
+
+    last = probe.last
+    assert isinstance(last, CurvatureStats)
+    assert last.step == 0
+    torch.testing.assert_close(last.hypergrad, per_block(g1, delta))
+    torch.testing.assert_close(last.grad_dot_update, per_block(g0, delta))
+    torch.testing.assert_close(last.update_sq_norm, per_block(delta, delta))
+    torch.testing.assert_close(last.grad_sq_norm, per_block(g1, g1))
+    torch.testing.assert_close(last.secant, per_block(ad, delta) / per_block(delta, delta))
+    torch.testing.assert_close(last.secant_ratio, per_block(ad, delta) / -per_block(g0, delta))
+    # Global: q = ΔᵀAΔ / (η‖g0‖²) = η · Rayleigh quotient of A along the update.
+    rayleigh = float(delta @ ad / (delta @ delta))
+    assert probe.tripwire == pytest.approx(lr * rayleigh, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_statistics_use_the_applied_update(name: str) -> None:
+    model, x, y = make_mlp(1)
+    opt = OPTIMIZERS[name](model.parameters())
+    probe = CurvatureProbe(opt, model=model, loss_fn=lambda: mlp_loss(model, x, y), every=2)
+    log = train(model, opt, x, y, 4)
+    delta = [b - a for a, b in zip(log[2]["theta"], log[3]["theta"], strict=True)]
+    hyper = sum(
+        float(g.reshape(-1) @ d.reshape(-1)) for g, d in zip(log[3]["grad"], delta, strict=True)
+    )
+    gdu = sum(
+        float(g.reshape(-1) @ d.reshape(-1)) for g, d in zip(log[2]["grad"], delta, strict=True)
+    )
+    assert probe.last.step == 2
+    assert float(probe.last.hypergrad.sum()) == pytest.approx(hyper, rel=1e-4, abs=1e-9)
+    assert float(probe.last.grad_dot_update.sum()) == pytest.approx(gdu, rel=1e-4, abs=1e-9)
+    assert probe.lambda_max is not None
+    assert math.isfinite(probe.lambda_max)
+
+
+def test_probe_does_not_change_training() -> None:
+    runs = []
+    for with_probe in (False, True):
+        model, x, y = make_mlp(2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        if with_probe:
+            CurvatureProbe(opt, loss_fn=lambda m=model, x=x, y=y: mlp_loss(m, x, y), every=1)
+        train(model, opt, x, y, 5)
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+
+
+def test_non_finite_gradient_sample_is_dropped() -> None:
+    x = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=0.1)
+    probe = CurvatureProbe(opt, hvp=False)
+    for grad in ([1.0, 2.0, 3.0], [0.5, 1.0, 1.5], [math.nan, 1.0, 1.0], [math.inf, 0.0, 0.0]):
+        x.grad = torch.tensor(grad, dtype=torch.float64)
+        kept = probe.last
+        opt.step()
+    assert probe.dropped_samples == 2
+    assert probe.last is kept
+    assert probe.last.step == 0
+    for value in vars(probe.last).values():
+        if isinstance(value, torch.Tensor):
+            assert torch.isfinite(value).all()
+    assert math.isfinite(probe.tripwire)
+
+
+def test_non_finite_hvp_keeps_previous_estimate() -> None:
+    x = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    poison = {"on": False}
+
+    def loss_fn() -> torch.Tensor:
+        scale = math.nan if poison["on"] else 2.0
+        return scale * (x**2).sum()
+
+    probe = CurvatureProbe(torch.optim.SGD([x], lr=0.1), loss_fn=loss_fn, every=1)
+    assert probe.estimate_lambda_max() == pytest.approx(4.0)
+    poison["on"] = True
+    assert probe.estimate_lambda_max() == pytest.approx(4.0)
+    assert probe.dropped_estimates == 1
+    assert probe.lambda_max == pytest.approx(4.0)
+
+
+def test_params_without_grad_are_skipped() -> None:
+    used = nn.Parameter(torch.ones(2))
+    unused = nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([used, unused], lr=0.1)
+    blocks = [Block("used", (used,)), Block("unused", (unused,))]
+    probe = CurvatureProbe(opt, blocks=blocks, loss_fn=lambda: 3.0 * (used**2).sum(), every=1)
+    for _ in range(3):
+        opt.zero_grad()
+        (3.0 * (used**2).sum()).backward()
+        opt.step()
+    assert unused.grad is None
+    assert probe.last.update_sq_norm[1] == 0.0
+    assert probe.last.secant[1] == 0.0
+    assert probe.last.update_sq_norm[0] > 0.0
+    assert math.isfinite(probe.lambda_max)
+    assert probe.lambda_max > 0.0
+
+
+def test_model_runs_in_eval_mode_during_estimate_and_mode_is_restored() -> None:
+    seen: list[bool] = []
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(self.training)
+            return self.drop(self.lin(x)).pow(2).mean()
+
+    model = Recorder().train()
+    model.lin.eval()  # a mixed state must come back exactly
+    x = torch.randn(8, 3)
+    probe = CurvatureProbe(
+        torch.optim.SGD(model.parameters(), lr=0.1), model=model, loss_fn=lambda: model(x)
+    )
+    probe.estimate_lambda_max()
+    assert seen == [False]
+    assert model.training
+    assert not model.lin.training
+    assert model.drop.training
+
+
+# --------------------------------------------------------------------------- errors, lifecycle
+
+
+def test_without_loss_source_lambda_stays_none() -> None:
+    x = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([x], lr=0.1)
+    probe = CurvatureProbe(opt)
+    for _ in range(3):
+        x.grad = torch.ones(2)
+        opt.step()
+    assert probe.lambda_max is None
+    assert probe.lambda_max_safe is None
+    with pytest.raises(ProbeError, match="loss_fn="):
+        probe.estimate_lambda_max()
+    off = CurvatureProbe(opt, loss_fn=lambda: (x**2).sum(), hvp=False)
+    with pytest.raises(ProbeError, match="hvp=False"):
+        off.estimate_lambda_max()
+
+
+def test_adam_without_state_has_no_estimate() -> None:
+    x = nn.Parameter(torch.ones(2))
+    probe = CurvatureProbe(torch.optim.Adam([x], lr=0.1), loss_fn=lambda: (x**2).sum())
+    with pytest.raises(ProbeError, match="no state yet"):
+        probe.estimate_lambda_max()
+    assert probe.lambda_max is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"every": 0}, GraffConfigError, "every"),
+        ({"every": "sometimes"}, GraffConfigError, "every must be 'auto'"),
+        ({"power_iters": 0}, GraffConfigError, "power_iters"),
+        ({"initial_iters": 2.5}, GraffTypeError, "initial_iters"),
+        ({"margin": 0.9}, GraffConfigError, "margin"),
+        ({"margin": math.nan}, GraffConfigError, "margin"),
+        ({"overhead_target": 0.0}, GraffConfigError, "overhead_target"),
+        ({"min_every": -1}, GraffConfigError, "min_every"),
+        ({"secant_window": 0}, GraffConfigError, "secant_window"),
+        ({"seed": -3}, GraffConfigError, "seed"),
+        ({"hvp": "yes"}, GraffTypeError, "hvp"),
+        ({"preconditioned": 1}, GraffTypeError, "preconditioned"),
+        ({"preconditioned": True}, GraffConfigError, "preconditioned=True"),
+        ({"loss_fn": 3}, GraffTypeError, "loss_fn"),
+        ({"model": "net"}, GraffTypeError, "model"),
+        ({"blocks": [1, 2]}, GraffTypeError, "blocks"),
+    ],
+)
+def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
+    x = nn.Parameter(torch.ones(2))
+    with pytest.raises(error, match=match):
+        CurvatureProbe(torch.optim.SGD([x], lr=0.1), **kwargs)
+
+
+def test_optimizer_must_be_an_optimizer() -> None:
+    with pytest.raises(GraffTypeError, match="optimizer"):
+        CurvatureProbe([nn.Parameter(torch.ones(1))])
+
+
+def test_state_dict_round_trip_gives_the_same_next_estimate() -> None:
+    def run(seed: int, every: int, steps: int):
+        model, x, y = make_mlp(4)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        probe = CurvatureProbe(opt, loss_fn=lambda: mlp_loss(model, x, y), every=every, seed=seed)
+        train(model, opt, x, y, steps)
+        return model, opt, probe
+
+    _, _, probe_a = run(seed=0, every=2, steps=4)
+    buf = io.BytesIO()
+    torch.save(probe_a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    _, _, probe_b = run(seed=9, every=5, steps=4)  # same weights and optimizer state
+    probe_b.load_state_dict(state)
+    assert probe_b.lambda_max == probe_a.lambda_max
+    assert probe_b.interval == probe_a.interval
+    assert probe_b.estimate_lambda_max() == probe_a.estimate_lambda_max()
+    with pytest.raises(CheckpointError, match="format_version"):
+        probe_b.load_state_dict({**state, "format_version": 99})
+    with pytest.raises(CheckpointError, match="eigenvector"):
+        probe_b.load_state_dict({**state, "eigenvector": torch.zeros(3)})
+
+
+def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
+    model = tiny_lora_qwen3.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3)
+    probe = CurvatureProbe(opt, model=model, every=2, initial_iters=8)
+    assert len(probe.blocks) == 12  # 2 layers × 6 LoRA-adapted projections
+    other = {k: v.roll(1, dims=1) for k, v in token_batch.items()}
+    for batch in (token_batch, other, other):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    assert probe.lambda_max is not None
+    assert math.isfinite(probe.lambda_max)
+    assert probe.lambda_max > 0.0
+    assert model.training
+    assert all(m.training for m in model.modules())
+    torch.testing.assert_close(
+        probe.state_dict()["probe_inputs"]["kwargs"]["input_ids"], token_batch["input_ids"]
+    )
+    probe.remove()
+    assert not model._forward_pre_hooks
+    assert not opt._optimizer_step_pre_hooks
+    assert not opt._optimizer_step_post_hooks
+
+
+def test_model_without_loss_output_is_reported(tiny_lora_qwen3, token_batch) -> None:
+    model = tiny_lora_qwen3
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    probe = CurvatureProbe(opt, model=model, every=1)
+    with pytest.raises(ProbeError, match="no probe batch"):
+        probe.estimate_lambda_max()
+    model(input_ids=token_batch["input_ids"]).logits.sum().backward()
+    with pytest.raises(ProbeError, match=r"no \.loss"):
+        probe.estimate_lambda_max()
