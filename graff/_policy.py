@@ -1,0 +1,209 @@
+"""REACTOR's numerical kernel: the Gaussian-tanh policy, the REINFORCE loss, reward and baseline.
+
+Pure functions and one tiny module; :class:`graff.reactor.ReactorScheduler` does the bookkeeping.
+
+The policy maps a normalised state :math:`s \\in \\mathbb{R}^d` to a Gaussian over a pre-squash
+action :math:`u`, and the LR change is its bounded squashing:
+
+.. math::
+
+    \\mu_\\phi(s) = w_2^\\top \\tanh(W_1 s + b_1) + b_2,\\qquad
+    \\sigma_\\phi = \\exp(\\operatorname{clip}(\\rho, \\log\\sigma_{\\min}, \\log\\sigma_{\\max})),
+
+    u \\sim \\mathcal N(\\mu_\\phi(s), \\sigma_\\phi^2),\\qquad
+    a = a_{\\max}\\tanh(u) \\in (-a_{\\max}, a_{\\max}),
+
+with :math:`\\phi = (W_1, b_1, w_2, b_2, \\rho)` and :math:`a_{\\max}` = ``max_log_step``. The
+REINFORCE loss of one decision with advantage :math:`A` and entropy weight :math:`\\beta` is
+
+.. math::
+
+    \\ell(\\phi) = -A\\,\\log\\mathcal N(u;\\mu_\\phi,\\sigma_\\phi^2) - \\beta\\,H_\\phi,\\qquad
+    H_\\phi = \\log\\sigma_\\phi + \\tfrac12\\log(2\\pi e).
+
+The tanh Jacobian :math:`\\log(a_{\\max}(1-\\tanh^2 u))` of :math:`\\log\\pi(a\\mid s)` does not
+depend on :math:`\\phi` once :math:`u` is drawn, so it drops out of the gradient; :math:`H` is
+the entropy of the pre-squash Gaussian (the squashed one has no closed form).
+
+References:
+    Williams, "Simple statistical gradient-following algorithms for connectionist reinforcement
+    learning", Machine Learning 8, 229–256, 1992.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: Names of the state features, in order (see :class:`graff.reactor.ReactorScheduler`).
+STATE_FEATURES: tuple[str, ...] = (
+    "loss_level",
+    "loss_slope",
+    "log_lr_factor",
+    "log_grad_norm",
+    "secant_ratio",
+    "remaining_budget",
+    "entropy_mean",
+    "entropy_change",
+    "entropy_std",
+)
+FEATURE_CLIP = 5.0
+LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_MASK64 = (1 << 64) - 1
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, decision) pairs
+
+
+def decision_seed(seed: int, index: int) -> int:
+    """Seed of the generator that draws decision ``index`` (splitmix64 of ``seed + index·φ``).
+
+    Draws depend only on ``(seed, index)``, so a resumed run replays them exactly.
+    """
+    z = (seed + (index + 1) * _MIX) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def standard_normal(seed: int, index: int) -> float:
+    """One :math:`\\varepsilon \\sim \\mathcal N(0, 1)` from a generator seeded by ``(seed, index)``."""
+    gen = torch.Generator().manual_seed(decision_seed(seed, index))
+    return float(torch.randn((), generator=gen, dtype=torch.float64))
+
+
+class GaussianTanhPolicy(nn.Module):
+    """Tiny MLP for the mean :math:`\\mu_\\phi(s)` and a learned, state-free log-std :math:`\\rho`.
+
+    The output layer starts at zero, so the initial policy is :math:`\\mathcal N(0, \\sigma_0^2)`
+    in every state (no LR drift before anything is learned). Float64 throughout.
+
+    Args:
+        state_dim: Size :math:`d` of the state vector.
+        hidden_size: Width of the hidden tanh layer.
+        init_std: Initial :math:`\\sigma_0` (pre-squash units).
+        seed: Seeds the hidden layer's initialisation (uniform, PyTorch's default bounds).
+    """
+
+    def __init__(self, state_dim: int, hidden_size: int, init_std: float, seed: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(state_dim, hidden_size, dtype=torch.float64)
+        self.mean_head = nn.Linear(hidden_size, 1, dtype=torch.float64)
+        self.log_std = nn.Parameter(torch.tensor(math.log(init_std), dtype=torch.float64))
+        gen = torch.Generator().manual_seed(decision_seed(seed, -1))
+        bound = 1.0 / math.sqrt(state_dim)
+        with torch.no_grad():
+            for p in (self.hidden.weight, self.hidden.bias):
+                p.copy_((torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound)
+            self.mean_head.weight.zero_()
+            self.mean_head.bias.zero_()
+
+    def forward(self, state: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean, log_std)`` as 0-d tensors for one state vector of shape ``[d]``."""
+        mean = self.mean_head(torch.tanh(self.hidden(state))).reshape(())
+        return mean, self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+
+def gaussian_log_prob(u: Tensor | float, mean: Tensor, log_std: Tensor) -> Tensor:
+    """:math:`\\log\\mathcal N(u;\\mu,\\sigma^2) = -\\frac{(u-\\mu)^2}{2\\sigma^2} - \\log\\sigma - \\tfrac12\\log 2\\pi`."""
+    z = (u - mean) * torch.exp(-log_std)
+    return -0.5 * z * z - log_std - _HALF_LOG_2PI
+
+
+def gaussian_entropy(log_std: Tensor) -> Tensor:
+    """:math:`H = \\log\\sigma + \\tfrac12\\log(2\\pi e)` of a 1-d Gaussian."""
+    return log_std + _HALF_LOG_2PI + 0.5
+
+
+def reinforce_loss(
+    mean: Tensor, log_std: Tensor, u: float, advantage: float, entropy_bonus: float
+) -> Tensor:
+    """:math:`-A\\log\\mathcal N(u;\\mu,\\sigma^2) - \\beta H`; its gradient is the REINFORCE step.
+
+    By hand: :math:`\\partial\\ell/\\partial\\mu = -A(u-\\mu)/\\sigma^2` and
+    :math:`\\partial\\ell/\\partial\\log\\sigma = -A\\bigl((u-\\mu)^2/\\sigma^2 - 1\\bigr) - \\beta`.
+    """
+    return -advantage * gaussian_log_prob(u, mean, log_std) - entropy_bonus * gaussian_entropy(
+        log_std
+    )
+
+
+def squashed_log_prob(u: float, mean: float, log_std: float, max_log_step: float) -> float:
+    """:math:`\\log\\pi(a\\mid s)` of :math:`a = a_{\\max}\\tanh u` (Gaussian minus tanh Jacobian)."""
+    log_n = float(gaussian_log_prob(torch.tensor(u), torch.tensor(mean), torch.tensor(log_std)))
+    # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
+    log_jac = 2.0 * (math.log(2.0) - u - float(nn.functional.softplus(torch.tensor(-2.0 * u))))
+    return log_n - math.log(max_log_step) - log_jac
+
+
+def interval_reward(
+    prev_mean: float, cur_mean: float, delta_fraction: float, clip: float
+) -> float | None:
+    """Compute-normalised loss improvement of one decision interval, clipped.
+
+    .. math::
+
+        r_k = \\operatorname{clip}\\Bigl(\\frac{\\bar L_{k-1} - \\bar L_k}
+        {(\\lvert\\bar L_{k-1}\\rvert + \\epsilon)\\,(u_k - u_{k-1})}, -r_{\\max}, r_{\\max}\\Bigr)
+
+    :math:`\\bar L_k` is the mean finite loss of interval :math:`k`, :math:`u_k` the budget's
+    ``fraction_used`` at its end, :math:`\\epsilon = 10^{-8}`, :math:`r_{\\max}` = ``clip``.
+    Returns ``None`` (no reward) when no budget was used or the value is not finite.
+    """
+    if not delta_fraction > 1e-12:
+        return None
+    r = (prev_mean - cur_mean) / ((abs(prev_mean) + 1e-8) * delta_fraction)
+    if math.isnan(r):
+        return None
+    return min(clip, max(-clip, r))
+
+
+def interval_slope(positions: Sequence[int], losses: Sequence[float]) -> float:
+    """Least-squares slope of ``losses`` against ``positions`` (0 with fewer than 2 points)."""
+    n = len(losses)
+    if n < 2:
+        return 0.0
+    pm = sum(positions) / n
+    lm = sum(losses) / n
+    sxx = sum((p - pm) ** 2 for p in positions)
+    sxy = sum((p - pm) * (x - lm) for p, x in zip(positions, losses, strict=True))
+    return sxy / sxx if sxx > 0 else 0.0
+
+
+def clip_feature(x: float) -> float:
+    """``x`` clipped to ``[-FEATURE_CLIP, FEATURE_CLIP]``; NaN becomes 0."""
+    if math.isnan(x):
+        return 0.0
+    return min(FEATURE_CLIP, max(-FEATURE_CLIP, x))
+
+
+def signed_log1p(x: float) -> float:
+    """:math:`\\operatorname{sign}(x)\\log(1+\\lvert x\\rvert)`: compresses heavy-tailed ratios."""
+    return math.copysign(math.log1p(abs(x)), x) if math.isfinite(x) else math.copysign(50.0, x)
+
+
+class EmaBaseline:
+    """Bias-corrected EMA of the rewards, :math:`b_k = m_k/(1-\\gamma^k)`.
+
+    :math:`m_k = \\gamma m_{k-1} + (1-\\gamma) r_k`, :math:`m_0 = 0`, :math:`\\gamma` =
+    ``baseline_decay``. The correction makes :math:`b_1 = r_1` (no pull toward 0 at the start).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.raw = 0.0
+        self.count = 0
+
+    @property
+    def value(self) -> float | None:
+        """Current baseline, or ``None`` before the first reward."""
+        if self.count == 0:
+            return None
+        return self.raw / (1.0 - self.decay**self.count) if self.decay > 0 else self.raw
+
+    def update(self, reward: float) -> None:
+        """Fold one finite reward into the average."""
+        self.raw = self.decay * self.raw + (1.0 - self.decay) * reward
+        self.count += 1

@@ -1,0 +1,610 @@
+"""REACTOR: a reactive LR controller trained online by policy gradient (REINFORCE).
+
+Every ``decision_interval`` optimizer steps the controller reads a normalised state :math:`s_k`
+(loss level and slope, its own log-LR factor, gradient norm and secant ratio from a
+:class:`~graff.probes.curvature.CurvatureProbe`, remaining budget and, with ``model=``, the
+logit-lens entropy of an :class:`~graff.probes.entropy.EntropyProbe`), draws a bounded change of
+the log-LR from a Gaussian-tanh policy, and learns from the compute-normalised loss improvement
+of the interval that followed. See ``docs/concepts/reactor.md`` for the derivation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graff import _policy as P
+from graff._scheduler_base import BudgetedScheduler
+from graff._validation import check_in_range, check_non_negative, check_positive, check_positive_int
+from graff.clock import BudgetClock
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.guard import guard_constant, max_stable_lr
+from graff.priors import BudgetPrior, make_prior
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
+
+__all__ = ["ReactorConfig", "ReactorDecision", "ReactorScheduler"]
+
+
+@dataclass(frozen=True)
+class ReactorConfig:
+    """REACTOR's hyperparameters (see :class:`ReactorScheduler` for their meaning)."""
+
+    controller_lr: float
+    baseline_decay: float
+    entropy_bonus: float
+    decision_interval: int
+    max_log_step: float
+    hidden_size: int
+    init_std: float
+    reward_clip: float
+
+
+@dataclass(frozen=True)
+class ReactorDecision:
+    """What the controller saw and did at its last decision (for logging and tests).
+
+    Attributes:
+        index: Decision number :math:`k` (0-based).
+        step: Optimizer step at which it was taken.
+        state: The state vector :math:`s_k` (float64, names in ``graff._policy.STATE_FEATURES``).
+        mean: Policy mean :math:`\\mu_\\phi(s_k)` (pre-squash), after this decision's update.
+        std: Policy standard deviation :math:`\\sigma_\\phi`.
+        action: :math:`a_k = a_{\\max}\\tanh(u_k)`, the change of the log-LR factor.
+        reward: Reward :math:`r_k` of the interval that just ended (``None`` if none).
+        advantage: :math:`A = r_k - b_{k-1}` used in the update (``None`` if no update).
+    """
+
+    index: int
+    step: int
+    state: Tensor
+    mean: float
+    std: float
+    action: float
+    reward: float | None
+    advantage: float | None
+
+
+class ReactorScheduler(BudgetedScheduler):
+    """Policy-gradient LR controller (REACTOR) with an EMA reward baseline.
+
+    **Policy.** :math:`u_k \\sim \\mathcal N(\\mu_\\phi(s_k), \\sigma_\\phi^2)`,
+    :math:`a_k = a_{\\max}\\tanh u_k` with :math:`a_{\\max}` = ``max_log_step``; a one-hidden-layer
+    tanh MLP of width ``hidden_size`` gives :math:`\\mu_\\phi`, a learned scalar gives
+    :math:`\\log\\sigma_\\phi` (clipped to [log 0.05, log 2]). The noise
+    :math:`\\varepsilon_k = (u_k-\\mu)/\\sigma` is drawn from a generator seeded by
+    ``(seed, k)``, so a resumed run replays it.
+
+    **LR.** A reactive integrator of the actions:
+
+    .. math::
+
+        \\ell_k = \\operatorname{clip}(\\ell_{k-1} + a_k,\\ \\log f_{\\min},\\ \\log f_{\\max}),\\qquad
+        \\eta_{g,t} = \\operatorname{clamp}\\bigl(\\eta_{g,0}\\, p(u_t)\\, e^{\\ell_k}\\bigr),
+
+    :math:`\\eta_{g,0}` the initial LR of group :math:`g`, :math:`p` the optional budget prior
+    (``prior=None``: :math:`p \\equiv 1`, the seed's purely reactive controller),
+    :math:`f_{\\min}, f_{\\max}` = ``lr_min_factor``, ``lr_max_factor``. With ``guard=True`` the
+    LR is also capped at ``max_stable_lr(lambda_max_safe, c_g)`` (and :math:`\\ell` is pulled
+    down to the cap so it does not wind up); the final clamp always applies last.
+
+    **State** (each clipped to [-5, 5], missing values 0): relative loss level
+    :math:`(\\bar L_k - \\bar L_1)/|\\bar L_1|`; loss slope over the interval (least squares, times
+    the interval, over :math:`|\\bar L_k|`); :math:`\\ell_k/\\max(|\\log f_{\\min}|, \\log f_{\\max})`;
+    :math:`\\log(\\lVert g\\rVert/\\lVert g_{\\text{first}}\\rVert)`; :math:`\\operatorname{sign}(q)\\log(1+|q|)`
+    of the global secant ratio :math:`q`; remaining budget :math:`1-u`; entropy
+    ``normalized_mean``, its change since the last decision, and ``std / log V``.
+
+    **Reward** of interval :math:`k` (the one the action :math:`a_{k-1}` governed):
+    :math:`r_k = \\operatorname{clip}\\bigl((\\bar L_{k-1}-\\bar L_k)/((|\\bar L_{k-1}|+\\epsilon)(u_k-u_{k-1})), \\pm r_{\\max}\\bigr)`,
+    the relative loss drop per unit of budget, with :math:`r_{\\max}` = ``reward_clip``.
+
+    **Learning.** :math:`A_k = r_k - b_{k-1}` with :math:`b` the bias-corrected EMA of the
+    rewards (decay ``baseline_decay``; the first reward only initialises it), then one Adam step
+    (``controller_lr``) on :math:`-A_k\\log\\mathcal N(u_{k-1};\\mu_\\phi(s_{k-1}),\\sigma_\\phi^2)
+    - \\beta H_\\phi` with :math:`\\beta` = ``entropy_bonus``. Intervals without a finite loss,
+    or without budget progress, give no reward: the update is skipped and counted in
+    :attr:`skipped_updates`; the policy and baseline never see NaN.
+
+    Args:
+        optimizer: Any torch optimizer.
+        budget: A :class:`~graff.BudgetClock` or a number of seconds.
+        model: Optional model: its forward ``.loss`` is captured, and for a causal LM an
+            :class:`EntropyProbe` makes the controller token-aware.
+        loss_fn: Optional closure for the curvature probe's λ̂ estimates (guard).
+        controller_lr: Adam learning rate of the policy.
+        baseline_decay: EMA decay :math:`\\gamma \\in [0, 1)` of the reward baseline.
+        entropy_bonus: Weight :math:`\\beta \\ge 0` of the policy entropy.
+        decision_interval: Optimizer steps per decision.
+        max_log_step: Bound :math:`a_{\\max}` of one log-LR change.
+        hidden_size: Width of the policy MLP.
+        init_std: Initial :math:`\\sigma` of the policy (pre-squash), in [0.05, 2].
+        reward_clip: :math:`r_{\\max} > 0`.
+        prior: Optional budget prior (name or :class:`~graff.BudgetPrior`); ``None`` = reactive.
+        guard: Cap the LR with the curvature probe's λ̂ (needs ``model=``, ``loss_fn=`` or a
+            ``curvature_probe`` that estimates λ̂).
+        guard_c: Guard constant; ``None``: :func:`~graff.guard_constant` of each group.
+        token_aware: Use an entropy probe: ``None`` if ``model`` is a detectable causal LM,
+            ``True`` requires one, ``False`` never.
+        curvature_probe: A probe to share (not saved in :meth:`state_dict`; save it yourself).
+            ``None``: one is created (``hvp=guard``) and saved with the scheduler.
+        entropy_probe: An entropy probe to share (same rule).
+        seed: Non-negative integer seed; ``None`` draws one from the OS (saved in the state).
+        lr_min_factor: Lower clamp of the LR factor.
+        lr_max_factor: Upper clamp of the LR factor.
+
+    Raises:
+        GraffConfigError, GraffTypeError: for bad arguments (the message names the argument).
+        ProbeError: ``token_aware=True`` but no entropy probe fits the model.
+
+    Examples:
+        >>> import graff
+        >>> p = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = torch.optim.SGD([p], lr=0.1)
+        >>> sched = ReactorScheduler(opt, budget=graff.BudgetClock(steps=100), seed=0)
+        >>> for _ in range(20):
+        ...     opt.step()
+        ...     sched.step(loss=1.0)
+        >>> sched.decisions
+        2
+
+    References:
+        Williams, "Simple statistical gradient-following algorithms for connectionist
+        reinforcement learning", Machine Learning 8, 229–256, 1992.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        budget: BudgetClock | float | int,
+        *,
+        model: nn.Module | None = None,
+        loss_fn: Callable[[], Tensor] | None = None,
+        controller_lr: float = 1e-4,
+        baseline_decay: float = 0.99,
+        entropy_bonus: float = 0.01,
+        decision_interval: int = 10,
+        max_log_step: float = 0.1,
+        hidden_size: int = 16,
+        init_std: float = 0.5,
+        reward_clip: float = 10.0,
+        prior: BudgetPrior | str | None = None,
+        guard: bool = False,
+        guard_c: float | None = None,
+        token_aware: bool | None = None,
+        curvature_probe: CurvatureProbe | None = None,
+        entropy_probe: EntropyProbe | None = None,
+        seed: int | None = None,
+        lr_min_factor: float = 1e-3,
+        lr_max_factor: float = 100.0,
+    ) -> None:
+        self.config = ReactorConfig(
+            controller_lr=check_positive("controller_lr", controller_lr),
+            baseline_decay=check_in_range(
+                "baseline_decay", baseline_decay, 0.0, 1.0, high_open=True
+            ),
+            entropy_bonus=check_non_negative("entropy_bonus", entropy_bonus),
+            decision_interval=check_positive_int("decision_interval", decision_interval),
+            max_log_step=check_in_range("max_log_step", max_log_step, 0.0, 5.0, low_open=True),
+            hidden_size=check_positive_int("hidden_size", hidden_size),
+            init_std=check_in_range("init_std", init_std, 0.05, 2.0),
+            reward_clip=check_positive("reward_clip", reward_clip),
+        )
+        for name, value in (("guard", guard), ("token_aware", token_aware)):
+            if not isinstance(value, bool) and not (name == "token_aware" and value is None):
+                raise GraffTypeError(
+                    f"{name} must be a bool{' or None' if name != 'guard' else ''}, got {value!r}."
+                )
+        if seed is None:
+            seed = int.from_bytes(os.urandom(7), "little")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise GraffConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        if curvature_probe is not None and not isinstance(curvature_probe, CurvatureProbe):
+            raise GraffTypeError(
+                f"curvature_probe must be a CurvatureProbe or None, got {type(curvature_probe).__name__}."
+            )
+        if entropy_probe is not None and not isinstance(entropy_probe, EntropyProbe):
+            raise GraffTypeError(
+                f"entropy_probe must be an EntropyProbe or None, got {type(entropy_probe).__name__}."
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
+        if guard and curvature_probe is None and model is None and loss_fn is None:
+            raise GraffConfigError(
+                "guard=True needs λ̂ from the curvature probe, which needs model= or loss_fn= "
+                "(or pass curvature_probe= with hvp=True)."
+            )
+        if token_aware and model is None and entropy_probe is None:
+            raise GraffConfigError("token_aware=True needs model= (a causal LM) or entropy_probe=.")
+        self._guard_c = None if guard_c is None else check_positive("guard_c", guard_c)
+        self.guard = guard
+        self.prior = make_prior(prior)
+        self.seed = seed
+        self._reset_controller()
+        self.curvature_probe: CurvatureProbe | None = None
+        self.entropy_probe: EntropyProbe | None = None
+        self._owns_curvature = self._owns_entropy = False
+        self._guard_cs: list[float] = []
+        super().__init__(
+            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
+        )
+        try:
+            self._setup_probes(model, loss_fn, token_aware, curvature_probe, entropy_probe)
+        except BaseException:
+            self.remove()
+            raise
+        self._write(self._factors_now())
+
+    # ------------------------------------------------------------------ setup
+    def _reset_controller(self) -> None:
+        cfg = self.config
+        self.policy = P.GaussianTanhPolicy(
+            len(P.STATE_FEATURES), cfg.hidden_size, cfg.init_std, self.seed
+        )
+        self._policy_opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.controller_lr)
+        self.baseline = P.EmaBaseline(cfg.baseline_decay)
+        self.decisions = 0  # number of decisions taken
+        self.updates = 0  # policy-gradient steps taken
+        self.skipped_updates = 0  # decisions whose reward was missing or not finite
+        self.last_decision: ReactorDecision | None = None
+        self._log_factor = 0.0
+        self._in_interval = 0  # optimizer steps in the current interval
+        self._positions: list[int] = []  # positions (in the interval) of the finite losses
+        self._losses: list[float] = []
+        self._prev_mean: float | None = None
+        self._prev_fraction = 0.0
+        self._ref_loss: float | None = None
+        self._ref_grad: float | None = None  # log ‖g‖ at the first reading
+        self._prev_entropy: float | None = None
+        self._pending: tuple[Tensor, float] | None = None  # (s_{k-1}, u_{k-1})
+
+    def _setup_probes(self, model, loss_fn, token_aware, curvature_probe, entropy_probe) -> None:
+        self._owns_curvature = curvature_probe is None
+        self.curvature_probe = curvature_probe or CurvatureProbe(
+            self.optimizer, model=model, loss_fn=loss_fn, hvp=self.guard, seed=self.seed % 2**31
+        )
+        self._owns_entropy = (
+            entropy_probe is None and model is not None and token_aware is not False
+        )
+        self.entropy_probe = entropy_probe
+        if self._owns_entropy:
+            try:
+                self.entropy_probe = EntropyProbe(model, seed=self.seed % 2**31)
+            except ProbeError:
+                if token_aware:
+                    raise
+                self._owns_entropy = False  # not a causal LM: entropy features stay 0 (documented)
+        n = len(self.optimizer.param_groups)
+        self._guard_cs = (
+            [
+                self._guard_c if self._guard_c is not None else guard_constant(self.optimizer, g)
+                for g in range(n)
+            ]
+            if self.guard
+            else []
+        )
+
+    def remove(self) -> None:
+        """Detach the scheduler's hooks and those of the probes it created."""
+        super().remove()
+        for owned, probe in (
+            (getattr(self, "_owns_curvature", False), getattr(self, "curvature_probe", None)),
+            (getattr(self, "_owns_entropy", False), getattr(self, "entropy_probe", None)),
+        ):
+            if owned and probe is not None:
+                probe.remove()
+
+    # ------------------------------------------------------------- planning
+    def _initial_factors(self) -> list[float]:
+        return self._factors_now()
+
+    def _caps(self) -> list[float] | None:
+        """Per-group guard caps on the LR factor, or ``None`` when the guard does not bind."""
+        probe = self.curvature_probe
+        if not self.guard or probe is None or probe.lambda_max_safe is None:
+            return None
+        return [
+            max_stable_lr(probe.lambda_max_safe, c) / float(g["initial_lr"])
+            for c, g in zip(self._guard_cs, self.optimizer.param_groups, strict=True)
+        ]
+
+    def _prior_value(self) -> float:
+        return 1.0 if self.prior is None else self.prior(self.budget.fraction_used)
+
+    def _factors_now(self) -> list[float]:
+        factor = self._prior_value() * math.exp(self._log_factor)
+        factors = [factor] * len(self.optimizer.param_groups)
+        caps = self._caps()
+        if caps is not None:
+            factors = [min(f, c) for f, c in zip(factors, caps, strict=True)]
+        return factors
+
+    def _plan(self, loss: float | None) -> list[float]:
+        if loss is not None:
+            self._positions.append(self._in_interval)
+            self._losses.append(loss)
+        self._in_interval += 1
+        if self._in_interval >= self.config.decision_interval:
+            self._decide()
+        return self._factors_now()
+
+    def _interval_mean(self) -> float | None:
+        if not self._losses:
+            return None
+        mean = math.fsum(self._losses) / len(self._losses)
+        return mean if math.isfinite(mean) else None
+
+    def _decide(self) -> None:
+        """End the interval: reward and learn from the last action, then draw the next one."""
+        cfg = self.config
+        mean = self._interval_mean()
+        fraction = self.budget.fraction_used
+        state = self._features(mean)
+        reward = advantage = None
+        if self._pending is not None:
+            if mean is not None and self._prev_mean is not None:
+                reward = P.interval_reward(
+                    self._prev_mean, mean, fraction - self._prev_fraction, cfg.reward_clip
+                )
+            if reward is None:
+                self.skipped_updates += 1
+            elif self.baseline.value is None:
+                self.baseline.update(reward)  # the first reward only initialises the baseline
+            else:
+                advantage = self._learn(*self._pending, reward)
+                self.skipped_updates += advantage is None
+        self._prev_mean, self._prev_fraction = mean, fraction
+        self._positions, self._losses, self._in_interval = [], [], 0
+        self._anti_windup()
+        with torch.no_grad():
+            mu, log_std = self.policy(state)
+        u = float(mu) + math.exp(float(log_std)) * P.standard_normal(self.seed, self.decisions)
+        action = cfg.max_log_step * math.tanh(u)
+        lo, hi = math.log(self.lr_min_factor), math.log(self.lr_max_factor)
+        self._log_factor = min(hi, max(lo, self._log_factor + action))
+        self._pending = (state, u)
+        self.last_decision = ReactorDecision(
+            self.decisions,
+            self._step_count,
+            state,
+            float(mu),
+            math.exp(float(log_std)),
+            action,
+            reward,
+            advantage,
+        )
+        self.decisions += 1
+
+    def _anti_windup(self) -> None:
+        """Pull ℓ down to the guard's cap so the integrator does not wind up above it."""
+        caps = self._caps()
+        prior = self._prior_value()
+        if caps is not None and prior > 0:
+            cap = min(caps) / prior
+            if 0 < cap < math.exp(self._log_factor):
+                self._log_factor = max(math.log(self.lr_min_factor), math.log(cap))
+
+    def _learn(self, state: Tensor, u: float, reward: float) -> float | None:
+        """One REINFORCE step on the pending decision; returns the advantage (None if skipped)."""
+        advantage = reward - self.baseline.value
+        mu, log_std = self.policy(state)
+        loss = P.reinforce_loss(mu, log_std, u, advantage, self.config.entropy_bonus)
+        self._policy_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not math.isfinite(float(loss.detach())) or not all(
+            bool(torch.isfinite(g).all()) for g in grads
+        ):
+            self._policy_opt.zero_grad(set_to_none=True)
+            return None
+        self._policy_opt.step()
+        self.baseline.update(reward)
+        self.updates += 1
+        return advantage
+
+    # -------------------------------------------------------------- state s
+    def _features(self, mean: float | None) -> Tensor:
+        """The normalised state vector :math:`s_k` (see the class docstring)."""
+        f = dict.fromkeys(P.STATE_FEATURES, 0.0)
+        if mean is not None:
+            if self._ref_loss is None:
+                self._ref_loss = mean
+            f["loss_level"] = (mean - self._ref_loss) / (abs(self._ref_loss) + 1e-8)
+            slope = P.interval_slope(self._positions, self._losses)
+            f["loss_slope"] = slope * self.config.decision_interval / (abs(mean) + 1e-8)
+        span = max(-math.log(self.lr_min_factor), math.log(self.lr_max_factor), 1e-8)
+        f["log_lr_factor"] = self._log_factor / span
+        self._curvature_features(f)
+        f["remaining_budget"] = 1.0 - self.budget.fraction_used
+        self._entropy_features(f)
+        return torch.tensor([P.clip_feature(f[k]) for k in P.STATE_FEATURES], dtype=torch.float64)
+
+    def _curvature_features(self, f: dict[str, float]) -> None:
+        last = self.curvature_probe.last if self.curvature_probe is not None else None
+        if last is None:
+            return
+        gsq = float(last.grad_sq_norm.double().sum())
+        if math.isfinite(gsq) and gsq > 0:
+            log_g = 0.5 * math.log(gsq)
+            if self._ref_grad is None:
+                self._ref_grad = log_g
+            f["log_grad_norm"] = log_g - self._ref_grad
+        gdu = float(last.grad_dot_update.double().sum())
+        curv = float(last.hypergrad.double().sum()) - gdu
+        if gdu != 0 and math.isfinite(curv / -gdu):
+            f["secant_ratio"] = P.signed_log1p(curv / -gdu)
+
+    def _entropy_features(self, f: dict[str, float]) -> None:
+        if self.entropy_probe is None:
+            return
+        stats = self.entropy_probe.stats()
+        if stats.count == 0 or not math.isfinite(stats.normalized_mean):
+            return
+        f["entropy_mean"] = stats.normalized_mean
+        if self._prev_entropy is not None:
+            f["entropy_change"] = stats.normalized_mean - self._prev_entropy
+        self._prev_entropy = stats.normalized_mean
+        if stats.mean > 0:
+            f["entropy_std"] = stats.std * stats.normalized_mean / stats.mean
+
+    # ---------------------------------------------------------------- state
+    _FLOATS = ("log_factor", "prev_fraction", "baseline_raw")
+    _OPT_FLOATS = ("prev_mean", "ref_loss", "ref_grad", "prev_entropy", "pending_u")
+    _INTS = ("seed", "decisions", "updates", "skipped_updates", "in_interval", "baseline_count")
+
+    def _extra_state(self) -> dict[str, Any]:
+        pending = self._pending
+        return {
+            "seed": self.seed,
+            "decisions": self.decisions,
+            "updates": self.updates,
+            "skipped_updates": self.skipped_updates,
+            "in_interval": self._in_interval,
+            "positions": list(self._positions),
+            "losses": list(self._losses),
+            "log_factor": self._log_factor,
+            "prev_mean": self._prev_mean,
+            "prev_fraction": self._prev_fraction,
+            "ref_loss": self._ref_loss,
+            "ref_grad": self._ref_grad,
+            "prev_entropy": self._prev_entropy,
+            "pending_state": None if pending is None else pending[0].clone(),
+            "pending_u": None if pending is None else pending[1],
+            "baseline_raw": self.baseline.raw,
+            "baseline_count": self.baseline.count,
+            "policy": {k: v.clone() for k, v in self.policy.state_dict().items()},
+            "policy_optimizer": copy.deepcopy(self._policy_opt.state_dict()),
+            "curvature_probe": self.curvature_probe.state_dict() if self._owns_curvature else None,
+            "entropy_probe": self.entropy_probe.state_dict() if self._owns_entropy else None,
+        }
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._check_extra_state(extra)
+        keys = {
+            *self._FLOATS,
+            *self._OPT_FLOATS,
+            *self._INTS,
+            "positions",
+            "losses",
+            "pending_state",
+            "policy",
+            "policy_optimizer",
+            "curvature_probe",
+            "entropy_probe",
+        }
+        missing = keys - set(extra)
+        if missing:
+            raise CheckpointError(f"ReactorScheduler state is missing keys {sorted(missing)}.")
+        bad = [
+            k
+            for k in self._INTS
+            if isinstance(extra[k], bool) or not isinstance(extra[k], int) or extra[k] < 0
+        ]
+        bad += [k for k in self._FLOATS if not _is_finite_number(extra[k])]
+        bad += [
+            k for k in self._OPT_FLOATS if extra[k] is not None and not _is_finite_number(extra[k])
+        ]
+        pos, losses = extra["positions"], extra["losses"]
+        if not (
+            isinstance(pos, list)
+            and isinstance(losses, list)
+            and len(pos) == len(losses)
+            and all(isinstance(p, int) for p in pos)
+            and all(_is_finite_number(x) for x in losses)
+        ):
+            bad.append("positions/losses")
+        pending = extra["pending_state"]
+        if (pending is None) != (extra["pending_u"] is None) or (
+            pending is not None
+            and (not isinstance(pending, Tensor) or pending.shape != (len(P.STATE_FEATURES),))
+        ):
+            bad.append("pending_state/pending_u")
+        if bad:
+            raise CheckpointError(f"ReactorScheduler state has invalid entries {bad}.")
+        self._scratch = self._scratch_controller(extra)
+        self._try_probe_state(
+            self.curvature_probe if self._owns_curvature else None,
+            extra["curvature_probe"],
+            "curvature_probe",
+        )
+        self._try_probe_state(
+            self.entropy_probe if self._owns_entropy else None,
+            extra["entropy_probe"],
+            "entropy_probe",
+        )
+
+    def _scratch_controller(self, extra: dict[str, Any]) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Policy and its Adam loaded from ``extra`` (raises CheckpointError, changes nothing)."""
+        policy = copy.deepcopy(self.policy)
+        opt = torch.optim.Adam(policy.parameters(), lr=self.config.controller_lr)
+        try:
+            policy.load_state_dict(extra["policy"])
+            opt.load_state_dict(extra["policy_optimizer"])
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(
+                f"ReactorScheduler state has a policy that does not fit this one "
+                f"(hidden_size={self.config.hidden_size}): {err}"
+            ) from err
+        if not all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values()):
+            raise CheckpointError("ReactorScheduler state has non-finite policy weights.")
+        return policy, opt
+
+    @staticmethod
+    def _try_probe_state(probe: Any, state: Any, name: str) -> None:
+        """Check that ``probe`` accepts ``state`` by loading it and restoring the old state."""
+        if (probe is None) != (state is None):
+            raise CheckpointError(
+                f"ReactorScheduler state {'has' if state is not None else 'lacks'} a {name} state, "
+                f"but this scheduler {'owns' if probe is not None else 'does not own'} one; build it "
+                "with the same model=/probe arguments."
+            )
+        if probe is None:
+            return
+        old = probe.state_dict()
+        try:
+            probe.load_state_dict(state)
+        except (CheckpointError, ValueError, TypeError, KeyError, RuntimeError) as err:
+            raise CheckpointError(
+                f"ReactorScheduler state has an invalid {name} state: {err}"
+            ) from err
+        finally:
+            probe.load_state_dict(old)
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.policy, self._policy_opt = self._scratch
+        del self._scratch
+        self.seed = extra["seed"]
+        self.decisions, self.updates = extra["decisions"], extra["updates"]
+        self.skipped_updates, self._in_interval = extra["skipped_updates"], extra["in_interval"]
+        self._positions, self._losses = (
+            list(extra["positions"]),
+            [float(x) for x in extra["losses"]],
+        )
+        self._log_factor = float(extra["log_factor"])
+        self._prev_fraction = float(extra["prev_fraction"])
+        for key in self._OPT_FLOATS[:-1]:
+            setattr(self, f"_{key}", None if extra[key] is None else float(extra[key]))
+        pending = extra["pending_state"]
+        self._pending = (
+            None if pending is None else (pending.double().clone(), float(extra["pending_u"]))
+        )
+        self.baseline.raw, self.baseline.count = (
+            float(extra["baseline_raw"]),
+            extra["baseline_count"],
+        )
+        self.last_decision = None
+        if self._owns_curvature:
+            self.curvature_probe.load_state_dict(extra["curvature_probe"])
+        if self._owns_entropy:
+            self.entropy_probe.load_state_dict(extra["entropy_probe"])
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
