@@ -8,7 +8,9 @@ rewrites, in the docstring text only (the source files are untouched):
 - ``:math:`x``` into ``\\(x\\)``;
 - ``:func:`x```, ``:class:`~a.b.C```, ``:meth:``, ``:attr:``, ``:mod:``, ``:data:``,
   ``:exc:`` and ``:obj:`` roles into inline code (the ``~`` form keeps the last component);
-- simple reStructuredText tables (``====  ====`` borders) into Markdown tables.
+- simple reStructuredText tables (``====  ====`` borders) into Markdown tables;
+- list items continued with a 2-space indent (fine in reST) to the 4-space indent that
+  Python-Markdown needs to keep a nested block, such as a math block, inside the item.
 
 Used from ``mkdocs.yml``::
 
@@ -59,6 +61,37 @@ def convert_math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
+_BULLET = re.compile(r"^(?P<indent>[ \t]*)(?:[*+-]|\d+\.)[ \t]+\S")
+
+
+def widen_list_indents(text: str) -> str:
+    """Shift the continuation lines of list items to four spaces past the bullet's indent.
+
+    A new item that follows an item holding a blank line (a nested block) gets a blank line
+    before it, or Python-Markdown would read it as a lazy continuation of the paragraph.
+    """
+    out: list[str] = []
+    bullet, shift, loose = None, 0, False
+    for line in text.split("\n"):
+        match = _BULLET.match(line)
+        if match is not None:
+            if bullet is not None and loose and out and out[-1].strip():
+                out.append("")
+            bullet = len(match.group("indent"))
+            marker = len(line) - len(line[bullet:].lstrip("*+-0123456789.").lstrip()) - bullet
+            shift, loose = max(0, 4 - marker), False
+            out.append(line)
+        elif bullet is not None and not line.strip():
+            loose = True
+            out.append(line)
+        elif bullet is not None and _indent_of(line) > bullet:
+            out.append(" " * shift + line)
+        else:
+            bullet = None
+            out.append(line)
+    return "\n".join(out)
+
+
 def _split_row(line: str, starts: list[int], ncols: int) -> list[str]:
     cells = re.split(r"\s{2,}", line.strip())
     if len(cells) == ncols:
@@ -104,6 +137,7 @@ def _xref(match: re.Match[str]) -> str:
 def rst_to_markdown(text: str) -> str:
     """Apply all conversions to one docstring."""
     text = convert_simple_tables(text)
+    text = widen_list_indents(text)
     text = convert_math_blocks(text)
     text = _MATH_ROLE.sub(lambda m: f"\\({m.group('tex')}\\)", text)
     return _XREF_ROLE.sub(_xref, text)
