@@ -445,3 +445,41 @@ def test_probe_token_weights_need_all_tokens(tiny_qwen3, token_batch) -> None:
     tiny_qwen3(**inputs(token_batch))
     with pytest.raises(ProbeError, match="max_tokens=None"):
         sampled.token_weights()
+
+
+def test_chunked_decoding_equals_one_shot(monkeypatch, tiny_qwen3, token_batch) -> None:
+    probe = EntropyProbe(tiny_qwen3, max_tokens=None)
+    tiny_qwen3(**inputs(token_batch))
+    one_shot = probe.entropies.clone()
+    monkeypatch.setattr("graff.probes.entropy._CHUNK_ELEMENTS", 2 * 96 + 5)  # two rows per chunk
+    calls = []
+    head = probe._head
+    monkeypatch.setattr(probe, "_head", lambda h: calls.append(h.shape[0]) or head(h))
+    tiny_qwen3(**inputs(token_batch))
+    assert calls == [2] * 12
+    torch.testing.assert_close(probe.entropies, one_shot)
+
+
+def test_kv_cache_step_uses_the_last_mask_columns(tiny_qwen3, token_batch) -> None:
+    ids, mask = token_batch["input_ids"], token_batch["attention_mask"].clone()
+    mask[0, :2] = 0
+    mask[1, -1] = 0
+    first = tiny_qwen3(input_ids=ids[:, :8], attention_mask=mask[:, :8], use_cache=True)
+    probe = EntropyProbe(tiny_qwen3, max_tokens=None)
+    tiny_qwen3(input_ids=ids[:, 8:], attention_mask=mask, cache=first.cache)
+    assert torch.equal(probe.token_index, mask[:, 8:].reshape(-1).nonzero().squeeze(1))
+
+
+class MaskedToyLM(ToyLM):
+    def forward(
+        self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return super().forward(ids)
+
+
+def test_mismatched_mask_warns_and_uses_all_tokens() -> None:
+    model = MaskedToyLM()
+    probe = EntropyProbe(model, layer=model.block, head=model.out, max_tokens=None)
+    with pytest.warns(UserWarning, match=r"attention_mask of shape \(3, 3\) does not match"):
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), attention_mask=torch.ones(3, 3))
+    assert torch.equal(probe.token_index, torch.arange(6))

@@ -131,7 +131,7 @@ def _detect(model: nn.Module) -> tuple[nn.ModuleList | None, Callable[[Tensor], 
     return None, None
 
 
-def _hook_layer(ref: weakref.ref) -> Callable[..., None]:
+def _hook_layer(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         probe = ref()
         if probe is not None and not probing_active() and not _in_backward():
@@ -140,7 +140,7 @@ def _hook_layer(ref: weakref.ref) -> Callable[..., None]:
     return hook
 
 
-def _hook_pre(ref: weakref.ref) -> Callable[..., None]:
+def _hook_pre(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         probe = ref()
         if probe is not None and not probing_active():
@@ -150,7 +150,7 @@ def _hook_pre(ref: weakref.ref) -> Callable[..., None]:
     return hook
 
 
-def _hook_post(ref: weakref.ref) -> Callable[..., None]:
+def _hook_post(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         probe = ref()
         if probe is not None and not probing_active():
@@ -369,13 +369,14 @@ class EntropyProbe:
         index = self._sample(self._valid_positions(shape)).to(hidden.device)
         self._calls += 1
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
-        rows = max(1, _CHUNK_ELEMENTS // (self._vocab or 1 << 16))
-        parts = []
+        parts, start = [], 0
         with torch.no_grad(), probing():
-            for chunk in index.split(rows):
-                logits = self._head(flat[chunk])
+            while start < index.numel():  # chunks of bounded size; one row until vocab is known
+                rows = max(1, _CHUNK_ELEMENTS // self._vocab) if self._vocab else 1
+                logits = self._head(flat[index[start : start + rows]])
                 self._vocab = int(logits.shape[-1])
                 parts.append(entropy_from_logits(logits).reshape(-1))
+                start += rows
         ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
         finite = torch.isfinite(ent)
         self._dropped += int((~finite).sum())
