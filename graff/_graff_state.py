@@ -1,0 +1,133 @@
+"""Small running statistics behind GraffScheduler: loss/entropy trends and the peak-LR search."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from graff.errors import CheckpointError
+
+
+class LossTracker:
+    """Bias-corrected fast (β = 0.9) and slow (β = 0.98) moving averages and the best fast value.
+
+    Non-finite or missing values are ignored. ``rising(tol)`` tells when the fast average is more
+    than ``tol`` (relative) above the best fast average seen: the loss-based instability signal.
+    """
+
+    def __init__(self, fast: float = 0.9, slow: float = 0.98, min_count: int = 5) -> None:
+        self.beta_fast, self.beta_slow, self.min_count = fast, slow, min_count
+        self._fast = self._slow = 0.0
+        self.count = 0
+        self.best = math.inf
+
+    @property
+    def fast(self) -> float:
+        """Bias-corrected fast average (0 before any value)."""
+        return self._fast / (1 - self.beta_fast**self.count) if self.count else 0.0
+
+    @property
+    def slow(self) -> float:
+        """Bias-corrected slow average (0 before any value)."""
+        return self._slow / (1 - self.beta_slow**self.count) if self.count else 0.0
+
+    def update(self, value: float | None) -> None:
+        """Fold in one value (``None``/NaN/inf are skipped)."""
+        if value is None or not math.isfinite(value):
+            return
+        self.count += 1
+        self._fast = self.beta_fast * self._fast + (1 - self.beta_fast) * value
+        self._slow = self.beta_slow * self._slow + (1 - self.beta_slow) * value
+        if self.count >= self.min_count:
+            self.best = min(self.best, self.fast)
+
+    def rising(self, tolerance: float) -> bool:
+        """Whether the fast average exceeds the best by more than ``tolerance`` (relative)."""
+        if self.count < self.min_count or not math.isfinite(self.best):
+            return False
+        return self.fast - self.best > tolerance * max(abs(self.best), 1e-12)
+
+    def reset_best(self) -> None:
+        """Forget the best value (after a back-off, so one event is not counted twice)."""
+        self.best = self.fast if self.count >= self.min_count else math.inf
+
+    def trend(self) -> float:
+        """``tanh(10 · (fast − slow) / |slow|)`` in [-1, 1]; 0 before ``min_count`` values."""
+        if self.count < self.min_count:
+            return 0.0
+        return math.tanh(10.0 * (self.fast - self.slow) / max(abs(self.slow), 1e-12))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fast": self._fast, "slow": self._slow, "count": self.count, "best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self._fast, self._slow = float(state["fast"]), float(state["slow"])
+            self.count, self.best = int(state["count"]), float(state["best"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"invalid running-average state: {err}") from err
+
+
+class PeakCalibrator:
+    """The peak-LR search of GraffScheduler (log-scale :math:`\\sigma_t`, see its docstring).
+
+    While searching (the first ``search_fraction`` of the budget), :math:`\\sigma` grows by
+    ``log(peak_max) / max(10, n/2)`` per step, ``n`` the estimated number of steps of the search
+    phase, so the peak factor could reach ``peak_max`` half-way through the phase. At the first
+    instability, :math:`\\sigma` is set so that the *peak* LR (prior = 1) equals the LR just
+    reached divided by ``backoff``, and the search ends. After the search, each instability
+    (at most one per 20 steps) halves the peak.
+    """
+
+    def __init__(
+        self, *, enabled: bool, search_fraction: float, peak_max: float, backoff: float
+    ) -> None:
+        self.enabled, self.search_fraction = enabled, search_fraction
+        self.log_peak_max, self.log_backoff = math.log(peak_max), math.log(backoff)
+        self.log_peak = 0.0
+        self.searching = enabled
+        self.steps = 0
+        self.cooldown = 0
+        self.backoffs = 0
+
+    def update(self, fraction_used: float, log_prior: float, unstable: bool) -> bool:
+        """Advance one step; returns True when it backed off."""
+        self.steps += 1
+        self.cooldown = max(0, self.cooldown - 1)
+        if not self.enabled:
+            return False
+        if unstable and self.cooldown == 0:
+            if self.searching:
+                self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
+                self.searching = False
+            else:
+                self.log_peak -= math.log(2.0)
+            self.log_peak = max(self.log_peak, -math.log(1e3))
+            self.cooldown = 20
+            self.backoffs += 1
+            return True
+        if self.searching:
+            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max:
+                self.searching = False
+            else:
+                est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
+                growth = self.log_peak_max / max(10.0, 0.5 * est)
+                self.log_peak = min(self.log_peak_max, self.log_peak + growth)
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "log_peak": self.log_peak,
+            "searching": self.searching,
+            "steps": self.steps,
+            "cooldown": self.cooldown,
+            "backoffs": self.backoffs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            self.log_peak, self.searching = float(state["log_peak"]), bool(state["searching"])
+            self.steps, self.cooldown = int(state["steps"]), int(state["cooldown"])
+            self.backoffs = int(state["backoffs"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"invalid calibration state: {err}") from err

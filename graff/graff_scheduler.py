@@ -1,0 +1,537 @@
+"""GraffScheduler: the learned, budget-aware LR planner (Graph-Recurrent Allocation of Fine-tuning Funds).
+
+Per optimizer step :math:`t` the LR of parameter group :math:`g` is
+
+.. math::
+
+    \\eta_{t,g} = \\eta^0_g \\cdot \\min\\Bigl(p(u_t)\\,e^{\\sigma_t + r_t},\\
+                 \\frac{c}{\\hat\\lambda_t\\,\\eta^0_{\\max}\\,m_{\\max}}\\Bigr),
+
+clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
+
+- :math:`\\eta^0_g` is the group's initial LR (groups keep their ratios);
+- :math:`p(u_t)` is the budget prior at the fraction of budget used :math:`u_t`
+  (:class:`graff.priors.BudgetPrior`, warm-up then linear decay to zero by default);
+- :math:`\\sigma_t` is the *peak-LR calibration*: during the first ``search_fraction`` of the
+  budget it rises geometrically toward ``peak_max`` while the loss keeps falling and the
+  stability guard is slack; the first sign of instability (loss rising above its best fast
+  average, a non-finite loss, the guard binding, or the secant tripwire) sets it to the LR that
+  was just reached divided by ``backoff`` and ends the search. Later instabilities back it off
+  again. This is how GRAFF finds the peak LR the user did not tune (the biggest lever measured in
+  the feasibility study), and why decreases come from the guard, not from a greedy signal;
+- :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
+  ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner_net`;
+- :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
+  scales block :math:`i`'s applied update after ``optimizer.step()`` (exactly a per-block LR for
+  any optimizer whose update is linear in the LR); :math:`m_{\\max} = \\max_i m_{t,i}`;
+- the guard: after every planner update the decoder :math:`(w, b)` is projected onto the
+  half-space :math:`w\\cdot\\bar h_t + b \\le \\log(c/\\hat\\lambda_t) - o_t`
+  (:func:`graff.guard.project_to_halfspace`), and the min above makes the bound hard even where
+  the residual clip would break it. :math:`\\hat\\lambda_t` is the curvature probe's
+  ``lambda_max_safe`` (HVP power iteration, optimizer-aware) when the loss can be re-evaluated
+  (``model=`` with a ``.loss`` output, or ``loss_fn=``); otherwise the secant tripwire is the
+  (weaker) guard.
+
+Online learning (two optimizers, one backward of the model): the hypergradient
+:math:`\\partial L_{t+1}/\\partial\\log\\eta_t = \\langle g_{t+1}, \\Delta\\theta_t\\rangle`
+(Baydin et al., ICLR 2018) arrives one step later from the curvature probe. Its one-step horizon
+biases it toward small LRs (Wu et al., ICLR 2018; measured in ``notes/feasibility.md``), so GRAFF
+uses it only as a *de-biased, bounded correction*: the cosine
+:math:`\\kappa_t = \\langle g_{t+1}, \\Delta\\theta_t\\rangle / (\\lVert g_{t+1}\\rVert
+\\lVert\\Delta\\theta_t\\rVert)` minus its slow running mean, so the planner learns from
+deviations (steps that paid off better or worse than usual) and cannot drift systematically
+down through a plateau. The planner's loss at step :math:`t+1`,
+
+.. math::
+
+    J = (\\kappa_t - \\bar\\kappa)\\, r_t + \\tfrac1N \\textstyle\\sum_i (\\kappa_{t,i} - \\bar\\kappa_i)
+        \\log m_{t,i} + \\gamma\\,(r_t^2 + \\overline{\\log^2 m_t}),
+
+is back-propagated through the stored encoder step (a graph of a few hundred floats) and Adam
+(``planner_lr``) updates the planner; then the guard projection. The seed's compute-normalised
+regret :math:`R_T = (L_T - L_\\text{best})/\\text{time}_T` has the same gradient direction
+(``docs/concepts/graff.md`` derives it).
+
+References:
+    Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
+    https://arxiv.org/abs/1703.04782. Wu et al., "Understanding Short-Horizon Bias in Stochastic
+    Meta-Optimization", ICLR 2018, https://arxiv.org/abs/1803.02021. Li et al., "Budgeted
+    Training", ICLR 2020, https://arxiv.org/abs/1905.04753. Cohen et al., "Gradient Descent on
+    Neural Networks Typically Occurs at the Edge of Stability", ICLR 2021,
+    https://arxiv.org/abs/2103.00065.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from graff._graff_state import LossTracker, PeakCalibrator
+from graff._scheduler_base import BudgetedScheduler
+from graff._validation import check_in_range, check_positive
+from graff.blocks import block_edges
+from graff.clock import BudgetClock
+from graff.errors import CheckpointError, GraffConfigError, ProbeError
+from graff.guard import guard_constant, log_lr_bound, project_to_halfspace
+from graff.planner_io import load_planner, save_planner
+from graff.planner_net import FEATURE_NAMES, PlannerNet, mean_adjacency
+from graff.priors import BudgetPrior, make_prior
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
+
+
+@dataclass(frozen=True)
+class PlanRecord:
+    """What GRAFF decided at one step (``sched.last_plan``), for logging and plots."""
+
+    step: int
+    fraction_used: float
+    prior: float
+    log_peak: float
+    residual: float
+    lr_factor: float
+    guard_bound: float | None
+    guard_bound_active: bool
+    calibrating: bool
+    multipliers: tuple[float, ...]
+
+
+class GraffScheduler(BudgetedScheduler):
+    """Budget-aware learned LR planner with an edge-of-stability guard (see module docstring).
+
+    Args:
+        optimizer: Any torch optimizer whose update is linear in ``lr``.
+        budget: A :class:`~graff.BudgetClock` or a number of seconds.
+        model: Optional model: LoRA modules become graph nodes, the forward loss is captured
+            (``step()`` may omit the loss), the entropy probe hooks an early layer, and the
+            curvature probe re-runs captured inputs for λ̂.
+        blocks: Optional mapping ``{name: parameters}`` overriding block discovery.
+        adjacency: Optional pairs of block indices overriding the parsed graph.
+        loss_fn: Optional closure returning the loss on a fixed probe batch (for λ̂).
+        prior: Budget prior name or :class:`~graff.BudgetPrior`; ``None`` disables it (ablation).
+        warmup: Warm-up fraction of the prior (when ``prior`` is a name).
+        planner_lr: Adam LR of the planner (the seed's 1e-3).
+        online: Train the planner online (``False``: the frozen-planner ablation).
+        edges: Message passing between blocks (``False``: the no-edges/MLP ablation).
+        budget_feature: Feed the remaining budget to the planner (``False``: ablation).
+        calibrate: Search the peak LR during the first ``search_fraction`` of the budget.
+        search_fraction: Fraction of the budget the peak-LR search may use.
+        peak_max: Largest peak factor the search may reach (× the user's LR).
+        backoff: Factor the LR is divided by when instability is detected.
+        block_multipliers: Learn per-block multipliers of the applied update.
+        multiplier_max: Multipliers lie in ``[1/multiplier_max, multiplier_max]``.
+        residual_max: The learned residual lies in ``[1/residual_max, residual_max]``.
+        guard: Apply the stability guard.
+        guard_c: Guard constant ``c``; default optimizer-aware (:func:`graff.guard_constant`).
+        curvature_every: λ̂ refresh interval in steps, or ``"auto"`` (≤ 1 % overhead).
+        entropy: Use the entropy probe when a model is given.
+        warm_start: Path of a planner saved by :meth:`save_planner`, ``"default"`` for the
+            planner shipped with graff, or ``None`` (fresh planner).
+        lr_min_factor: Lower clamp (× initial LR).
+        lr_max_factor: Upper clamp (× initial LR).
+        seed: Seed of the planner's initial weights.
+
+    Raises:
+        GraffConfigError, GraffTypeError: On a bad argument (the message names it).
+        CheckpointError: If ``warm_start`` is not a planner file.
+
+    Examples:
+        >>> import torch, graff
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        >>> sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=20))
+        >>> for _ in range(20):
+        ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+        ...     loss.backward(); opt.step(); sched.step(loss); opt.zero_grad()
+        >>> sched.budget.exhausted, all(lr > 0 for lr in sched.get_last_lr())
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        budget: BudgetClock | float | int,
+        *,
+        model: nn.Module | None = None,
+        blocks: Mapping[str, Iterable[nn.Parameter]] | None = None,
+        adjacency: Iterable[tuple[int, int]] | None = None,
+        loss_fn: Callable[[], Tensor] | None = None,
+        prior: BudgetPrior | str | None = "linear",
+        warmup: float = 0.05,
+        planner_lr: float = 1e-3,
+        online: bool = True,
+        edges: bool = True,
+        budget_feature: bool = True,
+        calibrate: bool = True,
+        search_fraction: float = 0.15,
+        peak_max: float = 10.0,
+        backoff: float = 3.0,
+        block_multipliers: bool = True,
+        multiplier_max: float = 2.0,
+        residual_max: float = 2.0,
+        guard: bool = True,
+        guard_c: float | None = None,
+        curvature_every: int | str = "auto",
+        entropy: bool = True,
+        warm_start: str | Path | None = None,
+        lr_min_factor: float = 1e-3,
+        lr_max_factor: float = 100.0,
+        seed: int = 0,
+    ) -> None:
+        self.prior = (
+            make_prior(prior, warmup=warmup) if isinstance(prior, str) else make_prior(prior)
+        )
+        self.planner_lr = check_positive("planner_lr", planner_lr)
+        self.online, self.edges, self.budget_feature = (
+            bool(online),
+            bool(edges),
+            bool(budget_feature),
+        )
+        self.block_multipliers, self.guard = bool(block_multipliers), bool(guard)
+        self._log_mult_max = math.log(check_in_range("multiplier_max", multiplier_max, 1.0, 10.0))
+        self._log_residual_max = math.log(check_in_range("residual_max", residual_max, 1.0, 100.0))
+        self.guard_c = None if guard_c is None else check_positive("guard_c", guard_c)
+        self.calibrator = PeakCalibrator(
+            enabled=bool(calibrate),
+            search_fraction=check_in_range(
+                "search_fraction", search_fraction, 0.0, 1.0, low_open=True
+            ),
+            peak_max=check_in_range("peak_max", peak_max, 1.0, 1e4),
+            backoff=check_in_range("backoff", backoff, 1.0, 1e3, low_open=True),
+        )
+        self.losses = LossTracker()
+        self.entropies = LossTracker()
+        self.guard_activations = 0  # steps where the guard bound the LR
+        self.guard_projections = 0  # planner updates the projection changed
+        self.planner_updates = 0
+        self.skipped_planner_updates = 0
+        self.last_plan: PlanRecord | None = None
+        self.planner = _make_planner(warm_start, edges=self.edges, seed=seed)
+        self.planner_optimizer = torch.optim.Adam(self.planner.parameters(), lr=self.planner_lr)
+        self.curvature = CurvatureProbe(
+            optimizer,
+            model=model,
+            blocks=blocks,
+            loss_fn=loss_fn,
+            every=curvature_every,
+            hvp=self.guard and (model is not None or loss_fn is not None),
+            seed=seed,
+        )
+        self.blocks = self.curvature.blocks
+        self.edge_index = block_edges(self.blocks, adjacency)
+        self._adjacency = mean_adjacency(self.edge_index, len(self.blocks))
+        self.entropy_probe = _make_entropy_probe(model, entropy, seed)
+        self.h = self.planner.initial_state(len(self.blocks))
+        self._pending: tuple[Tensor, Tensor] | None = None  # (x_t, h_{t-1}) awaiting feedback
+        self._kappa_mean = torch.zeros(len(self.blocks) + 1)
+        self._multipliers = torch.ones(len(self.blocks))
+        self._log_factor = 0.0
+        self._nonfinite_seen = 0
+        super().__init__(
+            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
+        )
+
+    # ----------------------------------------------------------------- plan
+    def _initial_factors(self) -> list[float]:
+        factor = self._prior_value(0.0)
+        self._log_factor = math.log(factor)
+        return [factor] * len(self.optimizer.param_groups)
+
+    def _prior_value(self, fraction_used: float) -> float:
+        return self.prior(fraction_used) if self.prior is not None else 1.0
+
+    def _plan(self, loss: float | None) -> list[float]:
+        u = self.budget.fraction_used
+        self._apply_multipliers()
+        stats = self.curvature.last
+        self.losses.update(loss)
+        if self.entropy_probe is not None:
+            self.entropies.update(_entropy_mean(self.entropy_probe))
+        if self.online and self._pending is not None and stats is not None:
+            self._learn(stats)
+        x = self._features(stats, u)
+        with torch.no_grad():
+            h = self.planner(x, self.h, self._adjacency)
+        self._pending, self.h = (x, self.h), h
+        return self._decide(u, loss, h)
+
+    def _decide(self, u: float, loss: float | None, h: Tensor) -> list[float]:
+        prior = max(self._prior_value(u), 1e-12)
+        bound = self._guard_log_bound()
+        unstable = self._unstable(loss, bound)
+        if self.calibrator.update(u, math.log(prior), unstable):
+            self.losses.reset_best()
+        offset = math.log(prior) + self.calibrator.log_peak
+        if bound is not None and self.guard:
+            w, b = project_to_halfspace(
+                self.planner.lr_w.data, self.planner.lr_b.data, h.mean(0), bound - offset
+            )
+            if not (
+                torch.equal(w, self.planner.lr_w.data) and torch.equal(b, self.planner.lr_b.data)
+            ):
+                self.guard_projections += 1
+                self.planner.lr_w.data.copy_(w)
+                self.planner.lr_b.data.copy_(b)
+        residual, logits = self._log_residual(h)
+        log_factor = offset + residual
+        active = bound is not None and self.guard and log_factor > bound
+        if active:
+            log_factor = bound
+            self.guard_activations += 1
+            self.calibrator.searching = False  # the peak search stops at the stability limit
+        self._log_factor = log_factor
+        if self.block_multipliers:
+            self._multipliers = torch.exp(self._log_mult_max * torch.tanh(logits)).float()
+        self.last_plan = PlanRecord(
+            step=self.last_epoch,
+            fraction_used=u,
+            prior=prior,
+            log_peak=self.calibrator.log_peak,
+            residual=residual,
+            lr_factor=math.exp(log_factor),
+            guard_bound=bound,
+            guard_bound_active=active,
+            calibrating=self.calibrator.searching,
+            multipliers=tuple(self._multipliers.tolist()),
+        )
+        return [math.exp(log_factor)] * len(self.optimizer.param_groups)
+
+    def _log_residual(self, h: Tensor) -> tuple[float, Tensor]:
+        with torch.no_grad():
+            residual, logits = self.planner.decode(h)
+        r = float(residual.clamp(-self._log_residual_max, self._log_residual_max))
+        return (r if math.isfinite(r) else 0.0), torch.nan_to_num(logits)
+
+    def _guard_log_bound(self) -> float | None:
+        """``log(c / (λ̂ · η⁰_max · m_max))`` in units of the LR factor, or None without λ̂."""
+        lam = self.curvature.lambda_max_safe
+        if lam is None:
+            return None
+        c = self.guard_c if self.guard_c is not None else guard_constant(self.optimizer)
+        top_lr = max(float(g["initial_lr"]) for g in self.optimizer.param_groups)
+        m_max = float(self._multipliers.max()) if self.block_multipliers else 1.0
+        return log_lr_bound(lam, c, offset=math.log(top_lr * m_max))
+
+    def _unstable(self, loss: float | None, bound: float | None) -> bool:
+        """Loss- or secant-based sign of instability (drives the peak-LR back-off).
+
+        The guard itself caps the LR where λ̂ is known and ends the search when it binds; it does
+        not also back off the peak (early Adam preconditioners make λ̂ noisy).
+        """
+        if loss is None and self.nonfinite_losses > self._nonfinite_seen:
+            self._nonfinite_seen = self.nonfinite_losses
+            return True  # a non-finite loss: back off
+        if self.losses.rising(tolerance=0.1 if self.calibrator.searching else 0.5):
+            return True
+        tripwire = self.curvature.tripwire
+        return bound is None and tripwire is not None and tripwire > 2.0
+
+    # -------------------------------------------------------------- features
+    def _features(self, stats: Any, u: float) -> Tensor:
+        n = len(self.blocks)
+        x = torch.zeros(n, len(FEATURE_NAMES))
+        x[:, 0] = (1.0 - u) if self.budget_feature else 0.0
+        x[:, 1] = self._log_factor / math.log(10.0)
+        x[:, 2] = self.losses.trend()
+        if stats is not None:
+            x[:, 3] = _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm)
+            x[:, 4] = torch.tanh(stats.secant_ratio / 2.0)
+            usq = stats.update_sq_norm.clamp_min(1e-30)
+            x[:, 5] = torch.tanh(0.25 * torch.log(usq / usq.mean()))
+        if self.entropy_probe is not None:
+            x[:, 6] = self.entropies.fast if self.entropies.count else 0.0
+            x[:, 7] = self.entropies.trend()
+        x[:, 8] = self._stability_usage()
+        x[:, 9] = 1.0 if self.calibrator.searching else 0.0
+        return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+    def _stability_usage(self) -> float:
+        bound = self._guard_log_bound()
+        if bound is not None and math.isfinite(bound):
+            return min(2.0, math.exp(self._log_factor - bound))
+        tripwire = self.curvature.tripwire
+        return min(2.0, tripwire / 2.0) if tripwire is not None else 0.0
+
+    # --------------------------------------------------------------- learning
+    def _learn(self, stats: Any) -> None:
+        """One Adam step of the planner on the de-biased hypergradient cosine (module docstring)."""
+        kappa_blocks = _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm)
+        kappa_global = _cosine(
+            stats.hypergrad.sum(), stats.grad_sq_norm.sum(), stats.update_sq_norm.sum()
+        )
+        kappa = torch.cat([kappa_global.reshape(1), kappa_blocks])
+        if not bool(torch.isfinite(kappa).all()):
+            self.skipped_planner_updates += 1
+            return
+        advantage = kappa - self._kappa_mean
+        self._kappa_mean.mul_(0.99).add_(kappa, alpha=0.01)
+        x, h_prev = self._pending
+        h = self.planner(x, h_prev, self._adjacency)
+        residual, logits = self.planner.decode(h)
+        log_m = self._log_mult_max * torch.tanh(logits)
+        objective = advantage[0] * residual + 1e-2 * residual.pow(2)
+        if self.block_multipliers:
+            objective = objective + (advantage[1:] * log_m).mean() + 1e-2 * log_m.pow(2).mean()
+        self.planner_optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        grads_ok = all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.planner.parameters()
+        )
+        if not grads_ok:
+            self.skipped_planner_updates += 1
+            self.planner_optimizer.zero_grad(set_to_none=True)
+            return
+        nn.utils.clip_grad_norm_(self.planner.parameters(), 1.0)
+        self.planner_optimizer.step()
+        self.planner_updates += 1
+
+    def _apply_multipliers(self) -> None:
+        """Scale each block's last applied update by its multiplier (a per-block LR)."""
+        if self.block_multipliers and not torch.all(self._multipliers == 1.0):
+            self.curvature.scale_last_update(self._multipliers)
+
+    # ---------------------------------------------------------------- planner
+    def save_planner(self, path: str | Path) -> Path:
+        """Save the planner's weights (not its state h) for a warm start on another model."""
+        return save_planner(self.planner, path)
+
+    # ------------------------------------------------------------------ state
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "num_blocks": len(self.blocks),
+            "features": list(FEATURE_NAMES),
+            "planner": {k: v.clone() for k, v in self.planner.state_dict().items()},
+            "planner_optimizer": self.planner_optimizer.state_dict(),
+            "h": self.h.clone(),
+            "pending": None if self._pending is None else [t.clone() for t in self._pending],
+            "kappa_mean": self._kappa_mean.clone(),
+            "multipliers": self._multipliers.clone(),
+            "log_factor": self._log_factor,
+            "calibrator": self.calibrator.state_dict(),
+            "losses": self.losses.state_dict(),
+            "entropies": self.entropies.state_dict(),
+            "counters": [
+                self.guard_activations,
+                self.guard_projections,
+                self.planner_updates,
+                self.skipped_planner_updates,
+            ],
+            "curvature": self.curvature.state_dict(),
+            "entropy_probe": None
+            if self.entropy_probe is None
+            else self.entropy_probe.state_dict(),
+        }
+
+    def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._check_extra_state(extra)
+        keys = {
+            "num_blocks",
+            "features",
+            "planner",
+            "planner_optimizer",
+            "h",
+            "pending",
+            "kappa_mean",
+            "multipliers",
+            "log_factor",
+            "calibrator",
+            "losses",
+            "entropies",
+            "counters",
+            "curvature",
+            "entropy_probe",
+        }
+        if keys - set(extra):
+            raise CheckpointError(f"GraffScheduler state is missing {sorted(keys - set(extra))}.")
+        if extra["num_blocks"] != len(self.blocks):
+            raise CheckpointError(
+                f"state was saved with {extra['num_blocks']} blocks, this scheduler has {len(self.blocks)}."
+            )
+        if list(extra["features"]) != list(FEATURE_NAMES):
+            raise CheckpointError("state was saved by a planner with other input features.")
+        try:
+            PlannerNet(edges=self.edges).load_state_dict(extra["planner"])
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"planner weights in the state do not fit: {err}") from err
+        if tuple(extra["h"].shape) != tuple(self.h.shape):
+            raise CheckpointError(
+                f"planner state h has shape {tuple(extra['h'].shape)}, expected {tuple(self.h.shape)}."
+            )
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.planner.load_state_dict(extra["planner"])
+        self.planner_optimizer.load_state_dict(extra["planner_optimizer"])
+        self.h = extra["h"].clone()
+        self._pending = (
+            None
+            if extra["pending"] is None
+            else (extra["pending"][0].clone(), extra["pending"][1].clone())
+        )
+        self._kappa_mean = extra["kappa_mean"].clone()
+        self._multipliers = extra["multipliers"].clone()
+        self._log_factor = float(extra["log_factor"])
+        self.calibrator.load_state_dict(extra["calibrator"])
+        self.losses.load_state_dict(extra["losses"])
+        self.entropies.load_state_dict(extra["entropies"])
+        (
+            self.guard_activations,
+            self.guard_projections,
+            self.planner_updates,
+            self.skipped_planner_updates,
+        ) = (int(v) for v in extra["counters"])
+        self.curvature.load_state_dict(extra["curvature"])
+        if self.entropy_probe is not None and extra["entropy_probe"] is not None:
+            self.entropy_probe.load_state_dict(extra["entropy_probe"])
+
+    def remove(self) -> None:
+        """Detach every hook of the scheduler and its probes."""
+        super().remove()
+        self.curvature.remove()
+        if self.entropy_probe is not None:
+            self.entropy_probe.remove()
+
+
+def _cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
+    """``dot / sqrt(a_sq · b_sq)`` clipped to [-1, 1]; 0 where a norm vanishes."""
+    den = torch.sqrt(a_sq.clamp_min(0) * b_sq.clamp_min(0))
+    out = torch.where(den > 0, dot / den.clamp_min(1e-30), torch.zeros_like(dot))
+    return out.clamp(-1.0, 1.0)
+
+
+def _entropy_mean(probe: EntropyProbe) -> float | None:
+    stats = probe.stats()
+    if stats is None or not stats.count:
+        return None
+    value = float(stats.normalized_mean)
+    return value if math.isfinite(value) else None
+
+
+def _make_planner(warm_start: str | Path | None, *, edges: bool, seed: int) -> PlannerNet:
+    if warm_start is not None:
+        planner = load_planner(warm_start)
+        planner.edges = edges
+        return planner
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    planner = PlannerNet(edges=edges)
+    torch.random.set_rng_state(generator_state)
+    return planner
+
+
+def _make_entropy_probe(model: nn.Module | None, enabled: bool, seed: int) -> EntropyProbe | None:
+    if model is None or not enabled:
+        return None
+    try:
+        return EntropyProbe(model, seed=seed)
+    except ProbeError as err:
+        warnings.warn(f"GraffScheduler runs without the entropy probe: {err}", stacklevel=3)
+        return None
+    except GraffConfigError:
+        raise

@@ -1,0 +1,117 @@
+"""GRAFF's planner network: a graph-recurrent encoder and a linear LR decoder.
+
+Nodes are parameter blocks (one per LoRA-adapted module by default). At step :math:`t` every node
+:math:`i` has a feature vector :math:`x_{t,i}` (budget left, LR, loss trend, curvature and
+hypergradient statistics of its block, entropy of early-layer tokens; see
+:data:`FEATURE_NAMES`) and a latent state :math:`h_{t,i}`. One round of message passing and a GRU
+update (weights shared by all nodes, so the planner does not depend on their number):
+
+.. math::
+
+    z_{t,i} = \\tanh(E x_{t,i}),\\quad
+    \\mu_{t,i} = \\frac{1}{|\\mathcal N(i)|}\\sum_{j \\in \\mathcal N(i)}
+        \\mathrm{ReLU}\\bigl(M [z_{t,j}; h_{t-1,j}]\\bigr),\\quad
+    h_{t,i} = \\mathrm{GRU}\\bigl([z_{t,i}; \\mu_{t,i}],\\ h_{t-1,i}\\bigr).
+
+The decoder is linear in the latent state, as the seed requires for the projection guard:
+
+.. math::
+
+    r_t = w \\cdot \\bar h_t + b,\\qquad \\bar h_t = \\tfrac1N \\textstyle\\sum_i h_{t,i},\\qquad
+    \\ell_{t,i} = v \\cdot h_{t,i} + a,
+
+:math:`r_t` is the global log-LR residual and :math:`\\ell_{t,i}` the logit of block
+:math:`i`'s multiplier :math:`m_{t,i} = \\exp(\\rho \\tanh \\ell_{t,i})`. Without edges
+(``edges=False``, the seed's "remove graph edges → MLP" ablation) :math:`\\mu = 0`.
+
+The latent state is a *buffer* owned by the scheduler, not a parameter: a planner trained on one
+model loads into a scheduler for another model with a different number of blocks.
+
+References:
+    Li et al., "Gated Graph Sequence Neural Networks", ICLR 2016, https://arxiv.org/abs/1511.05493
+    (message passing with GRU updates).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FEATURE_NAMES: tuple[str, ...] = (
+    "budget_remaining",
+    "log_lr_factor",
+    "loss_trend",
+    "hypergrad_cosine",
+    "secant_ratio",
+    "relative_update_size",
+    "entropy",
+    "entropy_trend",
+    "stability_usage",
+    "calibrating",
+)
+
+
+class PlannerNet(nn.Module):
+    """Graph-recurrent encoder plus linear decoder (see module docstring for the equations).
+
+    Args:
+        num_features: Length of each node's feature vector.
+        hidden: Size of the latent state :math:`h`.
+        message: Size of the messages :math:`\\mu`.
+        edges: Use message passing between neighbouring blocks (``False``: per-node MLP + GRU).
+    """
+
+    def __init__(
+        self,
+        num_features: int = len(FEATURE_NAMES),
+        hidden: int = 16,
+        message: int = 16,
+        *,
+        edges: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_features, self.hidden, self.message_size = num_features, hidden, message
+        self.edges = edges
+        self.encode = nn.Linear(num_features, hidden)
+        self.message = nn.Linear(2 * hidden, message)
+        self.gru = nn.GRUCell(hidden + message, hidden)
+        self.lr_w = nn.Parameter(torch.zeros(hidden))
+        self.lr_b = nn.Parameter(torch.zeros(()))
+        self.mult_w = nn.Parameter(torch.zeros(hidden))
+        self.mult_b = nn.Parameter(torch.zeros(()))
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the graph encoder (everything but the decoder)."""
+        return [*self.encode.parameters(), *self.message.parameters(), *self.gru.parameters()]
+
+    def initial_state(self, num_nodes: int) -> Tensor:
+        """The latent state before the first step: zeros of shape ``(num_nodes, hidden)``."""
+        return torch.zeros(num_nodes, self.hidden)
+
+    def forward(self, x: Tensor, h: Tensor, adjacency: Tensor) -> Tensor:
+        """One encoder step: features ``(N, F)``, state ``(N, H)``, adjacency ``(N, N)`` -> state.
+
+        ``adjacency`` is the row-normalised matrix from :func:`mean_adjacency` (row ``i`` averages
+        over the neighbours of node ``i``); a dense product is faster than scatter ops for the
+        few hundred blocks of a model.
+        """
+        z = torch.tanh(self.encode(x))
+        if self.edges and adjacency.numel():
+            mu = adjacency @ torch.relu(self.message(torch.cat([z, h], dim=-1)))
+        else:
+            mu = torch.zeros(x.shape[0], self.message_size, dtype=x.dtype)
+        return self.gru(torch.cat([z, mu], dim=-1), h)
+
+    def decode(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Linear decoder: ``(global log-LR residual r (scalar), multiplier logits (N,))``."""
+        residual = self.lr_w @ h.mean(dim=0) + self.lr_b
+        logits = h @ self.mult_w + self.mult_b
+        return residual, logits
+
+
+def mean_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Row-normalised dense adjacency ``A[i, j] = 1/|N(i)|`` for each edge ``j -> i``."""
+    adj = torch.zeros(num_nodes, num_nodes)
+    if edge_index.numel():
+        adj[edge_index[1], edge_index[0]] = 1.0
+    return adj / adj.sum(dim=1, keepdim=True).clamp_min(1.0)
