@@ -67,11 +67,7 @@ def test_module_list_covers_the_package() -> None:
 
 
 # Doctest failures found in modules owned by others; strict, so a fix turns the xfail red.
-KNOWN_DOCTEST_DEFECTS: dict[str, str] = {
-    "graff.probes.entropy": "defect: entropy_from_logits doctest compares a float32 result "
-    "with == to math.log(4) (float64); 1.3862943649 != 1.3862943611, so it prints False. "
-    "Use round(..., 6) == round(math.log(4), 6) or abs(...) < 1e-6",
-}
+KNOWN_DOCTEST_DEFECTS: dict[str, str] = {}
 
 
 def _doctest_params() -> list:
