@@ -297,25 +297,25 @@ def test_bf16_model_gives_finite_float32_stats(token_batch) -> None:
 
 
 def test_nan_and_inf_entropies_are_dropped_and_counted(tiny_qwen3, token_batch) -> None:
-    def head(hidden: torch.Tensor) -> torch.Tensor:
+    def head(hidden: torch.Tensor) -> torch.Tensor:  # hostile: NaN or +inf logits on some rows
         logits = torch.zeros(hidden.shape[0], 5)
-        logits[0::3, 0] = math.nan
-        logits[1::3, 1] = math.inf
+        logits[hidden[:, 0] > 0, 0] = math.nan
+        logits[hidden[:, 1] > 0, 1] = math.inf
         return logits
 
     probe = EntropyProbe(tiny_qwen3, layer=tiny_qwen3.model.layers[0], head=head, max_tokens=None)
-    tiny_qwen3(**inputs(token_batch))
-    n = token_batch["input_ids"].numel()
-    bad = len(range(0, n, 3)) + len(range(1, n, 3))
-    assert probe.dropped_samples == bad
-    assert probe.entropies.numel() == n - bad
-    assert torch.equal(probe.token_index, torch.arange(2, n, 3))
+    out = tiny_qwen3(**inputs(token_batch), output_hidden_states=True)
+    hidden = out.hidden_states[1].reshape(-1, 32)
+    bad = (hidden[:, 0] > 0) | (hidden[:, 1] > 0)
+    assert 0 < int(bad.sum()) < bad.numel()
+    assert probe.dropped_samples == int(bad.sum())
+    assert torch.equal(probe.token_index, (~bad).nonzero().squeeze(1))
     stats = probe.stats()
-    assert stats.count == n - bad
+    assert stats.count == int((~bad).sum())
     assert stats.mean == pytest.approx(math.log(5))
     assert stats.normalized_mean == pytest.approx(1.0)
     tiny_qwen3(**inputs(token_batch))
-    assert probe.dropped_samples == 2 * bad
+    assert probe.dropped_samples == 2 * int(bad.sum())
 
 
 def test_all_dropped_gives_zero_stats_not_nan(tiny_qwen3, token_batch) -> None:
@@ -483,3 +483,20 @@ def test_mismatched_mask_warns_and_uses_all_tokens() -> None:
     with pytest.warns(UserWarning, match=r"attention_mask of shape \(3, 3\) does not match"):
         model(torch.tensor([[1, 2, 3], [4, 5, 6]]), attention_mask=torch.ones(3, 3))
     assert torch.equal(probe.token_index, torch.arange(6))
+
+
+def test_token_weights_give_dropped_tokens_weight_one(tiny_qwen3, token_batch) -> None:
+    def head(hidden: torch.Tensor) -> torch.Tensor:
+        logits = tiny_qwen3.lm_head(tiny_qwen3.model.norm(hidden))
+        logits[hidden[:, 0] > 0] = math.nan
+        return logits
+
+    probe = EntropyProbe(tiny_qwen3, layer=tiny_qwen3.model.layers[0], head=head, max_tokens=None)
+    out = tiny_qwen3(**inputs(token_batch), output_hidden_states=True)
+    bad = (out.hidden_states[1][..., 0] > 0).clone()
+    bad[:, -1] = False  # the last position predicts nothing: weight 0
+    assert bool(bad.any())
+    weights = probe.token_weights()
+    assert bool((weights[bad] == 1).all())
+    assert bool((weights[:, -1] == 0).all())
+    assert weights[:, :-1].mean().item() == pytest.approx(1.0, abs=1e-6)
