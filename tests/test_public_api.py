@@ -67,7 +67,11 @@ def test_module_list_covers_the_package() -> None:
 
 
 # Doctest failures found in modules owned by others; strict, so a fix turns the xfail red.
-KNOWN_DOCTEST_DEFECTS: dict[str, str] = {}
+KNOWN_DOCTEST_DEFECTS: dict[str, str] = {
+    "graff.graff_scheduler": "defect (WIP commit 0104385): the GraffScheduler doctest calls "
+    "graff.GraffScheduler, which graff/__init__.py does not export; with it exported, "
+    "sched.step() still fails in _apply_multipliers: CurvatureProbe has no scale_last_update",
+}
 
 
 def _doctest_params() -> list:
