@@ -36,14 +36,14 @@ def run(a: torch.Tensor, x0: torch.Tensor, steps: int, guarded: bool) -> list[fl
     losses = []
     for _ in range(steps):
         loss = 0.5 * x @ a @ x
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if probe is not None:
             bound = max_stable_lr(probe.lambda_max_safe, guard_constant(opt))
             opt.param_groups[0]["lr"] = min(5.0 / lam_max, bound)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    losses.append(float(0.5 * x @ a @ x))
+    losses.append(float(0.5 * x.detach() @ a @ x.detach()))
     return losses
 
 

@@ -32,6 +32,23 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(total)
 
 
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den`` where ``den != 0``, else 0 (elementwise)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
+
+
+def pairwise_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """Per-pair float32 dot products ``[⟨a_j, b_j⟩]_j`` (one kernel each, no copies for fp32)."""
+    return torch.stack(
+        [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b, strict=True)]
+    )
+
+
+def sq_norms(xs: Sequence[Tensor]) -> Tensor:
+    """Per-tensor squared Euclidean norms in float32 (one fused ``_foreach_norm``)."""
+    return torch.stack(torch._foreach_norm(list(xs))).float() ** 2
+
+
 def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     """Return ``v ↦ H v`` for the Hessian ``H`` of the scalar ``loss`` w.r.t. ``params``.
 
@@ -72,6 +89,7 @@ def power_iteration(
     v0: Sequence[Tensor],
     iters: int,
     scale: Sequence[Tensor] | None = None,
+    shift: float = 0.0,
 ) -> tuple[float, list[Tensor]]:
     """Top eigenpair of ``M = D H D`` (``D = diag(scale)``, identity if None) by power iteration.
 
@@ -85,6 +103,8 @@ def power_iteration(
         v0: Start vector (warm start: the previous eigenvector); need not be normalised.
         iters: Number of Hessian-vector products (>= 1).
         scale: Optional diagonal ``D`` as tensors shaped like the parameters.
+        shift: Iterate on ``M − shift·I`` instead; with ``shift`` a negative eigenvalue of
+            ``M`` this finds the top (most positive) eigenvalue, ``λ + shift`` is returned.
 
     Returns:
         ``(λ, v)``: the last Rayleigh quotient (NaN if a product was not finite) and the last
@@ -101,8 +121,10 @@ def power_iteration(
         w = [h.float() for h in hvp(u)]
         if scale is not None:
             w = torch._foreach_mul(w, list(scale))
-        lam = dot(v, w)
-        norm = math.sqrt(max(dot(w, w), 0.0))
+        if shift != 0.0:
+            w = torch._foreach_sub(w, torch._foreach_mul(v, shift))
+        lam = dot(v, w) + shift
+        norm = math.sqrt(max(dot(w, w), 0.0))  # of (M − shift·I) v
         if not (math.isfinite(lam) and math.isfinite(norm)):
             return math.nan, v
         if norm == 0.0:  # v in the null space: the quotient 0 is exact for this direction

@@ -56,7 +56,14 @@ from graff._validation import check_in_range, check_positive_int
 from graff.blocks import Block, discover_blocks
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
-from graff.probes._hvp import InputCapture, make_hvp, power_iteration
+from graff.probes._hvp import (
+    InputCapture,
+    make_hvp,
+    pairwise_dots,
+    power_iteration,
+    safe_div,
+    sq_norms,
+)
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
 FORMAT_VERSION = 1
@@ -101,21 +108,6 @@ class CurvatureStats:
     grad_sq_norm: Tensor
     secant: Tensor
     secant_ratio: Tensor
-
-
-def _safe_div(num: Tensor, den: Tensor) -> Tensor:
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
-
-
-def _dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Per-pair float32 dot products ``[⟨a_j, b_j⟩]_j`` (one kernel each, no copies for fp32)."""
-    return torch.stack(
-        [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b, strict=True)]
-    )
-
-
-def _sq_norms(xs: Sequence[Tensor]) -> Tensor:
-    return torch.stack(torch._foreach_norm(list(xs))).float() ** 2
 
 
 def _check_blocks(
@@ -308,13 +300,13 @@ class CurvatureProbe:
     def _record(self, grads: list[Tensor], deltas: list[Tensor], idx: list[int]) -> None:
         """Turn per-parameter dot products into one per-block sample (or drop it if not finite)."""
         per_param = torch.stack(
-            [_dots(grads, deltas), self._gdu[idx], _sq_norms(deltas), _sq_norms(grads)]
+            [pairwise_dots(grads, deltas), self._gdu[idx], sq_norms(deltas), sq_norms(grads)]
         )
         sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param.cpu())
         hyper, gdu, usq, gsq = sums
         curv = hyper - gdu
-        q_global = _safe_div(curv.sum(), -gdu.sum())
-        stats = torch.stack([hyper, gdu, usq, gsq, _safe_div(curv, usq), _safe_div(curv, -gdu)])
+        q_global = safe_div(curv.sum(), -gdu.sum())
+        stats = torch.stack([hyper, gdu, usq, gsq, safe_div(curv, usq), safe_div(curv, -gdu)])
         if not (bool(torch.isfinite(stats).all()) and bool(torch.isfinite(q_global))):
             self.dropped_samples += 1
             return
@@ -329,7 +321,7 @@ class CurvatureProbe:
             torch._foreach_sub_(bufs, params)
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
-            self._gdu[idx] = _dots([self._params[j].grad for j in idx], bufs).cpu()
+            self._gdu[idx] = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
             self._valid[idx] = True
         self.step += 1
         self._time_step(t0)
@@ -408,8 +400,8 @@ class CurvatureProbe:
         default = self.initial_iters if self.lambda_max is None else self.power_iters
         return self._timed_estimate(iters or default)
 
-    def _start_vector(self) -> list[Tensor]:
-        if self._v is not None:
+    def _start_vector(self, fresh: bool = False) -> list[Tensor]:
+        if self._v is not None and not fresh:
             return [
                 v.to(p.device, torch.float32)
                 for v, p in zip(self._v, self._hvp_params, strict=True)
@@ -435,9 +427,11 @@ class CurvatureProbe:
                     raise ProbeError(
                         f"the probe loss must be a scalar tensor with a grad graph, got {loss!r}."
                     )
-                lam, v = power_iteration(
-                    make_hvp(loss.reshape(()), self._hvp_params), self._start_vector(), iters, scale
-                )
+                hvp = make_hvp(loss.reshape(()), self._hvp_params)
+                lam, v = power_iteration(hvp, self._start_vector(), iters, scale)
+                if lam < 0.0:  # a dominant negative eigenvalue: iterate on M − λ·I (top ≥ 0)
+                    start = self._start_vector(fresh=True)
+                    lam, v = power_iteration(hvp, start, iters, scale, shift=lam)
         finally:
             for m, mode in zip(modules, modes, strict=True):
                 m.training = mode
