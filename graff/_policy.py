@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -207,3 +208,120 @@ class EmaBaseline:
         """Fold one finite reward into the average."""
         self.raw = self.decay * self.raw + (1.0 - self.decay) * reward
         self.count += 1
+
+
+class StateFeatures:
+    """Builds the normalised state :math:`s_k` and keeps the references it is normalised by.
+
+    Features (each clipped to ``[-5, 5]``; 0 when the input is missing or not finite):
+
+    ==================  ===============================================================
+    ``loss_level``      :math:`(\\bar L_k - \\bar L_{\\text{first}})/(|\\bar L_{\\text{first}}|+\\epsilon)`
+    ``loss_slope``      least-squares slope of the interval's losses × interval / :math:`(|\\bar L_k|+\\epsilon)`
+    ``log_lr_factor``   :math:`\\ell_k / \\max(|\\log f_{\\min}|, \\log f_{\\max})`
+    ``log_grad_norm``   :math:`\\log\\lVert g_t\\rVert - \\log\\lVert g_{\\text{first}}\\rVert`
+    ``secant_ratio``    :math:`\\operatorname{sign}(q)\\log(1+|q|)`, :math:`q` the global secant ratio
+    ``remaining_budget`` :math:`1 - u_t`
+    ``entropy_mean``    entropy probe's ``normalized_mean`` :math:`\\bar H/\\log V \\in [0, 1]`
+    ``entropy_change``  its change since the previous decision
+    ``entropy_std``     :math:`\\operatorname{std}(H)/\\log V`
+    ==================  ===============================================================
+
+    :math:`g_t` and :math:`q` come from the curvature probe's last reading
+    (:math:`q = \\sum_i(h_i - \\langle g_{t,i},\\Delta\\theta_{t,i}\\rangle)/(-\\sum_i\\langle g_{t,i},\\Delta\\theta_{t,i}\\rangle)`).
+    """
+
+    def __init__(self) -> None:
+        self.ref_loss: float | None = None
+        self.ref_grad: float | None = None
+        self.prev_entropy: float | None = None
+
+    def __call__(
+        self,
+        *,
+        mean: float | None,
+        positions: Sequence[int],
+        losses: Sequence[float],
+        interval: int,
+        log_lr_factor: float,
+        remaining_budget: float,
+        curvature: Any = None,
+        entropy: Any = None,
+    ) -> Tensor:
+        """The state vector, float64, shape ``[len(STATE_FEATURES)]``."""
+        f = dict.fromkeys(STATE_FEATURES, 0.0)
+        if mean is not None:
+            if self.ref_loss is None:
+                self.ref_loss = mean
+            f["loss_level"] = (mean - self.ref_loss) / (abs(self.ref_loss) + 1e-8)
+            slope = interval_slope(positions, losses)
+            f["loss_slope"] = slope * interval / (abs(mean) + 1e-8)
+        f["log_lr_factor"] = log_lr_factor
+        f["remaining_budget"] = remaining_budget
+        if curvature is not None:
+            self._curvature(f, curvature)
+        if entropy is not None and entropy.count > 0 and math.isfinite(entropy.normalized_mean):
+            self._entropy(f, entropy)
+        return torch.tensor([clip_feature(f[k]) for k in STATE_FEATURES], dtype=torch.float64)
+
+    def _curvature(self, f: dict[str, float], last: Any) -> None:
+        gsq = float(last.grad_sq_norm.double().sum())
+        if math.isfinite(gsq) and gsq > 0:
+            log_g = 0.5 * math.log(gsq)
+            if self.ref_grad is None:
+                self.ref_grad = log_g
+            f["log_grad_norm"] = log_g - self.ref_grad
+        gdu = float(last.grad_dot_update.double().sum())
+        curv = float(last.hypergrad.double().sum()) - gdu
+        if gdu != 0 and math.isfinite(curv / -gdu):
+            f["secant_ratio"] = signed_log1p(curv / -gdu)
+
+    def _entropy(self, f: dict[str, float], stats: Any) -> None:
+        f["entropy_mean"] = stats.normalized_mean
+        if self.prev_entropy is not None:
+            f["entropy_change"] = stats.normalized_mean - self.prev_entropy
+        self.prev_entropy = stats.normalized_mean
+        if stats.mean > 0:
+            f["entropy_std"] = stats.std * stats.normalized_mean / stats.mean
+
+
+#: Keys of the controller's checkpoint (``state_dict()["extra"]``) and their kinds.
+INT_KEYS = ("seed", "decisions", "updates", "skipped_updates", "in_interval", "baseline_count")
+FLOAT_KEYS = ("log_factor", "prev_fraction", "baseline_raw")
+OPTIONAL_FLOAT_KEYS = ("prev_mean", "ref_loss", "ref_grad", "prev_entropy", "pending_u")
+OTHER_KEYS = ("positions", "losses", "pending_state", "policy", "policy_optimizer")
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
+    """Names of the entries of a controller checkpoint that are missing or malformed."""
+    keys = (*INT_KEYS, *FLOAT_KEYS, *OPTIONAL_FLOAT_KEYS, *OTHER_KEYS)
+    missing = [k for k in keys if k not in extra]
+    if missing:
+        return missing
+    bad = [
+        k
+        for k in INT_KEYS
+        if isinstance(extra[k], bool) or not isinstance(extra[k], int) or extra[k] < 0
+    ]
+    bad += [k for k in FLOAT_KEYS if not _finite_number(extra[k])]
+    bad += [k for k in OPTIONAL_FLOAT_KEYS if extra[k] is not None and not _finite_number(extra[k])]
+    pos, losses = extra["positions"], extra["losses"]
+    if not (
+        isinstance(pos, list)
+        and isinstance(losses, list)
+        and len(pos) == len(losses)
+        and all(isinstance(p, int) for p in pos)
+        and all(_finite_number(x) for x in losses)
+    ):
+        bad.append("positions/losses")
+    pending = extra["pending_state"]
+    if (pending is None) != (extra["pending_u"] is None) or (
+        pending is not None
+        and (not isinstance(pending, Tensor) or tuple(pending.shape) != (len(STATE_FEATURES),))
+    ):
+        bad.append("pending_state/pending_u")
+    return bad

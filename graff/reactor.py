@@ -204,7 +204,9 @@ class ReactorScheduler(BudgetedScheduler):
                 )
         if seed is None:
             seed = int.from_bytes(os.urandom(7), "little")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise GraffTypeError(f"seed must be a non-negative integer or None, got {seed!r}.")
+        if seed < 0:
             raise GraffConfigError(f"seed must be a non-negative integer or None, got {seed!r}.")
         if curvature_probe is not None and not isinstance(curvature_probe, CurvatureProbe):
             raise GraffTypeError(
@@ -260,16 +262,16 @@ class ReactorScheduler(BudgetedScheduler):
         self._losses: list[float] = []
         self._prev_mean: float | None = None
         self._prev_fraction = 0.0
-        self._ref_loss: float | None = None
-        self._ref_grad: float | None = None  # log ‖g‖ at the first reading
-        self._prev_entropy: float | None = None
+        self._state_features = P.StateFeatures()
         self._pending: tuple[Tensor, float] | None = None  # (s_{k-1}, u_{k-1})
 
     def _setup_probes(self, model, loss_fn, token_aware, curvature_probe, entropy_probe) -> None:
         self._owns_curvature = curvature_probe is None
-        self.curvature_probe = curvature_probe or CurvatureProbe(
-            self.optimizer, model=model, loss_fn=loss_fn, hvp=self.guard, seed=self.seed % 2**31
-        )
+        if curvature_probe is None:
+            curvature_probe = CurvatureProbe(
+                self.optimizer, model=model, loss_fn=loss_fn, hvp=self.guard, seed=self.seed % 2**31
+            )
+        self.curvature_probe = curvature_probe
         self._owns_entropy = (
             entropy_probe is None and model is not None and token_aware is not False
         )
@@ -338,7 +340,8 @@ class ReactorScheduler(BudgetedScheduler):
     def _interval_mean(self) -> float | None:
         if not self._losses:
             return None
-        mean = math.fsum(self._losses) / len(self._losses)
+        n = len(self._losses)
+        mean = math.fsum(x / n for x in self._losses)  # x / n: no overflow for huge losses
         return mean if math.isfinite(mean) else None
 
     def _decide(self) -> None:
@@ -346,7 +349,17 @@ class ReactorScheduler(BudgetedScheduler):
         cfg = self.config
         mean = self._interval_mean()
         fraction = self.budget.fraction_used
-        state = self._features(mean)
+        span = max(-math.log(self.lr_min_factor), math.log(self.lr_max_factor))
+        state = self._state_features(
+            mean=mean,
+            positions=self._positions,
+            losses=self._losses,
+            interval=cfg.decision_interval,
+            log_lr_factor=self._log_factor / span,
+            remaining_budget=1.0 - fraction,
+            curvature=self.curvature_probe.last if self.curvature_probe is not None else None,
+            entropy=self.entropy_probe.stats() if self.entropy_probe is not None else None,
+        )
         reward = advantage = None
         if self._pending is not None:
             if mean is not None and self._prev_mean is not None:
@@ -409,56 +422,7 @@ class ReactorScheduler(BudgetedScheduler):
         self.updates += 1
         return advantage
 
-    # -------------------------------------------------------------- state s
-    def _features(self, mean: float | None) -> Tensor:
-        """The normalised state vector :math:`s_k` (see the class docstring)."""
-        f = dict.fromkeys(P.STATE_FEATURES, 0.0)
-        if mean is not None:
-            if self._ref_loss is None:
-                self._ref_loss = mean
-            f["loss_level"] = (mean - self._ref_loss) / (abs(self._ref_loss) + 1e-8)
-            slope = P.interval_slope(self._positions, self._losses)
-            f["loss_slope"] = slope * self.config.decision_interval / (abs(mean) + 1e-8)
-        span = max(-math.log(self.lr_min_factor), math.log(self.lr_max_factor), 1e-8)
-        f["log_lr_factor"] = self._log_factor / span
-        self._curvature_features(f)
-        f["remaining_budget"] = 1.0 - self.budget.fraction_used
-        self._entropy_features(f)
-        return torch.tensor([P.clip_feature(f[k]) for k in P.STATE_FEATURES], dtype=torch.float64)
-
-    def _curvature_features(self, f: dict[str, float]) -> None:
-        last = self.curvature_probe.last if self.curvature_probe is not None else None
-        if last is None:
-            return
-        gsq = float(last.grad_sq_norm.double().sum())
-        if math.isfinite(gsq) and gsq > 0:
-            log_g = 0.5 * math.log(gsq)
-            if self._ref_grad is None:
-                self._ref_grad = log_g
-            f["log_grad_norm"] = log_g - self._ref_grad
-        gdu = float(last.grad_dot_update.double().sum())
-        curv = float(last.hypergrad.double().sum()) - gdu
-        if gdu != 0 and math.isfinite(curv / -gdu):
-            f["secant_ratio"] = P.signed_log1p(curv / -gdu)
-
-    def _entropy_features(self, f: dict[str, float]) -> None:
-        if self.entropy_probe is None:
-            return
-        stats = self.entropy_probe.stats()
-        if stats.count == 0 or not math.isfinite(stats.normalized_mean):
-            return
-        f["entropy_mean"] = stats.normalized_mean
-        if self._prev_entropy is not None:
-            f["entropy_change"] = stats.normalized_mean - self._prev_entropy
-        self._prev_entropy = stats.normalized_mean
-        if stats.mean > 0:
-            f["entropy_std"] = stats.std * stats.normalized_mean / stats.mean
-
     # ---------------------------------------------------------------- state
-    _FLOATS = ("log_factor", "prev_fraction", "baseline_raw")
-    _OPT_FLOATS = ("prev_mean", "ref_loss", "ref_grad", "prev_entropy", "pending_u")
-    _INTS = ("seed", "decisions", "updates", "skipped_updates", "in_interval", "baseline_count")
-
     def _extra_state(self) -> dict[str, Any]:
         pending = self._pending
         return {
@@ -472,9 +436,9 @@ class ReactorScheduler(BudgetedScheduler):
             "log_factor": self._log_factor,
             "prev_mean": self._prev_mean,
             "prev_fraction": self._prev_fraction,
-            "ref_loss": self._ref_loss,
-            "ref_grad": self._ref_grad,
-            "prev_entropy": self._prev_entropy,
+            "ref_loss": self._state_features.ref_loss,
+            "ref_grad": self._state_features.ref_grad,
+            "prev_entropy": self._state_features.prev_entropy,
             "pending_state": None if pending is None else pending[0].clone(),
             "pending_u": None if pending is None else pending[1],
             "baseline_raw": self.baseline.raw,
@@ -487,47 +451,9 @@ class ReactorScheduler(BudgetedScheduler):
 
     def _check_extra_state(self, extra: dict[str, Any]) -> None:
         super()._check_extra_state(extra)
-        keys = {
-            *self._FLOATS,
-            *self._OPT_FLOATS,
-            *self._INTS,
-            "positions",
-            "losses",
-            "pending_state",
-            "policy",
-            "policy_optimizer",
-            "curvature_probe",
-            "entropy_probe",
-        }
-        missing = keys - set(extra)
-        if missing:
-            raise CheckpointError(f"ReactorScheduler state is missing keys {sorted(missing)}.")
-        bad = [
-            k
-            for k in self._INTS
-            if isinstance(extra[k], bool) or not isinstance(extra[k], int) or extra[k] < 0
-        ]
-        bad += [k for k in self._FLOATS if not _is_finite_number(extra[k])]
-        bad += [
-            k for k in self._OPT_FLOATS if extra[k] is not None and not _is_finite_number(extra[k])
-        ]
-        pos, losses = extra["positions"], extra["losses"]
-        if not (
-            isinstance(pos, list)
-            and isinstance(losses, list)
-            and len(pos) == len(losses)
-            and all(isinstance(p, int) for p in pos)
-            and all(_is_finite_number(x) for x in losses)
-        ):
-            bad.append("positions/losses")
-        pending = extra["pending_state"]
-        if (pending is None) != (extra["pending_u"] is None) or (
-            pending is not None
-            and (not isinstance(pending, Tensor) or pending.shape != (len(P.STATE_FEATURES),))
-        ):
-            bad.append("pending_state/pending_u")
+        bad = P.invalid_controller_entries(extra)
         if bad:
-            raise CheckpointError(f"ReactorScheduler state has invalid entries {bad}.")
+            raise CheckpointError(f"ReactorScheduler state has missing or invalid entries {bad}.")
         self._scratch = self._scratch_controller(extra)
         self._try_probe_state(
             self.curvature_probe if self._owns_curvature else None,
@@ -589,8 +515,11 @@ class ReactorScheduler(BudgetedScheduler):
         )
         self._log_factor = float(extra["log_factor"])
         self._prev_fraction = float(extra["prev_fraction"])
-        for key in self._OPT_FLOATS[:-1]:
-            setattr(self, f"_{key}", None if extra[key] is None else float(extra[key]))
+        opt = {k: None if extra[k] is None else float(extra[k]) for k in P.OPTIONAL_FLOAT_KEYS}
+        self._prev_mean = opt["prev_mean"]
+        feats = self._state_features
+        feats.ref_loss, feats.ref_grad = opt["ref_loss"], opt["ref_grad"]
+        feats.prev_entropy = opt["prev_entropy"]
         pending = extra["pending_state"]
         self._pending = (
             None if pending is None else (pending.double().clone(), float(extra["pending_u"]))
@@ -604,7 +533,3 @@ class ReactorScheduler(BudgetedScheduler):
             self.curvature_probe.load_state_dict(extra["curvature_probe"])
         if self._owns_entropy:
             self.entropy_probe.load_state_dict(extra["entropy_probe"])
-
-
-def _is_finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
