@@ -244,7 +244,7 @@ class CurvatureProbe:
         )
         # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
         self._buf: list[Tensor | None] = [None] * len(self._params)
-        self._valid = torch.zeros(len(self._params), dtype=torch.bool)
+        self._valid: set[int] = set()
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
@@ -283,7 +283,7 @@ class CurvatureProbe:
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         have = [j for j, p in enumerate(self._params) if p.grad is not None]
-        both = [j for j in have if self._valid[j]]
+        both = [j for j in have if j in self._valid]
         if both:
             self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
         for j in have:
@@ -293,16 +293,17 @@ class CurvatureProbe:
             torch._foreach_copy_(
                 [self._buf[j] for j in have], [self._params[j].detach() for j in have]
             )
-        self._valid.zero_()
+        self._valid = set()
         self._pending = have
         self.overhead_seconds += time.perf_counter() - t0
 
     def _record(self, grads: list[Tensor], deltas: list[Tensor], idx: list[int]) -> None:
         """Turn per-parameter dot products into one per-block sample (or drop it if not finite)."""
-        per_param = torch.stack(
-            [pairwise_dots(grads, deltas), self._gdu[idx], sq_norms(deltas), sq_norms(grads)]
-        )
-        sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param.cpu())
+        hyp, usq_p, gsq_p = torch.stack(
+            [pairwise_dots(grads, deltas), sq_norms(deltas), sq_norms(grads)]
+        ).cpu()  # one device-to-host copy per step
+        per_param = torch.stack([hyp, self._gdu[idx], usq_p, gsq_p])
+        sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param)
         hyper, gdu, usq, gsq = sums
         curv = hyper - gdu
         q_global = safe_div(curv.sum(), -gdu.sum())
@@ -322,7 +323,7 @@ class CurvatureProbe:
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
             self._gdu[idx] = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
-            self._valid[idx] = True
+            self._valid = set(idx)
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
