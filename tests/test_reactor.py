@@ -110,6 +110,22 @@ def test_policy_update_on_fixed_trajectory_matches_hand_computation():
     assert torch.equal(pol.hidden.weight, before.hidden.weight)  # zero grad through w2 = 0
 
 
+def test_reward_is_normalised_by_wall_clock_budget_used(fake_time):
+    """Same losses, intervals that cost twice the time: the reward halves (Δu doubles)."""
+    rewards = {}
+    for dt in (1.0, 2.0):
+        _, opt = _dummy_opt()
+        clock = BudgetClock(seconds=1000, time_fn=fake_time)
+        sched = ReactorScheduler(opt, budget=clock, decision_interval=2, reward_clip=1e3, seed=0)
+        for loss in (2.0, 2.0, 1.5, 1.5):
+            fake_time.advance(dt)
+            opt.step()
+            sched.step(loss=loss)
+        rewards[dt] = sched.last_decision.reward
+    assert rewards[1.0] == pytest.approx((2.0 - 1.5) / 2.0 / (2 * 1.0 / 1000), rel=1e-6)
+    assert rewards[2.0] == pytest.approx(rewards[1.0] / 2, rel=1e-6)
+
+
 # --------------------------------------------------------------------------- reproducibility
 def test_same_seed_same_lrs_different_seed_different():
     losses = [2.0 / (1 + 0.05 * t) + 0.1 * math.sin(t) for t in range(80)]
