@@ -95,6 +95,7 @@ def test_probe_equals_manual_logit_lens_and_loop_oracle(wrap, layer_index, token
     assert stats.min == pytest.approx(expected.min().item(), abs=1e-5)
     assert stats.max == pytest.approx(expected.max().item(), abs=1e-5)
     assert stats.normalized_mean == pytest.approx(stats.mean / math.log(96))
+    assert probe.vocab_size == 96
 
 
 def test_gpt2_style_model_is_detected() -> None:

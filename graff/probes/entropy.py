@@ -321,6 +321,11 @@ class EntropyProbe:
         return self._dropped
 
     @property
+    def vocab_size(self) -> int | None:
+        """Vocabulary size ``V`` of the head's logits (``None`` before the first forward)."""
+        return self._vocab
+
+    @property
     def active(self) -> bool:
         """Whether the hooks are still attached (``False`` after :meth:`remove`)."""
         return self._finalizer.alive
