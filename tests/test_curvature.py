@@ -409,6 +409,13 @@ def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
     torch.testing.assert_close(
         probe.state_dict()["probe_inputs"]["kwargs"]["input_ids"], token_batch["input_ids"]
     )
+    buf = io.BytesIO()
+    torch.save(probe.state_dict(), buf)
+    buf.seek(0)
+    restored = CurvatureProbe(opt, model=model, every=2, initial_iters=8)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.estimate_lambda_max() == probe.estimate_lambda_max()
+    restored.remove()
     probe.remove()
     assert not model._forward_pre_hooks
     assert not opt._optimizer_step_pre_hooks

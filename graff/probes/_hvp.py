@@ -12,6 +12,7 @@ Vectors are lists of tensors shaped like the parameters (no flattening copies).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -144,6 +145,17 @@ def _detach(obj: Any) -> Any:
     return obj
 
 
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` is made of tensors, numbers, strings, None, lists, tuples and dicts."""
+    if obj is None or isinstance(obj, (Tensor, bool, int, float, str)):
+        return True
+    if isinstance(obj, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(v) for v in obj)
+    return False
+
+
 class InputCapture:
     """Keeps (detached clones of) the inputs of the first gradient-enabled forward pass.
 
@@ -176,10 +188,23 @@ class InputCapture:
             self.remove()
 
     def get(self) -> dict[str, Any] | None:
-        """The captured inputs as ``{"args": [...], "kwargs": {...}}``, or None."""
+        """The captured inputs as ``{"args": [...], "kwargs": {...}}``, or None.
+
+        None (with a warning) also when an input is not a tensor, number, string, bool or None
+        (e.g. a cache object): ``torch.load(weights_only=True)`` could not read it back, and a
+        resumed run then captures a new probe batch.
+        """
         if self.args is None:
             return None
-        return {"args": list(self.args), "kwargs": dict(self.kwargs or {})}
+        out = {"args": list(self.args), "kwargs": dict(self.kwargs or {})}
+        if not _plain(out):
+            warnings.warn(
+                "the captured probe batch holds objects weights_only loading cannot restore; it "
+                "is not saved, so a resumed run captures a new probe batch.",
+                stacklevel=3,
+            )
+            return None
+        return out
 
     def loss(self) -> Tensor:
         """Re-run the model on the captured inputs and return ``output.loss``."""
