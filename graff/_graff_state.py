@@ -12,12 +12,16 @@ class LossTracker:
     """Bias-corrected fast (β = 0.9) and slow (β = 0.98) moving averages and the best fast value.
 
     Non-finite or missing values are ignored. ``rising(tol)`` tells when the fast average is more
-    than ``tol`` (relative) above the best fast average seen: the loss-based instability signal.
+    than ``tol`` (relative) above the best fast average seen *and* more than three standard errors
+    of the fast average above it (minibatch noise alone must not look like divergence): the
+    loss-based instability signal. The standard error is
+    :math:`\sigma\sqrt{(1-\beta)/(1+\beta)}`, :math:`\sigma^2` a slow average of squared
+    deviations from the slow mean.
     """
 
     def __init__(self, fast: float = 0.9, slow: float = 0.98, min_count: int = 5) -> None:
         self.beta_fast, self.beta_slow, self.min_count = fast, slow, min_count
-        self._fast = self._slow = 0.0
+        self._fast = self._slow = self._var = 0.0
         self.count = 0
         self.best = math.inf
 
@@ -35,6 +39,8 @@ class LossTracker:
         """Fold in one value (``None``/NaN/inf are skipped)."""
         if value is None or not math.isfinite(value):
             return
+        if self.count:
+            self._var = self.beta_slow * self._var + (1 - self.beta_slow) * (value - self.slow) ** 2
         self.count += 1
         self._fast = self.beta_fast * self._fast + (1 - self.beta_fast) * value
         self._slow = self.beta_slow * self._slow + (1 - self.beta_slow) * value
@@ -45,7 +51,9 @@ class LossTracker:
         """Whether the fast average exceeds the best by more than ``tolerance`` (relative)."""
         if self.count < self.min_count or not math.isfinite(self.best):
             return False
-        return self.fast - self.best > tolerance * max(abs(self.best), 1e-12)
+        noise = math.sqrt(self._var / (1 - self.beta_slow ** max(self.count - 1, 1)))
+        noise *= math.sqrt((1 - self.beta_fast) / (1 + self.beta_fast))
+        return self.fast - self.best > max(tolerance * max(abs(self.best), 1e-12), 3.0 * noise)
 
     def reset_best(self) -> None:
         """Forget the best value (after a back-off, so one event is not counted twice)."""
@@ -58,11 +66,21 @@ class LossTracker:
         return math.tanh(10.0 * (self.fast - self.slow) / max(abs(self.slow), 1e-12))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"fast": self._fast, "slow": self._slow, "count": self.count, "best": self.best}
+        return {
+            "fast": self._fast,
+            "slow": self._slow,
+            "var": self._var,
+            "count": self.count,
+            "best": self.best,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            self._fast, self._slow = float(state["fast"]), float(state["slow"])
+            self._fast, self._slow, self._var = (
+                float(state["fast"]),
+                float(state["slow"]),
+                float(state["var"]),
+            )
             self.count, self.best = int(state["count"]), float(state["best"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"invalid running-average state: {err}") from err

@@ -97,6 +97,13 @@ def project_to_halfspace(
     step = violation / (float(h64 @ h64) + 1.0)
     w_new = (w64 - step * h64).to(w.dtype)
     b_new = (b64 - step).reshape(b.shape).to(b.dtype)
+    # Rounding (and the cast back to w's dtype) may leave the result a hair outside the
+    # half-space; move the bias inside by the excess so the guard holds exactly.
+    excess = float(w_new.double() @ h64 + b_new.double().reshape(())) - beta
+    if excess > 0.0:
+        b_new = torch.nextafter(
+            (b_new.double() - excess).to(b.dtype), torch.tensor(-math.inf, dtype=b.dtype)
+        )
     return w_new, b_new
 
 
@@ -129,6 +136,8 @@ def max_stable_lr(lambda_hat: float, c: float) -> float:
         >>> max_stable_lr(10.0, 1.9)
         0.19
     """
+    if not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+        raise GraffConfigError(f"the guard constant c must be finite and > 0, got {c!r}.")
     lam = float(lambda_hat)
     if math.isnan(lam) or lam <= 0.0:
         return math.inf
@@ -148,6 +157,13 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group_index: int = 0) 
 
     Unknown optimizers get 2 (plain gradient descent) and a warning.
     """
+    n = len(optimizer.param_groups)
+    if (
+        isinstance(group_index, bool)
+        or not isinstance(group_index, int)
+        or not 0 <= group_index < n
+    ):
+        raise GraffConfigError(f"group_index must be an integer in [0, {n}), got {group_index!r}.")
     group = optimizer.param_groups[group_index]
     name = type(optimizer).__name__
     if isinstance(optimizer, torch.optim.SGD):

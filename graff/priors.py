@@ -10,7 +10,8 @@ maps ``fraction_used`` :math:`u \\in [0, 1]` to a multiplier in :math:`[0, 1]`:
   :math:`p(u) = f + (1-f)\\,(1-u')` with :math:`u' = (u-w)/(1-w)`.
 - ``"cosine"`` — warm-up, then :math:`p = f + (1-f)\\,\\tfrac12(1+\\cos \\pi u')`
   (Loshchilov & Hutter, SGDR, ICLR 2017, https://arxiv.org/abs/1608.03983).
-- ``"wsd"`` — warm-up, stable at 1, then linear decay over the last ``decay`` fraction
+- ``"wsd"`` — warm-up, stable at 1, then linear decay over the last ``decay`` fraction (at most
+  the whole budget after the warm-up)
   (Hu et al., MiniCPM, 2024, https://arxiv.org/abs/2404.06395).
 - ``"constant"`` — warm-up, then 1 (the ablation "no budget prior").
 
@@ -76,7 +77,7 @@ class BudgetPrior:
         elif self.name == "cosine":
             shape = 0.5 * (1.0 + math.cos(math.pi * rest))
         else:  # wsd
-            shape = min(1.0, (1.0 - u) / self.decay)
+            shape = min(1.0, (1.0 - u) / min(self.decay, 1.0 - self.warmup))
         return self.final + (1.0 - self.final) * shape
 
 

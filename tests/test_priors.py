@@ -98,12 +98,6 @@ def test_no_warmup_starts_at_one() -> None:
         assert BudgetPrior(name, warmup=0.0)(0.0) == 1.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: 'wsd' with decay > 1 - warmup is accepted but jumps from 1 down to "
-    "(1 - warmup) / decay at the end of the warm-up (decay ignores the warm-up); either reject "
-    "decay > 1 - warmup or decay from the end of the warm-up",
-)
 def test_wsd_is_continuous_when_decay_overlaps_warmup() -> None:
     prior = BudgetPrior("wsd", warmup=0.3, decay=0.8, final=0.0)
     assert prior(0.3) == pytest.approx(prior(0.3 - 1e-9), abs=1e-6)
