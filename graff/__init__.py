@@ -19,20 +19,38 @@ from graff.guard import (
     project_to_halfspace,
     stability_threshold,
 )
+from graff.graff_scheduler import GraffScheduler, PlanRecord
+from graff.planner_io import load_planner, save_planner
 from graff.priors import BudgetPrior
+from graff.probes.curvature import CurvatureProbe, CurvatureStats
+from graff.probes.entropy import EntropyProbe, EntropyStats, entropy_from_logits
+from graff.reactor import ReactorScheduler
+from graff.tokens import token_weights_from_entropy, weighted_causal_lm_loss
 
 __all__ = [
     "BudgetClock",
     "BudgetPrior",
     "CheckpointError",
+    "CurvatureProbe",
+    "CurvatureStats",
+    "EntropyProbe",
+    "EntropyStats",
     "GraffConfigError",
     "GraffError",
+    "GraffScheduler",
     "GraffTypeError",
+    "PlanRecord",
     "ProbeError",
+    "ReactorScheduler",
     "__version__",
     "clamp_lr",
+    "entropy_from_logits",
     "guard_constant",
+    "load_planner",
     "max_stable_lr",
     "project_to_halfspace",
+    "save_planner",
     "stability_threshold",
+    "token_weights_from_entropy",
+    "weighted_causal_lm_loss",
 ]
