@@ -4,7 +4,7 @@ Usage::
 
     python examples/gsm8k/train.py --config examples/gsm8k/configs/<run>.yaml \\
         --mode trial|full --results-dir DIR [--data-dir DIR] [--resume] [--seed N] \\
-        [--budget-minutes 60]
+        [--budget-minutes 60] [--session-steps N]
 
 ``full`` reproduces the seed's setting (needs a GPU and the Hugging Face hub); ``trial`` runs the
 same code on a tiny Qwen3 built from a config with a locally trained tokenizer, a few GSM8K items
@@ -199,6 +199,7 @@ class Run:
         self.losses: list[list[float]] = []
         self.sched_seconds = 0.0
         self.eval_seconds_per_item = float(self.ecfg.get("initial_seconds_per_item", 0.0))
+        self.finished = False
 
     def eval_items(self, final: bool) -> list[Example]:
         """Fixed subset of the test split: ``intermediate_examples`` or ``final_examples``."""
@@ -242,16 +243,31 @@ class Run:
         items = self.eval_items(final)
         tic = time.perf_counter()
         em = evaluate_em(self.model, self.tokenizer, items, self.ecfg)
+        loss = self.eval_loss(items)
         self.eval_seconds_per_item = (time.perf_counter() - tic) / len(items)
         point = {
             "step": self.step,
             "time_s": self.clock.elapsed_seconds,
             "em": em,
+            "loss": loss,
             "n": len(items),
             "final": final,
         }
         self.history.append(point)
         return point
+
+    def eval_loss(self, items: list[Example]) -> float:
+        """Teacher-forced loss on the gold solutions of ``items`` (meaningful even in trial)."""
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        total, size = 0.0, int(self.ecfg["batch_size"])
+        with torch.no_grad():
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                batch = collate(self.tokenizer, chunk, int(self.tcfg["max_length"]))
+                batch = {k: v.to(device) for k, v in batch.items()}
+                total += float(self.model(**batch).loss) * len(chunk)
+        return total / len(items)
 
     def should_stop(self) -> bool:
         """Step cap reached, or the remaining budget is needed for the final evaluation."""
@@ -278,6 +294,7 @@ class Run:
             "sched_seconds": self.sched_seconds,
             "eval_seconds_per_item": self.eval_seconds_per_item,
             "rng": torch.get_rng_state(),
+            "finished": self.finished,
         }
 
     def load(self, path: Path) -> None:
@@ -303,6 +320,7 @@ class Run:
         self.losses, self.sched_seconds = state["losses"], float(state["sched_seconds"])
         self.eval_seconds_per_item = float(state["eval_seconds_per_item"])
         torch.set_rng_state(state["rng"])
+        self.finished = bool(state["finished"])
 
 
 # -------------------------------------------------------------------------- metrics
@@ -329,6 +347,7 @@ def build_metrics(run: Run, wall_seconds: float) -> dict[str, Any]:
         "em_at_budget": final["em"],
         "final_eval_examples": final["n"],
         "auc_em_time_normalized": auc_em_time(run.history, run.budget_seconds),
+        "eval_loss_at_budget": final["loss"],
         "energy_joules": energy,
         "energy_available": energy is not None,
         "steps": run.step,
@@ -371,10 +390,54 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
+def train_loop(run: Run, ckpt: Path, logger: Any, session_steps: int | None) -> bool:
+    """Train until the budget or cap says stop; ``False`` if ``session_steps`` interrupted it."""
+    bar, first_step = _progress(int(run.tcfg["max_steps"])), run.step
+    if bar is not None:
+        bar.update(run.step)
+    every = int(run.tcfg["eval_every"])
+    ckpt_every = int(run.tcfg.get("checkpoint_every", every))
+    while not run.should_stop():
+        loss = run.train_step()
+        now, lr = run.clock.elapsed_seconds, float(run.optimizer.param_groups[0]["lr"])
+        run.losses.append([run.step, now, loss])
+        run.lr_trajectory.append([run.step, now, lr])
+        log = {"loss": loss, "lr": lr}
+        if run.step % every == 0 and run.step < int(run.tcfg["max_steps"]):
+            log["em"] = run.evaluate(final=False)["em"]
+        if run.step % ckpt_every == 0:
+            save_checkpoint(ckpt, run.state())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()})
+        if logger is not None:
+            logger.log({**log, "time_s": now}, step=run.step)
+        if session_steps is not None and run.step - first_step >= session_steps:
+            save_checkpoint(ckpt, run.state())
+            return False
+    if bar is not None:
+        bar.close()
+    return True
+
+
 def run_training(
-    cfg: dict[str, Any], mode: str, results_dir: str | Path, data_dir: str | None, resume: bool
-) -> dict[str, Any]:
+    cfg: dict[str, Any],
+    mode: str,
+    results_dir: str | Path,
+    data_dir: str | None,
+    resume: bool,
+    session_steps: int | None = None,
+) -> dict[str, Any] | None:
     """Train one run, write ``metrics.json`` and return the metrics.
+
+    Args:
+        cfg: The run config (after :func:`config_from_args`).
+        mode: ``"trial"`` or ``"full"``.
+        results_dir: Parent folder of the run folder.
+        data_dir: GSM8K folder, or ``None`` for the Hugging Face dataset.
+        resume: Continue from the run folder's checkpoint.
+        session_steps: Stop after this many steps in this session, checkpoint and return
+            ``None`` without the final evaluation (preemptible jobs; tests of resume).
 
     Raises:
         FileExistsError: if the run folder already has a checkpoint and ``resume`` is False.
@@ -389,29 +452,15 @@ def run_training(
     run = Run(cfg, mode, out_dir, data_dir)
     if resume and ckpt.exists():
         run.load(ckpt)
-    logger, bar = _wandb(cfg, out_dir), _progress(int(run.tcfg["max_steps"]))
-    if bar is not None:
-        bar.update(run.step)
-    every = int(run.tcfg["eval_every"])
-    ckpt_every = int(run.tcfg.get("checkpoint_every", every))
-    while not run.should_stop():
-        loss = run.train_step()
-        now, lr = run.clock.elapsed_seconds, float(run.optimizer.param_groups[0]["lr"])
-        run.losses.append([run.step, now, loss])
-        run.lr_trajectory.append([run.step, now, lr])
-        log = {"loss": loss, "lr": lr}
-        if run.step % every == 0:
-            log["em"] = run.evaluate(final=False)["em"]
-        if run.step % ckpt_every == 0:
-            save_checkpoint(ckpt, run.state())
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()})
-        if logger is not None:
-            logger.log({**log, "time_s": now}, step=run.step)
-    if bar is not None:
-        bar.close()
+        if run.finished and (out_dir / "metrics.json").is_file():
+            print(f"{cfg['run_id']} already finished; metrics.json kept.")
+            return json.loads((out_dir / "metrics.json").read_text())
+    logger = _wandb(cfg, out_dir)
+    if not train_loop(run, ckpt, logger, session_steps):
+        print(f"{cfg['run_id']}: stopped after {session_steps} steps; --resume continues.")
+        return None
     run.evaluate(final=True)
+    run.finished = True
     save_checkpoint(ckpt, run.state())
     metrics = build_metrics(run, time.perf_counter() - started)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_json_default))
@@ -441,6 +490,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget-minutes", type=float, default=None, help="e.g. 60 (run id gets -60min)"
     )
+    p.add_argument(
+        "--session-steps",
+        type=int,
+        default=None,
+        help="checkpoint and exit after N steps (preemptible jobs); --resume continues",
+    )
     return p.parse_args(argv)
 
 
@@ -466,7 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir
     if args.mode == "trial" and data_dir is None:  # trial never touches the hub
         data_dir = os.environ.get("GRAFF_GSM8K_DIR", str(DEFAULT_DATA_DIR))
-    metrics = run_training(cfg, args.mode, args.results_dir, data_dir, args.resume)
+    if args.session_steps is not None and args.session_steps < 1:
+        raise ValueError(f"--session-steps must be >= 1, got {args.session_steps}.")
+    metrics = run_training(
+        cfg, args.mode, args.results_dir, data_dir, args.resume, args.session_steps
+    )
+    if metrics is None:
+        return 0
     print(
         f"{metrics['run_id']}: EM at budget {metrics['em_at_budget']:.1f}% "
         f"(AUC/B {metrics['auc_em_time_normalized']:.1f}) after {metrics['steps']} steps, "
