@@ -9,7 +9,7 @@ from graff.errors import CheckpointError
 
 
 class LossTracker:
-    """Bias-corrected fast (β = 0.9) and slow (β = 0.98) moving averages and the best fast value.
+    r"""Bias-corrected fast (β = 0.9) and slow (β = 0.98) moving averages and the best fast value.
 
     Non-finite or missing values are ignored. ``rising(tol)`` tells when the fast average is more
     than ``tol`` (relative) above the best fast average seen *and* more than three standard errors
@@ -27,7 +27,7 @@ class LossTracker:
 
     @property
     def fast(self) -> float:
-        """Bias-corrected fast average (0 before any value)."""
+        r"""Bias-corrected fast average (0 before any value)."""
         return self._fast / (1 - self.beta_fast**self.count) if self.count else 0.0
 
     @property

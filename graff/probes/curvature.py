@@ -41,6 +41,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -81,6 +82,10 @@ _STATE_KEYS = frozenset(
         "dropped_samples",
         "overhead_seconds",
         "probe_inputs",
+        "update",
+        "grad_dot_update",
+        "window",
+        "last",
     }
 )
 
@@ -444,6 +449,34 @@ class CurvatureProbe:
         self.n_estimates += 1
         return lam
 
+    def scale_last_update(self, scales: Tensor) -> None:
+        """Rescale the update just applied, block by block: θ ← θ + (s_i − 1)·Δθ_i.
+
+        For an optimizer whose update is linear in the LR this is exactly a per-block LR
+        multiplier applied after ``optimizer.step()`` (GraffScheduler's block multipliers). The
+        stored Δθ and ⟨g_t, Δθ_t⟩ are rescaled too, so the next hypergradient refers to the update
+        that was really applied. Call it after ``optimizer.step()`` and before the next one.
+
+        Args:
+            scales: Positive finite factors, one per block (shape ``[n_blocks]``).
+        """
+        if (
+            scales.shape != (len(self.blocks),)
+            or not bool(torch.isfinite(scales).all())
+            or bool((scales <= 0).any())
+        ):
+            raise GraffConfigError(
+                f"scales must hold {len(self.blocks)} finite positive factors, got {scales!r}."
+            )
+        idx = sorted(self._valid)
+        factors = scales.double()[self._block_of[idx]].tolist() if idx else []
+        with torch.no_grad():
+            for j, f in zip(idx, factors, strict=True):
+                if f != 1.0:
+                    self._params[j].add_(self._buf[j], alpha=f - 1.0)
+                    self._buf[j].mul_(f)
+                    self._gdu[j] *= f
+
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
         """Detach every hook this probe registered (idempotent)."""
@@ -472,6 +505,10 @@ class CurvatureProbe:
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
             "probe_inputs": None if self._capture is None else self._capture.get(),
+            "update": {j: self._buf[j].detach().cpu().clone() for j in sorted(self._valid)},
+            "grad_dot_update": self._gdu.clone(),
+            "window": list(self._window),
+            "last": None if self.last is None else dataclasses.asdict(self.last),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -517,3 +554,27 @@ class CurvatureProbe:
         self.overhead_seconds = float(state["overhead_seconds"])
         if self._capture is not None:
             self._capture.set(state["probe_inputs"])
+        self._load_update_state(state)
+
+    def _load_update_state(self, state: Mapping[str, Any]) -> None:
+        """Restore the last applied update Δθ, so the first step after a resume has statistics."""
+        update, gdu = state["update"], state["grad_dot_update"]
+        if (
+            not isinstance(update, Mapping)
+            or not isinstance(gdu, Tensor)
+            or gdu.shape != self._gdu.shape
+        ):
+            raise CheckpointError("CurvatureProbe state has an invalid saved update.")
+        for j, delta in update.items():
+            if not (0 <= int(j) < len(self._params)) or delta.shape != self._params[int(j)].shape:
+                raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
+        for j, delta in update.items():
+            self._buf[int(j)] = delta.to(
+                self._params[int(j)].device, self._params[int(j)].dtype
+            ).clone()
+        self._valid = {int(j) for j in update}
+        self._gdu = gdu.clone()
+        self._window.clear()
+        self._window.extend(float(q) for q in state["window"])
+        last = state["last"]
+        self.last = None if last is None else CurvatureStats(**last)

@@ -1,0 +1,433 @@
+"""GraffScheduler: contract, guard, calibration, learning, robustness, resume, warm start."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_lora, make_tiny_qwen3
+from torch import nn
+
+import graff
+from graff.errors import CheckpointError, GraffConfigError
+from graff.graff_scheduler import GraffScheduler
+from graff.guard import guard_constant
+from graff.planner_net import PlannerNet
+
+OPTIMIZERS = {
+    "SGD": lambda p: torch.optim.SGD(p, lr=0.05),
+    "SGD-momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+    "Adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+    "AdamW": lambda p: torch.optim.AdamW(p, lr=1e-2),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-2),
+}
+
+
+def _regression(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g) + 0.1 * torch.randn(64, 1, generator=g)
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)), x, y
+
+
+def _train(
+    sched: GraffScheduler, model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> list[float]:
+    lrs = []
+    opt = sched.optimizer
+    for i in range(steps):
+        idx = torch.arange(i * 8, i * 8 + 8) % x.shape[0]
+        loss = (model(x[idx]) - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+        lrs.append(sched.get_last_lr()[0])
+    return lrs
+
+
+# ------------------------------------------------------------------ contract
+def test_is_a_torch_lr_scheduler_and_writes_prior_shaped_lrs() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=40))
+    assert isinstance(sched, torch.optim.lr_scheduler.LRScheduler)
+    first = sched.get_last_lr()[0]
+    assert first == pytest.approx(1e-2 * sched.prior(0.0))  # warm-up start of the prior
+    lrs = _train(sched, model, x, y, 40)
+    assert sched.budget.exhausted
+    assert sched.last_epoch == 40
+    assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
+    assert lrs[-1] < max(lrs) / 5  # the budget prior anneals by the deadline
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_any_optimizer_groups_keep_their_ratios(name: str) -> None:
+    model, x, y = _regression()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = OPTIMIZERS[name]([{"params": first}, {"params": second}])
+    opt.param_groups[1]["lr"] *= 0.25
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30))
+    for _ in range(3):
+        _train(sched, model, x, y, 10)
+        lr0, lr1 = sched.get_last_lr()
+        assert lr1 / lr0 == pytest.approx(0.25, rel=1e-6)
+
+
+def test_budget_accepts_seconds_and_rejects_junk() -> None:
+    model, *_ = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert GraffScheduler(opt, budget=60).budget.total == 60.0
+    with pytest.raises(TypeError, match="budget"):
+        GraffScheduler(opt, budget="an hour")
+    with pytest.raises(ValueError, match="planner_lr"):
+        GraffScheduler(opt, budget=60, planner_lr=-1.0)
+    with pytest.raises(ValueError, match="prior"):
+        GraffScheduler(opt, budget=60, prior="exponential")
+    with pytest.raises(ValueError, match="multiplier_max"):
+        GraffScheduler(opt, budget=60, multiplier_max=0.5)
+    zero = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="lr"):
+        GraffScheduler(zero, budget=60)
+
+
+def test_step_without_optimizer_step_is_not_counted() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=10))
+    _train(sched, model, x, y, 2)
+    before = (sched.budget.steps, sched.get_last_lr(), sched.planner_updates)
+    sched.step(torch.tensor(1.0))  # as when GradScaler skipped optimizer.step()
+    assert sched.skipped_steps == 1
+    assert (sched.budget.steps, sched.get_last_lr(), sched.planner_updates) == before
+
+
+# -------------------------------------------------------------------- guard
+def test_guard_keeps_sgd_stable_on_a_quadratic_where_the_user_lr_diverges() -> None:
+    """Closed form: λ_max = 50, the user's LR 5/λ_max diverges; GRAFF's guard keeps η·λ ≤ 1.9."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(20, 20))
+    eig = torch.linspace(1.0, 50.0, 20)
+    a = q @ torch.diag(eig) @ q.T
+    theta = nn.Parameter(torch.randn(20))
+
+    def loss_fn() -> torch.Tensor:
+        return 0.5 * theta @ a @ theta
+
+    opt = torch.optim.SGD([theta], lr=5.0 / 50.0)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=200),
+        loss_fn=loss_fn,
+        prior="constant",
+        warmup=0.0,
+        curvature_every=5,
+        calibrate=False,
+        block_multipliers=False,
+    )
+    losses = []
+    for _ in range(200):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+        losses.append(float(loss.detach()))
+        lam = float(eig.max())
+        assert (
+            sched.get_last_lr()[0] * lam <= guard_constant(opt) * 1.0 + 1e-9
+            or sched.last_epoch == 0
+        )
+    assert sched.guard_activations > 0
+    assert losses[-1] < 1e-3 * losses[0]
+
+
+def test_guard_projection_makes_the_decoder_feasible() -> None:
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(10, 10))
+    a = q @ torch.diag(torch.linspace(1.0, 100.0, 10)) @ q.T
+    theta = nn.Parameter(torch.randn(10))
+    opt = torch.optim.SGD([theta], lr=0.01)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=30),
+        loss_fn=lambda: 0.5 * theta @ a @ theta,
+        prior="constant",
+        warmup=0.0,
+        curvature_every=1,
+        calibrate=False,
+        block_multipliers=False,
+    )
+    with torch.no_grad():
+        sched.planner.lr_b.fill_(3.0)  # a decoder that asks for e^3 = 20x the LR
+    for _ in range(5):
+        loss = 0.5 * theta @ a @ theta
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+    plan = sched.last_plan
+    assert sched.guard_projections > 0
+    h_bar = sched.h.mean(0)
+    decoded = float(sched.planner.lr_w @ h_bar + sched.planner.lr_b)
+    # after projection the decoder's own output respects the bound for the state it was projected at
+    assert plan.guard_bound is not None
+    assert (
+        math.log(plan.prior) + plan.log_peak + min(decoded, math.log(2.0)) <= plan.guard_bound + 0.5
+    )
+
+
+# -------------------------------------------------------------- calibration
+def test_peak_search_raises_a_too_small_lr_and_stops() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)  # 100x too small for this problem
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=200), online=False)
+    _train(sched, model, x, y, 60)
+    assert sched.calibrator.log_peak > math.log(3.0)
+    assert not sched.calibrator.searching
+
+
+def test_peak_search_backs_off_when_the_loss_blows_up() -> None:
+    cal = graff.graff_scheduler.PeakCalibrator(
+        enabled=True, search_fraction=0.5, peak_max=10.0, backoff=3.0
+    )
+    for i in range(1, 6):
+        cal.update(i / 100, 0.0, unstable=False)
+    peak = cal.log_peak
+    assert peak > 0
+    assert cal.update(0.06, math.log(0.5), unstable=True)
+    assert cal.log_peak == pytest.approx(peak + math.log(0.5) - math.log(3.0))
+    assert not cal.searching
+
+
+def test_calibrate_false_is_the_prior_alone() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=50),
+        online=False,
+        calibrate=False,
+        block_multipliers=False,
+        guard=False,
+    )
+    lrs = _train(sched, model, x, y, 50)
+    expected = [0.05 * max(sched.prior(k / 50), 1e-3) for k in range(1, 51)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+# ----------------------------------------------------------------- learning
+def test_online_learning_updates_the_planner_and_frozen_does_not() -> None:
+    model, x, y = _regression()
+    for online in (True, False):
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), online=online)
+        before = [p.detach().clone() for p in sched.planner.parameters()]
+        _train(sched, model, x, y, 30)
+        changed = any(
+            not torch.equal(a, b) for a, b in zip(before, sched.planner.parameters(), strict=True)
+        )
+        assert changed is online
+        assert (sched.planner_updates > 0) is online
+
+
+def test_block_multipliers_rescale_the_applied_update() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), guard=False, calibrate=False)
+    _train(sched, model, x, y, 3)
+    sched._multipliers = torch.full((len(sched.blocks),), 2.0)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    loss = (model(x[:8]) - y[:8]).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    lr = opt.param_groups[0]["lr"]
+    opt.step()
+    sched.step(loss)
+    for p, p0, g in zip(model.parameters(), snapshot, grads, strict=True):
+        torch.testing.assert_close(p.detach(), p0 - 2.0 * lr * g)
+
+
+# --------------------------------------------------------------- robustness
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_losses_never_reach_the_planner(bad: float) -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=40))
+    _train(sched, model, x, y, 10)
+    for _ in range(5):
+        loss = (model(x[:8]) - y[:8]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(torch.tensor(bad))
+    assert sched.nonfinite_losses == 5
+    assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
+    assert torch.isfinite(sched.h).all()
+    assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())
+
+
+def test_nan_gradients_do_not_poison_the_planner() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20))
+    _train(sched, model, x, y, 5)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, math.nan)
+    with torch.no_grad():
+        saved = [p.clone() for p in model.parameters()]
+    opt.step()  # the user's optimizer takes a NaN step: params become NaN
+    sched.step(torch.tensor(1.0))
+    with torch.no_grad():
+        for p, s in zip(model.parameters(), saved, strict=True):
+            p.copy_(s)
+    _train(sched, model, x, y, 5)
+    assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
+    assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())
+
+
+# -------------------------------------------------------------------- state
+def _lora_run(steps: int, *, resume_at: int | None = None, tmp_path=None) -> list[float]:
+    model = make_tiny_lora(make_tiny_qwen3(seed=0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=steps), model=model, curvature_every=4
+    )
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 96, (2, 12), generator=g) for _ in range(steps)]
+    lrs = []
+    for i, ids in enumerate(batches):
+        if resume_at is not None and i == resume_at:
+            path = tmp_path / "ckpt.pt"
+            torch.save(
+                {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()},
+                path,
+            )
+            state = torch.load(path, weights_only=True)
+            model = make_tiny_lora(make_tiny_qwen3(seed=0))
+            model.load_state_dict(state["model"])
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            opt.load_state_dict(state["opt"])
+            sched = GraffScheduler(
+                opt,
+                budget=graff.BudgetClock(steps=steps),
+                model=model,
+                curvature_every=4,
+                planner_lr=5e-3,
+            )
+            sched.load_state_dict(state["sched"])
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        sched.step()  # loss captured from the model's forward
+        opt.zero_grad()
+        lrs.append(sched.get_last_lr()[0])
+    return lrs
+
+
+def test_resume_reproduces_the_uninterrupted_lr_trajectory(tmp_path) -> None:
+    straight = _lora_run(16)
+    resumed = _lora_run(16, resume_at=8, tmp_path=tmp_path)
+    assert resumed == pytest.approx(straight, rel=1e-6)
+
+
+def test_lora_end_to_end_uses_blocks_edges_and_probes(tiny_lora_qwen3, token_batch) -> None:
+    model = tiny_lora_qwen3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=6), model=model, curvature_every=2)
+    assert len(sched.blocks) == 12
+    assert sched.edge_index.shape[1] > 0
+    for _ in range(6):
+        loss = model(**token_batch).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert sched.entropy_probe is not None and sched.entropies.count == 6
+    assert sched.curvature.lambda_max is not None
+    assert sched.losses.count == 6
+    sched.remove()
+    assert not model._forward_hooks
+
+
+def test_load_rejects_mismatched_states() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=10))
+    _train(sched, model, x, y, 3)
+    state = sched.state_dict()
+    other = GraffScheduler(
+        torch.optim.Adam(
+            [{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=1e-2
+        ),
+        budget=graff.BudgetClock(steps=10),
+    )
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        other.load_state_dict(state)
+    bad = dict(state, format_version=99)
+    with pytest.raises(CheckpointError, match="format_version"):
+        sched.load_state_dict(bad)
+    bad = dict(state, scheduler="ReactorScheduler")
+    with pytest.raises(CheckpointError, match="ReactorScheduler"):
+        sched.load_state_dict(bad)
+    lr_before = sched.get_last_lr()
+    broken = dict(state, extra=dict(state["extra"], num_blocks=99))
+    with pytest.raises(CheckpointError, match="blocks"):
+        sched.load_state_dict(broken)
+    assert sched.get_last_lr() == lr_before  # nothing half-loaded
+
+
+# --------------------------------------------------------------- warm start
+def test_warm_start_transfers_to_a_model_with_other_blocks(tmp_path) -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20))
+    _train(sched, model, x, y, 20)
+    path = sched.save_planner(tmp_path / "planner.safetensors")
+    lora = make_tiny_lora(make_tiny_qwen3())
+    opt2 = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
+    warm = GraffScheduler(opt2, budget=graff.BudgetClock(steps=5), model=lora, warm_start=path)
+    for a, b in zip(sched.planner.parameters(), warm.planner.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert warm.h.shape == (12, sched.planner.hidden)
+
+
+def test_warm_start_rejects_files_that_are_not_planners(tmp_path) -> None:
+    model, *_ = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"definitely not a planner")
+    with pytest.raises(CheckpointError, match="not a graff planner"):
+        GraffScheduler(opt, budget=10, warm_start=junk)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        GraffScheduler(opt, budget=10, warm_start=tmp_path / "missing.safetensors")
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(3)}, str(other), metadata={"format": "something-else"})
+    with pytest.raises(CheckpointError, match="not a graff planner"):
+        GraffScheduler(opt, budget=10, warm_start=other)
+
+
+def test_planner_is_independent_of_the_number_of_blocks() -> None:
+    net = PlannerNet()
+    for n in (1, 5, 40):
+        h = net(torch.randn(n, net.num_features), net.initial_state(n), torch.eye(n))
+        r, logits = net.decode(h)
+        assert h.shape == (n, net.hidden) and r.shape == () and logits.shape == (n,)
+
+
+def test_no_edges_ablation_ignores_the_graph() -> None:
+    torch.manual_seed(0)
+    net = PlannerNet(edges=False)
+    x, h = torch.randn(4, net.num_features), torch.randn(4, net.hidden)
+    a = torch.ones(4, 4) / 4
+    torch.testing.assert_close(net(x, h, a), net(x, h, torch.zeros(4, 4)))
+    with pytest.raises(GraffConfigError):
+        GraffScheduler(
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), budget=10, backoff=0.5
+        )
