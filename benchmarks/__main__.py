@@ -1,0 +1,73 @@
+"""Command line: ``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks overhead``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks.tasks import REPO
+
+
+def _run(args: argparse.Namespace) -> None:
+    from benchmarks.meta import provenance
+    from benchmarks.report import write_all
+    from benchmarks.runner import run_suite
+    from benchmarks.suites import SUITES
+
+    suite = SUITES[args.suite]
+    out = Path(args.out or REPO / "benchmarks" / "results" / suite.name)
+    meta = provenance() | {"suite": suite.name, "seeds": args.seeds or suite.seeds}
+    start = time.perf_counter()
+    runs = run_suite(suite, out, seeds=args.seeds, data_dir=args.data_dir, workers=args.workers)
+    meta["wall_seconds"] = time.perf_counter() - start
+    write_all(runs, meta, out)
+    print(f"wrote {out}/results.json, results.md and plots ({len(runs)} runs)")
+
+
+def _report(args: argparse.Namespace) -> None:
+    """Rebuild results from ``runs.jsonl`` (e.g. of an interrupted run)."""
+    from benchmarks.meta import provenance
+    from benchmarks.report import write_all
+
+    out = Path(args.out)
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    meta = provenance() | {"suite": args.suite, "wall_seconds": float("nan"), "partial": True}
+    write_all(runs, meta, out)
+    print(f"rebuilt {out}/results.md from {len(runs)} runs")
+
+
+def _overhead(args: argparse.Namespace) -> None:
+    from benchmarks.overhead import main
+
+    main(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train every scheduler on every task of a suite")
+    run.add_argument("--suite", choices=["quick", "full"], default="quick")
+    run.add_argument("--out", help="results folder (default benchmarks/results/<suite>/)")
+    run.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
+    run.add_argument(
+        "--data-dir", help="GSM8K folder (default $GRAFF_GSM8K_DIR or ../shared/data/gsm8k)"
+    )
+    run.add_argument("--workers", type=int, default=1, help="worker processes (1 thread each)")
+    run.set_defaults(func=_run)
+    rep = sub.add_parser("report", help="rebuild results.json/md/plots from runs.jsonl")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--suite", default="full")
+    rep.set_defaults(func=_report)
+    ovh = sub.add_parser("overhead", help="per-step time and memory of each scheduler (LoRA task)")
+    ovh.add_argument("--out", help="results folder (default benchmarks/results/overhead/)")
+    ovh.add_argument("--rounds", type=int, default=40)
+    ovh.add_argument("--data-dir")
+    ovh.set_defaults(func=_overhead)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

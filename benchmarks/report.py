@@ -1,0 +1,282 @@
+"""Aggregate runs into results.json, results.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.schedulers import BASELINES
+from benchmarks.stats import paired_t_test, sign_flip_test
+from benchmarks.suites import ROBUSTNESS_MULTS
+
+Key = tuple[str, str, float]  # task, scheduler, lr_mult
+
+
+def _group(runs: list[dict[str, Any]]) -> dict[Key, dict[int, float]]:
+    """{(task, scheduler, mult): {seed: final val loss (inf if diverged)}} for runs that ran."""
+    out: dict[Key, dict[int, float]] = defaultdict(dict)
+    for r in runs:
+        if r["status"] == "ok":
+            value = math.inf if r["diverged"] else r["final_val_loss"]
+            out[(r["task"], r["scheduler"], r["lr_mult"])][r["seed"]] = value
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values or not all(math.isfinite(v) for v in values):
+        return math.inf, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-task table rows, best-tuned baselines, significance tests and robustness spreads."""
+    groups = _group(runs)
+    tasks = sorted({r["task"] for r in runs}, key=[r["task"] for r in runs].index)
+    summary: dict[str, Any] = {"tasks": {}, "skipped": {}, "errors": {}}
+    for r in runs:
+        if r["status"] != "ok":
+            bucket = summary["skipped" if r["status"] == "skipped" else "errors"]
+            bucket.setdefault(f"{r['task']}/{r['scheduler']}", r["error"])
+    for task in tasks:
+        cells = {}
+        for (t, sched, mult), by_seed in groups.items():
+            if t == task:
+                mean, std = _mean_std(list(by_seed.values()))
+                cells[f"{sched}@{mult:g}"] = {
+                    "scheduler": sched,
+                    "lr_mult": mult,
+                    "mean": mean,
+                    "std": std,
+                    "n": len(by_seed),
+                    "seeds": by_seed,
+                }
+        summary["tasks"][task] = _task_summary(task, cells)
+    return summary
+
+
+def _best(cells: dict[str, Any], scheds: tuple[str, ...] | list[str]) -> dict[str, Any] | None:
+    pool = [c for c in cells.values() if c["scheduler"] in scheds and math.isfinite(c["mean"])]
+    return min(pool, key=lambda c: c["mean"]) if pool else None
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
+    best_per_baseline = {b: _best(cells, [b]) for b in BASELINES}
+    best = _best(cells, BASELINES)
+    graff = cells.get("graff@1")
+    tests = {}
+    for other_name, other in (("best_baseline", best), ("prior_only", cells.get("prior_only@1"))):
+        if graff and other:
+            common = sorted(set(graff["seeds"]) & set(other["seeds"]))
+            x = [graff["seeds"][s] for s in common]
+            y = [other["seeds"][s] for s in common]
+            if all(math.isfinite(v) for v in x + y) and common:
+                t = paired_t_test(x, y)
+                tests[other_name] = {
+                    "against": f"{other['scheduler']}@{other['lr_mult']:g}",
+                    "n": len(common),
+                    **t,
+                    "sign_flip_p": sign_flip_test(x, y),
+                }
+    robustness = {}
+    for sched in sorted({c["scheduler"] for c in cells.values()}):
+        means = {m: cells.get(f"{sched}@{m:g}", {}).get("mean") for m in ROBUSTNESS_MULTS}
+        if all(v is not None for v in means.values()):
+            vals = list(means.values())
+            spread = max(vals) - min(vals) if all(math.isfinite(v) for v in vals) else math.inf
+            robustness[sched] = {
+                "means": {f"{m:g}": _finite(v) for m, v in means.items()},
+                "spread": _finite(spread),
+            }
+    return {
+        "cells": {
+            k: {
+                **v,
+                "mean": _finite(v["mean"]),
+                "std": _finite(v["std"]),
+                "seeds": {str(s): _finite(x) for s, x in v["seeds"].items()},
+            }
+            for k, v in cells.items()
+        },
+        "best_baseline": None if best is None else f"{best['scheduler']}@{best['lr_mult']:g}",
+        "best_per_baseline": {
+            b: None if c is None else f"{c['scheduler']}@{c['lr_mult']:g}"
+            for b, c in best_per_baseline.items()
+        },
+        "tests": tests,
+        "robustness": robustness,
+    }
+
+
+# ----------------------------------------------------------------------------- markdown
+def _fmt(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "not run"
+    if cell["mean"] is None:
+        return "diverged"
+    return f"{cell['mean']:.4f} ± {cell['std'] or 0.0:.4f}"
+
+
+def _rel(cell: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
+    if not cell or not ref or cell["mean"] is None or ref["mean"] is None:
+        return ""
+    return f"{100.0 * (cell['mean'] - ref['mean']) / ref['mean']:+.1f} %"
+
+
+def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+    lines = [
+        f"# graff benchmark — `{meta['suite']}` suite",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Commit: `{meta['git_commit']}` (dirty: {meta['git_dirty']}) · date {meta['date']} · "
+        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
+        f"{meta['wall_seconds'] / 60:.1f} min wall.",
+        "",
+        "Final held-out validation loss (lower is better), mean ± std over seeds, same step budget "
+        "for every scheduler; base LR = 1e-3 × multiplier. Δ is relative to the best tuned "
+        "baseline. 'diverged' = a non-finite loss in at least one seed.",
+        "",
+    ]
+    for task, ts in summary["tasks"].items():
+        cells = ts["cells"]
+        ref = cells.get(ts["best_baseline"]) if ts["best_baseline"] else None
+        lines += [
+            f"## {task}",
+            "",
+            "| scheduler | LR × | val loss | Δ vs best tuned |",
+            "|---|---|---|---|",
+        ]
+        order = [k for k in cells if k.split("@")[1] == "1"]
+        order.sort(key=lambda k: (cells[k]["scheduler"] in BASELINES, k))
+        for k in order:
+            lines.append(
+                f"| {cells[k]['scheduler']} (default LR) | 1 | {_fmt(cells[k])} | "
+                f"{_rel(cells[k], ref)} |"
+            )
+        for b, k in ts["best_per_baseline"].items():
+            if k:
+                lines.append(
+                    f"| {b} (best tuned) | {cells[k]['lr_mult']:g} | {_fmt(cells[k])} | "
+                    f"{_rel(cells[k], ref)} |"
+                )
+        lines.append("")
+        for name, t in ts["tests"].items():
+            lines.append(
+                f"- GRAFF vs {name} (`{t['against']}`), n = {t['n']} paired seeds: mean diff "
+                f"{t['mean_diff']:+.4f}, paired t p = {t['p']:.3g}, sign-flip p = "
+                f"{t['sign_flip_p']:.3g}."
+            )
+        if ts["robustness"]:
+            lines += [
+                "",
+                "Robustness to the base LR (mean final val loss at LR × 0.1 / 1 / 10; "
+                "spread = max − min):",
+                "",
+                "| scheduler | ×0.1 | ×1 | ×10 | spread |",
+                "|---|---|---|---|---|",
+            ]
+            rob = sorted(
+                ts["robustness"].items(),
+                key=lambda kv: math.inf if kv[1]["spread"] is None else kv[1]["spread"],
+            )
+            for sched, r in rob:
+                vals = [("diverged" if v is None else f"{v:.4f}") for v in r["means"].values()]
+                spread = "∞ (diverged)" if r["spread"] is None else f"{r['spread']:.4f}"
+                lines.append(f"| {sched} | {' | '.join(vals)} | {spread} |")
+        lines += ["", f"![{task} loss](./{task}_loss.png) ![{task} LR](./{task}_lr.png)", ""]
+    if summary["skipped"] or summary["errors"]:
+        lines += ["## Not run", ""]
+        for k, v in {**summary["skipped"], **summary["errors"]}.items():
+            lines.append(f"- `{k}`: {v.splitlines()[0][:200]}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for task, ts in summary["tasks"].items():
+        shown = ["graff@1", "prior_only@1", "reactor@1"]
+        shown += [k for k in ts["best_per_baseline"].values() if k]
+        fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
+        fig_lr, ax_lr = plt.subplots(figsize=(7, 4.5))
+        for key in dict.fromkeys(shown):
+            sched, mult = key.split("@")
+            sel = [
+                r
+                for r in runs
+                if r["task"] == task
+                and r["scheduler"] == sched
+                and f"{r['lr_mult']:g}" == mult
+                and r["status"] == "ok"
+            ]
+            if not sel:
+                continue
+            label = f"{sched} (LR×{mult})"
+            _mean_curve(ax_t, [r["train_curve"] for r in sel], label, smooth=True)
+            _mean_curve(ax_v, [r["val_curve"] for r in sel], label)
+            lr = np.array(sel[0]["lr_curve"], dtype=float)
+            ax_lr.plot(lr[:, 0], lr[:, 1], label=label)
+        for ax, title in (
+            (ax_t, "train loss (EMA, mean over seeds)"),
+            (ax_v, "held-out loss (mean over seeds)"),
+        ):
+            ax.set(title=f"{task}: {title}", xlabel="step", ylabel="loss")
+            ax.legend(fontsize=7)
+        ax_lr.set(title=f"{task}: LR (seed 0)", xlabel="step", ylabel="LR", yscale="log")
+        ax_lr.legend(fontsize=7)
+        for f, name in ((fig, f"{task}_loss.png"), (fig_lr, f"{task}_lr.png")):
+            f.tight_layout()
+            f.savefig(out / name, dpi=90)
+            plt.close(f)
+            written.append(out / name)
+    return written
+
+
+def _mean_curve(ax: Any, curves: list[list[list[float]]], label: str, smooth: bool = False) -> None:
+    n = min(len(c) for c in curves)
+    if n == 0:
+        return
+    arr = np.array([[np.nan if v is None else v for _, v in c[:n]] for c in curves], dtype=float)
+    steps = [s for s, _ in curves[0][:n]]
+    y = np.nanmean(arr, axis=0)
+    if smooth:
+        ema, acc = [], y[0]
+        for v in y:
+            acc = 0.8 * acc + 0.2 * v
+            ema.append(acc)
+        y = np.array(ema)
+    ax.plot(steps, y, label=label)
+
+
+def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
+    summary = summarize(runs)
+    payload = sanitize({"meta": meta, "summary": summary, "runs": runs})
+    (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
+    (out / "results.md").write_text(markdown(meta, summary))
+    plots(runs, summary, out)
+    return payload
+
+
+def sanitize(obj: Any) -> Any:
+    """Replace non-finite floats by ``None`` so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [sanitize(v) for v in obj]
+    return obj

@@ -1,0 +1,135 @@
+"""Run one (task, scheduler, LR, seed) training run, and whole suites across worker processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.schedulers import SkipVariant, current_lr, make
+from benchmarks.suites import DEFAULT_LR, Suite
+
+_TASKS: dict[str, Any] = {}
+_EVAL_POINTS = 10
+
+
+def setup_worker(suite: Suite, data_dir: str | None, threads: int = 1) -> None:
+    """Per-process set-up: load data (and pre-train the LoRA base) once for all runs."""
+    global _EVAL_POINTS
+    torch.set_num_threads(threads)
+    _EVAL_POINTS = suite.eval_points
+    for task in suite.build_tasks():
+        task.setup(Path(data_dir) if data_dir else None)
+        _TASKS[task.name] = task
+
+
+def _subsample(values: list[float], points: int = 100) -> list[list[float]]:
+    stride = max(1, len(values) // points)
+    return [[i, v] for i, v in enumerate(values) if i % stride == 0 or i == len(values) - 1]
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train one run; never raises (errors and skips are recorded in the result)."""
+    result = dict(spec)
+    try:
+        result.update(_train(spec))
+        result["status"] = "ok"
+    except SkipVariant as err:
+        result.update(status="skipped", error=str(err))
+    except Exception as err:
+        result.update(status="error", error=f"{type(err).__name__}: {err}")
+        result["traceback"] = traceback.format_exc(limit=4)
+    return result
+
+
+def _train(spec: dict[str, Any]) -> dict[str, Any]:
+    task = _TASKS[spec["task"]]
+    steps, lr = task.steps, DEFAULT_LR * spec["lr_mult"]
+    model = task.build(spec["seed"])
+    setup = make(
+        spec["scheduler"], model, lr, steps, seed=spec["seed"], loss_fn=task.probe_loss_fn(model)
+    )
+    gen = torch.Generator().manual_seed(1000 + spec["seed"])
+    eval_every = max(1, steps // _EVAL_POINTS)
+    train_losses, lrs, val_curve = [], [], []
+    diverged, start = False, time.perf_counter()
+    model.train()
+    for step in range(steps):
+        lrs.append(current_lr(setup))
+        setup.train_mode()
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss = task.train_loss(model, gen)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        loss.backward()
+        setup.optimizer.step()
+        if setup.scheduler is not None:
+            setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
+        train_losses.append(float(loss))
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            setup.eval_mode()
+            val_curve.append([step + 1, task.val_loss(model)])
+    seconds = time.perf_counter() - start
+    final = (
+        float("nan") if diverged else task.val_loss(model) if not val_curve else val_curve[-1][1]
+    )
+    if not math.isfinite(final):
+        diverged = True
+    return {
+        "lr": lr,
+        "steps": steps,
+        "final_val_loss": None if diverged else final,
+        "diverged": diverged,
+        "seconds": seconds,
+        "val_curve": [[s, v if math.isfinite(v) else None] for s, v in val_curve],
+        "train_curve": _subsample([v if math.isfinite(v) else 1e9 for v in train_losses]),
+        "lr_curve": _subsample(lrs),
+    }
+
+
+def run_suite(
+    suite: Suite,
+    out: Path,
+    *,
+    seeds: int | None,
+    data_dir: str | None,
+    workers: int,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish."""
+    from tqdm import tqdm
+
+    specs = suite.specs(seeds)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    log.write_text("")
+    results = []
+    bar = tqdm(total=len(specs), desc=f"{suite.name} suite", disable=not progress)
+    if workers <= 1:
+        setup_worker(suite, data_dir)
+        iterator = map(run_one, specs)
+        pool = None
+    else:
+        ctx = mp.get_context("spawn")
+        pool = ctx.Pool(workers, initializer=setup_worker, initargs=(suite, data_dir))
+        iterator = pool.imap_unordered(run_one, specs)
+    try:
+        for result in iterator:
+            results.append(result)
+            with log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            bar.set_postfix_str(f"{result['task']}/{result['scheduler']}")
+            bar.update()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return results

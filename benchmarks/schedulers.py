@@ -1,0 +1,105 @@
+"""Scheduler variants under test: how each one builds its optimizer and scheduler.
+
+Every variant trains with AdamW (weight decay 0.01) except schedule-free AdamW, which is its own
+optimizer. ``make(spec, params, lr, steps, ...)`` returns a :class:`Setup` with the optimizer, the
+scheduler (or ``None``) and the train/eval switches schedule-free needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from graff.clock import BudgetClock
+from graff.priors import BudgetPrior
+
+WEIGHT_DECAY = 0.01
+WARMUP = 0.05  # warm-up fraction for every scheduler that has one (GRAFF's prior default too)
+
+GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
+    "graff": {},
+    "graff_warm_start": {"warm_start": "default"},
+    "graff_no_edges": {"edges": False},
+    "graff_no_budget_feature": {"budget_feature": False},
+    "graff_frozen": {"online": False},
+    "graff_no_prior": {"prior": None},
+    "graff_no_calibrate": {"calibrate": False},
+    "prior_only": {"online": False, "calibrate": False, "block_multipliers": False},
+}
+BASELINES = ("fixed", "cosine", "linear", "wsd", "schedule_free")
+LEARNED = ("graff", "prior_only", "reactor")
+ABLATIONS = tuple(k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only"))
+
+
+class SkipVariant(RuntimeError):
+    """The variant cannot run in this checkout (e.g. no default planner file shipped yet)."""
+
+
+@dataclass
+class Setup:
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None
+    train_mode: Callable[[], None] = field(default=lambda: None)
+    eval_mode: Callable[[], None] = field(default=lambda: None)
+    steps_with_loss: bool = False  # scheduler.step(loss) (graff/reactor) vs scheduler.step()
+
+
+def _prior_lambda(prior: BudgetPrior, steps: int) -> Callable[[int], float]:
+    return lambda step: prior(min(step / steps, 1.0))
+
+
+def make(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    steps: int,
+    *,
+    seed: int,
+    loss_fn: Callable[[], torch.Tensor] | None = None,
+) -> Setup:
+    """Build optimizer + scheduler for variant ``name`` at base LR ``lr`` over ``steps`` steps."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "schedule_free":
+        import schedulefree
+
+        opt = schedulefree.AdamWScheduleFree(
+            params, lr=lr, weight_decay=WEIGHT_DECAY, warmup_steps=int(WARMUP * steps)
+        )
+        return Setup(opt, None, opt.train, opt.eval)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=WEIGHT_DECAY)
+    if name == "fixed":
+        return Setup(opt)
+    if name in ("cosine", "linear", "wsd"):
+        prior = BudgetPrior(name, warmup=WARMUP, final=0.0, decay=0.2)
+        return Setup(opt, torch.optim.lr_scheduler.LambdaLR(opt, _prior_lambda(prior, steps)))
+    clock = BudgetClock(steps=steps, measure_energy=False)
+    if name == "reactor":
+        from graff.reactor import ReactorScheduler
+
+        return Setup(
+            opt, ReactorScheduler(opt, clock, model=model, seed=seed), steps_with_loss=True
+        )
+    if name in GRAFF_VARIANTS:
+        from graff.graff_scheduler import GraffScheduler
+
+        kwargs = dict(GRAFF_VARIANTS[name])
+        try:
+            sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
+        except Exception as err:
+            if "warm_start" in kwargs:
+                raise SkipVariant(f"warm_start='default' unavailable: {err}") from err
+            raise
+        return Setup(opt, sched, steps_with_loss=True)
+    raise KeyError(f"unknown scheduler {name!r}")
+
+
+def current_lr(setup: Setup) -> float:
+    """The LR the optimizer will use for its next step (first parameter group)."""
+    group = setup.optimizer.param_groups[0]
+    if "scheduled_lr" in group:  # schedule-free exposes its warm-up-scaled LR here
+        return float(group["scheduled_lr"])
+    return float(group["lr"])

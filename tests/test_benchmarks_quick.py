@@ -1,0 +1,67 @@
+"""Smoke test: the quick benchmark suite runs end to end and writes finite results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.tasks import DEFAULT_GSM8K
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = Path(os.environ.get("GRAFF_GSM8K_DIR", DEFAULT_GSM8K))
+    if not (data / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K data not found in {data}; set GRAFF_GSM8K_DIR")
+    out = tmp_path_factory.mktemp("quick")
+    main(["run", "--suite", "quick", "--out", str(out), "--data-dir", str(data)])
+    return out
+
+
+def test_outputs_exist(quick_results: Path) -> None:
+    for name in ("results.json", "results.md", "runs.jsonl"):
+        assert (quick_results / name).is_file(), name
+    pngs = sorted(quick_results.glob("*.png"))
+    assert len(pngs) == 6, pngs  # loss + LR plot for each of the three tasks
+    assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+def test_json_has_provenance_and_finite_numbers(quick_results: Path) -> None:
+    payload = json.loads((quick_results / "results.json").read_text())
+    meta = payload["meta"]
+    assert meta["suite"] == "quick"
+    assert {"command", "git_commit", "date", "machine"} <= meta.keys()
+    ok = [r for r in payload["runs"] if r["status"] == "ok"]
+    baselines = {r["scheduler"] for r in ok}
+    assert {"fixed", "cosine", "schedule_free"} <= baselines
+    for run in ok:
+        assert not run["diverged"], run["scheduler"]
+        assert math.isfinite(run["final_val_loss"])
+        assert run["final_val_loss"] > 0
+        assert all(math.isfinite(lr) and lr >= 0 for _, lr in run["lr_curve"])
+    assert {r["task"] for r in ok} == {"digits_mlp", "gsm8k_qwen3", "gsm8k_lora"}
+
+
+def test_markdown_has_a_table_per_task(quick_results: Path) -> None:
+    text = (quick_results / "results.md").read_text()
+    for task in ("digits_mlp", "gsm8k_qwen3", "gsm8k_lora"):
+        assert f"## {task}" in text
+    assert "| scheduler | LR × | val loss |" in text
+
+
+def test_no_scheduler_crashed(quick_results: Path) -> None:
+    """Every scheduler ran (or was skipped for a documented reason, e.g. no planner file)."""
+    payload = json.loads((quick_results / "results.json").read_text())
+    errors = {
+        f"{r['task']}/{r['scheduler']}": r["error"]
+        for r in payload["runs"]
+        if r["status"] == "error"
+    }
+    assert not errors
