@@ -203,7 +203,30 @@ def aggregate(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
     if best_p and best_b:
         out["gap"] = gap_percent(out["best_proposed_value"], out["best_baseline_value"], minimize)
+        if out["gap"] is None:
+            out["gap_note"] = "undefined: the best baseline's value is 0 (or not finite)"
         out["significance"] = significance(groups[best_p], groups[best_b])
+    out["gaps"] = secondary_gaps(runs)
+    return out
+
+
+def secondary_gaps(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Best proposed vs best baseline for every scalar metric (same sign rule as ``gap``)."""
+    out = {}
+    for metric in SCALAR_METRICS:
+        minimize = metric in MINIMIZE
+        groups = group_values(runs, metric)
+        best_p, best_b = (best_group(groups, s, minimize) for s in ("proposed", "baseline"))
+        if best_p and best_b:
+            p, b = float(np.mean(groups[best_p])), float(np.mean(groups[best_b]))
+            out[metric] = {
+                "best_proposed": best_p,
+                "best_baseline": best_b,
+                "proposed": p,
+                "baseline": b,
+                "gap": gap_percent(p, b, minimize),
+                "minimize": minimize,
+            }
     return out
 
 

@@ -24,7 +24,7 @@ STOP_MARKERS = ("\nQuestion:", "\n\n\n")
 _CALC = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"(?<![\w.])[-−]?\s?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _HASH_ANSWER = re.compile(r"####\s*([^\n]*)")
-_FINAL_HASH = re.compile(r"####\s*[-−]?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)[^\S\n]*(?:\n|$)")
+_FINAL_HASH = re.compile(r"####\s*[-−]?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)[^\S\n]*\n")
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _ANSWER_IS = re.compile(r"answer is[:\s]*([^\n]*)", re.IGNORECASE)
 

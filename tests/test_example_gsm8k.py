@@ -1,0 +1,244 @@
+"""The GSM8K example: scoring on real GSM8K answers and tricky generations, trial runs, evaluate."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "gsm8k"
+CONFIGS = EXAMPLE / "configs"
+sys.path.insert(0, str(EXAMPLE))
+
+scoring = pytest.importorskip("scoring")
+
+RUN_CONFIGS = {
+    "proposed-iter1-Qwen3-0.6B-gsm8k": "proposed-iter1-Qwen3-0.6B-gsm8k.yaml",
+    "comparative-1-iter1-Qwen3-0.6B-gsm8k": "comparative-1-iter1-Qwen3-0.6B-gsm8k.yaml",
+    "baseline-cosine-Qwen3-0.6B-gsm8k": "baseline-cosine.yaml",
+}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, str]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ scoring
+def test_gold_extraction_matches_every_real_answer(gsm8k_dir: Path) -> None:
+    """Oracle: the text after '####', commas removed, for all 8792 GSM8K answers."""
+    for split in ("train", "test"):
+        for row in _read_jsonl(gsm8k_dir / f"{split}.jsonl"):
+            oracle = row["answer"].split("####")[-1].strip().replace(",", "")
+            assert scoring.extract_gold(row["answer"]) == oracle
+
+
+def test_training_target_scores_as_correct(gsm8k_dir: Path) -> None:
+    """A model that reproduces the training target exactly gets every item right."""
+    rows = _read_jsonl(gsm8k_dir / "test.jsonl")[:300]
+    gens = [scoring.format_target(r["answer"]) + "\nQuestion: next one" for r in rows]
+    assert scoring.exact_match_rate(gens, [r["answer"] for r in rows]) == 1.0
+
+
+def test_real_answers_with_thousands_separators(gsm8k_dir: Path) -> None:
+    rows = [
+        r for r in _read_jsonl(gsm8k_dir / "train.jsonl") if "," in r["answer"].split("####")[-1]
+    ]
+    assert rows, "GSM8K has answers such as '#### 1,600'"
+    for r in rows[:20]:
+        assert "," not in scoring.extract_gold(r["answer"])
+
+
+@pytest.mark.parametrize(
+    ("generation", "expected"),
+    [
+        (" 3 + 4 = 7\n#### 7", "7"),
+        (" She has $1,250.00 left.\n#### $1,250.00", "1250"),
+        (" 18 / 2 = 9\n#### 9.\n\nQuestion: How many", "9"),
+        (" #### 5\n#### 6", "5"),  # the first answer line counts
+        (" 10 - 12 = -2\n#### -2", "-2"),
+        (" The price rose by 25%.\n#### 25%", "25"),
+        (" so x = 3.50 dollars\n#### 3.50", "3.5"),
+        (" 40 cookies.\n#### 40.0", "40"),
+        (" The answer is 42.", "42"),
+        (" so the total is \\boxed{1,024}", "1024"),
+        (" 2 apples and then 3 apples, 5 in all", "5"),
+        (" 12 eggs\nQuestion: Tom has 99 eggs", "12"),  # text after a new question is ignored
+        (" #### −7", "-7"),  # unicode minus
+        (" I don't know", None),
+        ("", None),
+    ],
+)
+def test_prediction_extraction_on_tricky_generations(generation: str, expected: str | None) -> None:
+    assert scoring.extract_prediction(generation) == expected
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "match"),
+    [
+        ("5", "5", True),
+        ("5.0", "5", True),
+        ("0.5", ".5", True),
+        ("6", "5", False),
+        (None, "5", False),
+    ],
+)
+def test_exact_match(prediction: str | None, gold: str, match: bool) -> None:
+    assert (
+        scoring.exact_match(scoring.normalize_number(prediction), scoring.normalize_number(gold))
+        is match
+    )
+
+
+def test_stop_criterion_and_bad_input() -> None:
+    assert scoring.is_complete(" 2 + 2 = 4\n#### 4\n")
+    assert not scoring.is_complete(" 2 + 2 = 4\n#### 4")  # the number may still grow: 4 -> 42
+    assert scoring.is_complete(" 4\nQuestion:")
+    with pytest.raises(ValueError, match="####"):
+        scoring.extract_gold("The answer is 4")
+    with pytest.raises(ValueError, match="empty"):
+        scoring.format_prompt("   ")
+    with pytest.raises(ValueError, match="gold answers"):
+        scoring.exact_match_rate(["#### 1"], [])
+
+
+# ------------------------------------------------------------------------- evaluate
+def _fake_metrics(run_id: str, group: str, em: float, energy: float) -> dict[str, object]:
+    return {
+        "run_id": run_id,
+        "group": group,
+        "method": "x",
+        "mode": "full",
+        "budget_seconds": 1800.0,
+        "em_at_30min": em,
+        "em_at_budget": em,
+        "energy_joules": energy,
+        "eval_history": [{"time_s": 600.0, "em": em / 2}, {"time_s": 1700.0, "em": em}],
+        "lr_trajectory": [{"step": 1, "time_s": 1.0, "lr": 2e-4}],
+        "train_loss": [{"step": 1, "time_s": 1.0, "loss": 1.0}],
+    }
+
+
+def test_aggregate_gap_sign_rules_and_significance() -> None:
+    evaluate = pytest.importorskip("evaluate")
+    runs = {}
+    for seed, (p, b) in enumerate([(92.2, 90.6), (92.4, 90.8), (92.6, 91.0)]):
+        runs[f"proposed-s{seed}"] = _fake_metrics(f"proposed-s{seed}", "proposed", p, 100.0)
+        runs[f"comparative-1-s{seed}"] = _fake_metrics(
+            f"comparative-1-s{seed}", "comparative-1", b, 200.0
+        )
+    runs["baseline-fixed"] = _fake_metrics("baseline-fixed", "baseline-fixed", 74.0, 50.0)
+    agg = evaluate.aggregate(runs)
+    assert agg["primary_metric"] == "em_at_30min"
+    assert (agg["best_proposed"], agg["best_baseline"]) == ("proposed", "comparative-1")
+    assert agg["gap"] == pytest.approx((92.4 - 90.8) / 90.8 * 100)
+    # energy is minimised: the best baseline is the lowest energy (50 J), and using 100 J
+    # instead is a negative gap of 100 %.
+    assert agg["gaps"]["energy_joules"]["gap"] == pytest.approx(-100.0)
+    sig = agg["significance"]
+    assert sig["permutation_p_value"] == pytest.approx(0.1)  # 3 vs 3 fully separated: 2/20
+    assert 0 < sig["welch"]["p_value"] < 0.01
+    assert agg["metrics"]["em_at_30min"]["baseline-fixed"] == 74.0
+
+
+def test_auc_is_anytime_accuracy() -> None:
+    train = pytest.importorskip("train")
+    history = [{"time_s": 10.0, "em": 50.0}, {"time_s": 30.0, "em": 80.0}]
+    assert train.auc_em_time(history, 40.0) == pytest.approx((50 * 20 + 80 * 10) / 40)
+
+
+# ------------------------------------------------------------------------- trial runs
+@pytest.fixture(scope="module")
+def trial_results(tmp_path_factory: pytest.TempPathFactory, gsm8k_dir: Path) -> Path:
+    """Trial runs of GRAFF, REACTOR and the cosine baseline, then evaluate.py (in-process)."""
+    train = pytest.importorskip("train")
+    evaluate = pytest.importorskip("evaluate")
+    pytest.importorskip("peft")
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("gsm8k_results")
+    for name in RUN_CONFIGS.values():
+        args = ["--config", str(CONFIGS / name), "--mode", "trial", "--results-dir", str(out)]
+        assert train.main([*args, "--data-dir", str(gsm8k_dir)]) == 0
+    assert evaluate.main(["--results-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run_id", sorted(RUN_CONFIGS))
+def test_trial_run_writes_complete_metrics(trial_results: Path, run_id: str) -> None:
+    m = json.loads((trial_results / run_id / "metrics.json").read_text())
+    for key in (
+        "em_at_budget",
+        "auc_em_time_normalized",
+        "eval_loss_at_budget",
+        "energy_joules",
+        "energy_available",
+        "lr_trajectory",
+        "guard_activations",
+        "eval_history",
+        "primary_metric",
+    ):
+        assert key in m, key
+    assert 0.0 <= m["em_at_budget"] <= 100.0
+    assert 0.0 <= m["auc_em_time_normalized"] <= m["em_at_budget"] + 1e-9 or m["em_at_budget"] == 0
+    assert math.isfinite(m["eval_loss_at_budget"])
+    assert m["energy_joules"] is None
+    assert m["energy_available"] is False
+    assert 1 <= m["steps"] <= 10
+    assert len(m["lr_trajectory"]) == m["steps"]
+    assert all(p["lr"] > 0 for p in m["lr_trajectory"])
+    assert m["eval_history"][-1]["final"] is True
+    if m["method"] == "graff":
+        assert isinstance(m["guard_activations"], int)
+    for ext in ("pdf", "png"):
+        assert (trial_results / run_id / f"curves.{ext}").stat().st_size > 0
+    assert (trial_results / run_id / "checkpoint.pt").is_file()
+
+
+@pytest.mark.slow
+def test_trial_aggregation_outputs(trial_results: Path) -> None:
+    comp = trial_results / "comparison"
+    agg = json.loads((comp / "aggregated_metrics.json").read_text())
+    assert agg["primary_metric"] == "em_at_budget"
+    assert set(agg["metrics"]["em_at_budget"]) == set(RUN_CONFIGS)
+    assert agg["best_proposed"] == "proposed-iter1-Qwen3-0.6B-gsm8k"
+    assert agg["best_baseline"] in {
+        "comparative-1-iter1-Qwen3-0.6B-gsm8k",
+        "baseline-cosine-Qwen3-0.6B-gsm8k",
+    }
+    assert "gap" in agg
+    assert agg["gap"] is None or math.isfinite(agg["gap"])
+    loss_gap = agg["gaps"]["eval_loss_at_budget"]  # EM is ~0 in trial; the loss gap is defined
+    expected = -(loss_gap["proposed"] - loss_gap["baseline"]) / loss_gap["baseline"] * 100
+    assert loss_gap["gap"] == pytest.approx(expected)
+    assert agg["significance"]["test"] is None  # one seed per run: the reason is reported
+    for stem in ("primary_metric_bar", "learning_curves"):
+        for ext in ("pdf", "png"):
+            assert (comp / f"{stem}.{ext}").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_resume_continues_an_interrupted_run(tmp_path: Path, gsm8k_dir: Path) -> None:
+    train = pytest.importorskip("train")
+    args = [
+        "--config",
+        str(CONFIGS / "baseline-fixed.yaml"),
+        "--mode",
+        "trial",
+        "--results-dir",
+        str(tmp_path),
+        "--data-dir",
+        str(gsm8k_dir),
+    ]
+    assert train.main([*args, "--session-steps", "2"]) == 0
+    run_dir = tmp_path / "baseline-fixed-Qwen3-0.6B-gsm8k"
+    assert not (run_dir / "metrics.json").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.main(args)
+    assert train.main([*args, "--resume"]) == 0
+    m = json.loads((run_dir / "metrics.json").read_text())
+    steps = [p["step"] for p in m["lr_trajectory"]]
+    assert steps == list(range(1, m["steps"] + 1))
+    assert m["steps"] > 2
