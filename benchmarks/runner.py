@@ -72,7 +72,7 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         setup.optimizer.step()
         if setup.scheduler is not None:
             setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
-        train_losses.append(float(loss))
+        train_losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             setup.eval_mode()
             val_curve.append([step + 1, task.val_loss(model)])

@@ -86,7 +86,7 @@ SUITES = {
         name="full",
         task_configs=(
             ("digits_mlp", {"steps": 300}),
-            ("gsm8k_qwen3", {"steps": 300}),
+            ("gsm8k_qwen3", {"steps": 400}),
             (
                 "gsm8k_lora",
                 {
