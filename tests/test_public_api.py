@@ -66,27 +66,7 @@ def test_module_list_covers_the_package() -> None:
     assert {"graff.clock", "graff.guard", "graff.priors", "graff.blocks"} <= set(MODULE_NAMES)
 
 
-# Doctest failures found in modules owned by others; strict, so a fix turns the xfail red.
-KNOWN_DOCTEST_DEFECTS: dict[str, str] = {
-    "graff.graff_scheduler": "defect (WIP commit 0104385): the GraffScheduler doctest calls "
-    "graff.GraffScheduler, which graff/__init__.py does not export; with it exported, "
-    "sched.step() still fails in _apply_multipliers: CurvatureProbe has no scale_last_update",
-}
-
-
-def _doctest_params() -> list:
-    return [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(strict=True, reason=KNOWN_DOCTEST_DEFECTS[name]),
-        )
-        if name in KNOWN_DOCTEST_DEFECTS
-        else name
-        for name in MODULE_NAMES
-    ]
-
-
-@pytest.mark.parametrize("module_name", _doctest_params())
+@pytest.mark.parametrize("module_name", MODULE_NAMES)
 def test_module_doctests_pass(module_name: str) -> None:
     module: ModuleType = importlib.import_module(module_name)
     flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
