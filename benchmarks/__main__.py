@@ -33,7 +33,12 @@ def _report(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
-    meta = provenance() | {"suite": args.suite, "wall_seconds": float("nan"), "partial": True}
+    previous = out / "results.json"
+    if previous.is_file():  # keep the provenance of the run itself
+        meta = json.loads(previous.read_text())["meta"]
+        meta["report_command"] = provenance()["command"]
+    else:
+        meta = provenance() | {"suite": args.suite, "wall_seconds": float("nan"), "partial": True}
     write_all(runs, meta, out)
     print(f"rebuilt {out}/results.md from {len(runs)} runs")
 

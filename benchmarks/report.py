@@ -266,7 +266,11 @@ def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> di
     summary = summarize(runs)
     payload = sanitize({"meta": meta, "summary": summary, "runs": runs})
     (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
-    (out / "results.md").write_text(markdown(meta, summary))
+    ovh_path = out.parent / "overhead" / "overhead.json"
+    overhead = json.loads(ovh_path.read_text()) if ovh_path.is_file() else None
+    text = markdown(meta, summary)
+    head, sep, rest = text.partition("\n## ")
+    (out / "results.md").write_text(head + "\n" + targets_markdown(summary, overhead) + sep + rest)
     plots(runs, summary, out)
     return payload
 
@@ -280,3 +284,96 @@ def sanitize(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [sanitize(v) for v in obj]
     return obj
+
+
+# ----------------------------------------------------------------------------- targets
+def _mean(ts: dict[str, Any], key: str | None) -> float | None:
+    cell = ts["cells"].get(key) if key else None
+    return None if cell is None else cell["mean"]
+
+
+def _lt(a: float | None, b: float | None, strict: bool = False) -> bool:
+    """a better than (or, unless strict, equal to) b; a diverged (None) run is never better."""
+    if a is None:
+        return False
+    if b is None:
+        return True
+    return a < b if strict else a <= b
+
+
+def targets(summary: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """The issue's targets, evaluated on this run: (target, evidence, met)."""
+    rows = []
+    tasks = summary["tasks"]
+    rel = {}
+    for task, ts in tasks.items():
+        g, b = _mean(ts, "graff@1"), _mean(ts, ts["best_baseline"])
+        rel[task] = None if g is None or b is None else (g - b) / b
+    wins = sum(1 for v in rel.values() if v is not None and v <= 0)
+    evidence = ", ".join(
+        f"{t} {'n/a' if v is None else f'{100 * v:+.1f} %'}" for t, v in rel.items()
+    )
+    rows.append((f"GRAFF ≤ best tuned baseline on ≥ 3 of {len(tasks)} tasks", evidence, wins >= 3))
+    within = all(v is not None and v <= 0.02 for v in rel.values())
+    rows.append(("GRAFF within 2 % of the best tuned baseline on every task", evidence, within))
+    for other, label in (
+        ("prior_only", "its budget prior alone"),
+        ("reactor", "REACTOR"),
+        ("fixed", "fixed LR"),
+    ):
+        rows.append(_compare(tasks, other, label))
+    rows.append(_spread_target(tasks))
+    return rows
+
+
+def _compare(tasks: dict[str, Any], other: str, label: str) -> tuple[str, str, bool]:
+    mults = ("0.1", "1", "10") if other == "prior_only" else ("1",)
+    rule = "never worse than" if other == "prior_only" else "better than"
+    at = "LR × 0.1/1/10" if other == "prior_only" else "the default LR"
+    name = f"GRAFF {rule} {label} at {at}, every task"
+    pairs = [
+        (t, ts, m)
+        for t, ts in tasks.items()
+        for m in mults
+        if f"graff@{m}" in ts["cells"] and f"{other}@{m}" in ts["cells"]
+    ]
+    if not pairs:
+        return name, "not run", False
+    strict = other != "prior_only"
+    bad = [
+        f"{t}@{m}"
+        for t, ts, m in pairs
+        if not _lt(_mean(ts, f"graff@{m}"), _mean(ts, f"{other}@{m}"), strict=strict)
+    ]
+    evidence = f"fails on {', '.join(bad)}" if bad else f"holds ({len(pairs)} comparisons)"
+    return name, evidence, not bad
+
+
+def _spread_target(tasks: dict[str, Any]) -> tuple[str, str, bool]:
+    name = "GRAFF spread across LR × {0.1, 1, 10} smaller than every baseline's"
+    bad, compared = [], 0
+    for task, ts in tasks.items():
+        rob = ts["robustness"]
+        if "graff" not in rob:
+            continue
+        compared += 1
+        for b in BASELINES:
+            if b in rob and not _lt(rob["graff"]["spread"], rob[b]["spread"], strict=True):
+                bad.append(f"{task}: {b}")
+    if not compared:
+        return name, "not run", False
+    evidence = f"not smaller than {', '.join(bad)}" if bad else "holds"
+    return name, evidence, not bad
+
+
+def targets_markdown(summary: dict[str, Any], overhead: dict[str, Any] | None) -> str:
+    lines = ["## Targets (issue 5) on this run", "", "| target | evidence | met |", "|---|---|---|"]
+    for target, evidence, met in targets(summary):
+        lines.append(f"| {target} | {evidence} | {'yes' if met else '**no**'} |")
+    if overhead and "graff" in overhead.get("results", {}):
+        pct = overhead["results"]["graff"]["overhead_percent"]
+        lines.append(
+            f"| GRAFF overhead ≤ 1 % per step on the LoRA task | {pct:+.1f} % "
+            f"(benchmarks/results/overhead) | {'yes' if pct <= 1.0 else '**no**'} |"
+        )
+    return "\n".join(lines) + "\n"
