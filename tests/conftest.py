@@ -35,7 +35,9 @@ def gsm8k_dir() -> Path:
     """Folder with GSM8K ``train.jsonl``/``test.jsonl`` (env ``GRAFF_GSM8K_DIR``), else skip."""
     path = Path(os.environ.get("GRAFF_GSM8K_DIR", DEFAULT_GSM8K))
     if not (path / "train.jsonl").is_file():
-        pytest.skip(f"GSM8K data not found in {path}; set GRAFF_GSM8K_DIR to the folder with train.jsonl")
+        pytest.skip(
+            f"GSM8K data not found in {path}; set GRAFF_GSM8K_DIR to the folder with train.jsonl"
+        )
     return path
 
 
