@@ -12,6 +12,7 @@ from graff.errors import (
     GraffTypeError,
     ProbeError,
 )
+from graff.graff_scheduler import GraffScheduler, PlanRecord
 from graff.guard import (
     clamp_lr,
     guard_constant,
@@ -19,7 +20,6 @@ from graff.guard import (
     project_to_halfspace,
     stability_threshold,
 )
-from graff.graff_scheduler import GraffScheduler, PlanRecord
 from graff.planner_io import load_planner, save_planner
 from graff.priors import BudgetPrior
 from graff.probes.curvature import CurvatureProbe, CurvatureStats

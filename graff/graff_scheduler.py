@@ -270,8 +270,11 @@ class GraffScheduler(BudgetedScheduler):
             self.losses.reset_best()
         offset = math.log(prior) + self.calibrator.log_peak
         if bound is not None and self.guard:
+            # Never project the decoder below its clip range: the hard min below enforces
+            # the rest, and the decoder stays where online learning can move it back.
+            target = max(bound - offset, -self._log_residual_max)
             w, b = project_to_halfspace(
-                self.planner.lr_w.data, self.planner.lr_b.data, h.mean(0), bound - offset
+                self.planner.lr_w.data, self.planner.lr_b.data, h.mean(0), target
             )
             if not (
                 torch.equal(w, self.planner.lr_w.data) and torch.equal(b, self.planner.lr_b.data)
@@ -331,7 +334,9 @@ class GraffScheduler(BudgetedScheduler):
         if self.losses.rising(tolerance=0.1 if self.calibrator.searching else 0.5):
             return True
         tripwire = self.curvature.tripwire
-        return bound is None and tripwire is not None and tripwire > 2.0
+        if bound is None and tripwire is not None and tripwire > 2.0:
+            return self.losses.rising(tolerance=0.05)  # q > 2 alone is common under momentum
+        return False
 
     # -------------------------------------------------------------- features
     def _features(self, stats: Any, u: float) -> Tensor:

@@ -394,7 +394,7 @@ def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
     model = tiny_lora_qwen3.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-3)
-    probe = CurvatureProbe(opt, model=model, every=2, initial_iters=8)
+    probe = CurvatureProbe(opt, model=model, every=2, initial_iters=8, start_step=0)
     assert len(probe.blocks) == 12  # 2 layers × 6 LoRA-adapted projections
     other = {k: v.roll(1, dims=1) for k, v in token_batch.items()}
     for batch in (token_batch, other, other):
@@ -443,3 +443,18 @@ def test_dominant_negative_eigenvalue_is_shifted_past() -> None:
     probe = CurvatureProbe(torch.optim.SGD([x], lr=0.01), loss_fn=lambda: quadratic(a, x))
     lam = probe.estimate_lambda_max()
     assert 0.9 * 10.0 <= lam <= 10.0 * (1 + 1e-5)
+
+
+def test_no_scheduled_estimate_before_start_step_for_preconditioned_optimizers() -> None:
+    p = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.Adam([p], lr=0.01)
+    probe = CurvatureProbe(opt, loss_fn=lambda: 3.0 * p[0] ** 2 + p[1] ** 2, every=1)
+    assert probe.start_step == 10
+    for step in range(1, 12):
+        opt.zero_grad()
+        (3.0 * p[0] ** 2 + p[1] ** 2).backward()
+        opt.step()
+        assert (probe.lambda_max is None) == (step < 10)
+    assert CurvatureProbe(torch.optim.SGD([p], lr=0.1), loss_fn=lambda: p.sum()).start_step == 0
+    with pytest.raises(ValueError, match="start_step"):
+        CurvatureProbe(opt, loss_fn=lambda: p.sum(), start_step=-1)

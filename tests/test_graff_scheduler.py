@@ -338,19 +338,20 @@ def test_resume_reproduces_the_uninterrupted_lr_trajectory(tmp_path) -> None:
 def test_lora_end_to_end_uses_blocks_edges_and_probes(tiny_lora_qwen3, token_batch) -> None:
     model = tiny_lora_qwen3
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=6), model=model, curvature_every=2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=12), model=model, curvature_every=2)
     assert len(sched.blocks) == 12
     assert sched.edge_index.shape[1] > 0
-    for _ in range(6):
+    for _ in range(12):
         loss = model(**token_batch).loss
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
     assert sched.entropy_probe is not None
-    assert sched.entropies.count == 6
+    assert sched.entropies.count == 12
+    assert sched.curvature.start_step == 10  # AdamW: no estimate before the preconditioner settles
     assert sched.curvature.lambda_max is not None
-    assert sched.losses.count == 6
+    assert sched.losses.count == 12
     sched.remove()
     assert not model._forward_hooks
 

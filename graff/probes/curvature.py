@@ -163,6 +163,10 @@ class CurvatureProbe:
         hvp: False turns the λ̂ estimates off (per-step statistics only).
         secant_window: Number of steps the tripwire takes its maximum over.
         seed: Seed of the random start vector.
+        start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
+            preconditioned optimizers, whose first preconditioners are meaningless (measured on
+            a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
+            0 otherwise. :meth:`estimate_lambda_max` can always be called directly.
 
     Raises:
         GraffTypeError, GraffConfigError: On a bad argument (the message names it).
@@ -193,6 +197,7 @@ class CurvatureProbe:
         hvp: bool = True,
         secant_window: int = 20,
         seed: int = 0,
+        start_step: int | None = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise GraffTypeError(
@@ -232,6 +237,13 @@ class CurvatureProbe:
                 f"{type(optimizer).__name__}; use preconditioned=None or False."
             )
         self.kind = kind if preconditioned is not False else None
+        if start_step is None:
+            start_step = 10 if self.kind is not None else 0
+        elif isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise GraffConfigError(
+                f"start_step must be a non-negative integer, got {start_step!r}."
+            )
+        self.start_step = start_step
         self.optimizer, self.model, self.loss_fn, self.every, self.seed = (
             optimizer,
             model,
@@ -352,7 +364,7 @@ class CurvatureProbe:
         return self.kind is None or any(self.optimizer.state.get(p) for p in self._hvp_params)
 
     def _due(self) -> bool:
-        if not self._ready():
+        if self.step < self.start_step or not self._ready():
             return False
         return self._last_attempt is None or self.step - self._last_attempt >= self.interval
 
