@@ -32,7 +32,11 @@ def _report(args: argparse.Namespace) -> None:
     from benchmarks.report import write_all
 
     out = Path(args.out)
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines() if line]
+    log = out / "runs.jsonl"
+    if log.is_file():
+        runs = [json.loads(line) for line in log.read_text().splitlines() if line]
+    else:  # committed results keep the runs inside results.json only
+        runs = json.loads((out / "results.json").read_text())["runs"]
     previous = out / "results.json"
     if previous.is_file():  # keep the provenance of the run itself
         meta = json.loads(previous.read_text())["meta"]

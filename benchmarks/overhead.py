@@ -14,6 +14,7 @@ import gc
 import json
 import random
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,22 @@ def held_tensor_bytes(scheduler: Any, exclude: set[int]) -> int:
                 storages.add(ptr)
                 total += obj.untyped_storage().nbytes()
             continue
-        if isinstance(obj, torch.nn.Module | torch.optim.Optimizer | type):
+        if isinstance(obj, torch.nn.Module | torch.optim.Optimizer | type | types.ModuleType):
             continue  # the model and optimizer are the user's, not the scheduler's
+        if isinstance(obj, types.FunctionType):  # closures, not the module's globals
+            stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
+            stack.extend(obj.__defaults__ or ())
+            continue
         stack.extend(gc.get_referents(obj))
     return total
+
+
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018
+    except ValueError:
+        return False
+    return True
 
 
 def _exclusions(model: torch.nn.Module, opt: torch.optim.Optimizer) -> set[int]:
@@ -91,6 +104,7 @@ def measure(task: LoraTask, rounds: int, warmup: int = 5, seed: int = 0) -> dict
                 continue
             if r >= warmup:
                 run["times"].append(elapsed)
+            if r >= warmup and (r - warmup) % 10 == 0:
                 excl = _exclusions(run["model"], run["setup"].optimizer)
                 run["bytes"] = max(run["bytes"], held_tensor_bytes(run["setup"].scheduler, excl))
     ref = np.array(runs[REFERENCE]["times"])
