@@ -237,7 +237,13 @@ def test_online_learning_updates_the_planner_and_frozen_does_not() -> None:
 def test_block_multipliers_rescale_the_applied_update() -> None:
     model, x, y = _regression()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), guard=False, calibrate=False)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=20),
+        guard=False,
+        calibrate=False,
+        block_multipliers=True,
+    )
     _train(sched, model, x, y, 3)
     sched._multipliers = torch.full((len(sched.blocks),), 2.0)
     snapshot = [p.detach().clone() for p in model.parameters()]
