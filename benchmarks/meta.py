@@ -27,7 +27,9 @@ def provenance() -> dict[str, Any]:
     return {
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--", "graff", "benchmarks")),
+        "git_dirty": bool(
+            _git("status", "--porcelain", "--untracked-files=no", "--", "graff", "benchmarks")
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
