@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from graff.errors import CheckpointError
 
@@ -149,3 +153,68 @@ class PeakCalibrator:
             self.backoffs = int(state["backoffs"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"invalid calibration state: {err}") from err
+
+
+@dataclass(frozen=True)
+class WindowStats:
+    """Curvature-probe statistics summed over a planning window (per block, float32)."""
+
+    hypergrad: Tensor
+    grad_sq_norm: Tensor
+    update_sq_norm: Tensor
+    secant_ratio: Tensor
+
+
+class StatsWindow:
+    """Sums the curvature probe's per-step samples between two planner runs.
+
+    For a log-LR residual held over the window, the derivative of the summed next-step losses is
+    the sum of the per-step hypergradients :math:`\\sum_s \\langle g_{s+1}, \\Delta\\theta_s\\rangle`;
+    the gradient and update squared norms are summed too, so the window cosine
+    :math:`\\sum_s\\langle g_{s+1},\\Delta\\theta_s\\rangle / \\sqrt{\\sum_s\\lVert g_{s+1}\\rVert^2
+    \\sum_s\\lVert\\Delta\\theta_s\\rVert^2}` stays in [-1, 1] (Cauchy–Schwarz). Secant ratios
+    are averaged. A sample is counted once (by its step index).
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        self._sums = torch.zeros(4, num_blocks)
+        self.count = 0
+        self._last_step: int | None = None
+
+    def add(self, stats: Any) -> None:
+        """Fold in the probe's latest sample if it is new (``None`` is ignored)."""
+        if stats is None or stats.step == self._last_step:
+            return
+        sample = torch.stack(
+            [stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm, stats.secant_ratio]
+        ).float()
+        if not bool(torch.isfinite(sample).all()):
+            return
+        self._sums += sample
+        self.count += 1
+        self._last_step = stats.step
+
+    def stats(self) -> WindowStats | None:
+        """The window's statistics, or ``None`` if no sample arrived."""
+        if not self.count:
+            return None
+        hyper, gsq, usq, secant = self._sums.clone().unbind(0)
+        return WindowStats(hyper, gsq, usq, secant / self.count)
+
+    def reset(self) -> None:
+        """Start a new window (the last step index is kept, so no sample is counted twice)."""
+        self._sums.zero_()
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self._sums.clone(), "count": self.count, "last_step": self._last_step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            sums, count, last = state["sums"], int(state["count"]), state["last_step"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"invalid planning-window state: {err}") from err
+        if not isinstance(sums, Tensor) or sums.shape != self._sums.shape:
+            raise CheckpointError("planning-window state does not fit this number of blocks.")
+        self._sums, self.count = sums.clone().float(), count
+        self._last_step = None if last is None else int(last)

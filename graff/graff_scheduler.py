@@ -73,9 +73,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graff._graff_state import LossTracker, PeakCalibrator
+from graff._graff_state import LossTracker, PeakCalibrator, StatsWindow
 from graff._scheduler_base import BudgetedScheduler
-from graff._validation import check_in_range, check_positive
+from graff._validation import check_in_range, check_positive, check_positive_int
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
 from graff.errors import CheckpointError, GraffConfigError, ProbeError
@@ -134,6 +134,11 @@ class GraffScheduler(BudgetedScheduler):
         guard: Apply the stability guard.
         guard_c: Guard constant ``c``; default optimizer-aware (:func:`graff.guard_constant`).
         curvature_every: λ̂ refresh interval in steps, or ``"auto"`` (≤ 1 % overhead).
+        plan_every: Run the planner (features, encoder, online update, projection) every this
+            many optimizer steps; in between the LR follows the prior, the peak search and the
+            guard every step with the residual held. The online signal is then the hypergradient
+            summed over the window — the exact derivative for a residual held over it, and a
+            ``plan_every``-step horizon instead of one step. Amortises the planner's cost.
         entropy: Use the entropy probe when a model is given.
         warm_start: Path of a planner saved by :meth:`save_planner`, ``"default"`` for the
             planner shipped with graff, or ``None`` (fresh planner).
@@ -182,6 +187,7 @@ class GraffScheduler(BudgetedScheduler):
         guard: bool = True,
         guard_c: float | None = None,
         curvature_every: int | str = "auto",
+        plan_every: int = 10,
         entropy: bool = True,
         warm_start: str | Path | None = None,
         lr_min_factor: float = 1e-3,
@@ -192,6 +198,7 @@ class GraffScheduler(BudgetedScheduler):
             make_prior(prior, warmup=warmup) if isinstance(prior, str) else make_prior(prior)
         )
         self.planner_lr = check_positive("planner_lr", planner_lr)
+        self.plan_every = check_positive_int("plan_every", plan_every)
         self.online, self.edges, self.budget_feature = (
             bool(online),
             bool(edges),
@@ -237,6 +244,8 @@ class GraffScheduler(BudgetedScheduler):
         self._multipliers = torch.ones(len(self.blocks))
         self._log_factor = 0.0
         self._nonfinite_seen = 0
+        self._window = StatsWindow(len(self.blocks))
+        self._steps_since_plan = 0
         super().__init__(
             optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
         )
@@ -253,26 +262,32 @@ class GraffScheduler(BudgetedScheduler):
     def _plan(self, loss: float | None) -> list[float]:
         u = self.budget.fraction_used
         self._apply_multipliers()
-        stats = self.curvature.last
+        self._window.add(self.curvature.last)
         self.losses.update(loss)
         if self.entropy_probe is not None:
             self.entropies.update(_entropy_mean(self.entropy_probe))
-        if self.online and self._pending is not None and stats is not None:
-            self._learn(stats)
-        x = self._features(stats, u)
-        with torch.no_grad():
-            h = self.planner(x, self.h, self._adjacency)
-        self._pending, self.h = (x, self.h), h
-        return self._decide(u, loss, h)
+        self._steps_since_plan += 1
+        replan = self._pending is None or self._steps_since_plan >= self.plan_every
+        if replan:
+            stats = self._window.stats()
+            if self.online and self._pending is not None and stats is not None:
+                self._learn(stats)
+            x = self._features(stats, u)
+            with torch.no_grad():
+                h = self.planner(x, self.h, self._adjacency)
+            self._pending, self.h = (x, self.h), h
+            self._window.reset()
+            self._steps_since_plan = 0
+        return self._decide(u, loss, self.h, replan)
 
-    def _decide(self, u: float, loss: float | None, h: Tensor) -> list[float]:
+    def _decide(self, u: float, loss: float | None, h: Tensor, replan: bool) -> list[float]:
         prior = max(self._prior_value(u), 1e-12)
         bound = self._guard_log_bound()
         unstable = self._unstable(loss, bound)
         if self.calibrator.update(u, math.log(prior), unstable):
             self.losses.reset_best()
         offset = math.log(prior) + self.calibrator.log_peak
-        if bound is not None and self.guard:
+        if replan and bound is not None and self.guard:
             # Never project the decoder below its clip range: the hard min below enforces
             # the rest, and the decoder stays where online learning can move it back.
             target = max(bound - offset, -self._log_residual_max)
@@ -423,6 +438,8 @@ class GraffScheduler(BudgetedScheduler):
             "multipliers": self._multipliers.clone(),
             "log_factor": self._log_factor,
             "calibrator": self.calibrator.state_dict(),
+            "window": self._window.state_dict(),
+            "steps_since_plan": self._steps_since_plan,
             "losses": self.losses.state_dict(),
             "entropies": self.entropies.state_dict(),
             "counters": [
@@ -450,6 +467,8 @@ class GraffScheduler(BudgetedScheduler):
             "multipliers",
             "log_factor",
             "calibrator",
+            "window",
+            "steps_since_plan",
             "losses",
             "entropies",
             "counters",
@@ -486,6 +505,8 @@ class GraffScheduler(BudgetedScheduler):
         self._multipliers = extra["multipliers"].clone()
         self._log_factor = float(extra["log_factor"])
         self.calibrator.load_state_dict(extra["calibrator"])
+        self._window.load_state_dict(extra["window"])
+        self._steps_since_plan = int(extra["steps_since_plan"])
         self.losses.load_state_dict(extra["losses"])
         self.entropies.load_state_dict(extra["entropies"])
         (
