@@ -112,7 +112,7 @@ def test_power_iteration_brackets_lambda_max_on_quadratics(lam_max: float, seed:
     a, eigs = spectrum_matrix(40, lam_max, seed)
     x = nn.Parameter(torch.randn(40, dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=0.1 / lam_max)
-    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=1)
+    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=1, start_step=0)
     raw = probe.estimate_lambda_max()
     true = float(eigs.max())
     assert raw == probe.lambda_max
@@ -125,7 +125,7 @@ def test_power_iteration_brackets_lambda_max_on_quadratics(lam_max: float, seed:
 def test_lambda_matches_dense_hessian_on_mlp(name: str) -> None:
     model, x, y = make_mlp()
     opt = OPTIMIZERS[name](model.parameters())
-    probe = CurvatureProbe(opt, loss_fn=lambda: mlp_loss(model, x, y), every=1000)
+    probe = CurvatureProbe(opt, loss_fn=lambda: mlp_loss(model, x, y), every=1000, start_step=0)
     train(model, opt, x, y, 3)
     h = dense_hessian(model, x, y)
     p = dense_preconditioner(opt)
@@ -141,7 +141,7 @@ def test_auto_mode_refreshes_at_the_interval() -> None:
     a, _ = spectrum_matrix(10, 50.0, 0)
     x = nn.Parameter(torch.ones(10, dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=0.01)
-    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=2)
+    probe = CurvatureProbe(opt, loss_fn=lambda: quadratic(a, x), every=2, start_step=0)
     for _ in range(6):
         opt.zero_grad()
         quadratic(a, x).backward()
@@ -202,7 +202,9 @@ def test_hypergradient_and_secant_closed_form_sgd() -> None:
 def test_statistics_use_the_applied_update(name: str) -> None:
     model, x, y = make_mlp(1)
     opt = OPTIMIZERS[name](model.parameters())
-    probe = CurvatureProbe(opt, model=model, loss_fn=lambda: mlp_loss(model, x, y), every=2)
+    probe = CurvatureProbe(
+        opt, model=model, loss_fn=lambda: mlp_loss(model, x, y), every=2, start_step=0
+    )
     log = train(model, opt, x, y, 4)
     delta = [b - a for a, b in zip(log[2]["theta"], log[3]["theta"], strict=True)]
     hyper = sum(
@@ -224,7 +226,9 @@ def test_probe_does_not_change_training() -> None:
         model, x, y = make_mlp(2)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         if with_probe:
-            CurvatureProbe(opt, loss_fn=lambda m=model, x=x, y=y: mlp_loss(m, x, y), every=1)
+            CurvatureProbe(
+                opt, loss_fn=lambda m=model, x=x, y=y: mlp_loss(m, x, y), every=1, start_step=0
+            )
         train(model, opt, x, y, 5)
         runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
@@ -255,7 +259,7 @@ def test_non_finite_hvp_keeps_previous_estimate() -> None:
         scale = math.nan if poison["on"] else 2.0
         return scale * (x**2).sum()
 
-    probe = CurvatureProbe(torch.optim.SGD([x], lr=0.1), loss_fn=loss_fn, every=1)
+    probe = CurvatureProbe(torch.optim.SGD([x], lr=0.1), loss_fn=loss_fn, every=1, start_step=0)
     assert probe.estimate_lambda_max() == pytest.approx(4.0)
     poison["on"] = True
     assert probe.estimate_lambda_max() == pytest.approx(4.0)
@@ -268,7 +272,9 @@ def test_params_without_grad_are_skipped() -> None:
     unused = nn.Parameter(torch.ones(4))
     opt = torch.optim.Adam([used, unused], lr=0.1)
     blocks = [Block("used", (used,)), Block("unused", (unused,))]
-    probe = CurvatureProbe(opt, blocks=blocks, loss_fn=lambda: 3.0 * (used**2).sum(), every=1)
+    probe = CurvatureProbe(
+        opt, blocks=blocks, loss_fn=lambda: 3.0 * (used**2).sum(), every=1, start_step=0
+    )
     for _ in range(3):
         opt.zero_grad()
         (3.0 * (used**2).sum()).backward()
@@ -328,7 +334,9 @@ def test_without_loss_source_lambda_stays_none() -> None:
 
 def test_adam_without_state_has_no_estimate() -> None:
     x = nn.Parameter(torch.ones(2))
-    probe = CurvatureProbe(torch.optim.Adam([x], lr=0.1), loss_fn=lambda: (x**2).sum())
+    probe = CurvatureProbe(
+        torch.optim.Adam([x], lr=0.1), loss_fn=lambda: (x**2).sum(), start_step=0
+    )
     with pytest.raises(ProbeError, match="no state yet"):
         probe.estimate_lambda_max()
     assert probe.lambda_max is None
@@ -370,7 +378,9 @@ def test_state_dict_round_trip_gives_the_same_next_estimate() -> None:
     def run(seed: int, every: int, steps: int):
         model, x, y = make_mlp(4)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        probe = CurvatureProbe(opt, loss_fn=lambda: mlp_loss(model, x, y), every=every, seed=seed)
+        probe = CurvatureProbe(
+            opt, loss_fn=lambda: mlp_loss(model, x, y), every=every, seed=seed, start_step=0
+        )
         train(model, opt, x, y, steps)
         return model, opt, probe
 
@@ -412,7 +422,7 @@ def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
     buf = io.BytesIO()
     torch.save(probe.state_dict(), buf)
     buf.seek(0)
-    restored = CurvatureProbe(opt, model=model, every=2, initial_iters=8)
+    restored = CurvatureProbe(opt, model=model, every=2, initial_iters=8, start_step=0)
     restored.load_state_dict(torch.load(buf, weights_only=True))
     assert restored.estimate_lambda_max() == probe.estimate_lambda_max()
     restored.remove()
@@ -425,7 +435,7 @@ def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
 def test_model_without_loss_output_is_reported(tiny_lora_qwen3, token_batch) -> None:
     model = tiny_lora_qwen3
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    probe = CurvatureProbe(opt, model=model, every=1)
+    probe = CurvatureProbe(opt, model=model, every=1, start_step=0)
     with pytest.raises(ProbeError, match="no probe batch"):
         probe.estimate_lambda_max()
     model(input_ids=token_batch["input_ids"]).logits.sum().backward()
