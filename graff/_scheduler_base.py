@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
-from graff._validation import check_positive
+from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 from graff.guard import clamp_lr
@@ -81,14 +81,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         lr_min_factor: float = 1e-3,
         lr_max_factor: float = 100.0,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise GraffTypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
-        if model is not None and not isinstance(model, nn.Module):
-            raise GraffTypeError(
-                f"model must be a torch.nn.Module or None, got {type(model).__name__}."
-            )
+        check_optimizer_and_model(optimizer, model)
         self.lr_min_factor = check_positive("lr_min_factor", lr_min_factor)
         self.lr_max_factor = check_positive("lr_max_factor", lr_max_factor)
         if not self.lr_min_factor <= 1.0 <= self.lr_max_factor:

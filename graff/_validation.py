@@ -85,3 +85,17 @@ def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> Any:
     if value not in options:
         raise GraffConfigError(f"{name} must be one of {options!r}, got {value!r}.")
     return value
+
+
+def check_optimizer_and_model(optimizer: Any, model: Any = None) -> None:
+    """Raise unless ``optimizer`` is a torch optimizer and ``model`` is a module or None."""
+    import torch
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise GraffTypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
+        )
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise GraffTypeError(
+            f"model must be a torch.nn.Module or None, got {type(model).__name__}."
+        )

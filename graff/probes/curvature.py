@@ -53,7 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from graff._validation import check_in_range, check_positive_int
+from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
@@ -199,14 +199,7 @@ class CurvatureProbe:
         seed: int = 0,
         start_step: int | None = None,
     ) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise GraffTypeError(
-                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}."
-            )
-        if model is not None and not isinstance(model, nn.Module):
-            raise GraffTypeError(
-                f"model must be a torch.nn.Module or None, got {type(model).__name__}."
-            )
+        check_optimizer_and_model(optimizer, model)
         if loss_fn is not None and not callable(loss_fn):
             raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
         if every != "auto":
