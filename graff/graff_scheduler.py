@@ -140,8 +140,10 @@ class GraffScheduler(BudgetedScheduler):
             summed over the window — the exact derivative for a residual held over it, and a
             ``plan_every``-step horizon instead of one step. Amortises the planner's cost.
         entropy: Use the entropy probe when a model is given.
-        warm_start: Path of a planner saved by :meth:`save_planner`, ``"default"`` for the
-            planner shipped with graff, or ``None`` (fresh planner).
+        warm_start: ``"default"`` (the planner shipped with graff, meta-trained offline by
+            ``python -m graff.pretrain``), the path of a planner saved by :meth:`save_planner`,
+            or ``None`` (a fresh planner with a zero decoder: the prior and the peak search
+            alone until online learning moves it).
         lr_min_factor: Lower clamp (× initial LR).
         lr_max_factor: Upper clamp (× initial LR).
         seed: Seed of the planner's initial weights.
@@ -189,7 +191,7 @@ class GraffScheduler(BudgetedScheduler):
         curvature_every: int | str = "auto",
         plan_every: int = 10,
         entropy: bool = True,
-        warm_start: str | Path | None = None,
+        warm_start: str | Path | None = "default",
         lr_min_factor: float = 1e-3,
         lr_max_factor: float = 100.0,
         seed: int = 0,

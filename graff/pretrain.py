@@ -103,10 +103,10 @@ def run_task(task: Task, corpus: CharCorpus, planner: PlannerNet | None) -> floa
     clock = BudgetClock(steps=task.steps)
     if planner is None:
         sched = GraffScheduler(
-            opt, clock, online=False, calibrate=False, block_multipliers=False, guard=False
+            opt, clock, online=False, calibrate=False, guard=False, warm_start=None
         )
     else:
-        sched = GraffScheduler(opt, clock, model=model)
+        sched = GraffScheduler(opt, clock, model=model, warm_start=None)
         sched.planner.load_state_dict(planner.state_dict())
     g = torch.Generator().manual_seed(task.seed)
     for _ in range(task.steps):

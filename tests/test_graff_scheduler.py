@@ -213,6 +213,7 @@ def test_calibrate_false_is_the_prior_alone() -> None:
         calibrate=False,
         block_multipliers=False,
         guard=False,
+        warm_start=None,  # a zero decoder: no residual
     )
     lrs = _train(sched, model, x, y, 50)
     expected = [0.05 * max(sched.prior(k / 50), 1e-3) for k in range(1, 51)]
