@@ -21,14 +21,16 @@ WEIGHT_DECAY = 0.01
 WARMUP = 0.05  # warm-up fraction for every scheduler that has one (GRAFF's prior default too)
 
 GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
-    "graff": {},
-    "graff_warm_start": {"warm_start": "default"},
+    "graff": {},  # defaults: the shipped planner (warm_start="default"), WSD prior
+    "graff_fresh": {"warm_start": None},  # an untrained planner instead of the shipped one
+    "graff_linear_prior": {"prior": "linear"},
     "graff_no_edges": {"edges": False},
     "graff_no_budget_feature": {"budget_feature": False},
     "graff_frozen": {"online": False},
     "graff_no_prior": {"prior": None},
     "graff_no_calibrate": {"calibrate": False},
-    "prior_only": {"online": False, "calibrate": False, "block_multipliers": False},
+    # GRAFF's own budget prior alone: zero decoder, no search, no learning, no guard
+    "prior_only": {"online": False, "calibrate": False, "guard": False, "warm_start": None},
 }
 BASELINES = ("fixed", "cosine", "linear", "wsd", "schedule_free")
 LEARNED = ("graff", "prior_only", "reactor")
