@@ -23,7 +23,9 @@ def _kernel_available(name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes() -> None:
+def test_quickstart_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A kernel that inherits MPLBACKEND=Agg draws nothing inline; use the notebook default.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nbformat = pytest.importorskip("nbformat", reason="nbformat is needed to read the notebook")
     nbclient = pytest.importorskip("nbclient", reason="nbclient is needed to run the notebook")
     pytest.importorskip("transformers")
