@@ -112,8 +112,14 @@ class PeakCalibrator:
         self.cooldown = 0
         self.backoffs = 0
 
-    def update(self, fraction_used: float, log_prior: float, unstable: bool) -> bool:
-        """Advance one step; returns True when it backed off."""
+    def update(
+        self, fraction_used: float, log_prior: float, unstable: bool, hold: bool = False
+    ) -> bool:
+        """Advance one step; returns True when it backed off.
+
+        ``hold=True`` keeps the peak where it is this step (GraffScheduler holds the search until
+        the first curvature estimate exists, so that the guard can bound the rise).
+        """
         self.steps += 1
         self.cooldown = max(0, self.cooldown - 1)
         if not self.enabled:
@@ -131,7 +137,7 @@ class PeakCalibrator:
         if self.searching:
             if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max:
                 self.searching = False
-            else:
+            elif not hold:
                 est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
                 growth = self.log_peak_max / max(10.0, 0.5 * est)
                 self.log_peak = min(self.log_peak_max, self.log_peak + growth)

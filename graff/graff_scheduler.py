@@ -76,7 +76,12 @@ from torch import Tensor, nn
 
 from graff._graff_state import LossTracker, PeakCalibrator, StatsWindow
 from graff._scheduler_base import BudgetedScheduler
-from graff._validation import check_in_range, check_positive, check_positive_int
+from graff._validation import (
+    check_in_range,
+    check_optimizer_and_model,
+    check_positive,
+    check_positive_int,
+)
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
 from graff.errors import CheckpointError, GraffConfigError, ProbeError
@@ -201,6 +206,7 @@ class GraffScheduler(BudgetedScheduler):
         lr_max_factor: float = 100.0,
         seed: int = 0,
     ) -> None:
+        check_optimizer_and_model(optimizer, model)
         self.prior = (
             make_prior(prior, warmup=warmup) if isinstance(prior, str) else make_prior(prior)
         )
@@ -215,6 +221,7 @@ class GraffScheduler(BudgetedScheduler):
         self._log_mult_max = math.log(check_in_range("multiplier_max", multiplier_max, 1.0, 10.0))
         self._log_residual_max = math.log(check_in_range("residual_max", residual_max, 1.0, 100.0))
         self.guard_c = None if guard_c is None else check_positive("guard_c", guard_c)
+        self._guard_c = self.guard_c if self.guard_c is not None else guard_constant(optimizer)
         self.calibrator = PeakCalibrator(
             enabled=bool(calibrate),
             search_fraction=check_in_range(
@@ -291,7 +298,9 @@ class GraffScheduler(BudgetedScheduler):
         prior = max(self._prior_value(u), 1e-12)
         bound = self._guard_log_bound()
         unstable = self._unstable(loss, bound)
-        if self.calibrator.update(u, math.log(prior), unstable):
+        # Rise toward the stability limit only once the guard can see it (when it can at all).
+        hold = self.guard and self.curvature.hvp and bound is None
+        if self.calibrator.update(u, math.log(prior), unstable, hold=hold):
             self.losses.reset_best()
         offset = math.log(prior) + self.calibrator.log_peak
         if replan and bound is not None and self.guard:
@@ -342,7 +351,7 @@ class GraffScheduler(BudgetedScheduler):
         lam = self.curvature.lambda_max_safe
         if lam is None:
             return None
-        c = self.guard_c if self.guard_c is not None else guard_constant(self.optimizer)
+        c = self._guard_c
         top_lr = max(float(g["initial_lr"]) for g in self.optimizer.param_groups)
         m_max = float(self._multipliers.max()) if self.block_multipliers else 1.0
         return log_lr_bound(lam, c, offset=math.log(top_lr * m_max))

@@ -81,6 +81,8 @@ def test_budget_accepts_seconds_and_rejects_junk() -> None:
     model, *_ = _regression()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert GraffScheduler(opt, budget=60).budget.total == 60.0
+    with pytest.raises(TypeError, match="optimizer"):
+        GraffScheduler("AdamW", budget=60)
     with pytest.raises(TypeError, match="budget"):
         GraffScheduler(opt, budget="an hour")
     with pytest.raises(ValueError, match="planner_lr"):
@@ -442,3 +444,23 @@ def test_no_edges_ablation_ignores_the_graph() -> None:
         GraffScheduler(
             torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), budget=10, backoff=0.5
         )
+
+
+def test_model_without_loss_output_degrades_to_the_secant_guard(
+    tiny_lora_qwen3, token_batch
+) -> None:
+    model = tiny_lora_qwen3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=14), model=model)
+    ids = token_batch["input_ids"]
+    with pytest.warns(RuntimeWarning, match="no .loss"):
+        for _ in range(14):
+            logits = model(input_ids=ids).logits  # the user computes the loss outside the model
+            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward()
+            opt.step()
+            sched.step(loss)
+            opt.zero_grad()
+    assert not sched.curvature.hvp
+    assert sched.curvature.lambda_max is None
+    assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())

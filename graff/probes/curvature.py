@@ -44,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -338,9 +339,17 @@ class CurvatureProbe:
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
         if self._due():
-            self._timed_estimate(
-                self.power_iters if self.lambda_max is not None else self.initial_iters
-            )
+            try:
+                self._timed_estimate(
+                    self.power_iters if self.lambda_max is not None else self.initial_iters
+                )
+            except ProbeError as err:  # e.g. the model's output has no .loss: never crash training
+                self.hvp = False
+                warnings.warn(
+                    f"CurvatureProbe turns its λ̂ estimates off: {err} Pass loss_fn= to enable them.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._t_post = time.perf_counter()
 
     def _time_step(self, now: float) -> None:
