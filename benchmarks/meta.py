@@ -28,7 +28,15 @@ def provenance() -> dict[str, Any]:
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(
-            _git("status", "--porcelain", "--untracked-files=no", "--", "graff", "benchmarks")
+            _git(
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "graff",
+                "benchmarks",
+                ":(exclude)benchmarks/results",
+            )
         ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
