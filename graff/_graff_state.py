@@ -40,14 +40,17 @@ class LossTracker:
         return self._slow / (1 - self.beta_slow**self.count) if self.count else 0.0
 
     def update(self, value: float | None) -> None:
-        """Fold in one value (``None``/NaN/inf are skipped)."""
+        """Fold in one value (``None``, NaN, inf, or one that would overflow the averages: skipped)."""
         if value is None or not math.isfinite(value):
             return
-        if self.count:
-            self._var = self.beta_slow * self._var + (1 - self.beta_slow) * (value - self.slow) ** 2
+        deviation = value - self.slow if self.count else 0.0
+        var = self.beta_slow * self._var + (1 - self.beta_slow) * deviation * deviation
+        fast = self.beta_fast * self._fast + (1 - self.beta_fast) * value
+        slow = self.beta_slow * self._slow + (1 - self.beta_slow) * value
+        if not all(math.isfinite(x) for x in (var, fast, slow)):
+            return
+        self._var, self._fast, self._slow = var, fast, slow
         self.count += 1
-        self._fast = self.beta_fast * self._fast + (1 - self.beta_fast) * value
-        self._slow = self.beta_slow * self._slow + (1 - self.beta_slow) * value
         if self.count >= self.min_count:
             self.best = min(self.best, self.fast)
 

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_lora, make_tiny_qwen3
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import graff
@@ -468,3 +470,30 @@ def test_model_without_loss_output_degrades_to_the_secant_guard(
     assert not sched.curvature.hvp
     assert sched.curvature.lambda_max is None
     assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.sampled_from([0.0, -1.0, 1e308, -1e308, 1e-308]),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_hostile_loss_streams_keep_the_lr_finite_and_clamped(losses: list[float]) -> None:
+    theta = nn.Parameter(torch.ones(4))
+    opt = torch.optim.Adam([theta], lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), plan_every=2)
+    for value in losses:
+        opt.zero_grad()
+        (theta**2).sum().backward()
+        opt.step()
+        sched.step(value)
+        lr = sched.get_last_lr()[0]
+        assert math.isfinite(lr)
+        assert 1e-2 * sched.lr_min_factor <= lr <= 1e-2 * sched.lr_max_factor
+    assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
+    assert torch.isfinite(sched.h).all()
