@@ -4,6 +4,7 @@ The public API is listed in ``__all__``; everything else is private and may chan
 """
 
 from graff._version import __version__
+from graff.budget_scheduler import BudgetScheduler
 from graff.clock import BudgetClock
 from graff.errors import (
     CheckpointError,
@@ -30,6 +31,7 @@ from graff.tokens import token_weights_from_entropy, weighted_causal_lm_loss
 __all__ = [
     "BudgetClock",
     "BudgetPrior",
+    "BudgetScheduler",
     "CheckpointError",
     "CurvatureProbe",
     "CurvatureStats",
