@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full`` and ``python -m benchmarks overhead``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|wallclock`` and ``python -m benchmarks overhead``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,14 @@ def _run(args: argparse.Namespace) -> None:
     from benchmarks.runner import run_suite
     from benchmarks.suites import SUITES
 
+    if args.suite.startswith("wallclock"):
+        from benchmarks import wallclock
+
+        out = Path(args.out or REPO / "benchmarks" / "results" / args.suite.replace("-", "_"))
+        wallclock.run(
+            args.suite, out, seeds=args.seeds, data_dir=args.data_dir, workers=args.workers
+        )
+        return
     suite = SUITES[args.suite]
     out = Path(args.out or REPO / "benchmarks" / "results" / suite.name)
     meta = provenance() | {"suite": suite.name, "seeds": args.seeds or suite.seeds}
@@ -41,6 +49,12 @@ def _report(args: argparse.Namespace) -> None:
     if previous.is_file():  # keep the provenance of the run itself
         meta = json.loads(previous.read_text())["meta"]
         meta["report_command"] = provenance()["command"]
+        if str(meta.get("suite", "")).startswith("wallclock"):
+            from benchmarks.wallclock import write
+
+            write(runs, meta, out)
+            print(f"rebuilt {out}/results.md from {len(runs)} runs")
+            return
     else:
         meta = provenance() | {"suite": args.suite, "wall_seconds": float("nan"), "partial": True}
     write_all(runs, meta, out)
@@ -57,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every scheduler on every task of a suite")
-    run.add_argument("--suite", choices=["quick", "full"], default="quick")
+    run.add_argument(
+        "--suite", choices=["quick", "full", "wallclock", "wallclock-quick"], default="quick"
+    )
     run.add_argument("--out", help="results folder (default benchmarks/results/<suite>/)")
     run.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")
     run.add_argument(

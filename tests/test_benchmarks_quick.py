@@ -65,3 +65,26 @@ def test_no_scheduler_crashed(quick_results: Path) -> None:
         if r["status"] == "error"
     }
     assert not errors
+
+
+def test_wallclock_quick_suite(tmp_path: Path) -> None:
+    """The wall-clock-budget suite runs end to end: B per task recorded, steps counted, finite."""
+    data = Path(os.environ.get("GRAFF_GSM8K_DIR", DEFAULT_GSM8K))
+    if not (data / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K data not found in {data}; set GRAFF_GSM8K_DIR")
+    main(["run", "--suite", "wallclock-quick", "--out", str(tmp_path), "--data-dir", str(data)])
+    payload = json.loads((tmp_path / "results.json").read_text())
+    meta = payload["meta"]
+    assert meta["suite"] == "wallclock-quick"
+    assert {"command", "git_commit", "date", "machine", "budgets"} <= meta.keys()
+    assert all(b["budget_seconds"] > 0 for b in meta["budgets"].values())
+    errors = [r for r in payload["runs"] if r["status"] == "error"]
+    assert not errors, errors
+    ok = [r for r in payload["runs"] if r["status"] == "ok"]
+    assert {r["scheduler"] for r in ok} >= {"fixed", "cosine", "wsd", "schedule_free", "reactor"}
+    for run in ok:
+        assert 1 <= run["steps_done"] <= 5 * run["step_budget"]
+        assert run["train_seconds"] >= run["budget_seconds"] or run["hit_step_cap"]
+        assert math.isfinite(run["final_val_loss"])
+    text = (tmp_path / "results.md").read_text()
+    assert "| scheduler | final val loss (mean ± std) | steps done" in text

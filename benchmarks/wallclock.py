@@ -1,0 +1,321 @@
+"""Wall-clock-budget table: every scheduler under the same *time* budget per task.
+
+``python -m benchmarks run --suite wallclock`` (or ``wallclock-quick``). Per task, the budget is
+``B_task = step budget × median per-step time of plain AdamW + cosine``, measured once at set-up in
+this process. Each run gets ``graff.BudgetClock(seconds=B_task)``; it trains until the clock is
+exhausted (capped at 5 × the step budget) and evaluates inside ``clock.paused()``. Step-based
+baselines become time-based (``LambdaLR`` over ``clock.fraction_used`` with the same
+``graff.priors.BudgetPrior`` shapes); GRAFF / prior-only / REACTOR get the clock directly;
+schedule-free keeps its warm-up in steps (5 % of the step budget). One worker process, one torch
+thread, runs one after another (timing fairness).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.schedulers import GRAFF_VARIANTS, WARMUP, Setup, SkipVariant, current_lr, make
+from benchmarks.suites import DEFAULT_LR, SUITES, Suite
+from graff.clock import BudgetClock
+from graff.priors import BudgetPrior
+
+SCHEDULERS = (
+    "graff",
+    "prior_only",
+    "reactor",
+    "fixed",
+    "cosine",
+    "linear",
+    "wsd",
+    "schedule_free",
+)
+BASELINES = ("fixed", "cosine", "linear", "wsd", "schedule_free")
+STEP_CAP = 5  # a run stops after STEP_CAP × the step budget even if time is left
+TIMING_STEPS = 40  # AdamW + cosine steps timed per task at set-up (after 5 warm-up steps)
+EVAL_POINTS = 5
+
+# suite name -> (task configs taken from this step suite, seeds)
+WALLCLOCK_SUITES: dict[str, tuple[str, int]] = {
+    "wallclock": ("full", 3),
+    "wallclock-quick": ("quick", 1),
+}
+
+
+def _suite(name: str) -> Suite:
+    return SUITES[WALLCLOCK_SUITES[name][0]]
+
+
+def _time_steps(task: Any, steps: int) -> float:
+    """Median seconds per training step of plain AdamW + cosine (seed 0) on ``task``."""
+    model = task.build(0)
+    setup = make("cosine", model, DEFAULT_LR, task.steps, seed=0)
+    gen = torch.Generator().manual_seed(999)
+    model.train()
+    times = []
+    for i in range(min(steps, task.steps) + 5):
+        t0 = time.perf_counter()
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss = task.train_loss(model, gen)
+        loss.backward()
+        setup.optimizer.step()
+        setup.scheduler.step()
+        if i >= 5:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _make_timed(
+    name: str,
+    model: torch.nn.Module,
+    lr: float,
+    steps: int,
+    clock: BudgetClock,
+    seed: int,
+    loss_fn: Any,
+) -> Setup:
+    """Build optimizer + scheduler for ``name`` driven by the wall-clock ``clock``."""
+    if name in ("fixed", "schedule_free"):  # no clock: constant LR / step warm-up estimate
+        return make(name, model, lr, steps, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    if name in ("cosine", "linear", "wsd"):
+        prior = BudgetPrior(name, warmup=WARMUP, final=0.0, decay=0.2)
+        lam: Callable[[int], float] = lambda _: prior(clock.fraction_used)  # noqa: E731
+        return Setup(opt, torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    if name == "reactor":
+        from graff.reactor import ReactorScheduler
+
+        return Setup(
+            opt, ReactorScheduler(opt, clock, model=model, seed=seed), steps_with_loss=True
+        )
+    if name in GRAFF_VARIANTS:
+        from graff.graff_scheduler import GraffScheduler
+
+        kwargs = dict(GRAFF_VARIANTS[name])
+        try:
+            sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
+        except Exception as err:
+            if "warm_start" in kwargs:
+                raise SkipVariant(f"warm_start='default' unavailable: {err}") from err
+            raise
+        return Setup(opt, sched, steps_with_loss=True)
+    raise KeyError(f"unknown scheduler {name!r}")
+
+
+def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
+    steps, lr = task.steps, DEFAULT_LR
+    model = task.build(seed)
+    clock = BudgetClock(seconds=budget, measure_energy=False)
+    setup = _make_timed(name, model, lr, steps, clock, seed, task.probe_loss_fn(model))
+    ticks_itself = setup.steps_with_loss  # GRAFF / REACTOR tick the clock in scheduler.step
+    gen = torch.Generator().manual_seed(1000 + seed)
+    train_losses, lrs, val_curve = [], [], []
+    diverged, done, next_eval = False, 0, 1.0 / EVAL_POINTS
+    model.train()
+    clock.start()
+    start = time.perf_counter()
+    while not clock.exhausted and done < STEP_CAP * steps:
+        lrs.append(current_lr(setup))
+        setup.train_mode()
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss = task.train_loss(model, gen)
+        if not torch.isfinite(loss):
+            diverged = True
+            break
+        loss.backward()
+        setup.optimizer.step()
+        if setup.scheduler is not None:
+            setup.scheduler.step(loss.detach()) if ticks_itself else setup.scheduler.step()
+        if not ticks_itself:
+            clock.tick()
+        done += 1
+        train_losses.append(loss.item())
+        if clock.fraction_used >= next_eval and next_eval < 1.0:
+            with clock.paused():
+                setup.eval_mode()
+                val_curve.append([done, clock.elapsed_seconds, task.val_loss(model)])
+            next_eval += 1.0 / EVAL_POINTS
+    train_seconds = clock.elapsed_seconds
+    with clock.paused():
+        setup.eval_mode()
+        final = float("nan") if diverged else task.val_loss(model)
+    val_curve.append([done, train_seconds, final])
+    if not math.isfinite(final):
+        diverged = True
+    stride = max(1, len(lrs) // 100)
+    return {
+        "lr": lr,
+        "budget_seconds": budget,
+        "steps_done": done,
+        "step_budget": steps,
+        "hit_step_cap": done >= STEP_CAP * steps,
+        "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - start,
+        "final_val_loss": None if diverged else final,
+        "diverged": diverged,
+        "val_curve": [[s, t, v if math.isfinite(v) else None] for s, t, v in val_curve],
+        "train_curve": [[i, v] for i, v in enumerate(train_losses) if i % stride == 0],
+        "lr_curve": [[i, v] for i, v in enumerate(lrs) if i % stride == 0],
+    }
+
+
+def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, workers: int) -> None:
+    from tqdm import tqdm
+
+    from benchmarks.meta import provenance
+
+    seeds = seeds or WALLCLOCK_SUITES[name][1]
+    meta = provenance() | {"suite": name, "seeds": seeds, "workers": 1}
+    if workers > 1:
+        print(
+            "wallclock suites always run in 1 worker process (timing fairness); --workers ignored"
+        )
+        meta["workers_requested"] = workers
+    torch.set_num_threads(1)
+    suite = _suite(name)
+    t_start = time.perf_counter()
+    tasks, budgets = [], {}
+    for task in suite.build_tasks():
+        task.setup(Path(data_dir) if data_dir else None)
+        per_step = _time_steps(task, TIMING_STEPS)
+        budgets[task.name] = {
+            "step_budget": task.steps,
+            "adamw_cosine_median_step_seconds": per_step,
+            "budget_seconds": task.steps * per_step,
+        }
+        tasks.append(task)
+    meta["budgets"] = budgets
+    meta["torch_threads"] = 1
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    log.write_text("")
+    specs = [(t, s, seed) for t in tasks for seed in range(seeds) for s in SCHEDULERS]
+    runs = []
+    for task, sched, seed in tqdm(specs, desc=f"{name} suite"):
+        result: dict[str, Any] = {"task": task.name, "scheduler": sched, "seed": seed}
+        try:
+            result.update(_train(task, sched, seed, budgets[task.name]["budget_seconds"]))
+            result["status"] = "ok"
+        except SkipVariant as err:
+            result.update(status="skipped", error=str(err))
+        except Exception as err:
+            result.update(status="error", error=f"{type(err).__name__}: {err}")
+            result["traceback"] = traceback.format_exc(limit=4)
+        runs.append(result)
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+    meta["wall_seconds"] = time.perf_counter() - t_start
+    write(runs, meta, out)
+    print(f"wrote {out}/results.json and results.md ({len(runs)} runs)")
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for r in runs:
+        if r.get("status") != "ok":
+            continue
+        cell = summary.setdefault(r["task"], {}).setdefault(
+            r["scheduler"], {"losses": [], "steps": [], "diverged": 0, "capped": 0}
+        )
+        if r["final_val_loss"] is None:
+            cell["diverged"] += 1
+        else:
+            cell["losses"].append(r["final_val_loss"])
+        cell["steps"].append(r["steps_done"])
+        cell["capped"] += bool(r["hit_step_cap"])
+    for cells in summary.values():
+        for cell in cells.values():
+            cell["mean"], cell["std"] = _ms(cell["losses"])
+            cell["steps_mean"] = statistics.fmean(cell["steps"])
+            cell["seeds"] = len(cell["steps"])
+        best = min(
+            (s for s in BASELINES if s in cells and cells[s]["losses"]),
+            key=lambda s: cells[s]["mean"],
+            default=None,
+        )
+        cells["_best_baseline"] = best
+    return summary
+
+
+def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+    lines = [
+        "# graff benchmark — wall-clock budget",
+        "",
+        f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
+        f"{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}, "
+        f"{meta['machine'].get('platform', '')}; {meta['seeds']} seeds, "
+        f"{meta.get('workers', 1)} worker process, 1 torch thread, "
+        f"{meta.get('wall_seconds', float('nan')) / 60:.1f} min.",
+        "",
+        "Every scheduler gets the same wall-clock budget per task, B = step budget × median "
+        "per-step time of plain AdamW + cosine measured at set-up in the same process. Runs train "
+        f"until `BudgetClock(seconds=B)` is exhausted (capped at {STEP_CAP}× the step budget); "
+        "evaluation is paused time. Time-based cosine/linear/WSD follow `clock.fraction_used`; "
+        "GRAFF, prior only and REACTOR get the clock; schedule-free keeps a step warm-up "
+        "(5 % of the step budget); fixed is constant. Default LR (1e-3) only, no sweep. "
+        "A slower scheduler (GRAFF's probes) completes fewer steps: that is the point of this table. "
+        "Timing on shared CPUs is noisy; the step-budget tables are the quality reference.",
+        "",
+        "| task | step budget | AdamW+cosine s/step (median) | budget B (s) |",
+        "|---|---|---|---|",
+    ]
+    for task, b in meta["budgets"].items():
+        lines.append(
+            f"| {task} | {b['step_budget']} | {b['adamw_cosine_median_step_seconds'] * 1e3:.2f} ms "
+            f"| {b['budget_seconds']:.2f} |"
+        )
+    for task, cells in summary.items():
+        best = cells.get("_best_baseline")
+        lines += [
+            "",
+            f"## {task}",
+            "",
+            "| scheduler | final val loss (mean ± std) | steps done (mean, min–max) | "
+            "vs best baseline | notes |",
+            "|---|---|---|---|---|",
+        ]
+        ref = cells[best]["mean"] if best else float("nan")
+        for name in SCHEDULERS:
+            c = cells.get(name)
+            if c is None:
+                lines.append(f"| {name} | — | — | — | not run / skipped |")
+                continue
+            notes = []
+            if name == best:
+                notes.append("best baseline")
+            if c["diverged"]:
+                notes.append(f"{c['diverged']} diverged")
+            if c["capped"]:
+                notes.append(f"{c['capped']} hit step cap")
+            rel = f"{(c['mean'] / ref - 1) * 100:+.1f} %" if best and c["losses"] else "—"
+            lines.append(
+                f"| {name} | {c['mean']:.4f} ± {c['std']:.4f} | {c['steps_mean']:.0f} "
+                f"({min(c['steps'])}–{max(c['steps'])}) | {rel} | {', '.join(notes)} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
+    from benchmarks.report import sanitize
+
+    summary = summarize(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": meta, "summary": summary, "runs": runs}
+    (out / "results.json").write_text(json.dumps(sanitize(payload), indent=1) + "\n")
+    (out / "results.md").write_text(markdown(meta, summary))
+    return summary
