@@ -149,6 +149,23 @@ def test_budget_exhausted_stops_trainer(kind, tmp_path):
     sched.remove()
 
 
+def _plan_losses(tmp_path, n_samples, max_steps, accepts):
+    model, opt, sched = _make("budget", budget_steps=100)
+    received: list[float] = []
+    original = sched._plan
+    sched._plan = lambda loss: (received.append(loss), original(loss))[1]
+    trainer = transformers.Trainer(
+        model=model,
+        args=_args(tmp_path, max_steps=max_steps, gradient_accumulation_steps=2),
+        train_dataset=RandomTokens(n_samples),
+        optimizers=(opt, sched),
+    )
+    trainer.model_accepts_loss_kwargs = accepts
+    trainer.train()
+    sched.remove()
+    return received
+
+
 def test_captured_loss_is_the_mean_over_micro_batches(tmp_path):
     """With accumulation, Trainer gives the model ``num_items_in_batch`` so each micro-batch's
     ``.loss`` is a *share* of the step's loss (sum over its tokens / tokens of the whole step).
@@ -156,30 +173,10 @@ def test_captured_loss_is_the_mean_over_micro_batches(tmp_path):
     ``gradient_accumulation_steps``; ``model_accepts_loss_kwargs=False`` restores the per-token mean.
     Here we pin what the planner receives under both settings.
     """
-    seen: dict[str, list[float]] = {}
-    for accepts in (True, False):
-        model, opt, sched = _make("budget", budget_steps=100)
-        received: list[float] = []
-        original = sched._plan
-
-        def spy(loss, _orig=original, _out=received):
-            _out.append(loss)
-            return _orig(loss)
-
-        sched._plan = spy
-        trainer = transformers.Trainer(
-            model=model,
-            args=_args(tmp_path, max_steps=3, gradient_accumulation_steps=2),
-            train_dataset=RandomTokens(64),
-            optimizers=(opt, sched),
-        )
-        trainer.model_accepts_loss_kwargs = accepts
-        trainer.train()
-        sched.remove()
-        seen[str(accepts)] = received
     # Random tokens over a 96-word vocabulary: the per-token loss is near ln(96) ~ 4.56.
-    per_token = seen["False"]
-    shared = seen["True"]
+    per_token = _plan_losses(tmp_path, n_samples=64, max_steps=3, accepts=False)
+    shared = _plan_losses(tmp_path, n_samples=64, max_steps=3, accepts=True)
+    assert len(per_token) == len(shared) == 3
     assert all(abs(x - math.log(VOCAB)) < 1.0 for x in per_token)
     assert all(abs(x - math.log(VOCAB) / 2) < 0.5 for x in shared)
 
@@ -229,3 +226,18 @@ def test_trainer_resume_from_checkpoint_continues_the_budget(tmp_path):
     assert tail == pytest.approx(full[3:], rel=1e-12)
     assert resumed.budget.steps == 6
     assert resumed.budget.exhausted
+
+
+def test_short_last_accumulation_step_changes_the_loss_scale(tmp_path):
+    """5 micro-batches per epoch with accumulation 2: the epoch's last optimizer step has one
+    micro-batch. Under Trainer's ``num_items_in_batch`` convention its captured loss is the full
+    mean (not half of it), so the planner sees a 2x jump at every epoch end. With
+    ``model_accepts_loss_kwargs = False`` (the workaround in docs/integrations.md) the planner
+    sees the per-token mean at every step."""
+    level = math.log(VOCAB)
+    shared = _plan_losses(tmp_path, n_samples=10, max_steps=3, accepts=True)
+    assert len(shared) == 3
+    assert all(abs(x - level / 2) < 0.5 for x in shared[:2])
+    assert abs(shared[2] - level) < 1.0  # the short step: ~2x the others
+    per_token = _plan_losses(tmp_path, n_samples=10, max_steps=3, accepts=False)
+    assert all(abs(x - level) < 1.0 for x in per_token)
