@@ -211,3 +211,29 @@ def test_checkpoint_resume_recipe(tmp_path):
     assert first + second == pytest.approx(full, rel=1e-12)
     assert resumed.budget.steps == 6
     assert resumed.budget.exhausted
+
+
+def test_prepare_with_bf16_autocast_captures_the_loss():
+    """``mixed_precision="bf16"`` wraps the model's forward in autocast; the scheduler's forward
+    hook still sees each training ``.loss``."""
+    accelerator = _fresh_accelerator(gradient_accumulation_steps=2, mixed_precision="bf16")
+    model, opt, sched = _make("graff")
+    lrs = _train(accelerator, model, opt, sched, _loader(8))
+    assert sched.budget.steps == 4
+    assert sched.losses.count == 4
+    assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
+    sched.remove()
+
+
+def test_step_scheduler_with_optimizer_false_still_counts_optimizer_steps_only():
+    """With ``step_scheduler_with_optimizer=False`` accelerate forwards every ``step()`` call,
+    including those of non-sync micro-batches: graff counts them as skipped, not as steps."""
+    accelerator = _fresh_accelerator(
+        gradient_accumulation_steps=2, step_scheduler_with_optimizer=False
+    )
+    model, opt, sched = _make("budget")
+    _train(accelerator, model, opt, sched, _loader(8))
+    assert sched.budget.steps == 4
+    assert sched.last_epoch == 4
+    assert sched.skipped_steps == 4  # the 4 non-sync micro-batches
+    sched.remove()

@@ -202,12 +202,13 @@ def test_evaluation_forwards_do_not_reach_the_planner(tmp_path):
     assert all(abs(x - math.log(VOCAB) / 2) < 0.5 for x in received)
 
 
-def test_trainer_resume_from_checkpoint_continues_the_budget(tmp_path):
+@pytest.mark.parametrize("kind", ["graff", "reactor", "budget"])
+def test_trainer_resume_from_checkpoint_continues_the_budget(kind, tmp_path):
     """Trainer saves ``sched.state_dict()`` in its checkpoints and restores it on resume: the
     budget and the LR trajectory continue as in an uninterrupted run."""
 
     def run(out, resume=None):
-        model, opt, sched = _make("budget", budget_steps=6)
+        model, opt, sched = _make(kind, budget_steps=6)
         record = RecordLR(opt)
         trainer = transformers.Trainer(
             model=model,
