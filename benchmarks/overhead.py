@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, SkipVariant, make
+from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, make
 from benchmarks.tasks import REPO, LoraTask
 
 REFERENCE = "cosine"
@@ -77,11 +77,7 @@ def measure(task: LoraTask, rounds: int, warmup: int = 5, seed: int = 0) -> dict
     skipped: dict[str, str] = {}
     for name in SCHEDULERS:
         model = task.build(seed)
-        try:
-            setup = make(name, model, 1e-3, steps, seed=seed, loss_fn=task.probe_loss_fn(model))
-        except SkipVariant as err:
-            skipped[name] = str(err)
-            continue
+        setup = make(name, model, 1e-3, steps, seed=seed, loss_fn=task.probe_loss_fn(model))
         runs[name] = {
             "model": model,
             "setup": setup,

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.schedulers import SkipVariant, current_lr, make
+from benchmarks.schedulers import current_lr, make
 from benchmarks.suites import DEFAULT_LR, Suite
 
 _TASKS: dict[str, Any] = {}
@@ -40,8 +40,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         result.update(_train(spec))
         result["status"] = "ok"
-    except SkipVariant as err:
-        result.update(status="skipped", error=str(err))
     except Exception as err:
         result.update(status="error", error=f"{type(err).__name__}: {err}")
         result["traceback"] = traceback.format_exc(limit=4)

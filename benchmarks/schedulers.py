@@ -37,10 +37,6 @@ LEARNED = ("graff", "prior_only", "reactor")
 ABLATIONS = tuple(k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only"))
 
 
-class SkipVariant(RuntimeError):
-    """The variant cannot run in this checkout (e.g. no default planner file shipped yet)."""
-
-
 @dataclass
 class Setup:
     optimizer: torch.optim.Optimizer
@@ -62,8 +58,14 @@ def make(
     *,
     seed: int,
     loss_fn: Callable[[], torch.Tensor] | None = None,
+    clock: BudgetClock | None = None,
 ) -> Setup:
-    """Build optimizer + scheduler for variant ``name`` at base LR ``lr`` over ``steps`` steps."""
+    """Build optimizer + scheduler for variant ``name`` at base LR ``lr`` over ``steps`` steps.
+
+    With ``clock`` (a wall-clock budget), cosine/linear/WSD follow ``clock.fraction_used`` and
+    GRAFF/REACTOR plan against it; without, everything plans against a ``steps`` step budget.
+    Fixed LR and schedule-free (step warm-up estimate) ignore the clock.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "schedule_free":
         import schedulefree
@@ -77,8 +79,14 @@ def make(
         return Setup(opt)
     if name in ("cosine", "linear", "wsd"):
         prior = BudgetPrior(name, warmup=WARMUP, final=0.0, decay=0.2)
+        if clock is not None:
+            timed = clock
+            return Setup(
+                opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: prior(timed.fraction_used))
+            )
         return Setup(opt, torch.optim.lr_scheduler.LambdaLR(opt, _prior_lambda(prior, steps)))
-    clock = BudgetClock(steps=steps, measure_energy=False)
+    if clock is None:
+        clock = BudgetClock(steps=steps, measure_energy=False)
     if name == "reactor":
         from graff.reactor import ReactorScheduler
 
@@ -89,12 +97,7 @@ def make(
         from graff.graff_scheduler import GraffScheduler
 
         kwargs = dict(GRAFF_VARIANTS[name])
-        try:
-            sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
-        except Exception as err:
-            if "warm_start" in kwargs:
-                raise SkipVariant(f"warm_start='default' unavailable: {err}") from err
-            raise
+        sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
         return Setup(opt, sched, steps_with_loss=True)
     raise KeyError(f"unknown scheduler {name!r}")
 

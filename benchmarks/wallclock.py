@@ -17,16 +17,14 @@ import math
 import statistics
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.schedulers import GRAFF_VARIANTS, WARMUP, Setup, SkipVariant, current_lr, make
+from benchmarks.schedulers import current_lr, make
 from benchmarks.suites import DEFAULT_LR, SUITES, Suite
 from graff.clock import BudgetClock
-from graff.priors import BudgetPrior
 
 SCHEDULERS = (
     "graff",
@@ -73,49 +71,11 @@ def _time_steps(task: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def _make_timed(
-    name: str,
-    model: torch.nn.Module,
-    lr: float,
-    steps: int,
-    clock: BudgetClock,
-    seed: int,
-    loss_fn: Any,
-) -> Setup:
-    """Build optimizer + scheduler for ``name`` driven by the wall-clock ``clock``."""
-    if name in ("fixed", "schedule_free"):  # no clock: constant LR / step warm-up estimate
-        return make(name, model, lr, steps, seed=seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    if name in ("cosine", "linear", "wsd"):
-        prior = BudgetPrior(name, warmup=WARMUP, final=0.0, decay=0.2)
-        lam: Callable[[int], float] = lambda _: prior(clock.fraction_used)  # noqa: E731
-        return Setup(opt, torch.optim.lr_scheduler.LambdaLR(opt, lam))
-    if name == "reactor":
-        from graff.reactor import ReactorScheduler
-
-        return Setup(
-            opt, ReactorScheduler(opt, clock, model=model, seed=seed), steps_with_loss=True
-        )
-    if name in GRAFF_VARIANTS:
-        from graff.graff_scheduler import GraffScheduler
-
-        kwargs = dict(GRAFF_VARIANTS[name])
-        try:
-            sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
-        except Exception as err:
-            if "warm_start" in kwargs:
-                raise SkipVariant(f"warm_start='default' unavailable: {err}") from err
-            raise
-        return Setup(opt, sched, steps_with_loss=True)
-    raise KeyError(f"unknown scheduler {name!r}")
-
-
 def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
     steps, lr = task.steps, DEFAULT_LR
     model = task.build(seed)
     clock = BudgetClock(seconds=budget, measure_energy=False)
-    setup = _make_timed(name, model, lr, steps, clock, seed, task.probe_loss_fn(model))
+    setup = make(name, model, lr, steps, seed=seed, loss_fn=task.probe_loss_fn(model), clock=clock)
     ticks_itself = setup.steps_with_loss  # GRAFF / REACTOR tick the clock in scheduler.step
     gen = torch.Generator().manual_seed(1000 + seed)
     train_losses, lrs, val_curve = [], [], []
@@ -205,8 +165,6 @@ def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, worker
         try:
             result.update(_train(task, sched, seed, budgets[task.name]["budget_seconds"]))
             result["status"] = "ok"
-        except SkipVariant as err:
-            result.update(status="skipped", error=str(err))
         except Exception as err:
             result.update(status="error", error=f"{type(err).__name__}: {err}")
             result["traceback"] = traceback.format_exc(limit=4)

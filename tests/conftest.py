@@ -30,6 +30,15 @@ def fake_time() -> FakeTime:
     return FakeTime()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: tiny models are faster so, and leave the other core free."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     """Folder with GSM8K ``train.jsonl``/``test.jsonl`` (env ``GRAFF_GSM8K_DIR``), else skip."""

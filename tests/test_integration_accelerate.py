@@ -23,13 +23,7 @@ pytest.importorskip("peft")
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and do not fight other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _loader(n_batches: int, batch_size: int = 2, seed: int = 0) -> torch.utils.data.DataLoader:

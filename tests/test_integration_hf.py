@@ -24,13 +24,7 @@ VOCAB = 96
 SEQ = 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and do not fight other processes for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class StopWhenBudgetExhausted(transformers.TrainerCallback):
