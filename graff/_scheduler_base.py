@@ -13,6 +13,10 @@ step, or a trainer called ``step()`` twice) is not counted as a step: nothing is
 budget's step count does not move, and :attr:`BudgetedScheduler.skipped_steps` counts it. A NaN
 or infinite loss never reaches a planner: it is counted in
 :attr:`BudgetedScheduler.nonfinite_losses` and the planner sees ``loss=None``.
+
+Under ``torch.distributed`` (detected automatically; ``distributed=False`` opts out) each step
+first reduces the rank-local inputs — the loss, the entropy probes' statistics and rank 0's
+clock — in one small all-reduce, so that every rank plans the same LR (:mod:`graff.distributed`).
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
+from graff.distributed import resolve_sync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 from graff.guard import clamp_lr
 from graff.probes._context import probing_active
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
 
 _FORMAT_VERSION = 1
 
@@ -70,6 +77,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             can be called without a loss (averaged over gradient-accumulation micro-batches).
         lr_min_factor: Lower clamp of every group's LR, as a fraction of its initial LR.
         lr_max_factor: Upper clamp of every group's LR, as a multiple of its initial LR.
+        process_group: The ``torch.distributed`` group to agree over (``None``: the default).
+        distributed: ``None`` reduces the rank-local inputs when ``torch.distributed`` is
+            initialised with more than one rank, ``False`` never, ``True`` requires it.
     """
 
     def __init__(
@@ -80,8 +90,11 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         model: nn.Module | None = None,
         lr_min_factor: float = 1e-3,
         lr_max_factor: float = 100.0,
+        process_group: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
+        self._sync = resolve_sync(process_group, distributed)
         self.lr_min_factor = check_positive("lr_min_factor", lr_min_factor)
         self.lr_max_factor = check_positive("lr_max_factor", lr_max_factor)
         if not self.lr_min_factor <= 1.0 <= self.lr_max_factor:
@@ -109,6 +122,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             self._handles.append(model.register_forward_hook(self._capture_loss))
         super().__init__(optimizer)
         self.budget.start()
+        self._share_sync()
 
     # ------------------------------------------------------------------ hooks
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
@@ -121,6 +135,16 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         if isinstance(loss, Tensor) and loss.numel() == 1:
             self._loss_sum += float(loss.detach().float())
             self._loss_count += 1
+
+    def _share_sync(self) -> None:
+        """Let the curvature probes this scheduler holds average their HVPs over the same group."""
+        for value in vars(self).values():
+            if isinstance(value, CurvatureProbe):
+                value.sync = self._sync
+
+    def _entropy_probes(self) -> list[EntropyProbe]:
+        probes = {id(v): v for v in vars(self).values() if isinstance(v, EntropyProbe)}
+        return list(probes.values())
 
     def remove(self) -> None:
         """Detach every hook this scheduler registered (the LR stays as last written)."""
@@ -145,6 +169,10 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         if value is None and self._loss_count:
             value = self._loss_sum / self._loss_count
         self._loss_sum, self._loss_count = 0.0, 0
+        if self._sync is not None:  # one all-reduce: loss, entropy statistics, rank 0's clock
+            value = self._sync.exchange_step(
+                value, self._optimizer_steps > 0, self.budget, self._entropy_probes()
+            )
         if self._optimizer_steps == 0:
             self.skipped_steps += 1
             self._write(self._current_factors())

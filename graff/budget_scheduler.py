@@ -50,6 +50,10 @@ class BudgetScheduler(BudgetedScheduler):
         model: Optional model whose forward ``.loss`` is captured (not used for planning).
         lr_min_factor: Lower clamp (× initial LR): the LR at the deadline. Default 1e-6.
         lr_max_factor: Upper clamp (× initial LR).
+        process_group: ``torch.distributed`` group to agree over (``None``: the default).
+        distributed: ``None`` (auto), ``False`` or ``True``: reduce the rank-local inputs (loss,
+            probe statistics, rank 0's clock) once per step so every rank plans the same LR;
+            see :mod:`graff.distributed`.
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad argument.
@@ -67,6 +71,8 @@ class BudgetScheduler(BudgetedScheduler):
         model: nn.Module | None = None,
         lr_min_factor: float = 1e-6,
         lr_max_factor: float = 1.0,
+        process_group: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         if isinstance(prior, str):
             self.prior = make_prior(prior, warmup=warmup, final=final, decay=decay)
@@ -75,7 +81,13 @@ class BudgetScheduler(BudgetedScheduler):
         if self.prior is None:
             self.prior = BudgetPrior("constant", warmup=0.0)
         super().__init__(
-            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
+            optimizer,
+            budget,
+            model=model,
+            lr_min_factor=lr_min_factor,
+            lr_max_factor=lr_max_factor,
+            process_group=process_group,
+            distributed=distributed,
         )
 
     def _initial_factors(self) -> list[float]:

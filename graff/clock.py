@@ -122,6 +122,7 @@ class BudgetClock:
         self._pause_depth = 0
         self._last_now = -math.inf
         self._max_elapsed = 0.0
+        self._agreed: float | None = None  # under torch.distributed: rank 0's elapsed seconds
         self._steps = 0
         self._energy = EnergyMeter() if measure_energy else None
         self._energy_start: float | None = None
@@ -153,7 +154,22 @@ class BudgetClock:
 
     @property
     def elapsed_seconds(self) -> float:
-        """Wall-clock seconds counted so far (pauses and resume downtime excluded)."""
+        """Wall-clock seconds counted so far (pauses and resume downtime excluded).
+
+        Under ``torch.distributed`` a scheduler makes every rank adopt rank 0's reading at each
+        of its steps (:mod:`graff.distributed`); between two steps this value then holds, so
+        every rank sees the budget run out on the same step.
+        """
+        if self._agreed is not None:
+            return self._agreed
+        return self._local_elapsed_seconds()
+
+    def _agree_elapsed(self, seconds: float) -> None:
+        """Adopt the elapsed time all ranks agreed on (called by :mod:`graff.distributed`)."""
+        self._agreed = max(self._agreed or 0.0, float(seconds))
+
+    def _local_elapsed_seconds(self) -> float:
+        """This process's own reading of the elapsed time."""
         running = 0.0
         if self._segment_start is not None:
             now = self._now()
@@ -177,7 +193,7 @@ class BudgetClock:
             0.0
         """
         if self._pause_depth == 0 and self._segment_start is not None:
-            self._banked = self.elapsed_seconds
+            self._banked = self._local_elapsed_seconds()
             self._segment_start = None
         self._pause_depth += 1
         try:
@@ -276,6 +292,7 @@ class BudgetClock:
             raise CheckpointError(f"BudgetClock state has invalid total={total!r}.")
         self.total = float(total)
         self._banked = self._max_elapsed = elapsed
+        self._agreed = None
         self._steps = steps
         self._started = bool(state["started"])
         self._segment_start = self._now() if self._started and self._pause_depth == 0 else None

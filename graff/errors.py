@@ -26,3 +26,7 @@ class CheckpointError(GraffError, ValueError):
 
 class ProbeError(GraffError, RuntimeError):
     """A probe cannot run on the object it was given (e.g. no way to re-evaluate the loss)."""
+
+
+class RankMismatchError(GraffError, RuntimeError):
+    """Under ``torch.distributed``, the ranks disagree on something that must be the same."""

@@ -156,7 +156,11 @@ class GraffScheduler(BudgetedScheduler):
             alone until online learning moves it).
         lr_min_factor: Lower clamp (× initial LR).
         lr_max_factor: Upper clamp (× initial LR).
-        seed: Seed of the planner's initial weights.
+        seed: Seed of the planner's initial weights (use the same on every rank).
+        process_group: ``torch.distributed`` group to agree over (``None``: the default).
+        distributed: ``None`` (auto), ``False`` or ``True``: reduce the rank-local inputs (loss,
+            probe statistics, rank 0's clock) once per step so every rank plans the same LR;
+            see :mod:`graff.distributed`.
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad argument (the message names it).
@@ -205,6 +209,8 @@ class GraffScheduler(BudgetedScheduler):
         lr_min_factor: float = 1e-3,
         lr_max_factor: float = 100.0,
         seed: int = 0,
+        process_group: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         self.prior = (
@@ -261,7 +267,13 @@ class GraffScheduler(BudgetedScheduler):
         self._window = StatsWindow(len(self.blocks))
         self._steps_since_plan = 0
         super().__init__(
-            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
+            optimizer,
+            budget,
+            model=model,
+            lr_min_factor=lr_min_factor,
+            lr_max_factor=lr_max_factor,
+            process_group=process_group,
+            distributed=distributed,
         )
 
     # ----------------------------------------------------------------- plan

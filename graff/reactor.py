@@ -24,6 +24,7 @@ from graff import _policy as P
 from graff._scheduler_base import BudgetedScheduler
 from graff._validation import check_in_range, check_non_negative, check_positive, check_positive_int
 from graff.clock import BudgetClock
+from graff.distributed import resolve_sync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.guard import guard_constant, max_stable_lr
 from graff.priors import BudgetPrior, make_prior
@@ -136,9 +137,14 @@ class ReactorScheduler(BudgetedScheduler):
         curvature_probe: A probe to share (not saved in :meth:`state_dict`; save it yourself).
             ``None``: one is created (``hvp=guard``) and saved with the scheduler.
         entropy_probe: An entropy probe to share (same rule).
-        seed: Non-negative integer seed; ``None`` draws one from the OS (saved in the state).
+        seed: Non-negative integer seed; ``None`` draws one from the OS (saved in the state;
+            under ``torch.distributed`` rank 0 draws it and every rank uses it).
         lr_min_factor: Lower clamp of the LR factor.
         lr_max_factor: Upper clamp of the LR factor.
+        process_group: ``torch.distributed`` group to agree over (``None``: the default).
+        distributed: ``None`` (auto), ``False`` or ``True``: reduce the rank-local inputs (loss,
+            probe statistics, rank 0's clock) once per step so every rank plans the same LR;
+            see :mod:`graff.distributed`.
 
     Raises:
         GraffConfigError, GraffTypeError: for bad arguments (the message names the argument).
@@ -184,6 +190,8 @@ class ReactorScheduler(BudgetedScheduler):
         seed: int | None = None,
         lr_min_factor: float = 1e-3,
         lr_max_factor: float = 100.0,
+        process_group: Any = None,
+        distributed: bool | None = None,
     ) -> None:
         self.config = ReactorConfig(
             controller_lr=check_positive("controller_lr", controller_lr),
@@ -203,7 +211,8 @@ class ReactorScheduler(BudgetedScheduler):
                     f"{name} must be a bool{' or None' if name != 'guard' else ''}, got {value!r}."
                 )
         if seed is None:
-            seed = int.from_bytes(os.urandom(7), "little")
+            sync = resolve_sync(process_group, distributed)
+            seed = int.from_bytes(os.urandom(7), "little") if sync is None else sync.shared_seed()
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise GraffTypeError(f"seed must be a non-negative integer or None, got {seed!r}.")
         if seed < 0:
@@ -235,13 +244,20 @@ class ReactorScheduler(BudgetedScheduler):
         self._owns_curvature = self._owns_entropy = False
         self._guard_cs: list[float] = []
         super().__init__(
-            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
+            optimizer,
+            budget,
+            model=model,
+            lr_min_factor=lr_min_factor,
+            lr_max_factor=lr_max_factor,
+            process_group=process_group,
+            distributed=distributed,
         )
         try:
             self._setup_probes(model, loss_fn, token_aware, curvature_probe, entropy_probe)
         except BaseException:
             self.remove()
             raise
+        self._share_sync()  # the probes exist only now
         self._write(self._factors_now())
 
     # ------------------------------------------------------------------ setup

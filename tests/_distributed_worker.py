@@ -148,9 +148,15 @@ def budget_sleep_scheduler(opt, model, rank, extra):
     )
 
 
+def graff_opt_out_scheduler(opt, model, rank, extra):
+    """Negative control: every rank plans alone on its own shard (the LRs must drift apart)."""
+    return graff_scheduler(opt, model, rank, {"distributed": False, **extra})
+
+
 #: name -> (scheduler factory, stop when the budget is exhausted rather than after STEPS steps)
 SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
     "graff": (graff_scheduler, False),
+    "graff_opt_out": (graff_opt_out_scheduler, False),
     "reactor": (reactor_scheduler, False),
     "budget_fake_clock": (budget_fake_scheduler, True),
     "budget_sleep": (budget_sleep_scheduler, True),
@@ -183,7 +189,7 @@ def run(
             time.sleep(SLEEP_PER_STEP[rank])
         sched.step()  # the loss comes from the model's forward output (loss capture)
         lrs.append(sched.get_last_lr())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         step += 1
         if step > 500:
             raise RuntimeError("the budget never ran out")
@@ -202,6 +208,26 @@ def run(
         out["seed"] = sched.seed
     sched.remove()
     return out
+
+
+def skipped_step_on_one_rank(rank: int, world_size: int) -> dict[str, Any]:
+    """Rank 1 calls ``sched.step()`` without ``optimizer.step()`` at step 3: both ranks must raise."""
+    model = make_model()
+    net = nn.parallel.DistributedDataParallel(model)
+    opt = make_optimizer(model)
+    sched = graff.BudgetScheduler(opt, graff.BudgetClock(steps=10))
+    shard = GLOBAL_BATCH // world_size
+    for step in range(5):
+        ids = global_batch(step)[rank * shard : (rank + 1) * shard]
+        net(input_ids=ids, labels=ids)["loss"].backward()
+        if not (step == 3 and rank == 1):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        try:
+            sched.step()
+        except graff.errors.RankMismatchError as err:
+            return {"raised_at": step, "message": str(err)}
+    return {"raised_at": None}
 
 
 def main(rank: int, world_size: int, store: str, out_dir: str, names: list[str]) -> None:
@@ -223,6 +249,9 @@ def main(rank: int, world_size: int, store: str, out_dir: str, names: list[str])
                 result = {"error": traceback.format_exc()}
             torch.save(result, Path(out_dir) / f"{name}.rank{rank}.pt")
             dist.barrier()
+        torch.save(
+            skipped_step_on_one_rank(rank, world_size), Path(out_dir) / f"mismatch.rank{rank}.pt"
+        )
     finally:
         dist.destroy_process_group()
 

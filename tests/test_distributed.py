@@ -56,7 +56,7 @@ def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
             p.kill()
             logs.append(p.communicate()[0] + "\n[killed after 240 s]")
     out = {}
-    for name in W.SCENARIOS:
+    for name in [*W.SCENARIOS, "mismatch"]:
         files = [tmp / f"{name}.rank{r}.pt" for r in range(WORLD)]
         out[name] = [
             torch.load(f, weights_only=False) if f.is_file() else {"error": "no result:\n" + log}
@@ -128,3 +128,39 @@ def test_budget_scheduler_stops_on_the_same_step_with_real_clocks(ddp_results):
     _assert_ranks_identical(ranks)
     assert ranks[0]["steps"] >= 2
     assert ranks[0]["fraction_used"] == ranks[1]["fraction_used"] == 1.0
+
+
+def test_opting_out_lets_the_ranks_drift_apart(ddp_results):
+    """The negative control: planning on rank-local inputs gives different LRs (and parameters)."""
+    a, b = _ranks(ddp_results, "graff_opt_out")
+    assert a["lrs"] != b["lrs"]
+    assert any(not torch.equal(a["params"][n], b["params"][n]) for n in a["params"])
+
+
+def test_a_step_skipped_on_one_rank_raises_on_every_rank(ddp_results):
+    ranks = _ranks(ddp_results, "mismatch")
+    assert [r["raised_at"] for r in ranks] == [3, 3]
+    assert "optimizer.step() ran on 1 of 2 ranks" in ranks[0]["message"]
+
+
+def test_single_process_and_one_rank_groups_need_no_communication(tmp_path):
+    import torch.distributed as dist
+
+    from graff.distributed import resolve_sync
+    from graff.errors import GraffConfigError
+
+    assert resolve_sync() is None  # torch.distributed not initialised
+    with pytest.raises(GraffConfigError, match="init_process_group"):
+        resolve_sync(distributed=True)
+    with pytest.raises(GraffConfigError, match="distributed must be"):
+        resolve_sync(distributed="yes")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert resolve_sync() is None  # one rank: nothing to agree on
+        p = torch.nn.Parameter(torch.zeros(2))
+        sched = W.graff.BudgetScheduler(torch.optim.SGD([p], lr=0.1), W.graff.BudgetClock(steps=4))
+        assert sched._sync is None
+    finally:
+        dist.destroy_process_group()

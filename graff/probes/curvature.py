@@ -56,6 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
+from graff.distributed import RankSync, unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
 from graff.probes._hvp import (
@@ -201,6 +202,7 @@ class CurvatureProbe:
         start_step: int | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
+        model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
         if loss_fn is not None and not callable(loss_fn):
             raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
         if every != "auto":
@@ -267,6 +269,8 @@ class CurvatureProbe:
         self.interval = every if isinstance(every, int) else self.min_every
         self.n_estimates = self.dropped_estimates = self.dropped_samples = 0
         self.overhead_seconds = 0.0
+        #: Under torch.distributed (set by the schedulers): HVPs are averaged over this group.
+        self.sync: RankSync | None = None
         self._step_time: float | None = None
         self._t_post: float | None = None
         self._probe_since_post = 0.0
@@ -383,6 +387,8 @@ class CurvatureProbe:
                 per_refresh = spent * (self.power_iters + 1) / (iters + 1)
                 need = per_refresh / (self.overhead_target * self._step_time)
                 self.interval = max(self.min_every, math.ceil(need))
+            if self.sync is not None and self.every == "auto":  # timings differ: rank 0's
+                self.interval = round(self.sync.from_rank0(self.interval))
 
     def estimate_lambda_max(self, iters: int | None = None) -> float | None:
         """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
@@ -448,6 +454,8 @@ class CurvatureProbe:
                         f"the probe loss must be a scalar tensor with a grad graph, got {loss!r}."
                     )
                 hvp = make_hvp(loss.reshape(()), self._hvp_params)
+                if self.sync is not None:  # the Hessian of the mean of the ranks' probe losses
+                    hvp = self.sync.averaged_hvp(hvp)
                 lam, v = power_iteration(hvp, self._start_vector(), iters, scale)
                 if lam < 0.0:  # a dominant negative eigenvalue: iterate on M − λ·I (top ≥ 0)
                     start = self._start_vector(fresh=True)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from graff._validation import check_positive_int
+from graff.distributed import unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing, probing_active
 from graff.tokens import token_weights_from_entropy
@@ -242,6 +243,7 @@ class EntropyProbe:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GraffTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        model = unwrap_data_parallel(model)  # DDP: hook the module it wraps
         if layer is not None and not isinstance(layer, nn.Module):
             raise GraffTypeError(
                 f"layer must be a torch.nn.Module or None, got {type(layer).__name__}."
@@ -270,6 +272,7 @@ class EntropyProbe:
         self._mask: Tensor | None = None
         self._calls = 0
         self._dropped = 0
+        self._pooled: tuple[int, EntropyStats] | None = None  # all ranks' stats (distributed)
         ref = weakref.ref(self)
         handles = [
             model.register_forward_pre_hook(_hook_pre(ref), with_kwargs=True),
@@ -391,10 +394,23 @@ class EntropyProbe:
     def stats(self) -> EntropyStats:
         """Mean, std (population), min, max, count and ``mean / log(vocab)`` of the last forward.
 
+        Under ``torch.distributed``, once a graff scheduler has stepped after that forward, the
+        statistics pooled over every rank's samples (``min``/``max`` stay this rank's; see
+        :mod:`graff.distributed`).
+
         Returns:
             An :class:`EntropyStats` of Python numbers, never NaN: all zeros with ``count=0``
             before the first forward or if every sample was dropped.
         """
+        if self._pooled is not None and self._pooled[0] == self._calls:
+            return self._pooled[1]
+        return self._local_stats()
+
+    def _set_pooled_stats(self, stats: EntropyStats) -> None:
+        """Record all ranks' statistics of the last forward (called by :mod:`graff.distributed`)."""
+        self._pooled = (self._calls, stats)
+
+    def _local_stats(self) -> EntropyStats:
         ent = self.entropies
         if ent is None or ent.numel() == 0:
             return EntropyStats(0.0, 0.0, 0.0, 0.0, 0, 0.0)
