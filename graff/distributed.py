@@ -27,8 +27,8 @@ wall clock                  each rank's clock differs: every rank adopts **rank 
 ==========================  ======================================================================
 
 Cost per scheduler step: **one** ``all_reduce(SUM)`` of a float64 tensor of
-``5 + 5 × (number of entropy probes)`` entries (80 bytes for BudgetScheduler, 120 for
-GraffScheduler/ReactorScheduler with a model). During a λ̂ estimate (every ``curvature_every``
+``5 + 5 × (number of entropy probes)`` entries: 40 bytes for BudgetScheduler, 80 for
+GraffScheduler/ReactorScheduler with an entropy probe. During a λ̂ estimate (every ``curvature_every``
 steps, by default tuned to ≤ 1 % of training time, communication included) each
 Hessian-vector product adds one all-reduce the size of the trainable parameters, as a
 gradient all-reduce does, and one 8-byte all-reduce agrees the next refresh step.
