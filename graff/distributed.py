@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from graff.clock import BudgetClock
     from graff.probes.entropy import EntropyProbe
 
-__all__ = ["RankSync", "resolve_sync", "unwrap_data_parallel"]
+__all__ = ["RankSync", "is_sharded", "local_shard", "resolve_sync", "unwrap_data_parallel"]
 
 _STEP_FIELDS = 5  # loss sum, finite losses, non-finite losses, ranks that stepped, rank 0's clock
 _ENTROPY_FIELDS = 5  # Σ H, Σ H², n, Σ log V, ranks that know V
@@ -75,6 +75,17 @@ def unwrap_data_parallel(model: nn.Module) -> nn.Module:
     while isinstance(model, wrappers):
         model = model.module
     return model
+
+
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor sharded over its mesh (FSDP2's ``fully_shard`` parameters)."""
+    return any(p.is_shard() for p in getattr(t, "placements", ()))
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's local tensor of a DTensor (a view of its storage), else ``t`` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 class RankSync:
@@ -135,6 +146,19 @@ class RankSync:
             chunk.view_as(t).to(t.dtype)
             for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
         ]
+
+    def sum_partials(self, per_param: Tensor, sharded: Tensor) -> Tensor:
+        """Sum per-parameter partial sums over the ranks (columns: parameters; one all-reduce).
+
+        A sharded parameter's dot products are partial sums over this rank's shard; a
+        replicated one's are complete on every rank, so only rank 0 contributes them.
+        """
+        import torch.distributed as dist
+
+        weight = sharded.to(torch.float64) if self.rank else torch.ones(len(sharded))
+        buf = (per_param.to(torch.float64) * torch.where(sharded, 1.0, weight)).to(self.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        return buf.to(per_param.dtype).cpu()
 
     def averaged_hvp(self, hvp: Callable[[list[Tensor]], list[Tensor]]) -> Callable:
         """``v ↦ mean_r H_r v``: the Hessian-vector product of the mean of the ranks' losses."""

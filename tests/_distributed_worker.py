@@ -14,6 +14,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -153,6 +154,11 @@ def graff_opt_out_scheduler(opt, model, rank, extra):
     return graff_scheduler(opt, model, rank, {"distributed": False, **extra})
 
 
+def graff_no_guard_scheduler(opt, model, rank, extra):
+    """GRAFF without the guard (hence without HVPs, which FSDP's sharded parameters cannot run)."""
+    return graff_scheduler(opt, model, rank, {"guard": False, **extra})
+
+
 #: name -> (scheduler factory, stop when the budget is exhausted rather than after STEPS steps)
 SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
     "graff": (graff_scheduler, False),
@@ -161,19 +167,42 @@ SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
     "budget_fake_clock": (budget_fake_scheduler, True),
     "budget_sleep": (budget_sleep_scheduler, True),
 }
+#: Scenarios run with FSDP2 (``fully_shard``) instead of DDP.
+FSDP_SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "fsdp_graff_no_guard": (graff_no_guard_scheduler, False),
+    "fsdp_graff": (graff_scheduler, False),
+}
+ALL_SCENARIOS = {**SCENARIOS, **FSDP_SCENARIOS}
+
+
+def _shard(model: TinyLM) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def run(
     name: str, rank: int = 0, world_size: int = 1, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train one scenario; with ``world_size > 1`` inside an initialised gloo group, under DDP."""
-    factory, until_exhausted = SCENARIOS[name]
+    factory, until_exhausted = ALL_SCENARIOS[name]
     model = make_model()
     net: nn.Module = model
-    if world_size > 1:
+    if world_size > 1 and name in FSDP_SCENARIOS:
+        net = _shard(model)
+    elif world_size > 1:
         net = nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(model)
-    sched = factory(opt, net, rank, dict(extra or {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sched = factory(opt, net, rank, dict(extra or {}))
     time_fn = sched.budget._time_fn
     lrs, losses, step = [], [], 0
     shard = GLOBAL_BATCH // world_size
@@ -196,7 +225,8 @@ def run(
     out: dict[str, Any] = {
         "lrs": lrs,
         "steps": step,
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "params": {n: _full(p.detach()).clone() for n, p in model.named_parameters()},
+        "warnings": [str(w.message) for w in caught],
         "fraction_used": sched.budget.fraction_used,
     }
     probe = getattr(sched, "curvature", None) or getattr(sched, "curvature_probe", None)
@@ -262,5 +292,5 @@ if __name__ == "__main__":
         int(sys.argv[2]),
         sys.argv[3],
         sys.argv[4],
-        sys.argv[5].split(",") if len(sys.argv) > 5 else list(SCENARIOS),
+        sys.argv[5].split(",") if len(sys.argv) > 5 else list(ALL_SCENARIOS),
     )

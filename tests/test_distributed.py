@@ -56,7 +56,7 @@ def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
             p.kill()
             logs.append(p.communicate()[0] + "\n[killed after 240 s]")
     out = {}
-    for name in [*W.SCENARIOS, "mismatch"]:
+    for name in [*W.ALL_SCENARIOS, "mismatch"]:
         files = [tmp / f"{name}.rank{r}.pt" for r in range(WORLD)]
         out[name] = [
             torch.load(f, weights_only=False) if f.is_file() else {"error": "no result:\n" + log}
@@ -164,3 +164,19 @@ def test_single_process_and_one_rank_groups_need_no_communication(tmp_path):
         assert sched._sync is None
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_fsdp2_per_step_statistics_are_reduced_over_the_shards(ddp_results):
+    """FSDP2 (fully_shard, gloo, CPU): the dot products over parameter shards are partial sums."""
+    ranks = _ranks(ddp_results, "fsdp_graff_no_guard")
+    _assert_ranks_identical(ranks)
+    _assert_matches_reference(ranks[0], W.run("fsdp_graff_no_guard"))
+
+
+def test_fsdp2_turns_the_hvp_off_with_a_warning_and_ranks_still_agree(ddp_results):
+    ranks = _ranks(ddp_results, "fsdp_graff")
+    _assert_ranks_identical(ranks)
+    for res in ranks:
+        assert res["n_estimates"] == 0
+        assert any("sharded" in w for w in res["warnings"]), res["warnings"]

@@ -56,7 +56,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
-from graff.distributed import RankSync, unwrap_data_parallel
+from graff.distributed import RankSync, is_sharded, local_shard, unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
 from graff.probes._hvp import (
@@ -251,6 +251,18 @@ class CurvatureProbe:
         self._params = [p for b in self.blocks for p in b.params]
         self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
         self._hvp_params = [p for p in self._params if p.requires_grad]
+        # FSDP2: per-step dot products run on local shards and are summed over the ranks.
+        self._sharded = torch.tensor([is_sharded(p) for p in self._params], dtype=torch.bool)
+        self._dtensor = any(hasattr(p, "to_local") for p in self._params)
+        if hvp and bool(self._sharded.any()):
+            warnings.warn(
+                "CurvatureProbe turns its λ̂ estimates off: the parameters are sharded (FSDP), "
+                "and Hessian-vector products need gradients with respect to the full parameters; "
+                "the per-step statistics are summed over the shards. See docs/distributed.md.",
+                UserWarning,
+                stacklevel=2,
+            )
+            hvp = False
         self.hvp = hvp and bool(self._hvp_params)
         self._capture = (
             InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
@@ -295,18 +307,23 @@ class CurvatureProbe:
         """
         return max(self._window) if self._window else None
 
+    def _loc(self, t: Tensor) -> Tensor:
+        """``t``, or its local shard if the probed parameters are DTensors (FSDP2)."""
+        return local_shard(t) if self._dtensor else t
+
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         have = [j for j, p in enumerate(self._params) if p.grad is not None]
         both = [j for j in have if j in self._valid]
         if both:
-            self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
+            grads = [self._loc(self._params[j].grad) for j in both]
+            self._record(grads, [self._buf[j] for j in both], both)
         for j in have:
             if self._buf[j] is None:
-                self._buf[j] = torch.empty_like(self._params[j], requires_grad=False)
+                self._buf[j] = torch.empty_like(self._loc(self._params[j]), requires_grad=False)
         if have:
             torch._foreach_copy_(
-                [self._buf[j] for j in have], [self._params[j].detach() for j in have]
+                [self._buf[j] for j in have], [self._loc(self._params[j].detach()) for j in have]
             )
         self._valid = set()
         self._pending = have
@@ -318,6 +335,8 @@ class CurvatureProbe:
             [pairwise_dots(grads, deltas), sq_norms(deltas), sq_norms(grads)]
         ).cpu()  # one device-to-host copy per step
         per_param = torch.stack([hyp, self._gdu[idx], usq_p, gsq_p])
+        if self._dtensor and self.sync is not None:  # FSDP: partial sums over shards
+            per_param = self.sync.sum_partials(per_param, self._sharded[idx])
         sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param)
         hyper, gdu, usq, gsq = sums
         curv = hyper - gdu
@@ -333,11 +352,13 @@ class CurvatureProbe:
         t0 = time.perf_counter()
         idx = self._pending
         if idx:
-            bufs, params = [self._buf[j] for j in idx], [self._params[j].detach() for j in idx]
+            bufs = [self._buf[j] for j in idx]
+            params = [self._loc(self._params[j].detach()) for j in idx]
             torch._foreach_sub_(bufs, params)
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
-            self._gdu[idx] = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
+            grads = [self._loc(self._params[j].grad) for j in idx]
+            self._gdu[idx] = pairwise_dots(grads, bufs).cpu()
             self._valid = set(idx)
         self.step += 1
         self._time_step(t0)
@@ -495,7 +516,7 @@ class CurvatureProbe:
         with torch.no_grad():
             for j, f in zip(idx, factors, strict=True):
                 if f != 1.0:
-                    self._params[j].add_(self._buf[j], alpha=f - 1.0)
+                    self._loc(self._params[j]).add_(self._buf[j], alpha=f - 1.0)
                     self._buf[j].mul_(f)
                     self._gdu[j] *= f
 
@@ -588,7 +609,10 @@ class CurvatureProbe:
         ):
             raise CheckpointError("CurvatureProbe state has an invalid saved update.")
         for j, delta in update.items():
-            if not (0 <= int(j) < len(self._params)) or delta.shape != self._params[int(j)].shape:
+            if (
+                not (0 <= int(j) < len(self._params))
+                or delta.shape != self._loc(self._params[int(j)]).shape
+            ):
                 raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
         for j, delta in update.items():
             self._buf[int(j)] = delta.to(
