@@ -307,23 +307,24 @@ class CurvatureProbe:
         """
         return max(self._window) if self._window else None
 
-    def _loc(self, t: Tensor) -> Tensor:
-        """``t``, or its local shard if the probed parameters are DTensors (FSDP2)."""
-        return local_shard(t) if self._dtensor else t
+    def _loc(self, ts: list[Tensor]) -> list[Tensor]:
+        """``ts``, or their local shards if the probed parameters are DTensors (FSDP2)."""
+        return [local_shard(t) for t in ts] if self._dtensor else ts
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         have = [j for j, p in enumerate(self._params) if p.grad is not None]
         both = [j for j in have if j in self._valid]
         if both:
-            grads = [self._loc(self._params[j].grad) for j in both]
+            grads = self._loc([self._params[j].grad for j in both])
             self._record(grads, [self._buf[j] for j in both], both)
         for j in have:
             if self._buf[j] is None:
-                self._buf[j] = torch.empty_like(self._loc(self._params[j]), requires_grad=False)
+                (param,) = self._loc([self._params[j]])
+                self._buf[j] = torch.empty_like(param, requires_grad=False)
         if have:
             torch._foreach_copy_(
-                [self._buf[j] for j in have], [self._loc(self._params[j].detach()) for j in have]
+                [self._buf[j] for j in have], self._loc([self._params[j].detach() for j in have])
             )
         self._valid = set()
         self._pending = have
@@ -353,11 +354,11 @@ class CurvatureProbe:
         idx = self._pending
         if idx:
             bufs = [self._buf[j] for j in idx]
-            params = [self._loc(self._params[j].detach()) for j in idx]
+            params = self._loc([self._params[j].detach() for j in idx])
             torch._foreach_sub_(bufs, params)
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
-            grads = [self._loc(self._params[j].grad) for j in idx]
+            grads = self._loc([self._params[j].grad for j in idx])
             self._gdu[idx] = pairwise_dots(grads, bufs).cpu()
             self._valid = set(idx)
         self.step += 1
@@ -514,9 +515,10 @@ class CurvatureProbe:
         idx = sorted(self._valid)
         factors = scales.double()[self._block_of[idx]].tolist() if idx else []
         with torch.no_grad():
-            for j, f in zip(idx, factors, strict=True):
+            params = self._loc([self._params[j] for j in idx])
+            for j, f, param in zip(idx, factors, params, strict=True):
                 if f != 1.0:
-                    self._loc(self._params[j]).add_(self._buf[j], alpha=f - 1.0)
+                    param.add_(self._buf[j], alpha=f - 1.0)
                     self._buf[j].mul_(f)
                     self._gdu[j] *= f
 
@@ -611,7 +613,7 @@ class CurvatureProbe:
         for j, delta in update.items():
             if (
                 not (0 <= int(j) < len(self._params))
-                or delta.shape != self._loc(self._params[int(j)]).shape
+                or delta.shape != self._loc([self._params[int(j)]])[0].shape
             ):
                 raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
         for j, delta in update.items():
