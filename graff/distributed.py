@@ -10,21 +10,17 @@ rank 0 and broadcasts it at construction).
 
 Four inputs are rank-local, and a scheduler step reduces them so that every rank plans the same LR:
 
-==========================  ======================================================================
-loss                        each rank's batch shard: the mean :math:`\\frac1W\\sum_r L_r` over the
-                            ranks that have a finite loss (a non-finite loss on any rank is
-                            non-finite everywhere, as the all-reduced gradient would be)
-entropy-probe statistics    each rank's sampled tokens: pooled sums
-                            :math:`\\sum H_j, \\sum H_j^2, n`, giving the mean and (population)
-                            std of all ranks' samples. ``min``/``max`` stay rank-local (no planner
-                            reads them)
-wall clock                  each rank's clock differs: every rank adopts **rank 0's** elapsed time,
-                            so ``budget.exhausted`` flips on the same step everywhere
-λ̂ (HVP power iteration)     each rank's captured probe batch: every Hessian-vector product is
-                            averaged over the ranks (the Hessian of the global probe batch), so λ̂
-                            and the eigenvector are identical everywhere; the probe's automatic
-                            refresh interval is rank 0's
-==========================  ======================================================================
+- **loss** (each rank's batch shard): the mean :math:`\\frac1W\\sum_r L_r` over the ranks that have
+  a finite loss; a non-finite loss on any rank is non-finite everywhere, as the all-reduced
+  gradient would be;
+- **entropy-probe statistics** (each rank's sampled tokens): pooled sums
+  :math:`\\sum H_j, \\sum H_j^2, n` give the mean and (population) std of all ranks' samples;
+  ``min``/``max`` stay rank-local (no planner reads them);
+- **wall clock** (each rank's own): every rank adopts rank 0's elapsed time, so
+  ``budget.exhausted`` flips on the same step everywhere;
+- **λ̂** (HVP power iteration on each rank's captured probe batch): every Hessian-vector product
+  is averaged over the ranks (the Hessian of the global probe batch), so λ̂ and the eigenvector
+  are identical everywhere; the probe's automatic refresh interval is rank 0's.
 
 Cost per scheduler step: **one** ``all_reduce(SUM)`` of a float64 tensor of
 ``5 + 5 × (number of entropy probes)`` entries: 40 bytes for BudgetScheduler, 80 for
@@ -33,8 +29,10 @@ steps, by default tuned to ≤ 1 % of training time, communication included) eac
 Hessian-vector product adds one all-reduce the size of the trainable parameters, as a
 gradient all-reduce does, and one 8-byte all-reduce agrees the next refresh step.
 
-Sharded parameters (FSDP): each rank's dot products over its parameter shards are partial sums;
-see ``docs/distributed.md`` for what graff does there.
+Sharded parameters (FSDP2's ``fully_shard``): each rank's dot products over its parameter shards
+are partial sums, so the curvature probe sums them over the ranks (:meth:`RankSync.sum_partials`,
+one more all-reduce per step of 4 floats per parameter tensor); Hessian-vector products cannot
+reach sharded parameters, so λ̂ is off there (``docs/distributed.md``).
 
 Distributed mode is detected when ``torch.distributed.is_available() and is_initialized()`` and
 the group has more than one rank; pass ``distributed=False`` to a scheduler to opt out (each rank
