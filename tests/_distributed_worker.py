@@ -234,6 +234,8 @@ def run(
         out.update(
             lambda_max=probe.lambda_max, n_estimates=probe.n_estimates, interval=probe.interval
         )
+    entropy = getattr(sched, "entropy_probe", None)
+    out["entropy_calls"] = 0 if entropy is None else entropy.calls
     if hasattr(sched, "seed"):
         out["seed"] = sched.seed
     sched.remove()

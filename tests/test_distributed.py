@@ -95,6 +95,7 @@ def test_graff_scheduler_identical_across_ranks_and_equal_to_one_process(ddp_res
     _assert_ranks_identical(ranks)
     for res in ranks:  # the HVP λ̂ estimate ran, on the same steps, to the same value
         assert res["n_estimates"] >= 1
+        assert res["entropy_calls"] >= W.STEPS  # the entropy probe saw every forward
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]
     assert ranks[0]["interval"] == ranks[1]["interval"]
     ref = W.run("graff")
@@ -108,6 +109,7 @@ def test_reactor_scheduler_identical_across_ranks_and_equal_to_one_process(ddp_r
     assert ranks[0]["seed"] == ranks[1]["seed"], "seed=None must draw one seed for all ranks"
     _assert_ranks_identical(ranks)
     assert ranks[0]["n_estimates"] >= 1
+    assert ranks[0]["entropy_calls"] >= W.STEPS
     assert ranks[0]["lambda_max"] == ranks[1]["lambda_max"]
     ref = W.run("reactor", extra={"seed": ranks[0]["seed"]})
     _assert_matches_reference(ranks[0], ref)
