@@ -11,8 +11,8 @@ A checkpoint is a plain :func:`torch.save` file holding a dict of torch's own st
 so ``torch.load(path, weights_only=True)`` reads it without graff. What the two functions add:
 
 - **Atomic write.** :func:`save_checkpoint` writes a temporary file in the target's directory,
-  flushes and ``fsync``\\ s it, renames it over the target with :func:`os.replace` (atomic on
-  POSIX and Windows) and ``fsync``\\ s the directory. A process killed at any point leaves the
+  flushes and fsyncs it, renames it over the target with :func:`os.replace` (atomic on
+  POSIX and Windows) and fsyncs the directory. A process killed at any point leaves the
   previous checkpoint or the new one, never a mix; at worst a stray ``.<name>.*.tmp`` file
   (safe to delete).
 - **No code on load.** :func:`load_checkpoint` reads with ``torch.load(..., weights_only=True)``,
@@ -20,8 +20,8 @@ so ``torch.load(path, weights_only=True)`` reads it without graff. What the two 
   raises :class:`~graff.errors.CheckpointError` instead. (Types you allow-listed yourself with
   ``torch.serialization.add_safe_globals`` are still accepted.)
 - **Corruption is detected.** ``torch.load`` does not check the zip records' CRC, so a flipped
-  byte can load as other numbers. The file carries a checksum of its content
-  (:mod:`graff._checksum`), verified on load.
+  byte can load as other numbers. The file carries a SHA-256 checksum of its content,
+  verified on load (unless saved with ``checksum=False``).
 - **No half-loaded run.** Everything is validated before anything changes: the file, the format
   version, the checksum, the optimizer and scheduler types, the model's keys, shapes and dtype
   kinds, the optimizer's parameter groups and the shapes of its state. The optimizer and the
@@ -74,6 +74,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     extra: Any = None,
+    checksum: bool = True,
 ) -> Path:
     """Atomically write model, optimizer, scheduler (with its budget clock) and ``extra`` to ``path``.
 
@@ -88,6 +89,10 @@ def save_checkpoint(
         extra: Your own resumable state (step counter, data-loader position, RNG states as
             tensors, ...): ``None``, numbers, strings, bytes, tensors and dicts/lists/tuples
             of them.
+        checksum: Store a SHA-256 checksum of the content, verified by :func:`load_checkpoint`
+            (one pass over the tensors on save and on load, about 2 s per GB on a 2-core CPU).
+            ``False`` skips it for very large checkpoints: corrupt tensor bytes then go
+            undetected. Values that could not be loaded safely are refused either way.
 
     Returns:
         The path written.
@@ -128,7 +133,8 @@ def save_checkpoint(
         **{k: None if v is None else v.state_dict() for k, v in parts.items()},
         "extra": extra,
     }
-    payload["checksum"] = payload_digest(payload)  # also refuses values weights_only can't load
+    digest = payload_digest(payload, data=checksum)  # also refuses what weights_only can't load
+    payload["checksum"] = digest if checksum else None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_save(payload, path)
@@ -267,10 +273,10 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         )
     stored = payload.pop("checksum")
     try:
-        actual = payload_digest(payload)
+        actual = payload_digest(payload, data=stored is not None)
     except GraffTypeError as err:
         raise CheckpointError(f"{path} holds an unexpected value: {err}") from err
-    if stored != actual:
+    if stored is not None and stored != actual:
         raise CheckpointError(
             f"{path} is corrupt: its content does not match its checksum (stored {stored!r})."
         )

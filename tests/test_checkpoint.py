@@ -567,3 +567,16 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_trajectory(
     final = torch.load(tmp_path / "final.pt", weights_only=True)
     for name, p in model.state_dict().items():
         assert torch.equal(final[name], p), name
+
+
+def test_checksum_false_skips_the_data_hash_but_still_refuses_unsafe_values(
+    victim, tmp_path
+) -> None:
+    model, opt, _ = victim
+    path = graff.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, checksum=False)
+    assert torch.load(path, weights_only=True)["checksum"] is None
+    before = _fingerprint(*victim)
+    graff.load_checkpoint(path, model=model, optimizer=opt)
+    assert _fingerprint(*victim) == before  # loaded its own state back
+    with pytest.raises(GraffTypeError, match="cannot rebuild"):
+        graff.save_checkpoint(tmp_path / "d.pt", extra=_RunsCode(tmp_path / "m"), checksum=False)
