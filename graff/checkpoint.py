@@ -25,10 +25,12 @@ so ``torch.load(path, weights_only=True)`` reads it without graff. What the two 
 - **No half-loaded run.** Everything is validated before anything changes: the file, the format
   version, the checksum, the optimizer and scheduler types, the model's keys, shapes and dtype
   kinds, the optimizer's parameter groups and the shapes of its state. The optimizer and the
-  scheduler are then loaded as a transaction (the scheduler validates its own state, and if it
-  still refuses, both are rolled back); the model is loaded last, once nothing else can fail.
-  Any mismatch raises :class:`~graff.errors.CheckpointError` and leaves model, optimizer and
-  scheduler as they were.
+  scheduler are then loaded as a transaction (the scheduler validates its own state; if it
+  still refuses, both are rolled back), the model last. Any mismatch raises
+  :class:`~graff.errors.CheckpointError` and leaves model, optimizer and scheduler as they were.
+  One case cannot be undone without a copy of the weights: a model whose own custom load hook
+  refuses a state that has the right keys, shapes and dtypes; the optimizer and scheduler are
+  then restored and the error says the model may be partly loaded.
 
 Resume with the *same* budget and configuration: build model, optimizer and scheduler exactly as
 in the first run, then call :func:`load_checkpoint`. With a step budget the resumed run follows
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -221,14 +223,16 @@ def load_checkpoint(
         _check_model_state(model, payload["model"], strict)
     if optimizer is not None:
         _check_optimizer_state(optimizer, payload["optimizer"])
-    _load_optimizer_and_scheduler(optimizer, scheduler, payload)
-    if model is not None:
+    undo = _load_optimizer_and_scheduler(optimizer, scheduler, payload)
+    if model is not None:  # last: its checks above are exact for torch's own modules
         try:
             model.load_state_dict(payload["model"], strict=strict)
         except Exception as err:  # a custom load hook refused what the checks accepted
+            undo()
             raise CheckpointError(
                 f"{type(model).__name__}.load_state_dict refused the checkpoint after graff's "
-                f"checks passed; the model may be partly loaded: {err}"
+                f"checks passed (optimizer and scheduler restored; the model may be partly "
+                f"loaded): {err}"
             ) from err
     return payload["extra"]
 
@@ -383,23 +387,32 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None
 
 def _load_optimizer_and_scheduler(
     optimizer: torch.optim.Optimizer | None, scheduler: Any, payload: dict[str, Any]
-) -> None:
-    """Load both, or neither: roll the optimizer and scheduler back if the scheduler refuses."""
+) -> Callable[[], None]:
+    """Load both, or neither; returns the function that puts both back as they were.
+
+    Optimizer.load_state_dict replaces ``state`` and ``param_groups`` by new objects, so keeping
+    the old ones is a free snapshot; the scheduler's is its ``state_dict()``.
+    """
     old_opt = None if optimizer is None else (optimizer.state, optimizer.param_groups)
     old_sched = None if scheduler is None else scheduler.state_dict()
+
+    def undo() -> None:
+        if optimizer is not None and old_opt is not None:
+            optimizer.state, optimizer.param_groups = old_opt
+        if scheduler is not None and _changed(scheduler, old_sched):
+            scheduler.load_state_dict(old_sched)
+
     try:
         if optimizer is not None:
             optimizer.load_state_dict(payload["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(payload["scheduler"])
     except Exception as err:
-        if optimizer is not None and old_opt is not None:
-            optimizer.state, optimizer.param_groups = old_opt
-        if scheduler is not None and _changed(scheduler, old_sched):
-            scheduler.load_state_dict(old_sched)  # it refused after changing part of itself
+        undo()  # the scheduler refused, possibly after changing part of itself
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"the checkpoint does not fit: {type(err).__name__}: {err}") from err
+    return undo
 
 
 def _changed(scheduler: Any, old_state: Any) -> bool:

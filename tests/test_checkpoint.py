@@ -580,3 +580,22 @@ def test_checksum_false_skips_the_data_hash_but_still_refuses_unsafe_values(
     assert _fingerprint(*victim) == before  # loaded its own state back
     with pytest.raises(GraffTypeError, match="cannot rebuild"):
         graff.save_checkpoint(tmp_path / "d.pt", extra=_RunsCode(tmp_path / "m"), checksum=False)
+
+
+def test_model_hook_refusing_after_the_checks_restores_optimizer_and_scheduler(
+    saved, victim
+) -> None:
+    """The one failure graff cannot foresee: the model's own load hook refuses a state whose
+    keys and shapes fit. Optimizer and scheduler are put back; the error says so."""
+    model, opt, sched = victim
+    before = _fingerprint(*victim)[1:]
+
+    def refuse(module, state_dict, prefix, *args) -> None:
+        raise RuntimeError("custom hook says no")
+
+    model.model.norm._register_load_state_dict_pre_hook(refuse)
+    with pytest.raises(
+        CheckpointError, match=r"optimizer and scheduler restored.*custom hook says no"
+    ):
+        graff.load_checkpoint(saved, model=model, optimizer=opt, scheduler=sched)
+    assert _fingerprint(*victim)[1:] == before
