@@ -70,7 +70,9 @@ def batch(generator: torch.Generator) -> torch.Tensor:
     return (start + torch.arange(SEQ)) % VOCAB
 
 
-def build(kind: str, steps: int) -> tuple[TinyLM, torch.optim.Optimizer, graff.BudgetedScheduler]:
+def build(
+    kind: str, steps: int
+) -> tuple[TinyLM, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Model, AdamW and a scheduler of ``kind`` with a step budget, probes on (``model=``)."""
     model = TinyLM()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -11,8 +11,6 @@ over the micro-batches of a step). A callback stops training when the budget is 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +22,7 @@ try:
 except ImportError:
     pl = pytest.importorskip("pytorch_lightning")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _ckpt_worker as worker
+from tests import _ckpt_worker as worker
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
