@@ -1,6 +1,6 @@
 """Save and resume a training run: model, optimizer, scheduler and budget clock in one file.
 
-A checkpoint is a plain :func:`torch.save` file holding a dict of torch's own state dicts::
+A checkpoint is a plain :func:`torch.save` file holding a dict of torch's own state dicts:
 
     {"format": "graff.checkpoint", "format_version": 1, "checksum": "sha256:...",
      "graff_version": ..., "torch_version": ..., "types": {"optimizer": "AdamW", ...},
