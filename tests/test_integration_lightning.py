@@ -176,3 +176,37 @@ def test_lightning_checkpoint_resume_continues_the_budget(kind, tmp_path) -> Non
         prior = second.sched.prior
         expected = [LR * max(1e-6, prior(k / 12)) for k in range(1, 13)]
         assert record.lrs == pytest.approx(expected, rel=1e-6)
+
+
+class BareLossModule(TinyModule):
+    """The recipe for a network without a ``.loss`` output: hand the loss to ``step`` yourself."""
+
+    def __init__(self, budget_steps: int) -> None:
+        super().__init__("graff", budget_steps)
+        self.pending: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(input_ids=batch, labels=batch)["logits"]  # as if it returned logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, worker.VOCAB), batch[:, 1:].reshape(-1)
+        )
+        self.micro_losses.append(float(loss.detach()))
+        self.pending.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=LR)
+        self.sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=self.budget_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step(torch.stack(self.pending).mean())  # the mean over the micro-batches
+        self.pending.clear()
+
+
+def test_lr_scheduler_step_override_passes_the_loss_without_model() -> None:
+    module, spy = BareLossModule(budget_steps=100), _RecordPlannerLosses()
+    trainer = _fit(module, max_steps=4, accum=2, callbacks=[spy])
+    pairs = list(zip(module.micro_losses[::2], module.micro_losses[1::2], strict=True))
+    assert spy.received == pytest.approx([(a + b) / 2 for a, b in pairs], rel=1e-6)
+    assert module.sched.budget.steps == trainer.global_step == 4
