@@ -125,6 +125,56 @@ def test_round_trip_restores_everything_and_the_next_lrs(kind, tmp_path, one_tor
         assert torch.equal(a, b)
 
 
+OPTIMIZERS = {
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    "Adam-amsgrad": lambda ps: torch.optim.Adam(ps, lr=1e-3, amsgrad=True),
+    "Adagrad": lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+    "Adadelta": lambda ps: torch.optim.Adadelta(ps),
+    "Adamax": lambda ps: torch.optim.Adamax(ps, lr=1e-3),
+    "ASGD": lambda ps: torch.optim.ASGD(ps, lr=1e-2),
+    "NAdam": lambda ps: torch.optim.NAdam(ps, lr=1e-3),
+    "RAdam": lambda ps: torch.optim.RAdam(ps, lr=1e-3),
+    "RMSprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3, centered=True, momentum=0.5),
+    "Rprop": lambda ps: torch.optim.Rprop(ps, lr=1e-3),
+    "Adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_torch_optimizer_state_round_trips(name, tmp_path, one_torch_thread) -> None:
+    """The optimizer-state shape checks accept every built-in optimizer's real state."""
+    if name == "Adafactor" and not hasattr(torch.optim, "Adafactor"):
+        pytest.skip("torch.optim.Adafactor needs torch >= 2.5")
+    model = worker.TinyLM()
+    opt = OPTIMIZERS[name](model.parameters())
+    sched = graff.BudgetScheduler(opt, budget=graff.BudgetClock(steps=10), model=model)
+    _steps(model, opt, sched, torch.Generator().manual_seed(0), 2)
+    path = graff.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched)
+    model2 = worker.TinyLM(seed=3)
+    opt2 = OPTIMIZERS[name](model2.parameters())
+    sched2 = graff.BudgetScheduler(opt2, budget=graff.BudgetClock(steps=10), model=model2)
+    graff.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert _fingerprint(model2, opt2, sched2) == _fingerprint(model, opt, sched)
+
+
+def test_schedule_free_optimizer_round_trips(tmp_path, one_torch_thread) -> None:
+    schedulefree = pytest.importorskip("schedulefree")
+    model = worker.TinyLM()
+    opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-3)
+    opt.train()
+    sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=10), model=model, guard_c=2.0)
+    _steps(model, opt, sched, torch.Generator().manual_seed(0), 3)
+    path = graff.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched)
+    model2 = worker.TinyLM(seed=3)
+    opt2 = schedulefree.AdamWScheduleFree(model2.parameters(), lr=1e-3)
+    opt2.train()
+    sched2 = graff.GraffScheduler(
+        opt2, budget=graff.BudgetClock(steps=10), model=model2, guard_c=2.0
+    )
+    graff.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
+    assert _fingerprint(model2, opt2, sched2) == _fingerprint(model, opt, sched)
+
+
 def test_file_is_a_plain_torch_file_with_the_state_dicts(saved) -> None:
     raw = torch.load(saved, weights_only=True)
     assert raw["format"] == "graff.checkpoint"
