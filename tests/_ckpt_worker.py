@@ -122,8 +122,8 @@ def write_loop(path: Path, numel: int, start: int) -> None:
     """Save checkpoints ``i = start + 1, ...`` whose tensor is filled with ``i``, back to back;
     print ``wrote i`` once each is complete."""
     weights = torch.empty(numel)
-    i = start
-    while True:
+    i, parent = start, os.getppid()
+    while os.getppid() == parent:  # stop if the fork server is gone: never an orphan writer
         i += 1
         weights.fill_(float(i))
         graff.save_checkpoint(path, extra={"i": i, "weights": weights})

@@ -469,6 +469,32 @@ def test_a_failed_write_keeps_the_old_checkpoint(tmp_path, monkeypatch, fail_in)
 
 
 # ------------------------------------------------------- real processes, SIGKILL
+class _Child:
+    """A child of the fork server, pinned by a pidfd where available so that a late kill can
+    never hit another process that reused the pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: fall back to the pid
+            self.fd = None
+
+    def kill(self) -> None:
+        try:
+            if self.fd is not None:
+                signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, OSError):
+            pass  # already gone
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Server:
     """The fork server of ``tests/_ckpt_worker.py`` (a fresh ``sys.executable`` interpreter)."""
 
@@ -492,28 +518,31 @@ class Server:
         after ``kill_after_s`` seconds. Returns (exit code, the child's stdout lines)."""
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
-        watchdog = threading.Timer(120, self.proc.kill)  # never hang the suite
-        watchdog.start()
-        pid, lines, timer = None, [], None
+        child: list[_Child] = []
+        watchdog = threading.Timer(120, lambda: [c.kill() for c in child] + [self.proc.kill()])
+        watchdog.start()  # never hang the suite, never leave a writer behind
+        lines, timer = [], None
         try:
             for raw in self.proc.stdout:
                 line = raw.strip()
                 if line.startswith("pid "):
-                    pid = int(line.split()[1])
+                    child.append(_Child(int(line.split()[1])))
                     if kill_after_s is not None:
-                        timer = threading.Timer(kill_after_s, os.kill, (pid, signal.SIGKILL))
+                        timer = threading.Timer(kill_after_s, child[0].kill)
                         timer.start()
                 elif line.startswith("exit "):
                     return int(line.split()[1]), lines
                 else:
                     lines.append(line)
                     step = int(line.split()[1]) if line.startswith("step ") else -1
-                    if kill_after_step is not None and pid and step == kill_after_step:
-                        os.kill(pid, signal.SIGKILL)
+                    if kill_after_step is not None and child and step == kill_after_step:
+                        child[0].kill()
         finally:
             watchdog.cancel()
             if timer is not None:
                 timer.join()
+            for c in child:
+                c.close()
         raise AssertionError(f"fork server died: {self.log.read_text()}")
 
     def close(self) -> None:
