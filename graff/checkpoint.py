@@ -204,7 +204,8 @@ def load_checkpoint(
         CheckpointError: if the file is missing, truncated, corrupt, not a graff checkpoint, of
             another format version, holds objects that would run code when loaded, lacks a
             part you passed, or does not fit the model, optimizer or scheduler given. Nothing
-            is modified then.
+            is modified then (the one exception, a model's own load hook refusing after the
+            checks, is described in the module docstring and named in the message).
     """
     payload = read_checkpoint(path, map_location=map_location)
     given = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
