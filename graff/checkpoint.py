@@ -42,15 +42,15 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
-from itertools import chain
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from graff._checksum import payload_digest
+from graff._state_checks import check_model_state, check_optimizer_state
 from graff._version import __version__
 from graff.errors import CheckpointError, GraffTypeError
 
@@ -65,8 +65,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "graff.checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 _PARTS = ("model", "optimizer", "scheduler")
-# torch.optim classes whose every non-scalar state tensor has its parameter's shape.
-_NOT_PARAM_SHAPED = {"LBFGS", "Adafactor"}
 
 
 def save_checkpoint(
@@ -221,9 +219,9 @@ def load_checkpoint(
                 f"{type(obj).__name__}: build the {name} as in the run that saved it."
             )
     if model is not None:
-        _check_model_state(model, payload["model"], strict)
+        check_model_state(model, payload["model"], strict)
     if optimizer is not None:
-        _check_optimizer_state(optimizer, payload["optimizer"])
+        check_optimizer_state(optimizer, payload["optimizer"])
     undo = _load_optimizer_and_scheduler(optimizer, scheduler, payload)
     if model is not None:  # last: its checks above are exact for torch's own modules
         try:
@@ -288,104 +286,6 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
     return payload
 
 
-# ------------------------------------------------------------------ validation
-def _check_model_state(model: nn.Module, state: Any, strict: bool) -> None:
-    """Raise CheckpointError unless ``model.load_state_dict(state, strict)`` fits key by key."""
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"model state is a {type(state).__name__}, not a state dict.")
-    expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"the checkpoint's model state does not fit {type(model).__name__}: "
-            f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}."
-        )
-    bad = []
-    for key, want in expected.items():
-        got = state.get(key)
-        if key not in state or not isinstance(want, Tensor):
-            continue
-        if isinstance(want, nn.parameter.UninitializedTensorMixin):
-            continue  # lazy modules take their shape from the checkpoint
-        if not isinstance(got, Tensor):
-            bad.append(f"{key}: a {type(got).__name__}, not a tensor")
-        elif tuple(got.shape) != tuple(want.shape):
-            bad.append(
-                f"{key}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} here"
-            )
-        elif _kind(got) != _kind(want):
-            bad.append(f"{key}: dtype {got.dtype} in the checkpoint, {want.dtype} here")
-    if bad:
-        raise CheckpointError(
-            f"the checkpoint's model state does not fit {type(model).__name__}: {_few(bad)}."
-        )
-
-
-def _kind(t: Tensor) -> str:
-    if t.dtype == torch.bool:
-        return "bool"
-    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "int"
-
-
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
-    """Raise CheckpointError unless ``optimizer.load_state_dict(state)`` fits (torch's checks
-    plus: each saved state tensor has the shape of the live one, or of its parameter)."""
-    name = type(optimizer).__name__
-    if (
-        not isinstance(state, Mapping)
-        or not isinstance(state.get("state"), Mapping)
-        or not isinstance(state.get("param_groups"), list)
-        or not all(
-            isinstance(g, Mapping) and isinstance(g.get("params"), list)
-            for g in state["param_groups"]
-        )
-    ):
-        raise CheckpointError("optimizer state is not a torch optimizer state dict.")
-    groups, saved = optimizer.param_groups, state["param_groups"]
-    if len(groups) != len(saved):
-        raise CheckpointError(
-            f"the checkpoint's optimizer has {len(saved)} parameter group(s), this {name} has "
-            f"{len(groups)}."
-        )
-    for i, (group, saved_group) in enumerate(zip(groups, saved, strict=True)):
-        if len(group["params"]) != len(saved_group["params"]):
-            raise CheckpointError(
-                f"parameter group {i} holds {len(saved_group['params'])} parameters in the "
-                f"checkpoint, {len(group['params'])} in this {name}."
-            )
-    params = dict(
-        zip(
-            chain.from_iterable(g["params"] for g in saved),
-            chain.from_iterable(g["params"] for g in groups),
-            strict=True,
-        )
-    )
-    param_shaped = type(optimizer).__module__.startswith("torch.optim") and (
-        name not in _NOT_PARAM_SHAPED
-    )
-    for pid, entry in state["state"].items():
-        param = params.get(pid)
-        if param is None:
-            continue
-        if not isinstance(entry, Mapping):
-            raise CheckpointError(f"optimizer state of parameter {pid!r} is not a dict.")
-        live = optimizer.state.get(param, {})
-        for key, value in entry.items():
-            if not isinstance(value, Tensor):
-                continue
-            ref = live.get(key)
-            want = tuple(ref.shape) if isinstance(ref, Tensor) else None
-            if want is None and param_shaped and value.dim() > 0:
-                want = tuple(param.shape)
-            if want is not None and tuple(value.shape) != want:
-                raise CheckpointError(
-                    f"optimizer state {key!r} of parameter {pid!r} has shape "
-                    f"{tuple(value.shape)} in the checkpoint, expected {want}: the parameters "
-                    "are not the ones (or not in the order) of the run that saved it."
-                )
-
-
 def _load_optimizer_and_scheduler(
     optimizer: torch.optim.Optimizer | None, scheduler: Any, payload: dict[str, Any]
 ) -> Callable[[], None]:
@@ -436,8 +336,3 @@ def _timeless(state: Any) -> Any:
         }
         return {**state, "budget": budget}
     return state
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(map(str, items[:n]))
-    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})" if items else "none"
