@@ -5,6 +5,7 @@ The public API is listed in ``__all__``; everything else is private and may chan
 
 from graff._version import __version__
 from graff.budget_scheduler import BudgetScheduler
+from graff.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from graff.clock import BudgetClock
 from graff.errors import (
     CheckpointError,
@@ -48,9 +49,12 @@ __all__ = [
     "clamp_lr",
     "entropy_from_logits",
     "guard_constant",
+    "load_checkpoint",
     "load_planner",
     "max_stable_lr",
     "project_to_halfspace",
+    "read_checkpoint",
+    "save_checkpoint",
     "save_planner",
     "stability_threshold",
     "token_weights_from_entropy",
