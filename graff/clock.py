@@ -112,6 +112,10 @@ class BudgetClock:
         else:
             self.kind = "seconds"
             self.total = total * {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0}[name]
+            if not math.isfinite(self.total):
+                raise GraffConfigError(
+                    f"BudgetClock({name}=...) must be finite in seconds, got {value!r}."
+                )
         if time_fn is not None and not callable(time_fn):
             raise GraffTypeError(f"time_fn must be callable, got {time_fn!r}.")
         self._time_fn: Callable[[], float] = time_fn or time.monotonic
