@@ -248,21 +248,32 @@ class GraffScheduler(BudgetedScheduler):
             hvp=self.guard and (model is not None or loss_fn is not None),
             seed=seed,
         )
-        self.blocks = self.curvature.blocks
-        self.edge_index = block_edges(self.blocks, adjacency)
-        self._adjacency = mean_adjacency(self.edge_index, len(self.blocks))
-        self.entropy_probe = _make_entropy_probe(model, entropy, seed)
-        self.h = self.planner.initial_state(len(self.blocks))
-        self._pending: tuple[Tensor, Tensor] | None = None  # (x_t, h_{t-1}) awaiting feedback
-        self._kappa_mean = torch.zeros(len(self.blocks) + 1)
-        self._multipliers = torch.ones(len(self.blocks))
-        self._log_factor = 0.0
-        self._nonfinite_seen = 0
-        self._window = StatsWindow(len(self.blocks))
-        self._steps_since_plan = 0
-        super().__init__(
-            optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
-        )
+        self.entropy_probe: EntropyProbe | None = None
+        try:
+            self.blocks = self.curvature.blocks
+            self.edge_index = block_edges(self.blocks, adjacency)
+            self._adjacency = mean_adjacency(self.edge_index, len(self.blocks))
+            self.entropy_probe = _make_entropy_probe(model, entropy, seed)
+            self.h = self.planner.initial_state(len(self.blocks))
+            self._pending: tuple[Tensor, Tensor] | None = None  # (x_t, h_{t-1}) awaiting feedback
+            self._kappa_mean = torch.zeros(len(self.blocks) + 1)
+            self._multipliers = torch.ones(len(self.blocks))
+            self._log_factor = 0.0
+            self._nonfinite_seen = 0
+            self._window = StatsWindow(len(self.blocks))
+            self._steps_since_plan = 0
+            super().__init__(
+                optimizer,
+                budget,
+                model=model,
+                lr_min_factor=lr_min_factor,
+                lr_max_factor=lr_max_factor,
+            )
+        except BaseException:  # a failed constructor leaves no hook on the optimizer/model
+            self.curvature.remove()
+            if self.entropy_probe is not None:
+                self.entropy_probe.remove()
+            raise
 
     # ----------------------------------------------------------------- plan
     def _initial_factors(self) -> list[float]:
