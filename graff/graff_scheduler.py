@@ -161,6 +161,9 @@ class GraffScheduler(BudgetedScheduler):
     Raises:
         GraffConfigError, GraffTypeError: On a bad argument (the message names it).
         CheckpointError: If ``warm_start`` is not a planner file.
+        GraffConfigError: Sparse gradients (``nn.Embedding(sparse=True)``) are not supported:
+            at construction when ``model`` has such a module, else at the first
+            ``optimizer.step()`` that sees one. ``BudgetScheduler`` supports them.
 
     Examples:
         >>> import torch, graff

@@ -143,6 +143,9 @@ class ReactorScheduler(BudgetedScheduler):
     Raises:
         GraffConfigError, GraffTypeError: for bad arguments (the message names the argument).
         ProbeError: ``token_aware=True`` but no entropy probe fits the model.
+        GraffConfigError: Sparse gradients (``nn.Embedding(sparse=True)``) are not supported:
+            at construction when ``model`` has such a module, else at the first
+            ``optimizer.step()`` that sees one. ``BudgetScheduler`` supports them.
 
     Examples:
         >>> import graff

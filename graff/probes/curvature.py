@@ -130,6 +130,32 @@ def _check_blocks(
     return blocks
 
 
+_SPARSE_HINT = (
+    "graff's curvature probe (used by GraffScheduler and ReactorScheduler) reads dense "
+    "gradients only; build the module with sparse=False, or use graff.BudgetScheduler, "
+    "which reads no gradients."
+)
+
+
+def _reject_sparse_modules(model: nn.Module | None, params: Sequence[Tensor]) -> None:
+    """Raise if ``model`` has an embedding with ``sparse=True`` whose weight is probed."""
+    if model is None:
+        return
+    ids = {id(p) for p in params}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in ids:
+            raise GraffConfigError(f"{name or type(m).__name__} has sparse=True: {_SPARSE_HINT}")
+
+
+def _reject_sparse_grad(p: Tensor) -> None:
+    """Raise (before the optimizer step runs) if ``p`` has a sparse gradient."""
+    if p.grad is not None and p.grad.layout != torch.strided:
+        raise GraffConfigError(
+            f"a parameter of shape {tuple(p.shape)} has a sparse gradient ({p.grad.layout}): "
+            + _SPARSE_HINT
+        )
+
+
 class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
@@ -171,6 +197,9 @@ class CurvatureProbe:
 
     Raises:
         GraffTypeError, GraffConfigError: On a bad argument (the message names it).
+        GraffConfigError: Sparse gradients are not supported: at construction if ``model``
+            has an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``, else from
+            ``optimizer.step()`` (before any update) when a sparse gradient first appears.
 
     Examples:
         >>> p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
@@ -247,6 +276,7 @@ class CurvatureProbe:
         )
         self.blocks = _check_blocks(optimizer, model, blocks)
         self._params = [p for b in self.blocks for p in b.params]
+        _reject_sparse_modules(model, self._params)
         self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
         self._hvp_params = [p for p in self._params if p.requires_grad]
         self.hvp = hvp and bool(self._hvp_params)
@@ -298,7 +328,8 @@ class CurvatureProbe:
         if both:
             self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
         for j in have:
-            if self._buf[j] is None:
+            if self._buf[j] is None:  # first gradient of this parameter
+                _reject_sparse_grad(self._params[j])
                 self._buf[j] = torch.empty_like(self._params[j], requires_grad=False)
         if have:
             torch._foreach_copy_(
