@@ -364,8 +364,11 @@ class CurvatureProbe:
             torch._foreach_sub_(bufs, params)
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
-            self._gdu[idx] = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
-            self._valid = set(idx)
+            gdu = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
+            finite = torch.isfinite(gdu)
+            # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
+            self._gdu[idx] = torch.where(finite, gdu, 0.0)
+            self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
