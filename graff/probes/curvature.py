@@ -286,6 +286,7 @@ class CurvatureProbe:
         # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
         self._buf: list[Tensor | None] = [None] * len(self._params)
         self._valid: set[int] = set()
+        self._incomplete = False  # the last update had non-finite entries (dropped)
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
@@ -325,7 +326,9 @@ class CurvatureProbe:
         t0 = time.perf_counter()
         have = [j for j, p in enumerate(self._params) if p.grad is not None]
         both = [j for j in have if j in self._valid]
-        if both:
+        if have and self._incomplete:
+            self.dropped_samples += 1
+        elif both:
             self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
         for j in have:
             if self._buf[j] is None:  # first gradient of this parameter
@@ -336,6 +339,7 @@ class CurvatureProbe:
                 [self._buf[j] for j in have], [self._params[j].detach() for j in have]
             )
         self._valid = set()
+        self._incomplete = False
         self._pending = have
         self.overhead_seconds += time.perf_counter() - t0
 
@@ -369,6 +373,7 @@ class CurvatureProbe:
             # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
             self._gdu[idx] = torch.where(finite, gdu, 0.0)
             self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
+            self._incomplete = len(self._valid) < len(idx)  # the next sample is then dropped
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
