@@ -358,7 +358,7 @@ class ReactorScheduler(BudgetedScheduler):
             positions=self._positions,
             losses=self._losses,
             interval=cfg.decision_interval,
-            log_lr_factor=self._log_factor / span,
+            log_lr_factor=self._log_factor / span if span > 0 else 0.0,
             remaining_budget=1.0 - fraction,
             curvature=self.curvature_probe.last if self.curvature_probe is not None else None,
             entropy=self.entropy_probe.stats() if self.entropy_probe is not None else None,
