@@ -60,6 +60,19 @@ def loss_value(loss: Any) -> float | None:
     raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+
+
+def _is_positive_finite(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x) and x > 0
+    except OverflowError:
+        return False
+
+
 class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
     """Base class: a budget-aware LR scheduler around any torch optimizer.
 
@@ -237,7 +250,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"state was saved by {state.get('scheduler')!r}, cannot load into {type(self).__name__}."
             )
         n = len(self.optimizer.param_groups)
-        if state.get("num_groups") != n or len(state.get("last_lr", [])) != n:
+        last_lr = state.get("last_lr")
+        if state.get("num_groups") != n or not isinstance(last_lr, list) or len(last_lr) != n:
             raise CheckpointError(
                 f"state has {state.get('num_groups')!r} parameter groups, the optimizer has {n}."
             )
@@ -251,9 +265,17 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         } - set(state)
         if missing:
             raise CheckpointError(f"scheduler state is missing keys {sorted(missing)}.")
-        lrs = [float(x) for x in state["last_lr"]]
-        if not all(math.isfinite(x) and x > 0 for x in lrs):
-            raise CheckpointError(f"scheduler state has invalid last_lr {lrs!r}.")
+        counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
+        bad = [k for k in counters if not _is_count(state[k])]
+        if bad:
+            raise CheckpointError(
+                "scheduler state has invalid counters "
+                + ", ".join(f"{k}={state[k]!r:.40}" for k in bad)
+                + " (need non-negative integers)."
+            )
+        if not all(_is_positive_finite(x) for x in last_lr):
+            raise CheckpointError(f"scheduler state has invalid last_lr {last_lr!r:.200}.")
+        lrs = [float(x) for x in last_lr]
         # Validate everything that can fail before changing anything (no half-loaded scheduler).
         scratch = BudgetClock(steps=1) if self.budget.kind == "steps" else BudgetClock(seconds=1)
         scratch.load_state_dict(state["budget"])  # raises CheckpointError on a bad clock state
