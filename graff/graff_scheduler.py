@@ -64,6 +64,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -461,7 +462,7 @@ class GraffScheduler(BudgetedScheduler):
             "num_blocks": len(self.blocks),
             "features": list(FEATURE_NAMES),
             "planner": {k: v.clone() for k, v in self.planner.state_dict().items()},
-            "planner_optimizer": self.planner_optimizer.state_dict(),
+            "planner_optimizer": copy.deepcopy(self.planner_optimizer.state_dict()),
             "h": self.h.clone(),
             "pending": None if self._pending is None else [t.clone() for t in self._pending],
             "kappa_mean": self._kappa_mean.clone(),
