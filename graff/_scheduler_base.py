@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from graff._state_checks import check_adam, check_finite_state
 from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
@@ -275,11 +276,35 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             )
         if not all(_is_positive_finite(x) for x in last_lr):
             raise CheckpointError(f"scheduler state has invalid last_lr {last_lr!r:.200}.")
-        lrs = [float(x) for x in last_lr]
-        # Validate everything that can fail before changing anything (no half-loaded scheduler).
+        # Validate what can be checked before changing anything; then load, check what was
+        # loaded, and restore the previous state on any failure (never a half-loaded scheduler).
         scratch = BudgetClock(steps=1) if self.budget.kind == "steps" else BudgetClock(seconds=1)
         scratch.load_state_dict(state["budget"])  # raises CheckpointError on a bad clock state
-        self._check_extra_state(state["extra"])
+        try:
+            self._check_extra_state(state["extra"])
+        except CheckpointError:
+            raise
+        except Exception as err:  # a malformed entry the checks tripped over
+            raise CheckpointError(
+                f"{type(self).__name__} state is malformed: {type(err).__name__}: {err}"
+            ) from err
+        previous = self.state_dict()  # a snapshot: it shares no tensor with the live state
+        try:
+            self._load_checked(state, prechecked=True)
+        except Exception as err:
+            vars(self).pop("_scratch", None)  # scratch objects a subclass made from ``state``
+            self._load_checked(previous)
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"{type(self).__name__} state does not fit: {type(err).__name__}: {err}"
+            ) from err
+
+    def _load_checked(self, state: dict[str, Any], prechecked: bool = False) -> None:
+        """Load a state, then check what was loaded (raises CheckpointError)."""
+        if not prechecked:
+            self._check_extra_state(state["extra"])
+        lrs = [float(x) for x in state["last_lr"]]
         self.budget.load_state_dict(state["budget"])
         self._load_extra_state(state["extra"])
         self.last_epoch = int(state["last_epoch"])
@@ -289,6 +314,13 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._optimizer_steps = 0
         initial = [float(g["initial_lr"]) for g in self.optimizer.param_groups]
         self._write([lr / base for lr, base in zip(lrs, initial, strict=True)])
+        check_finite_state(self._extra_state(), f"{type(self).__name__} state")
+        for name, optimizer in self._inner_optimizers().items():
+            check_adam(optimizer, f"{type(self).__name__} state {name!r}")
+
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The scheduler's own (Adam) optimizers, checked after a load (default: none)."""
+        return {}
 
     def _check_extra_state(self, extra: dict[str, Any]) -> None:
         """Raise :class:`CheckpointError` if ``extra`` cannot be loaded (default: accept dicts)."""
