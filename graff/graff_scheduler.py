@@ -512,7 +512,7 @@ class GraffScheduler(BudgetedScheduler):
             raise CheckpointError(
                 f"state was saved with {extra['num_blocks']} blocks, this scheduler has {len(self.blocks)}."
             )
-        if list(extra["features"]) != list(FEATURE_NAMES):
+        if not isinstance(extra["features"], list) or extra["features"] != list(FEATURE_NAMES):
             raise CheckpointError("state was saved by a planner with other input features.")
         try:
             PlannerNet(edges=self.edges).load_state_dict(extra["planner"])
@@ -522,6 +522,25 @@ class GraffScheduler(BudgetedScheduler):
             raise CheckpointError(
                 f"planner state h has shape {tuple(extra['h'].shape)}, expected {tuple(self.h.shape)}."
             )
+        n, pending = len(self.blocks), extra["pending"]
+        shapes = {"h": self.h.shape, "kappa_mean": (n + 1,), "multipliers": (n,)}
+        tensors = {k: extra[k] for k in shapes}
+        if pending is not None:
+            if not isinstance(pending, (list, tuple)) or len(pending) != 2:
+                raise CheckpointError("GraffScheduler state has an invalid pending planner step.")
+            tensors |= {"pending[0]": pending[0], "pending[1]": pending[1]}
+            shapes |= {"pending[0]": (n, len(FEATURE_NAMES)), "pending[1]": self.h.shape}
+        for key, t in tensors.items():
+            if not (isinstance(t, Tensor) and t.is_floating_point() and t.shape == shapes[key]):
+                raise CheckpointError(
+                    f"GraffScheduler state {key} must be a float tensor of shape "
+                    f"{tuple(shapes[key])}, got {t!r:.80}."
+                )
+        if not bool((extra["multipliers"] > 0).all()):
+            raise CheckpointError("GraffScheduler state has non-positive block multipliers.")
+
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"planner_optimizer": self.planner_optimizer}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.planner.load_state_dict(extra["planner"])

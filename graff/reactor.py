@@ -506,6 +506,9 @@ class ReactorScheduler(BudgetedScheduler):
         finally:
             probe.load_state_dict(old)
 
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"policy_optimizer": self._policy_opt}
+
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.policy, self._policy_opt = self._scratch
         del self._scratch
