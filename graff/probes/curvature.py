@@ -597,7 +597,14 @@ class CurvatureProbe:
             ]
         )
         self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
-        self.step, self._last_attempt = int(state["step"]), state["last_attempt_step"]
+        last_attempt = state["last_attempt_step"]
+        if last_attempt is not None and (
+            isinstance(last_attempt, bool) or not isinstance(last_attempt, int)
+        ):
+            raise CheckpointError(
+                f"CurvatureProbe state has invalid last_attempt_step={last_attempt!r:.40}."
+            )
+        self.step, self._last_attempt = int(state["step"]), last_attempt
         self.interval = int(state["interval"])
         self.n_estimates, self.dropped_estimates = (
             int(state["n_estimates"]),
@@ -616,6 +623,7 @@ class CurvatureProbe:
             not isinstance(update, Mapping)
             or not isinstance(gdu, Tensor)
             or gdu.shape != self._gdu.shape
+            or not gdu.is_floating_point()
         ):
             raise CheckpointError("CurvatureProbe state has an invalid saved update.")
         for j, delta in update.items():
