@@ -45,6 +45,9 @@ def _quiet(one_torch_thread, recwarn):
     return
 
 
+GRADS_MODEL = st.sampled_from(["ok", "ok", "nan", "skip"])
+
+
 # ------------------------------------------------------------------ step-level properties
 @profile(150)
 @given(setups(), st.lists(EVENTS, min_size=1, max_size=25))
@@ -349,3 +352,39 @@ def test_tensor_losses_of_any_shape_are_reduced_or_counted(shape) -> None:
     sched.step(torch.ones(shape))
     assert sched.nonfinite_losses == (1 if shape == (0,) else 0)
     assert math.isfinite(sched.get_last_lr()[0])
+
+
+# ------------------------------------------------------------------ model= path (LoRA, probes)
+@profile(6)
+@given(
+    st.sampled_from(["graff", "reactor"]),
+    st.lists(
+        st.tuples(st.sampled_from([None, math.nan, math.inf, 1e308, -2.0]), GRADS_MODEL),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_lora_model_with_probes_keeps_every_invariant(kind, stream) -> None:
+    """With ``model=`` (LoRA blocks, curvature capture, entropy probe) and hostile steps."""
+    from conftest import make_tiny_lora, make_tiny_qwen3
+    from hostile import Setup
+
+    model = make_tiny_lora(make_tiny_qwen3())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    cls = graff.GraffScheduler if kind == "graff" else graff.ReactorScheduler
+    kw = {"curvature_every": 2, "plan_every": 2} if kind == "graff" else {"decision_interval": 2}
+    sched = cls(opt, graff.BudgetClock(steps=10), model=model, **kw)
+    setup = Setup(params, opt, sched, [0.0], [1e-3], kind)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    for loss, grad in stream:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        if grad == "nan":
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], math.nan)
+        if grad != "skip":
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step(loss)  # None: the loss captured from the model's forward
+        check_invariants(setup)
+    sched.remove()
