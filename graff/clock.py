@@ -20,6 +20,7 @@ where :math:`B` is the budget (seconds or steps) and ``fraction_used`` is :math:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 
 BudgetKind = Literal["seconds", "steps"]
 _FORMAT_VERSION = 1
+_FLOAT_MAX = sys.float_info.max
 
 
 def _finite_real(x: Any) -> bool:
@@ -180,7 +182,9 @@ class BudgetClock:
                 self._segment_start = now
             if math.isfinite(now):
                 running = max(0.0, now - self._segment_start)
-        self._max_elapsed = max(self._max_elapsed, self._banked + running)
+        # Readings ±1e308 apart would give an infinite elapsed time: cap at the largest float.
+        elapsed = min(self._banked + running, _FLOAT_MAX)
+        self._max_elapsed = max(self._max_elapsed, elapsed)
         return self._max_elapsed
 
     @contextmanager
