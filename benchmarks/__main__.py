@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|wallclock`` and ``python -m benchmarks overhead``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|wallclock``, ``overhead`` and ``soak``."""
 
 from __future__ import annotations
 
@@ -67,6 +67,12 @@ def _overhead(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _soak(args: argparse.Namespace) -> None:
+    from benchmarks.soak import main
+
+    main(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +96,13 @@ def main(argv: list[str] | None = None) -> None:
     ovh.add_argument("--rounds", type=int, default=40)
     ovh.add_argument("--data-dir")
     ovh.set_defaults(func=_overhead)
+    soak = sub.add_parser(
+        "soak", help="thousands of steps of each scheduler with injected NaN steps and LR spikes"
+    )
+    soak.add_argument("--out", help="results folder (default benchmarks/results/soak/)")
+    soak.add_argument("--steps", type=int, default=3000)
+    soak.add_argument("--seed", type=int, default=0)
+    soak.set_defaults(func=_soak)
     args = parser.parse_args(argv)
     args.func(args)
 

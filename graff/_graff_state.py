@@ -89,8 +89,12 @@ class LossTracker:
                 float(state["var"]),
             )
             self.count, self.best = int(state["count"]), float(state["best"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid running-average state: {err}") from err
+        if self._var < 0 or not 0 <= self.count < 2**63:
+            raise CheckpointError(
+                f"invalid running-average state: var={self._var}, count={self.count}."
+            )
 
 
 class PeakCalibrator:
@@ -221,8 +225,10 @@ class StatsWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
             sums, count, last = state["sums"], int(state["count"]), state["last_step"]
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid planning-window state: {err}") from err
+        if not 0 <= count < 2**63:
+            raise CheckpointError(f"invalid planning-window state: count={count}.")
         if not isinstance(sums, Tensor) or sums.shape != self._sums.shape:
             raise CheckpointError("planning-window state does not fit this number of blocks.")
         self._sums, self.count = sums.clone().float(), count

@@ -293,7 +293,13 @@ OTHER_KEYS = ("positions", "losses", "pending_state", "policy", "policy_optimize
 
 
 def _finite_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    return abs(x) < 1e300 if isinstance(x, int) else math.isfinite(x)  # no int overflow
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
 
 
 def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
@@ -302,11 +308,7 @@ def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
     missing = [k for k in keys if k not in extra]
     if missing:
         return missing
-    bad = [
-        k
-        for k in INT_KEYS
-        if isinstance(extra[k], bool) or not isinstance(extra[k], int) or extra[k] < 0
-    ]
+    bad = [k for k in INT_KEYS if not _count(extra[k])]
     bad += [k for k in FLOAT_KEYS if not _finite_number(extra[k])]
     bad += [k for k in OPTIONAL_FLOAT_KEYS if extra[k] is not None and not _finite_number(extra[k])]
     pos, losses = extra["positions"], extra["losses"]
@@ -314,14 +316,19 @@ def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
         isinstance(pos, list)
         and isinstance(losses, list)
         and len(pos) == len(losses)
-        and all(isinstance(p, int) for p in pos)
+        and all(_count(p) for p in pos)
         and all(_finite_number(x) for x in losses)
     ):
         bad.append("positions/losses")
     pending = extra["pending_state"]
     if (pending is None) != (extra["pending_u"] is None) or (
         pending is not None
-        and (not isinstance(pending, Tensor) or tuple(pending.shape) != (len(STATE_FEATURES),))
+        and (
+            not isinstance(pending, Tensor)
+            or tuple(pending.shape) != (len(STATE_FEATURES),)
+            or not pending.is_floating_point()
+            or not bool(pending.isfinite().all())
+        )
     ):
         bad.append("pending_state/pending_u")
     return bad

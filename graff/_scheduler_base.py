@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from graff._state_checks import check_adam, check_finite_state
 from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
@@ -65,6 +66,19 @@ def loss_value(loss: Any) -> float | None:
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
         return float(loss)
     raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+
+
+def _is_positive_finite(x: Any) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x) and x > 0
+    except OverflowError:
+        return False
 
 
 class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
@@ -265,7 +279,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"state was saved by {state.get('scheduler')!r}, cannot load into {type(self).__name__}."
             )
         n = len(self.optimizer.param_groups)
-        if state.get("num_groups") != n or len(state.get("last_lr", [])) != n:
+        last_lr = state.get("last_lr")
+        if state.get("num_groups") != n or not isinstance(last_lr, list) or len(last_lr) != n:
             raise CheckpointError(
                 f"state has {state.get('num_groups')!r} parameter groups, the optimizer has {n}."
             )
@@ -279,13 +294,45 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         } - set(state)
         if missing:
             raise CheckpointError(f"scheduler state is missing keys {sorted(missing)}.")
-        lrs = [float(x) for x in state["last_lr"]]
-        if not all(math.isfinite(x) and x > 0 for x in lrs):
-            raise CheckpointError(f"scheduler state has invalid last_lr {lrs!r}.")
-        # Validate everything that can fail before changing anything (no half-loaded scheduler).
+        counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
+        bad = [k for k in counters if not _is_count(state[k])]
+        if bad:
+            raise CheckpointError(
+                "scheduler state has invalid counters "
+                + ", ".join(f"{k}={state[k]!r:.40}" for k in bad)
+                + " (need non-negative integers)."
+            )
+        if not all(_is_positive_finite(x) for x in last_lr):
+            raise CheckpointError(f"scheduler state has invalid last_lr {last_lr!r:.200}.")
+        # Validate what can be checked before changing anything; then load, check what was
+        # loaded, and restore the previous state on any failure (never a half-loaded scheduler).
         scratch = BudgetClock(steps=1) if self.budget.kind == "steps" else BudgetClock(seconds=1)
         scratch.load_state_dict(state["budget"])  # raises CheckpointError on a bad clock state
-        self._check_extra_state(state["extra"])
+        try:
+            self._check_extra_state(state["extra"])
+        except CheckpointError:
+            raise
+        except Exception as err:  # a malformed entry the checks tripped over
+            raise CheckpointError(
+                f"{type(self).__name__} state is malformed: {type(err).__name__}: {err}"
+            ) from err
+        previous = self.state_dict()  # a snapshot: it shares no tensor with the live state
+        try:
+            self._load_checked(state, prechecked=True)
+        except Exception as err:
+            vars(self).pop("_scratch", None)  # scratch objects a subclass made from ``state``
+            self._load_checked(previous)
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(
+                f"{type(self).__name__} state does not fit: {type(err).__name__}: {err}"
+            ) from err
+
+    def _load_checked(self, state: dict[str, Any], prechecked: bool = False) -> None:
+        """Load a state, then check what was loaded (raises CheckpointError)."""
+        if not prechecked:
+            self._check_extra_state(state["extra"])
+        lrs = [float(x) for x in state["last_lr"]]
         self.budget.load_state_dict(state["budget"])
         self._load_extra_state(state["extra"])
         self.last_epoch = int(state["last_epoch"])
@@ -295,6 +342,13 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._optimizer_steps = 0
         initial = [float(g["initial_lr"]) for g in self.optimizer.param_groups]
         self._write([lr / base for lr, base in zip(lrs, initial, strict=True)])
+        check_finite_state(self._extra_state(), f"{type(self).__name__} state")
+        for name, optimizer in self._inner_optimizers().items():
+            check_adam(optimizer, f"{type(self).__name__} state {name!r}")
+
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The scheduler's own (Adam) optimizers, checked after a load (default: none)."""
+        return {}
 
     def _check_extra_state(self, extra: dict[str, Any]) -> None:
         """Raise :class:`CheckpointError` if ``extra`` cannot be loaded (default: accept dicts)."""

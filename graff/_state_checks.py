@@ -1,124 +1,85 @@
-"""Does a saved state fit a live model or optimizer? Checked before anything is loaded.
+"""Checks run on a scheduler right after it loaded a state (see ``BudgetedScheduler.load_state_dict``).
 
-``torch.nn.Module.load_state_dict`` copies parameter by parameter and reports a shape mismatch
-only at the end, after copying the others; ``torch.optim.Optimizer.load_state_dict`` checks the
-number of parameters per group but not the shapes of their state (Adam's moments of one
-parameter can land on another of the same group when the order differs). These checks find
-those mismatches first, so :func:`graff.load_checkpoint` can refuse a checkpoint whole.
+A state can be well formed and still poison training: a NaN planner weight, an Adam moment of
+the wrong shape or type, a negative second moment. These checks look at what was loaded and
+raise :class:`~graff.errors.CheckpointError`; the loader then restores the previous state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from itertools import chain
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from graff.errors import CheckpointError
 
-# torch.optim classes some of whose non-scalar state tensors do not have their parameter's shape.
-_NOT_PARAM_SHAPED = {"LBFGS", "Adafactor"}
+#: State entries that hold the user's data (the curvature probe's captured batch), not graff's.
+USER_DATA_KEYS = frozenset({"probe_inputs"})
 
 
-def check_model_state(model: nn.Module, state: Any, strict: bool) -> None:
-    """Raise CheckpointError unless ``model.load_state_dict(state, strict)`` fits key by key."""
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"model state is a {type(state).__name__}, not a state dict.")
-    expected = model.state_dict(keep_vars=True)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"the checkpoint's model state does not fit {type(model).__name__}: "
-            f"missing keys {_few(missing)}, unexpected keys {_few(unexpected)}."
-        )
-    bad = []
-    for key, want in expected.items():
-        got = state.get(key)
-        if key not in state or not isinstance(want, Tensor):
-            continue
-        if isinstance(want, nn.parameter.UninitializedTensorMixin):
-            continue  # lazy modules take their shape from the checkpoint
-        if not isinstance(got, Tensor):
-            bad.append(f"{key}: a {type(got).__name__}, not a tensor")
-        elif tuple(got.shape) != tuple(want.shape):
-            bad.append(
-                f"{key}: shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} here"
-            )
-        elif _kind(got) != _kind(want):
-            bad.append(f"{key}: dtype {got.dtype} in the checkpoint, {want.dtype} here")
-    if bad:
-        raise CheckpointError(
-            f"the checkpoint's model state does not fit {type(model).__name__}: {_few(bad)}."
-        )
+def _walk(obj: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if k not in USER_DATA_KEYS:
+                yield from _walk(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, obj
 
 
-def _kind(t: Tensor) -> str:
-    if t.dtype == torch.bool:
-        return "bool"
-    return "complex" if t.is_complex() else "float" if t.is_floating_point() else "int"
+def check_finite_state(state: Any, what: str) -> None:
+    """Raise unless every float tensor in ``state`` is finite and no number is NaN."""
+    for path, value in _walk(state, what):
+        if isinstance(value, Tensor) and value.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"{path} holds NaN or infinite values.")
+        elif isinstance(value, float) and math.isnan(value):
+            raise CheckpointError(f"{path} is NaN.")
 
 
-def check_optimizer_state(optimizer: torch.optim.Optimizer, state: Any) -> None:
-    """Raise CheckpointError unless ``optimizer.load_state_dict(state)`` fits (torch's checks
-    plus: each saved state tensor has the shape of the live one, or of its parameter)."""
-    name = type(optimizer).__name__
-    if (
-        not isinstance(state, Mapping)
-        or not isinstance(state.get("state"), Mapping)
-        or not isinstance(state.get("param_groups"), list)
-        or not all(
-            isinstance(g, Mapping) and isinstance(g.get("params"), list)
-            for g in state["param_groups"]
-        )
-    ):
-        raise CheckpointError("optimizer state is not a torch optimizer state dict.")
-    groups, saved = optimizer.param_groups, state["param_groups"]
-    if len(groups) != len(saved):
-        raise CheckpointError(
-            f"the checkpoint's optimizer has {len(saved)} parameter group(s), this {name} has "
-            f"{len(groups)}."
-        )
-    for i, (group, saved_group) in enumerate(zip(groups, saved, strict=True)):
-        if len(group["params"]) != len(saved_group["params"]):
-            raise CheckpointError(
-                f"parameter group {i} holds {len(saved_group['params'])} parameters in the "
-                f"checkpoint, {len(group['params'])} in this {name}."
-            )
-    params = dict(
-        zip(
-            chain.from_iterable(g["params"] for g in saved),
-            chain.from_iterable(g["params"] for g in groups),
-            strict=True,
-        )
-    )
-    param_shaped = type(optimizer).__module__.startswith("torch.optim") and (
-        name not in _NOT_PARAM_SHAPED
-    )
-    for pid, entry in state["state"].items():
-        param = params.get(pid)
-        if param is None:
-            continue
-        if not isinstance(entry, Mapping):
-            raise CheckpointError(f"optimizer state of parameter {pid!r} is not a dict.")
-        live = optimizer.state.get(param, {})
-        for key, value in entry.items():
-            if not isinstance(value, Tensor):
+def _real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_adam(optimizer: torch.optim.Optimizer, what: str) -> None:
+    """Raise unless ``optimizer`` (an Adam) holds usable hyperparameters and moments.
+
+    Each group needs a finite ``lr > 0``, ``eps > 0``, ``weight_decay >= 0`` and betas in
+    ``[0, 1)``; each parameter's state is empty or has a finite ``step >= 0`` and finite
+    ``exp_avg``/``exp_avg_sq`` (``>= 0``) tensors of the parameter's shape.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        betas = group.get("betas")
+        ok = (
+            _real(group.get("lr")) and group["lr"] > 0
+            and _real(group.get("eps")) and group["eps"] > 0
+            and _real(group.get("weight_decay")) and group["weight_decay"] >= 0
+            and isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(_real(b) and 0 <= b < 1 for b in betas)
+        )  # fmt: skip
+        flags = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "foreach")
+        ok = ok and all(group.get(k) in (None, False) for k in flags)  # as graff builds them
+        if not ok:
+            raise CheckpointError(f"{what} param_groups[{i}] has invalid hyperparameters.")
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
                 continue
-            ref = live.get(key)
-            want = tuple(ref.shape) if isinstance(ref, Tensor) else None
-            if want is None and param_shaped and value.dim() > 0:
-                want = tuple(param.shape)
-            if want is not None and tuple(value.shape) != want:
-                raise CheckpointError(
-                    f"optimizer state {key!r} of parameter {pid!r} has shape "
-                    f"{tuple(value.shape)} in the checkpoint, expected {want}: the parameters "
-                    "are not the ones (or not in the order) of the run that saved it."
-                )
-
-
-def _few(items: list[str], n: int = 5) -> str:
-    shown = ", ".join(map(str, items[:n]))
-    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)})" if items else "none"
+            step = state.get("step")
+            step = float(step) if isinstance(step, Tensor) and step.numel() == 1 else step
+            moments = [state.get("exp_avg"), state.get("exp_avg_sq")]
+            if not (_real(step) and step >= 0) or not all(
+                isinstance(m, Tensor)
+                and m.shape == p.shape
+                and m.is_floating_point()
+                and bool(torch.isfinite(m).all())
+                for m in moments
+            ):
+                raise CheckpointError(f"{what} has an invalid state for a {tuple(p.shape)} tensor.")
+            if bool((moments[1] < 0).any()):
+                raise CheckpointError(f"{what} has a negative second moment.")

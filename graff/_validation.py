@@ -20,7 +20,12 @@ def _as_float(name: str, value: Any) -> float:
         raise GraffTypeError(
             f"{name} must be a real number, got {value!r} ({type(value).__name__})."
         )
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise GraffConfigError(
+            f"{name} must be finite, got an integer of {value.bit_length()} bits."
+        ) from None
 
 
 def check_finite(name: str, value: Any) -> float:

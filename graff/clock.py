@@ -20,6 +20,7 @@ where :math:`B` is the budget (seconds or steps) and ``fraction_used`` is :math:
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +34,22 @@ from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 
 BudgetKind = Literal["seconds", "steps"]
 _FORMAT_VERSION = 1
+_FLOAT_MAX = sys.float_info.max
+
+
+def _finite_real(x: Any) -> bool:
+    """Whether ``x`` is a real number (not a bool) with a finite float value."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
+def _count(x: Any) -> bool:
+    """Whether ``x`` is a non-negative int (not a bool) that a float holds."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 def _cuda_synchronize() -> None:
@@ -112,6 +129,10 @@ class BudgetClock:
         else:
             self.kind = "seconds"
             self.total = total * {"seconds": 1.0, "minutes": 60.0, "hours": 3600.0}[name]
+            if not math.isfinite(self.total):
+                raise GraffConfigError(
+                    f"BudgetClock({name}=...) must be finite in seconds, got {value!r}."
+                )
         if time_fn is not None and not callable(time_fn):
             raise GraffTypeError(f"time_fn must be callable, got {time_fn!r}.")
         self._time_fn: Callable[[], float] = time_fn or time.monotonic
@@ -177,7 +198,9 @@ class BudgetClock:
                 self._segment_start = now
             if math.isfinite(now):
                 running = max(0.0, now - self._segment_start)
-        self._max_elapsed = max(self._max_elapsed, self._banked + running)
+        # Readings ±1e308 apart would give an infinite elapsed time: cap at the largest float.
+        elapsed = min(self._banked + running, _FLOAT_MAX)
+        self._max_elapsed = max(self._max_elapsed, elapsed)
         return self._max_elapsed
 
     @contextmanager
@@ -281,20 +304,28 @@ class BudgetClock:
             raise CheckpointError(
                 f"BudgetClock state is a {state['kind']!r} budget but this clock counts {self.kind!r}."
             )
-        elapsed = float(state["elapsed_seconds"])
-        steps = state["steps"]
-        if not math.isfinite(elapsed) or elapsed < 0 or not isinstance(steps, int) or steps < 0:
-            raise CheckpointError(
-                f"BudgetClock state has invalid elapsed_seconds={elapsed!r} or steps={steps!r}."
+        elapsed, steps, total = state["elapsed_seconds"], state["steps"], state["total"]
+        energy, started = state.get("energy_joules"), state["started"]
+        bad = [
+            name
+            for name, ok in (
+                ("elapsed_seconds", _finite_real(elapsed) and elapsed >= 0),
+                ("steps", _count(steps)),
+                ("total", _finite_real(total) and total > 0),
+                ("energy_joules", energy is None or (_finite_real(energy) and energy >= 0)),
+                ("started", isinstance(started, bool)),
             )
-        total = state["total"]
-        if not isinstance(total, (int, float)) or not math.isfinite(total) or total <= 0:
-            raise CheckpointError(f"BudgetClock state has invalid total={total!r}.")
+            if not ok
+        ]
+        if bad:
+            shown = ", ".join(f"{k}={state.get(k)!r:.40}" for k in bad)
+            raise CheckpointError(f"BudgetClock state has invalid {shown}.")
+        elapsed = float(elapsed)
         self.total = float(total)
         self._banked = self._max_elapsed = elapsed
         self._agreed = None
         self._steps = steps
-        self._started = bool(state["started"])
+        self._started = started
         self._segment_start = self._now() if self._started and self._pause_depth == 0 else None
         energy = state.get("energy_joules")
         self._energy_banked = float(energy) if energy is not None else 0.0

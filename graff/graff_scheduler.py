@@ -64,6 +64,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -165,6 +166,9 @@ class GraffScheduler(BudgetedScheduler):
     Raises:
         GraffConfigError, GraffTypeError: On a bad argument (the message names it).
         CheckpointError: If ``warm_start`` is not a planner file.
+        GraffConfigError: Sparse gradients (``nn.Embedding(sparse=True)``) are not supported:
+            at construction when ``model`` has such a module, else at the first
+            ``optimizer.step()`` that sees one. ``BudgetScheduler`` supports them.
 
     Examples:
         >>> import torch, graff
@@ -254,27 +258,34 @@ class GraffScheduler(BudgetedScheduler):
             hvp=self.guard and (model is not None or loss_fn is not None),
             seed=seed,
         )
-        self.blocks = self.curvature.blocks
-        self.edge_index = block_edges(self.blocks, adjacency)
-        self._adjacency = mean_adjacency(self.edge_index, len(self.blocks))
-        self.entropy_probe = _make_entropy_probe(model, entropy, seed)
-        self.h = self.planner.initial_state(len(self.blocks))
-        self._pending: tuple[Tensor, Tensor] | None = None  # (x_t, h_{t-1}) awaiting feedback
-        self._kappa_mean = torch.zeros(len(self.blocks) + 1)
-        self._multipliers = torch.ones(len(self.blocks))
-        self._log_factor = 0.0
-        self._nonfinite_seen = 0
-        self._window = StatsWindow(len(self.blocks))
-        self._steps_since_plan = 0
-        super().__init__(
-            optimizer,
-            budget,
-            model=model,
-            lr_min_factor=lr_min_factor,
-            lr_max_factor=lr_max_factor,
-            process_group=process_group,
-            distributed=distributed,
-        )
+        self.entropy_probe: EntropyProbe | None = None
+        try:
+            self.blocks = self.curvature.blocks
+            self.edge_index = block_edges(self.blocks, adjacency)
+            self._adjacency = mean_adjacency(self.edge_index, len(self.blocks))
+            self.entropy_probe = _make_entropy_probe(model, entropy, seed)
+            self.h = self.planner.initial_state(len(self.blocks))
+            self._pending: tuple[Tensor, Tensor] | None = None  # (x_t, h_{t-1}) awaiting feedback
+            self._kappa_mean = torch.zeros(len(self.blocks) + 1)
+            self._multipliers = torch.ones(len(self.blocks))
+            self._log_factor = 0.0
+            self._nonfinite_seen = 0
+            self._window = StatsWindow(len(self.blocks))
+            self._steps_since_plan = 0
+            super().__init__(
+                optimizer,
+                budget,
+                model=model,
+                lr_min_factor=lr_min_factor,
+                lr_max_factor=lr_max_factor,
+                process_group=process_group,
+                distributed=distributed,
+            )
+        except BaseException:  # a failed constructor leaves no hook on the optimizer/model
+            self.curvature.remove()
+            if self.entropy_probe is not None:
+                self.entropy_probe.remove()
+            raise
 
     # ----------------------------------------------------------------- plan
     def _initial_factors(self) -> list[float]:
@@ -459,7 +470,7 @@ class GraffScheduler(BudgetedScheduler):
             "num_blocks": len(self.blocks),
             "features": list(FEATURE_NAMES),
             "planner": {k: v.clone() for k, v in self.planner.state_dict().items()},
-            "planner_optimizer": self.planner_optimizer.state_dict(),
+            "planner_optimizer": copy.deepcopy(self.planner_optimizer.state_dict()),
             "h": self.h.clone(),
             "pending": None if self._pending is None else [t.clone() for t in self._pending],
             "kappa_mean": self._kappa_mean.clone(),
@@ -509,7 +520,7 @@ class GraffScheduler(BudgetedScheduler):
             raise CheckpointError(
                 f"state was saved with {extra['num_blocks']} blocks, this scheduler has {len(self.blocks)}."
             )
-        if list(extra["features"]) != list(FEATURE_NAMES):
+        if not isinstance(extra["features"], list) or extra["features"] != list(FEATURE_NAMES):
             raise CheckpointError("state was saved by a planner with other input features.")
         try:
             PlannerNet(edges=self.edges).load_state_dict(extra["planner"])
@@ -519,6 +530,25 @@ class GraffScheduler(BudgetedScheduler):
             raise CheckpointError(
                 f"planner state h has shape {tuple(extra['h'].shape)}, expected {tuple(self.h.shape)}."
             )
+        n, pending = len(self.blocks), extra["pending"]
+        shapes = {"h": self.h.shape, "kappa_mean": (n + 1,), "multipliers": (n,)}
+        tensors = {k: extra[k] for k in shapes}
+        if pending is not None:
+            if not isinstance(pending, (list, tuple)) or len(pending) != 2:
+                raise CheckpointError("GraffScheduler state has an invalid pending planner step.")
+            tensors |= {"pending[0]": pending[0], "pending[1]": pending[1]}
+            shapes |= {"pending[0]": (n, len(FEATURE_NAMES)), "pending[1]": self.h.shape}
+        for key, t in tensors.items():
+            if not (isinstance(t, Tensor) and t.is_floating_point() and t.shape == shapes[key]):
+                raise CheckpointError(
+                    f"GraffScheduler state {key} must be a float tensor of shape "
+                    f"{tuple(shapes[key])}, got {t!r:.80}."
+                )
+        if not bool((extra["multipliers"] > 0).all()):
+            raise CheckpointError("GraffScheduler state has non-positive block multipliers.")
+
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"planner_optimizer": self.planner_optimizer}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.planner.load_state_dict(extra["planner"])

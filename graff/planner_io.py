@@ -85,7 +85,27 @@ def load_planner(path: str | Path) -> PlannerNet:
             f"{source} was trained on other input features: {meta.get('features')!r}."
         )
     try:
-        planner = PlannerNet(int(meta["num_features"]), int(meta["hidden"]), int(meta["message"]))
+        features, hidden, message = (int(meta[k]) for k in ("num_features", "hidden", "message"))
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"{source} has an invalid planner header: {err}") from err
+    # Check the sizes against the stored tensors before building anything: a forged header
+    # (hidden=10**9) must not make graff allocate a huge network.
+    expected = {
+        "lr_w": (hidden,),
+        "encode.weight": (hidden, features),
+        "message.weight": (message, 2 * hidden),
+    }
+    for key, shape in expected.items():
+        t = tensors.get(key)
+        if t is None or tuple(t.shape) != shape or not t.is_floating_point():
+            raise CheckpointError(
+                f"{source} holds planner weights that do not fit its header: {key} should be a "
+                f"float tensor of shape {shape}, got {None if t is None else (t.dtype, tuple(t.shape))}."
+            )
+    if not all(t.is_floating_point() for t in tensors.values()):
+        raise CheckpointError(f"{source} holds planner weights that are not floating point.")
+    try:
+        planner = PlannerNet(features, hidden, message)
         planner.load_state_dict(tensors, strict=True)
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{source} holds planner weights that do not fit: {err}") from err

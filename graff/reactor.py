@@ -149,6 +149,9 @@ class ReactorScheduler(BudgetedScheduler):
     Raises:
         GraffConfigError, GraffTypeError: for bad arguments (the message names the argument).
         ProbeError: ``token_aware=True`` but no entropy probe fits the model.
+        GraffConfigError: Sparse gradients (``nn.Embedding(sparse=True)``) are not supported:
+            at construction when ``model`` has such a module, else at the first
+            ``optimizer.step()`` that sees one. ``BudgetScheduler`` supports them.
 
     Examples:
         >>> import graff
@@ -371,7 +374,7 @@ class ReactorScheduler(BudgetedScheduler):
             positions=self._positions,
             losses=self._losses,
             interval=cfg.decision_interval,
-            log_lr_factor=self._log_factor / span,
+            log_lr_factor=self._log_factor / span if span > 0 else 0.0,
             remaining_budget=1.0 - fraction,
             curvature=self.curvature_probe.last if self.curvature_probe is not None else None,
             entropy=self.entropy_probe.stats() if self.entropy_probe is not None else None,
@@ -518,6 +521,9 @@ class ReactorScheduler(BudgetedScheduler):
             ) from err
         finally:
             probe.load_state_dict(old)
+
+    def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"policy_optimizer": self._policy_opt}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         self.policy, self._policy_opt = self._scratch

@@ -131,6 +131,32 @@ def _check_blocks(
     return blocks
 
 
+_SPARSE_HINT = (
+    "graff's curvature probe (used by GraffScheduler and ReactorScheduler) reads dense "
+    "gradients only; build the module with sparse=False, or use graff.BudgetScheduler, "
+    "which reads no gradients."
+)
+
+
+def _reject_sparse_modules(model: nn.Module | None, params: Sequence[Tensor]) -> None:
+    """Raise if ``model`` has an embedding with ``sparse=True`` whose weight is probed."""
+    if model is None:
+        return
+    ids = {id(p) for p in params}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in ids:
+            raise GraffConfigError(f"{name or type(m).__name__} has sparse=True: {_SPARSE_HINT}")
+
+
+def _reject_sparse_grad(p: Tensor) -> None:
+    """Raise (before the optimizer step runs) if ``p`` has a sparse gradient."""
+    if p.grad is not None and p.grad.layout != torch.strided:
+        raise GraffConfigError(
+            f"a parameter of shape {tuple(p.shape)} has a sparse gradient ({p.grad.layout}): "
+            + _SPARSE_HINT
+        )
+
+
 class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
@@ -172,6 +198,9 @@ class CurvatureProbe:
 
     Raises:
         GraffTypeError, GraffConfigError: On a bad argument (the message names it).
+        GraffConfigError: Sparse gradients are not supported: at construction if ``model``
+            has an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``, else from
+            ``optimizer.step()`` (before any update) when a sparse gradient first appears.
 
     Examples:
         >>> p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
@@ -249,6 +278,7 @@ class CurvatureProbe:
         )
         self.blocks = _check_blocks(optimizer, model, blocks)
         self._params = [p for b in self.blocks for p in b.params]
+        _reject_sparse_modules(model, self._params)
         self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
         self._hvp_params = [p for p in self._params if p.requires_grad]
         # FSDP2: per-step dot products run on local shards and are summed over the ranks.
@@ -270,6 +300,7 @@ class CurvatureProbe:
         # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
         self._buf: list[Tensor | None] = [None] * len(self._params)
         self._valid: set[int] = set()
+        self._incomplete = False  # the last update had non-finite entries (dropped)
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
@@ -315,11 +346,14 @@ class CurvatureProbe:
         t0 = time.perf_counter()
         have = [j for j, p in enumerate(self._params) if p.grad is not None]
         both = [j for j in have if j in self._valid]
-        if both:
+        if have and self._incomplete:
+            self.dropped_samples += 1
+        elif both:
             grads = self._loc([self._params[j].grad for j in both])
             self._record(grads, [self._buf[j] for j in both], both)
         for j in have:
-            if self._buf[j] is None:
+            if self._buf[j] is None:  # first gradient of this parameter
+                _reject_sparse_grad(self._params[j])
                 (param,) = self._loc([self._params[j]])
                 self._buf[j] = torch.empty_like(param, requires_grad=False)
         if have:
@@ -327,6 +361,7 @@ class CurvatureProbe:
                 [self._buf[j] for j in have], self._loc([self._params[j].detach() for j in have])
             )
         self._valid = set()
+        self._incomplete = False
         self._pending = have
         self.overhead_seconds += time.perf_counter() - t0
 
@@ -359,8 +394,12 @@ class CurvatureProbe:
             torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
             self._gdu.zero_()
             grads = self._loc([self._params[j].grad for j in idx])
-            self._gdu[idx] = pairwise_dots(grads, bufs).cpu()
-            self._valid = set(idx)
+            gdu = pairwise_dots(grads, bufs).cpu()
+            finite = torch.isfinite(gdu)
+            # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
+            self._gdu[idx] = torch.where(finite, gdu, 0.0)
+            self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
+            self._incomplete = len(self._valid) < len(idx)  # the next sample is then dropped
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
@@ -589,7 +628,14 @@ class CurvatureProbe:
             ]
         )
         self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
-        self.step, self._last_attempt = int(state["step"]), state["last_attempt_step"]
+        last_attempt = state["last_attempt_step"]
+        if last_attempt is not None and (
+            isinstance(last_attempt, bool) or not isinstance(last_attempt, int)
+        ):
+            raise CheckpointError(
+                f"CurvatureProbe state has invalid last_attempt_step={last_attempt!r:.40}."
+            )
+        self.step, self._last_attempt = int(state["step"]), last_attempt
         self.interval = int(state["interval"])
         self.n_estimates, self.dropped_estimates = (
             int(state["n_estimates"]),
@@ -608,6 +654,7 @@ class CurvatureProbe:
             not isinstance(update, Mapping)
             or not isinstance(gdu, Tensor)
             or gdu.shape != self._gdu.shape
+            or not gdu.is_floating_point()
         ):
             raise CheckpointError("CurvatureProbe state has an invalid saved update.")
         for j, delta in update.items():
