@@ -102,8 +102,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self.skipped_steps = 0
         self.nonfinite_losses = 0
         self._optimizer_steps = 0  # optimizer steps since the last scheduler step
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        self._captured_losses: list[Tensor] = []  # captured forward losses since the last step
         self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
         if model is not None:
             self._handles.append(model.register_forward_hook(self._capture_loss))
@@ -119,8 +118,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._loss_sum += float(loss.detach().float())
-            self._loss_count += 1
+            # a copy (in-place edits of the loss must not change it), read in step() only if
+            # step() gets no loss: no device sync per forward pass
+            self._captured_losses.append(loss.detach().clone())
 
     def remove(self) -> None:
         """Detach every hook this scheduler registered (the LR stays as last written)."""
@@ -142,9 +142,11 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 omitted, the loss captured from ``model``'s forward passes is used, if any.
         """
         value = loss_value(loss)
-        if value is None and self._loss_count:
-            value = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = 0.0, 0
+        if value is None and self._captured_losses:
+            value = sum(float(x.float()) for x in self._captured_losses) / len(
+                self._captured_losses
+            )
+        self._captured_losses = []
         if self._optimizer_steps == 0:
             self.skipped_steps += 1
             self._write(self._current_factors())

@@ -260,6 +260,8 @@ class GraffScheduler(BudgetedScheduler):
         self._nonfinite_seen = 0
         self._window = StatsWindow(len(self.blocks))
         self._steps_since_plan = 0
+        self._decoded: tuple[float, Tensor] | None = None  # decoder output cached between plans
+        self._multiplier_tuple: tuple[float, ...] | None = None
         super().__init__(
             optimizer, budget, model=model, lr_min_factor=lr_min_factor, lr_max_factor=lr_max_factor
         )
@@ -316,7 +318,9 @@ class GraffScheduler(BudgetedScheduler):
                 self.guard_projections += 1
                 self.planner.lr_w.data.copy_(w)
                 self.planner.lr_b.data.copy_(b)
-        residual, logits = self._log_residual(h)
+        if replan or self._decoded is None:  # h and the decoder change only when planning
+            self._decoded = self._log_residual(h)
+        residual, logits = self._decoded
         log_factor = offset + residual
         active = bound is not None and self.guard and log_factor > bound
         if active:
@@ -324,8 +328,11 @@ class GraffScheduler(BudgetedScheduler):
             self.guard_activations += 1
             self.calibrator.searching = False  # the peak search stops at the stability limit
         self._log_factor = log_factor
-        if self.block_multipliers:
+        if self.block_multipliers and (replan or self._multiplier_tuple is None):
             self._multipliers = torch.exp(self._log_mult_max * torch.tanh(logits)).float()
+            self._multiplier_tuple = None
+        if self._multiplier_tuple is None:
+            self._multiplier_tuple = tuple(self._multipliers.tolist())
         self.last_plan = PlanRecord(
             step=self.last_epoch,
             fraction_used=u,
@@ -336,7 +343,7 @@ class GraffScheduler(BudgetedScheduler):
             guard_bound=bound,
             guard_bound_active=active,
             calibrating=self.calibrator.searching,
-            multipliers=tuple(self._multipliers.tolist()),
+            multipliers=self._multiplier_tuple,
         )
         return [math.exp(log_factor)] * len(self.optimizer.param_groups)
 
@@ -420,14 +427,12 @@ class GraffScheduler(BudgetedScheduler):
             objective = objective + (advantage[1:] * log_m).mean() + 1e-2 * log_m.pow(2).mean()
         self.planner_optimizer.zero_grad(set_to_none=True)
         objective.backward()
-        grads_ok = all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.planner.parameters()
-        )
-        if not grads_ok:
+        # The total norm is finite iff every gradient entry is: one check, then the clip.
+        total = nn.utils.clip_grad_norm_(self.planner.parameters(), 1.0, foreach=True)
+        if not bool(torch.isfinite(total)):
             self.skipped_planner_updates += 1
             self.planner_optimizer.zero_grad(set_to_none=True)
             return
-        nn.utils.clip_grad_norm_(self.planner.parameters(), 1.0)
         self.planner_optimizer.step()
         self.planner_updates += 1
 
@@ -519,6 +524,7 @@ class GraffScheduler(BudgetedScheduler):
         )
         self._kappa_mean = extra["kappa_mean"].clone()
         self._multipliers = extra["multipliers"].clone()
+        self._decoded = self._multiplier_tuple = None
         self._log_factor = float(extra["log_factor"])
         self.calibrator.load_state_dict(extra["calibrator"])
         self._window.load_state_dict(extra["window"])
@@ -551,10 +557,11 @@ def _cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
 
 
 def _entropy_mean(probe: EntropyProbe) -> float | None:
-    stats = probe.stats()
-    if stats is None or not stats.count:
+    """``mean / log(vocab)`` of the last forward's sampled entropies (``stats().normalized_mean``)."""
+    mean, vocab = probe.mean_entropy(), probe.vocab_size
+    if mean is None:
         return None
-    value = float(stats.normalized_mean)
+    value = mean / math.log(vocab) if vocab and vocab > 1 else 0.0
     return value if math.isfinite(value) else None
 
 

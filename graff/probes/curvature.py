@@ -58,13 +58,12 @@ from graff._validation import check_in_range, check_optimizer_and_model, check_p
 from graff.blocks import Block, discover_blocks
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
+from graff.probes._flat import FlatBlockBuffer
 from graff.probes._hvp import (
     InputCapture,
     make_hvp,
-    pairwise_dots,
     power_iteration,
     safe_div,
-    sq_norms,
 )
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
@@ -89,6 +88,7 @@ _STATE_KEYS = frozenset(
         "last",
     }
 )
+_OPTIONAL_KEYS = frozenset({"cold_iters_done"})  # absent in states saved by graff 0.1.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,17 @@ class CurvatureProbe:
         hvp: False turns the λ̂ estimates off (per-step statistics only).
         secant_window: Number of steps the tripwire takes its maximum over.
         seed: Seed of the random start vector.
+        stats_every: Take a per-step sample (hypergradient, secant, tripwire) for every
+            ``stats_every``-th update only; 1 samples every update. The other steps cost one
+            hook call: the Δθ copy is skipped. Window sums of sampled steps estimate the sums
+            over all steps without bias (a fixed stride), at ``1/stats_every`` of the cost.
+        max_every: Largest interval ``every="auto"`` may choose (``None``: no cap). On tiny
+            models the automatic interval can exceed the whole run; a cap keeps λ̂ fresh at the
+            price of more than ``overhead_target``.
+        chunk_iters: Most Hessian-vector products one step's hook runs for the cold start
+            (``None``: all ``initial_iters`` at once). Spreads the first estimate's one long
+            step over ``ceil(initial_iters / chunk_iters)`` consecutive steps (each rebuilds the
+            probe graph: one forward and backward more per chunk).
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -199,6 +210,9 @@ class CurvatureProbe:
         secant_window: int = 20,
         seed: int = 0,
         start_step: int | None = None,
+        stats_every: int = 1,
+        max_every: int | None = None,
+        chunk_iters: int | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         if loss_fn is not None and not callable(loss_fn):
@@ -224,6 +238,14 @@ class CurvatureProbe:
             "overhead_target", overhead_target, 0.0, 1.0, low_open=True
         )
         secant_window = check_positive_int("secant_window", secant_window)
+        self.stats_every = check_positive_int("stats_every", stats_every)
+        self.chunk_iters = (
+            None if chunk_iters is None else check_positive_int("chunk_iters", chunk_iters)
+        )
+        self._cold_done = 0  # products of a chunked cold start run so far
+        self.max_every = None if max_every is None else check_positive_int("max_every", max_every)
+        if self.max_every is not None and self.max_every < self.min_every:
+            raise GraffConfigError(f"max_every={max_every!r} must be >= min_every={min_every!r}.")
         kind = preconditioner_kind(optimizer)
         if preconditioned and kind is None:
             raise GraffConfigError(
@@ -253,8 +275,9 @@ class CurvatureProbe:
         self._capture = (
             InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
         )
-        # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
-        self._buf: list[Tensor | None] = [None] * len(self._params)
+        # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
+        self._flat = FlatBlockBuffer(self._params, self._block_of.tolist(), len(self.blocks))
+        self._all = list(range(len(self._params)))
         self._valid: set[int] = set()
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
@@ -293,33 +316,53 @@ class CurvatureProbe:
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
-        have = [j for j, p in enumerate(self._params) if p.grad is not None]
-        both = [j for j in have if j in self._valid]
-        if both:
-            self._record([self._params[j].grad for j in both], [self._buf[j] for j in both], both)
-        for j in have:
-            if self._buf[j] is None:
-                self._buf[j] = torch.empty_like(self._params[j], requires_grad=False)
-        if have:
-            torch._foreach_copy_(
-                [self._buf[j] for j in have], [self._params[j].detach() for j in have]
-            )
-        self._valid = set()
-        self._pending = have
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            n = len(grads)
+            have = [j for j, g in enumerate(grads) if g is not None]
+            if self._valid:
+                full = len(have) == n and len(self._valid) == n
+                both = self._all if full else [j for j in have if j in self._valid]
+                if both:
+                    self._record(grads, both, full)
+            self._valid = set()
+            self._pending = have if have and self.step % self.stats_every == 0 else []
+            if self._pending:
+                if len(have) < n:
+                    self._flat.zero_()  # entries of parameters without a gradient stay 0
+                views = self._flat.views
+                torch._foreach_copy_(
+                    [views[j] for j in have] if len(have) < n else views,
+                    [self._params[j] for j in have] if len(have) < n else self._params,
+                )
         self.overhead_seconds += time.perf_counter() - t0
 
-    def _record(self, grads: list[Tensor], deltas: list[Tensor], idx: list[int]) -> None:
-        """Turn per-parameter dot products into one per-block sample (or drop it if not finite)."""
-        hyp, usq_p, gsq_p = torch.stack(
-            [pairwise_dots(grads, deltas), sq_norms(deltas), sq_norms(grads)]
-        ).cpu()  # one device-to-host copy per step
-        per_param = torch.stack([hyp, self._gdu[idx], usq_p, gsq_p])
-        sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param)
-        hyper, gdu, usq, gsq = sums
+    def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
+        """Turn the buffered Δθ_t and the new gradients into one per-block sample.
+
+        Consumes the buffer: ``Δθ ← g ⊙ Δθ`` in place, then fused block sums (see
+        :mod:`graff.probes._flat`). Drops the sample if a statistic is not finite.
+        """
+        flat, views = self._flat, self._flat.views
+        gs = [grads[j] for j in idx]
+        if not full:  # block sums run over the whole buffer: zero what is not in the sample
+            keep = set(idx)
+            for j in range(len(views)):
+                if j not in keep:
+                    views[j].zero_()
+        gsq_p = torch.stack(torch._foreach_norm(gs)).float().square().cpu()
+        block_of = self._block_of if full else self._block_of[idx]
+        gsq = torch.zeros(len(self.blocks)).index_add_(0, block_of, gsq_p)
+        gdu = torch.zeros(len(self.blocks)).index_add_(
+            0, block_of, self._gdu if full else self._gdu[idx]
+        )
+        usq = flat.block_sums(flat.flats, flat.flats)
+        torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # g_{t+1} ⊙ Δθ_t
+        hyper = flat.block_sums(flat.flats)
         curv = hyper - gdu
         q_global = safe_div(curv.sum(), -gdu.sum())
         stats = torch.stack([hyper, gdu, usq, gsq, safe_div(curv, usq), safe_div(curv, -gdu)])
-        if not (bool(torch.isfinite(stats).all()) and bool(torch.isfinite(q_global))):
+        if not bool(torch.isfinite(torch.cat([stats.reshape(-1), q_global.reshape(1)])).all()):
             self.dropped_samples += 1
             return
         self.last = CurvatureStats(self.step - 1, *stats.unbind(0))
@@ -329,20 +372,31 @@ class CurvatureProbe:
         t0 = time.perf_counter()
         idx = self._pending
         if idx:
-            bufs, params = [self._buf[j] for j in idx], [self._params[j].detach() for j in idx]
-            torch._foreach_sub_(bufs, params)
-            torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
-            self._gdu.zero_()
-            self._gdu[idx] = pairwise_dots([self._params[j].grad for j in idx], bufs).cpu()
+            with torch.no_grad():
+                full = len(idx) == len(self._params)
+                views = self._flat.views if full else [self._flat.views[j] for j in idx]
+                params = self._params if full else [self._params[j] for j in idx]
+                torch._foreach_sub_(views, params)
+                self._flat.neg_()  # buffer now holds Δθ_t = θ_{t+1} − θ_t (0 elsewhere)
+                flat_views = self._flat.flat_views
+                dots = torch.stack(
+                    [
+                        torch.dot(self._params[j].grad.reshape(-1).float(), flat_views[j].float())
+                        for j in idx
+                    ]
+                ).cpu()
+                if full:
+                    self._gdu = dots
+                else:
+                    self._gdu.zero_()
+                    self._gdu[idx] = dots
             self._valid = set(idx)
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
         if self._due():
             try:
-                self._timed_estimate(
-                    self.power_iters if self.lambda_max is not None else self.initial_iters
-                )
+                self._scheduled_estimate()
             except ProbeError as err:  # e.g. the model's output has no .loss: never crash training
                 self.hvp = False
                 warnings.warn(
@@ -368,12 +422,32 @@ class CurvatureProbe:
     def _due(self) -> bool:
         if self.step < self.start_step or not self._ready():
             return False
+        if self._cold_done:  # a cold start spread over steps continues on the next one
+            return True
         return self._last_attempt is None or self.step - self._last_attempt >= self.interval
 
-    def _timed_estimate(self, iters: int) -> float | None:
+    def _scheduled_estimate(self) -> None:
+        """The estimate a hook runs: a refresh, the cold start, or one chunk of the cold start.
+
+        With ``chunk_iters`` the cold start's ``initial_iters`` products are spread over
+        consecutive steps, each chunk warm-started from the last one's iterate; ``lambda_max``
+        is published only when all of them have run (a partial power iteration underestimates).
+        """
+        if self.lambda_max is not None:
+            self._timed_estimate(self.power_iters)
+            return
+        if self.chunk_iters is None:
+            self._timed_estimate(self.initial_iters)
+            return
+        left = self.initial_iters - self._cold_done
+        iters = min(self.chunk_iters, left)
+        lam = self._timed_estimate(iters, publish=iters == left)
+        self._cold_done = 0 if (iters == left or lam is None) else self._cold_done + iters
+
+    def _timed_estimate(self, iters: int, publish: bool = True) -> float | None:
         t0 = time.perf_counter()
         try:
-            return self._estimate(iters)
+            return self._estimate(iters, publish)
         finally:
             spent = time.perf_counter() - t0
             self.overhead_seconds += spent
@@ -383,6 +457,8 @@ class CurvatureProbe:
                 per_refresh = spent * (self.power_iters + 1) / (iters + 1)
                 need = per_refresh / (self.overhead_target * self._step_time)
                 self.interval = max(self.min_every, math.ceil(need))
+                if self.max_every is not None:
+                    self.interval = min(self.interval, self.max_every)
 
     def estimate_lambda_max(self, iters: int | None = None) -> float | None:
         """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
@@ -418,6 +494,7 @@ class CurvatureProbe:
                 "preconditioner is unknown: call after the first optimizer.step()."
             )
         default = self.initial_iters if self.lambda_max is None else self.power_iters
+        self._cold_done = 0
         return self._timed_estimate(iters or default)
 
     def _start_vector(self, fresh: bool = False) -> list[Tensor]:
@@ -429,12 +506,13 @@ class CurvatureProbe:
         gen = torch.Generator().manual_seed(self.seed)
         return [torch.randn(p.shape, generator=gen).to(p.device) for p in self._hvp_params]
 
-    def _estimate(self, iters: int) -> float | None:
+    def _estimate(self, iters: int, publish: bool = True) -> float | None:
+        """``iters`` power iterations; ``publish=False`` keeps only the iterate (returns λ or None)."""
         scale = None
         if self.kind is not None:
             scale = inverse_sqrt_preconditioner(self.optimizer, self._hvp_params, self.kind)
             if scale is None:
-                return self.lambda_max
+                return self.lambda_max if publish else None
         modules = list(self.model.modules()) if self.model is not None else []
         modes = [m.training for m in modules]
         try:
@@ -457,8 +535,10 @@ class CurvatureProbe:
                 m.training = mode
         if not math.isfinite(lam):
             self.dropped_estimates += 1
-            return self.lambda_max
+            return self.lambda_max if publish else None
         self._v = [x.detach().to(torch.bfloat16) for x in v]
+        if not publish:
+            return lam
         self.lambda_max = lam
         self.n_estimates += 1
         return lam
@@ -487,8 +567,8 @@ class CurvatureProbe:
         with torch.no_grad():
             for j, f in zip(idx, factors, strict=True):
                 if f != 1.0:
-                    self._params[j].add_(self._buf[j], alpha=f - 1.0)
-                    self._buf[j].mul_(f)
+                    self._params[j].add_(self._flat.views[j], alpha=f - 1.0)
+                    self._flat.views[j].mul_(f)
                     self._gdu[j] *= f
 
     # ------------------------------------------------------------------ lifecycle
@@ -514,12 +594,13 @@ class CurvatureProbe:
             "step": self.step,
             "last_attempt_step": self._last_attempt,
             "interval": self.interval,
+            "cold_iters_done": self._cold_done,
             "n_estimates": self.n_estimates,
             "dropped_estimates": self.dropped_estimates,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
             "probe_inputs": None if self._capture is None else self._capture.get(),
-            "update": {j: self._buf[j].detach().cpu().clone() for j in sorted(self._valid)},
+            "update": {j: self._flat.views[j].detach().cpu().clone() for j in sorted(self._valid)},
             "grad_dot_update": self._gdu.clone(),
             "window": list(self._window),
             "last": None if self.last is None else dataclasses.asdict(self.last),
@@ -534,10 +615,10 @@ class CurvatureProbe:
             raise CheckpointError(
                 f"expected a CurvatureProbe state with format_version {FORMAT_VERSION}, got {got!r}."
             )
-        if set(state) != _STATE_KEYS:
+        if not _STATE_KEYS <= set(state) <= _STATE_KEYS | _OPTIONAL_KEYS:
             raise CheckpointError(
                 f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
-                f"unexpected {sorted(set(state) - _STATE_KEYS)}."
+                f"unexpected {sorted(set(state) - _STATE_KEYS - _OPTIONAL_KEYS)}."
             )
         if state["kind"] != self.kind:
             raise CheckpointError(
@@ -560,6 +641,7 @@ class CurvatureProbe:
         self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
         self.step, self._last_attempt = int(state["step"]), state["last_attempt_step"]
         self.interval = int(state["interval"])
+        self._cold_done = int(state.get("cold_iters_done", 0))
         self.n_estimates, self.dropped_estimates = (
             int(state["n_estimates"]),
             int(state["dropped_estimates"]),
@@ -582,10 +664,10 @@ class CurvatureProbe:
         for j, delta in update.items():
             if not (0 <= int(j) < len(self._params)) or delta.shape != self._params[int(j)].shape:
                 raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
-        for j, delta in update.items():
-            self._buf[int(j)] = delta.to(
-                self._params[int(j)].device, self._params[int(j)].dtype
-            ).clone()
+        self._flat.zero_()
+        with torch.no_grad():
+            for j, delta in update.items():
+                self._flat.views[int(j)].copy_(delta)
         self._valid = {int(j) for j in update}
         self._gdu = gdu.clone()
         self._window.clear()

@@ -268,6 +268,8 @@ class EntropyProbe:
         self._shape: tuple[int, ...] | None = None
         self._vocab: int | None = None
         self._mask: Tensor | None = None
+        self._positions: Tensor | None = None  # cached arange of the last unmasked input size
+        self._generator = torch.Generator()  # reseeded per call from (seed, call count)
         self._calls = 0
         self._dropped = 0
         ref = weakref.ref(self)
@@ -338,7 +340,9 @@ class EntropyProbe:
         """Flat indices (CPU, long) of the non-padding tokens of a ``shape = [batch, seq]`` input."""
         n, mask = math.prod(shape), self._mask
         if mask is None:
-            return torch.arange(n)
+            if self._positions is None or self._positions.numel() != n:
+                self._positions = torch.arange(n)
+            return self._positions
         if (
             len(shape) == 2
             and mask.dim() == 2
@@ -359,9 +363,9 @@ class EntropyProbe:
     def _sample(self, valid: Tensor) -> Tensor:
         if self.max_tokens is None or valid.numel() <= self.max_tokens:
             return valid
-        gen = torch.Generator().manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
-        pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens]
-        return valid[pick.sort().values]
+        gen = self._generator.manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
+        pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens].sort().values
+        return pick if valid is self._positions else valid[pick]
 
     def _observe(self, output: Any) -> None:
         hidden = output[0] if isinstance(output, (tuple, list)) and output else output
@@ -371,7 +375,9 @@ class EntropyProbe:
                 f"starting with one, got {type(hidden).__name__}. Pass layer= explicitly."
             )
         shape = tuple(hidden.shape[:-1])
-        index = self._sample(self._valid_positions(shape)).to(hidden.device)
+        index = self._sample(self._valid_positions(shape))
+        if index.device != hidden.device:
+            index = index.to(hidden.device)
         self._calls += 1
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         parts, start = [], 0
@@ -382,11 +388,28 @@ class EntropyProbe:
                 self._vocab = int(logits.shape[-1])
                 parts.append(entropy_from_logits(logits).reshape(-1))
                 start += rows
-        ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+        if len(parts) == 1:
+            ent = parts[0]
+        else:
+            ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
         finite = torch.isfinite(ent)
+        if bool(finite.all()):  # the usual case: no boolean-mask copies
+            self.entropies, self.token_index = ent, index
+            self._dropped_index, self._shape = index[:0], shape
+            return
         self._dropped += int((~finite).sum())
         self.entropies, self.token_index = ent[finite], index[finite]
         self._dropped_index, self._shape = index[~finite], shape
+
+    def mean_entropy(self) -> float | None:
+        """Mean sampled entropy of the last forward (nats), or ``None`` without a finite sample.
+
+        The cheap part of :meth:`stats` (one reduction): what GraffScheduler reads every step.
+        """
+        ent = self.entropies
+        if ent is None or ent.numel() == 0:
+            return None
+        return float(ent.double().mean())
 
     def stats(self) -> EntropyStats:
         """Mean, std (population), min, max, count and ``mean / log(vocab)`` of the last forward.
