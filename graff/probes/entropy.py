@@ -199,6 +199,9 @@ class EntropyProbe:
         max_tokens: Most token positions decoded per forward; ``None`` decodes all non-padding
             tokens (needed for :meth:`token_weights`).
         seed: Seed of the subset sampling, a non-negative integer.
+        every: Decode every ``every``-th observed forward pass (call count ``0, every, …``);
+            the others are only counted and leave the last readings in place. ``1`` decodes
+            each one. Subsampling passes keeps the readings an unbiased sample of the tokens.
 
     Attributes:
         entropies: Float32 tensor ``[k]`` of the finite entropies of the last forward (``None``
@@ -239,6 +242,7 @@ class EntropyProbe:
         layer_index: int = 0,
         max_tokens: int | None = 64,
         seed: int = 0,
+        every: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GraffTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -260,6 +264,7 @@ class EntropyProbe:
         self.max_tokens = (
             None if max_tokens is None else check_positive_int("max_tokens", max_tokens)
         )
+        self.every = check_positive_int("every", every)
         self.seed = seed
         layer, self._head = self._resolve(model, layer, head, layer_index)
         self.entropies: Tensor | None = None
@@ -374,6 +379,9 @@ class EntropyProbe:
                 "EntropyProbe: the hooked layer must return a float tensor [..., hidden] or a tuple "
                 f"starting with one, got {type(hidden).__name__}. Pass layer= explicitly."
             )
+        if self._calls % self.every:
+            self._calls += 1
+            return
         shape = tuple(hidden.shape[:-1])
         index = self._sample(self._valid_positions(shape))
         if index.device != hidden.device:
@@ -466,6 +474,11 @@ class EntropyProbe:
             ProbeError: before the first forward, or if the probe samples (``max_tokens`` set).
             GraffConfigError: if ``labels`` does not have the ``[batch, seq]`` shape of the forward.
         """
+        if self.every != 1:
+            raise ProbeError(
+                f"token_weights needs the entropies of this very forward pass, but every={self.every}; "
+                "construct the probe with every=1."
+            )
         if self.max_tokens is not None:
             raise ProbeError(
                 f"token_weights needs the entropy of every token, but max_tokens={self.max_tokens}; "
