@@ -25,9 +25,10 @@ curvature along the update, 0.2–1.3 % of λ_max on quadratics; with minibatch 
 divergence alarm (q > 2 means the loss along the last update grew like an unstable mode), not a
 bound for the guard. The guard uses :attr:`CurvatureProbe.lambda_max_safe`.
 
-Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype) plus the
-eigenvector in bfloat16 (half a float32 copy); during an estimate, the double-backward graph
-of the probe batch and a few float32 vectors.
+Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype, in one flat
+block-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvector in int8 with a
+power-of-two scale per tensor (a quarter of a float32 copy); during an estimate, the
+double-backward graph of the probe batch and a few float32 vectors.
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
@@ -61,8 +62,10 @@ from graff.probes._context import probing
 from graff.probes._flat import FlatBlockBuffer
 from graff.probes._hvp import (
     InputCapture,
+    dequantize_int8,
     make_hvp,
     power_iteration,
+    quantize_int8,
     safe_div,
 )
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
@@ -134,7 +137,7 @@ class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
     The top eigenvalue is estimated by power iteration on the fixed probe batch, warm-started
-    from the previous eigenvector (stored in bfloat16), with the Rayleigh quotient
+    from the previous eigenvector (stored in int8), with the Rayleigh quotient
 
     .. math::
 
@@ -284,7 +287,7 @@ class CurvatureProbe:
         self._window: deque[float] = deque(maxlen=secant_window)
         self.last: CurvatureStats | None = None
         self.lambda_max: float | None = None
-        self._v: list[Tensor] | None = None
+        self._v: list[tuple[Tensor, float]] | None = None  # int8 eigenvector, per-tensor scale
         self.step = 0
         self._last_attempt: int | None = None
         self.interval = every if isinstance(every, int) else self.min_every
@@ -500,8 +503,8 @@ class CurvatureProbe:
     def _start_vector(self, fresh: bool = False) -> list[Tensor]:
         if self._v is not None and not fresh:
             return [
-                v.to(p.device, torch.float32)
-                for v, p in zip(self._v, self._hvp_params, strict=True)
+                dequantize_int8(q.to(p.device), scale)
+                for (q, scale), p in zip(self._v, self._hvp_params, strict=True)
             ]
         gen = torch.Generator().manual_seed(self.seed)
         return [torch.randn(p.shape, generator=gen).to(p.device) for p in self._hvp_params]
@@ -536,7 +539,7 @@ class CurvatureProbe:
         if not math.isfinite(lam):
             self.dropped_estimates += 1
             return self.lambda_max if publish else None
-        self._v = [x.detach().to(torch.bfloat16) for x in v]
+        self._v = [quantize_int8(x) for x in v]
         if not publish:
             return lam
         self.lambda_max = lam
@@ -585,7 +588,13 @@ class CurvatureProbe:
         The Δθ buffer is not saved (one step after a resume yields no per-step sample); the
         eigenvector, estimate, counters, interval and captured probe batch are.
         """
-        eig = None if self._v is None else torch.cat([v.reshape(-1).cpu() for v in self._v])
+        eig = (
+            None
+            if self._v is None
+            else torch.cat(
+                [dequantize_int8(q, s, torch.bfloat16).reshape(-1).cpu() for q, s in self._v]
+            )
+        )  # exact: q · s with a power-of-two s is a bfloat16 number
         return {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -634,7 +643,7 @@ class CurvatureProbe:
             None
             if eig is None
             else [
-                c.reshape(p.shape).to(p.device, torch.bfloat16)
+                quantize_int8(c.reshape(p.shape).to(p.device, torch.float32))
                 for c, p in zip(eig.split(sizes), self._hvp_params, strict=True)
             ]
         )
