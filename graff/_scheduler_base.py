@@ -52,6 +52,8 @@ def loss_value(loss: Any) -> float | None:
     if hasattr(loss, "loss") and not isinstance(loss, Tensor):
         loss = loss.loss
     if isinstance(loss, Tensor):
+        if loss.numel() == 1:  # the usual scalar loss: one host read
+            return float(loss)
         if loss.numel() == 0:
             return math.nan
         return float(loss.detach().float().mean())

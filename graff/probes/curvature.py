@@ -353,23 +353,29 @@ class CurvatureProbe:
             for j in range(len(views)):
                 if j not in keep:
                     views[j].zero_()
-        gsq_p = torch.stack(torch._foreach_norm(gs)).float().square().cpu()
-        block_of = self._block_of if full else self._block_of[idx]
-        gsq = torch.zeros(len(self.blocks)).index_add_(0, block_of, gsq_p)
-        gdu = torch.zeros(len(self.blocks)).index_add_(
-            0, block_of, self._gdu if full else self._gdu[idx]
+        # per-parameter sums -> blocks in one index_add: rows ‖g_{t+1}‖², ⟨g_t, Δθ_t⟩
+        per_param = torch.stack(
+            [
+                torch.stack(torch._foreach_norm(gs)).float().square().cpu(),
+                self._gdu if full else self._gdu[idx],
+            ]
         )
+        block_of = self._block_of if full else self._block_of[idx]
+        gsq, gdu = torch.zeros(2, len(self.blocks)).index_add_(1, block_of, per_param)
         usq = flat.block_sums(flat.flats, flat.flats)
         torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # g_{t+1} ⊙ Δθ_t
         hyper = flat.block_sums(flat.flats)
-        curv = hyper - gdu
-        q_global = safe_div(curv.sum(), -gdu.sum())
-        stats = torch.stack([hyper, gdu, usq, gsq, safe_div(curv, usq), safe_div(curv, -gdu)])
-        if not bool(torch.isfinite(torch.cat([stats.reshape(-1), q_global.reshape(1)])).all()):
+        # one pass over [n_blocks + 1] columns, the last being the global sums
+        raw = torch.stack([hyper, gdu, usq, gsq])
+        raw = torch.cat([raw, raw.sum(1, keepdim=True)], dim=1)
+        curv = raw[0] - raw[1]
+        derived = safe_div(curv.expand(2, -1), torch.stack([raw[2], -raw[1]]))
+        stats = torch.cat([raw, derived])
+        if not bool(stats.isfinite().all()):
             self.dropped_samples += 1
             return
-        self.last = CurvatureStats(self.step - 1, *stats.unbind(0))
-        self._window.append(float(q_global))
+        self.last = CurvatureStats(self.step - 1, *stats[:, :-1].unbind(0))
+        self._window.append(float(stats[5, -1]))  # q of the whole update
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()

@@ -275,6 +275,7 @@ class EntropyProbe:
         self._mask: Tensor | None = None
         self._positions: Tensor | None = None  # cached arange of the last unmasked input size
         self._generator = torch.Generator()  # reseeded per call from (seed, call count)
+        self._mean: tuple[Tensor, float] | None = None  # (entropies, their mean) cache
         self._calls = 0
         self._dropped = 0
         ref = weakref.ref(self)
@@ -417,7 +418,9 @@ class EntropyProbe:
         ent = self.entropies
         if ent is None or ent.numel() == 0:
             return None
-        return float(ent.double().mean())
+        if self._mean is None or self._mean[0] is not ent:  # once per decoded pass
+            self._mean = (ent, float(ent.double().mean()))
+        return self._mean[1]
 
     def stats(self) -> EntropyStats:
         """Mean, std (population), min, max, count and ``mean / log(vocab)`` of the last forward.
