@@ -261,9 +261,7 @@ class GraffScheduler(BudgetedScheduler):
         self.skipped_planner_updates = 0
         self.last_plan: PlanRecord | None = None
         self.planner = _make_planner(warm_start, edges=self.edges, seed=seed)
-        self.planner_optimizer = torch.optim.Adam(
-            self.planner.parameters(), lr=self.planner_lr, foreach=True
-        )  # one fused update for the ~10 small tensors (the per-tensor loop costs ~1 ms)
+        self.planner_optimizer = _planner_adam(self.planner, self.planner_lr)
         self.curvature = CurvatureProbe(
             optimizer,
             model=model,
@@ -591,6 +589,15 @@ def _entropy_mean(probe: EntropyProbe) -> float | None:
         return None
     value = mean / math.log(vocab) if vocab and vocab > 1 else 0.0
     return value if math.isfinite(value) else None
+
+
+def _planner_adam(planner: PlannerNet, lr: float) -> torch.optim.Adam:
+    """Adam for the planner's ~10 small tensors: fused (one kernel, ~5× less time per update
+    than the per-tensor loop on CPU) where torch supports it, else the multi-tensor path."""
+    try:
+        return torch.optim.Adam(planner.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # fused Adam needs torch >= 2.4 on CPU
+        return torch.optim.Adam(planner.parameters(), lr=lr, foreach=True)
 
 
 def _make_planner(warm_start: str | Path | None, *, edges: bool, seed: int) -> PlannerNet:
