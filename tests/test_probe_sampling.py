@@ -56,6 +56,7 @@ def test_block_sums_equal_per_block_dot_products(shapes, blocks, chunk, seed, mi
     torch.testing.assert_close(
         buf.block_sums(buf.flats, buf.flats).double(), expect_sq, rtol=1e-4, atol=1e-4
     )
+    torch.testing.assert_close(buf.block_sq_norms().double(), expect_sq, rtol=1e-4, atol=1e-4)
     buf.neg_()
     torch.testing.assert_close(
         buf.block_sums(buf.flats, buf2.flats).double(), -expect_dot, rtol=1e-4, atol=1e-4

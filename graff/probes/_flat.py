@@ -90,6 +90,17 @@ class FlatBlockBuffer:
             out = out + sums.cpu() if len(self._rows) > 1 else sums.cpu()
         return out
 
+    def block_sq_norms(self) -> Tensor:
+        """``[‖x_b‖²]_b`` of the buffer itself (float32, CPU), without a temporary copy."""
+        out = torch.zeros(self.num_blocks)
+        for flat, rows in zip(self.flats, self._rows, strict=True):
+            norms = torch.linalg.vector_norm(flat.view(-1, self.chunk), dim=1).float()
+            sums = torch.zeros(self.num_blocks, device=rows.device).index_add_(
+                0, rows, norms.square_()
+            )
+            out = out + sums.cpu() if len(self._rows) > 1 else sums.cpu()
+        return out
+
     def zero_(self) -> None:
         """Zero every element (parameters and padding)."""
         for flat in self.flats:

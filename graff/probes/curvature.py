@@ -281,6 +281,7 @@ class CurvatureProbe:
         # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
         self._flat = FlatBlockBuffer(self._params, self._block_of.tolist(), len(self.blocks))
         self._all = list(range(len(self._params)))
+        self._usq = torch.zeros(len(self.blocks))  # per-block ‖Δθ_t‖², from the post-step hook
         self._valid: set[int] = set()
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
@@ -343,7 +344,8 @@ class CurvatureProbe:
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
 
-        Consumes the buffer: ``Δθ ← g ⊙ Δθ`` in place, then fused block sums (see
+        The buffer holds ``D = −Δθ_t`` (the post-step hook skips the negation: one pass less).
+        Consumes it: ``D ← g ⊙ D`` in place, then fused block sums (see
         :mod:`graff.probes._flat`). Drops the sample if a statistic is not finite.
         """
         flat, views = self._flat, self._flat.views
@@ -362,9 +364,9 @@ class CurvatureProbe:
         )
         block_of = self._block_of if full else self._block_of[idx]
         gsq, gdu = torch.zeros(2, len(self.blocks)).index_add_(1, block_of, per_param)
-        usq = flat.block_sums(flat.flats, flat.flats)
-        torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # g_{t+1} ⊙ Δθ_t
-        hyper = flat.block_sums(flat.flats)
+        usq = self._usq if full else flat.block_sq_norms()
+        torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # −g_{t+1} ⊙ Δθ_t
+        hyper = -flat.block_sums(flat.flats)
         # one pass over [n_blocks + 1] columns, the last being the global sums
         raw = torch.stack([hyper, gdu, usq, gsq])
         raw = torch.cat([raw, raw.sum(1, keepdim=True)], dim=1)
@@ -385,8 +387,8 @@ class CurvatureProbe:
                 full = len(idx) == len(self._params)
                 views = self._flat.views if full else [self._flat.views[j] for j in idx]
                 params = self._params if full else [self._params[j] for j in idx]
-                torch._foreach_sub_(views, params)
-                self._flat.neg_()  # buffer now holds Δθ_t = θ_{t+1} − θ_t (0 elsewhere)
+                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
+                self._usq = self._flat.block_sq_norms()  # while the buffer is in cache
                 flat_views = self._flat.flat_views
                 dots = torch.stack(
                     [
@@ -394,6 +396,7 @@ class CurvatureProbe:
                         for j in idx
                     ]
                 ).cpu()
+                dots = dots.neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
                 if full:
                     self._gdu = dots
                 else:
@@ -576,7 +579,7 @@ class CurvatureProbe:
         with torch.no_grad():
             for j, f in zip(idx, factors, strict=True):
                 if f != 1.0:
-                    self._params[j].add_(self._flat.views[j], alpha=f - 1.0)
+                    self._params[j].add_(self._flat.views[j], alpha=1.0 - f)  # D = −Δθ
                     self._flat.views[j].mul_(f)
                     self._gdu[j] *= f
 
@@ -615,7 +618,7 @@ class CurvatureProbe:
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
             "probe_inputs": None if self._capture is None else self._capture.get(),
-            "update": {j: self._flat.views[j].detach().cpu().clone() for j in sorted(self._valid)},
+            "update": {j: self._flat.views[j].detach().neg().cpu() for j in sorted(self._valid)},
             "grad_dot_update": self._gdu.clone(),
             "window": list(self._window),
             "last": None if self.last is None else dataclasses.asdict(self.last),
@@ -682,7 +685,8 @@ class CurvatureProbe:
         self._flat.zero_()
         with torch.no_grad():
             for j, delta in update.items():
-                self._flat.views[int(j)].copy_(delta)
+                self._flat.views[int(j)].copy_(delta).neg_()  # the buffer holds −Δθ
+        self._usq = self._flat.block_sq_norms()
         self._valid = {int(j) for j in update}
         self._gdu = gdu.clone()
         self._window.clear()
