@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ovh = sub.add_parser("overhead", help="per-step time and memory of each scheduler (LoRA task)")
     ovh.add_argument("--out", help="results folder (default benchmarks/results/overhead/)")
     ovh.add_argument("--rounds", type=int, default=40)
+    ovh.add_argument("--larger-rounds", type=int, default=30, help="rounds of the larger config")
     ovh.add_argument("--data-dir")
     ovh.set_defaults(func=_overhead)
     soak = sub.add_parser(

@@ -1,11 +1,20 @@
-"""Per-step time and held memory of each scheduler on the tiny Qwen3 LoRA task.
+"""Per-step time and held memory of each scheduler on tiny Qwen3 LoRA tasks.
 
 Every scheduler trains its own copy of the same LoRA model; one round times one full training
 step (zero_grad, forward, backward, ``optimizer.step()``, ``scheduler.step(loss)``, probes
 included) of every scheduler in a shuffled order, so machine noise hits all of them alike. The
 reported ratio is the median over rounds of (step time / AdamW + cosine step time in the same
-round). Memory: bytes of tensors reachable from the scheduler object that are neither model
-parameters nor optimizer state (planner, probe buffers, stored updates), maximum over steps.
+round), in wall-clock time and in the thread's CPU time (``time.thread_time``: not inflated when
+other processes preempt this one, so steadier on a shared machine). The median leaves out the
+rare steps that refresh λ̂; the mean ratio over all measured rounds and the worst step (the first
+λ̂ estimate, at steps 10-11 for AdamW) are reported next to it. Memory: bytes of tensors
+reachable from the scheduler object that are neither model parameters nor optimizer state
+(planner, probe buffers, stored updates), maximum over steps, next to the bytes of one copy of
+the trainable parameters.
+
+Two configurations: the headline ``gsm8k_lora`` task of the suites (d 64, 2 layers, seq 160), all
+schedulers; and a larger one (d 256, 4 layers, seq 256) for AdamW + cosine, GRAFF and its probes
+alone (``prior_only``), since the ratio falls as the step grows (real steps are far longer).
 """
 
 from __future__ import annotations
@@ -23,9 +32,74 @@ import torch
 
 from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, make
 from benchmarks.tasks import REPO, LoraTask
+from graff._scheduler_base import BudgetedScheduler
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
 
 REFERENCE = "cosine"
 SCHEDULERS = (*BASELINES, "reactor", *GRAFF_VARIANTS)
+LARGER = {"hidden": 256, "layers": 4, "prompt_chars": 96, "answer_chars": 160}
+LARGER_SCHEDULERS = ("cosine", "prior_only", "graff")
+
+
+class CpuMeter:
+    """Thread-CPU seconds spent inside graff's own per-step code, per object (``id``).
+
+    Wraps, before any scheduler is built (hooks bind the methods at registration), the
+    curvature probe's optimizer hooks and its λ̂ estimates, the entropy probe's forward hook,
+    the loss-capture hook and ``step()`` of graff's schedulers. ``per_step`` is what a step
+    spends there *outside* λ̂ estimates; ``estimate`` the estimates alone. This direct reading
+    is far less noisy than the difference of two step times on a shared machine; it misses
+    only torch's own hook dispatch and cache effects on the rest of the step.
+    """
+
+    TARGETS = (
+        (CurvatureProbe, "_pre_hook", "hooks"),
+        (CurvatureProbe, "_post_hook", "hooks"),
+        (CurvatureProbe, "_timed_estimate", "estimate"),
+        (EntropyProbe, "_observe", "hooks"),
+        (BudgetedScheduler, "_capture_loss", "hooks"),
+        (BudgetedScheduler, "step", "hooks"),
+    )
+
+    def __init__(self) -> None:
+        self.seconds: dict[tuple[int, str], float] = {}
+        self._saved: list[tuple[type, str, Any]] = []
+
+    def __enter__(self) -> CpuMeter:
+        for cls, name, kind in self.TARGETS:
+            original = cls.__dict__[name]
+            self._saved.append((cls, name, original))
+            setattr(cls, name, self._wrap(original, kind))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+        self._saved.clear()
+
+    def _wrap(self, fn: Any, kind: str) -> Any:
+        seconds = self.seconds
+
+        def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return fn(obj, *args, **kwargs)
+            finally:
+                key = (id(obj), kind)
+                seconds[key] = seconds.get(key, 0.0) + time.thread_time() - t0
+
+        return wrapper
+
+    def of(self, scheduler: Any) -> tuple[float, float]:
+        """(seconds in hooks and step() without estimates, seconds in λ̂ estimates)."""
+        objs = [scheduler]
+        for attr in ("curvature", "curvature_probe", "entropy_probe"):
+            if getattr(scheduler, attr, None) is not None:
+                objs.append(getattr(scheduler, attr))
+        hooks = sum(self.seconds.get((id(o), "hooks"), 0.0) for o in objs)
+        estimate = sum(self.seconds.get((id(o), "estimate"), 0.0) for o in objs)
+        return hooks - estimate, estimate  # estimates run inside the post-step hook
 
 
 def held_tensor_bytes(scheduler: Any, exclude: set[int]) -> int:
@@ -70,19 +144,42 @@ def _exclusions(model: torch.nn.Module, opt: torch.optim.Optimizer) -> set[int]:
     return ids
 
 
-def measure(task: LoraTask, rounds: int, warmup: int = 5, seed: int = 0) -> dict[str, Any]:
+def measure(
+    task: LoraTask,
+    rounds: int,
+    warmup: int = 5,
+    seed: int = 0,
+    schedulers: tuple[str, ...] = SCHEDULERS,
+) -> dict[str, Any]:
     steps = rounds + warmup
     task.steps = steps
     runs: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for name in SCHEDULERS:
+    with CpuMeter() as meter:
+        _interleave(task, runs, skipped, schedulers, steps, warmup, seed, meter)
+    return _summarise(task, runs, skipped, rounds, warmup, steps, meter)
+
+
+def _interleave(
+    task: LoraTask,
+    runs: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    schedulers: tuple[str, ...],
+    steps: int,
+    warmup: int,
+    seed: int,
+    meter: CpuMeter,
+) -> None:
+    """Build every scheduler's run, then time ``steps`` rounds in a shuffled order each."""
+    for name in schedulers:
         model = task.build(seed)
         setup = make(name, model, 1e-3, steps, seed=seed, loss_fn=task.probe_loss_fn(model))
         runs[name] = {
             "model": model,
             "setup": setup,
             "gen": torch.Generator().manual_seed(seed),
-            "times": [],
+            "wall": [],
+            "cpu": [],
             "bytes": 0,
         }
     order = list(runs)
@@ -92,33 +189,86 @@ def measure(task: LoraTask, rounds: int, warmup: int = 5, seed: int = 0) -> dict
         for name in list(order):
             run = runs[name]
             try:
-                elapsed = _timed_step(task, run)
+                wall, cpu = _timed_step(task, run)
             except Exception as err:
                 skipped[name] = f"{type(err).__name__}: {err}"
                 order.remove(name)
                 del runs[name]
                 continue
             if r >= warmup:
-                run["times"].append(elapsed)
+                run["wall"].append(wall)
+                run["cpu"].append(cpu)
+            if r == warmup - 1 and isinstance(run["setup"].scheduler, BudgetedScheduler):
+                run["meter_start"] = meter.of(run["setup"].scheduler)
             if r >= warmup and (r - warmup) % 10 == 0:
                 excl = _exclusions(run["model"], run["setup"].optimizer)
                 run["bytes"] = max(run["bytes"], held_tensor_bytes(run["setup"].scheduler, excl))
-    ref = np.array(runs[REFERENCE]["times"])
+
+
+def _summarise(
+    task: LoraTask,
+    runs: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    rounds: int,
+    warmup: int,
+    steps: int,
+    meter: CpuMeter,
+) -> dict[str, Any]:
+    trainable = sum(
+        p.numel() * p.element_size()
+        for p in runs[REFERENCE]["model"].parameters()
+        if p.requires_grad
+    )
+    ref_wall, ref_cpu = np.array(runs[REFERENCE]["wall"]), np.array(runs[REFERENCE]["cpu"])
     results = {}
     for name, run in runs.items():
-        t = np.array(run["times"])
+        wall, cpu = np.array(run["wall"]), np.array(run["cpu"])
+        worst = int(np.argmax(wall))
         results[name] = {
-            "median_step_ms": float(np.median(t) * 1e3),
-            "ratio_to_cosine": float(np.median(t / ref)),
-            "overhead_percent": float((np.median(t / ref) - 1.0) * 100.0),
+            "median_step_ms": float(np.median(wall) * 1e3),
+            "ratio_to_cosine": float(np.median(wall / ref_wall)),
+            "overhead_percent": float((np.median(wall / ref_wall) - 1.0) * 100.0),
+            "cpu_overhead_percent": float((np.median(cpu / ref_cpu) - 1.0) * 100.0),
+            "mean_overhead_percent": float((wall.sum() / ref_wall.sum() - 1.0) * 100.0),
+            "worst_step": warmup + worst + 1,
+            "worst_step_ms": float(wall[worst] * 1e3),
+            "worst_in_cosine_steps": float(wall[worst] / np.median(ref_wall)),
             "held_tensor_bytes": int(run["bytes"]),
+            "held_in_trainable_copies": run["bytes"] / trainable,
         }
-    return {"results": results, "skipped": skipped, "rounds": rounds, "reference": REFERENCE}
+        sched = run["setup"].scheduler
+        if sched is not None and "meter_start" in run:
+            hooks, estimate = meter.of(sched)
+            hooks0, estimate0 = run["meter_start"]
+            ref_cpu_median = float(np.median(ref_cpu))
+            results[name]["direct_us_per_step"] = (hooks - hooks0) / rounds * 1e6
+            results[name]["direct_percent"] = (hooks - hooks0) / rounds / ref_cpu_median * 100
+            results[name]["lambda_seconds"] = estimate - estimate0
+            results[name]["lambda_percent"] = (estimate - estimate0) / rounds / ref_cpu_median * 100
+        probe = getattr(sched, "curvature", None)
+        if probe is not None:
+            results[name]["lambda_estimates"] = probe.n_estimates
+            results[name]["lambda_interval"] = probe.interval
+    return {
+        "results": results,
+        "skipped": skipped,
+        "rounds": rounds,
+        "warmup": warmup,
+        "reference": REFERENCE,
+        "trainable_bytes": trainable,
+        "task": {
+            "hidden": task.hidden,
+            "layers": task.layers,
+            "seq": task.prompt_chars + task.answer_chars,
+            "batch": task.batch,
+            "rank": task.rank,
+        },
+    }
 
 
-def _timed_step(task: LoraTask, run: dict[str, Any]) -> float:
+def _timed_step(task: LoraTask, run: dict[str, Any]) -> tuple[float, float]:
     setup, model = run["setup"], run["model"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     setup.train_mode()
     setup.optimizer.zero_grad(set_to_none=True)
     loss = task.train_loss(model, run["gen"])
@@ -126,30 +276,66 @@ def _timed_step(task: LoraTask, run: dict[str, Any]) -> float:
     setup.optimizer.step()
     if setup.scheduler is not None:
         setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.thread_time() - cpu
+
+
+def _table(data: dict[str, Any]) -> list[str]:
+    t = data["task"]
+    lines = [
+        f"d {t['hidden']}, {t['layers']} layers, seq {t['seq']}, batch {t['batch']}, LoRA r "
+        f"{t['rank']}; {data['rounds']} rounds after {data['warmup']} warm-up rounds; one copy of "
+        f"the trainable parameters = {data['trainable_bytes'] / 1024:.0f} KiB.",
+        "",
+        "| scheduler | median step (ms) | overhead (wall) | overhead (CPU) | direct, per step "
+        "| λ̂ estimates, amortised | mean overhead (all steps) | worst step (× cosine median) "
+        "| held memory (KiB) | held / trainable |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in sorted(data["results"].items(), key=lambda kv: kv[1]["ratio_to_cosine"]):
+        direct = (
+            f"{r['direct_percent']:.2f} % ({r['direct_us_per_step']:.0f} µs)"
+            if "direct_percent" in r
+            else "—"
+        )
+        lam = f"{r['lambda_percent']:.1f} %" if r.get("lambda_seconds") else "—"
+        lines.append(
+            f"| {name} | {r['median_step_ms']:.1f} | "
+            f"{r['overhead_percent']:+.1f} % | {r['cpu_overhead_percent']:+.1f} % | {direct} | "
+            f"{lam} | {r['mean_overhead_percent']:+.1f} % | {r['worst_in_cosine_steps']:.1f} "
+            f"(step {r['worst_step']}) | {r['held_tensor_bytes'] / 1024:.1f} | "
+            f"{r['held_in_trainable_copies']:.2f} |"
+        )
+    for name, why in data["skipped"].items():
+        lines.append(f"\n- `{name}` not measured: {why.splitlines()[0][:200]}")
+    return lines
 
 
 def markdown(meta: dict[str, Any], data: dict[str, Any]) -> str:
     lines = [
-        "# graff benchmark — per-step overhead on the tiny Qwen3 LoRA task",
+        "# graff benchmark — per-step overhead on tiny Qwen3 LoRA tasks",
         "",
         f"Command: `{meta['command']}` · commit `{meta['git_commit']}` (dirty: {meta['git_dirty']})"
         f" · {meta['date']} · {meta['machine']['cpu_count']} CPUs, 1 torch thread.",
         "",
-        f"Median over {data['rounds']} interleaved rounds of (step time / AdamW + cosine step time "
-        "in the same round); a whole training step, probes included. Held memory: tensor bytes "
-        "the scheduler keeps (max over steps), excluding the model and the optimizer state.",
+        "Overhead (wall, CPU): median over interleaved rounds of (step time / AdamW + cosine step "
+        "time in the same round) − 1, a whole training step, probes included, in wall-clock and "
+        "in thread CPU time. Direct: thread CPU time spent inside graff's hooks and `step()` per "
+        "step, λ̂ estimates excluded, / cosine's median CPU step (the least noisy reading of the "
+        "per-step overhead). λ̂ estimates, amortised: their CPU time over the measured rounds / "
+        "(rounds × cosine's median CPU step); interleaving inflates the step time the probe's "
+        "`auto` interval sees, so refreshes come more often here than in a real run. Mean: total "
+        "wall time over all measured rounds / cosine's − 1. Worst step: the slowest measured step "
+        "in units of cosine's median step. Held memory: tensor bytes the scheduler keeps (max "
+        "over steps), excluding the model and the optimizer state.",
         "",
-        "| scheduler | median step (ms) | ratio to AdamW + cosine | overhead | held memory (KiB) |",
-        "|---|---|---|---|---|",
+        "## Headline: the `gsm8k_lora` task",
+        "",
+        *_table(data["headline"]),
+        "",
+        "## Larger tiny-Qwen3 LoRA configuration",
+        "",
+        *_table(data["larger"]),
     ]
-    for name, r in sorted(data["results"].items(), key=lambda kv: kv[1]["ratio_to_cosine"]):
-        lines.append(
-            f"| {name} | {r['median_step_ms']:.1f} | {r['ratio_to_cosine']:.3f} | "
-            f"{r['overhead_percent']:+.1f} % | {r['held_tensor_bytes'] / 1024:.1f} |"
-        )
-    for name, why in data["skipped"].items():
-        lines.append(f"\n- `{name}` not measured: {why.splitlines()[0][:200]}")
     return "\n".join(lines) + "\n"
 
 
@@ -160,10 +346,14 @@ def main(args: Any) -> None:
     torch.set_num_threads(1)
     out = Path(args.out or REPO / "benchmarks" / "results" / "overhead")
     out.mkdir(parents=True, exist_ok=True)
-    task = LoraTask(steps=1, pretrain_steps=50)
-    task.setup(Path(args.data_dir) if args.data_dir else None)
+    data_dir = Path(args.data_dir) if args.data_dir else None
     meta = provenance()
-    data = measure(task, args.rounds)
+    task = LoraTask(steps=1, pretrain_steps=50)
+    task.setup(data_dir)
+    data = {"headline": measure(task, args.rounds)}
+    larger = LoraTask(steps=1, pretrain_steps=20, **LARGER)
+    larger.setup(data_dir)
+    data["larger"] = measure(larger, args.larger_rounds, schedulers=LARGER_SCHEDULERS)
     (out / "overhead.json").write_text(json.dumps(sanitize({"meta": meta, **data}), indent=1))
     (out / "overhead.md").write_text(markdown(meta, data))
     print(markdown(meta, data))

@@ -60,6 +60,8 @@ def loss_value(loss: Any) -> float | None:
     if hasattr(loss, "loss") and not isinstance(loss, Tensor):
         loss = loss.loss
     if isinstance(loss, Tensor):
+        if loss.numel() == 1:  # the usual scalar loss: one host read
+            return float(loss)
         if loss.numel() == 0:
             return math.nan
         return float(loss.detach().float().mean())
@@ -129,8 +131,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self.skipped_steps = 0
         self.nonfinite_losses = 0
         self._optimizer_steps = 0  # optimizer steps since the last scheduler step
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        self._captured_losses: list[Tensor] = []  # captured forward losses since the last step
         self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
         if model is not None:
             self._handles.append(model.register_forward_hook(self._capture_loss))
@@ -147,8 +148,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            self._loss_sum += float(loss.detach().float())
-            self._loss_count += 1
+            # a copy (in-place edits of the loss must not change it), read in step() only if
+            # step() gets no loss: no device sync per forward pass
+            self._captured_losses.append(loss.detach().clone())
 
     def _share_sync(self) -> None:
         """Let the curvature probes this scheduler holds average their HVPs over the same group."""
@@ -180,9 +182,11 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 omitted, the loss captured from ``model``'s forward passes is used, if any.
         """
         value = loss_value(loss)
-        if value is None and self._loss_count:
-            value = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = 0.0, 0
+        if value is None and self._captured_losses:
+            value = sum(float(x.float()) for x in self._captured_losses) / len(
+                self._captured_losses
+            )
+        self._captured_losses = []
         if self._sync is not None:  # one all-reduce: loss, entropy statistics, rank 0's clock
             value = self._sync.exchange_step(
                 value, self._optimizer_steps > 0, self.budget, self._entropy_probes()

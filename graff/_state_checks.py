@@ -62,8 +62,9 @@ def check_adam(optimizer: torch.optim.Optimizer, what: str) -> None:
             and isinstance(betas, (tuple, list)) and len(betas) == 2
             and all(_real(b) and 0 <= b < 1 for b in betas)
         )  # fmt: skip
-        flags = ("amsgrad", "maximize", "capturable", "differentiable", "fused", "foreach")
+        flags = ("amsgrad", "maximize", "capturable", "differentiable")
         ok = ok and all(group.get(k) in (None, False) for k in flags)  # as graff builds them
+        ok = ok and all(group.get(k) in (None, False, True) for k in ("fused", "foreach"))
         if not ok:
             raise CheckpointError(f"{what} param_groups[{i}] has invalid hyperparameters.")
         for p in group["params"]:

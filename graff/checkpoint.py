@@ -252,8 +252,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, map_location: Any = "cpu") 
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if "weights only load failed" in str(err).lower():
             raise CheckpointError(
-                f"{path} holds objects other than tensors and plain containers; loading them "
-                f"would run code, so graff refuses (weights_only=True). {first_line}"
+                f"{path} is corrupt or holds objects other than tensors and plain containers; "
+                f"loading them would run code, so graff refuses (weights_only=True). {first_line}"
             ) from err
         raise CheckpointError(
             f"{path} is not a readable checkpoint (truncated, corrupt, or not a torch.save "

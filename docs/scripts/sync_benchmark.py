@@ -29,7 +29,7 @@ def main() -> None:
     overhead = RESULTS / "overhead" / "overhead.md"
     if overhead.is_file():
         body = overhead.read_text().split("\n", 1)[1]  # drop its title
-        text += "\n\n## Per-step overhead and memory (LoRA task)\n" + body
+        text += "\n\n## Per-step overhead and memory (LoRA tasks)\n" + body.replace("\n## ", "\n### ")
     wallclock = RESULTS / "wallclock" / "results.md"
     if wallclock.is_file():
         body = wallclock.read_text().split("\n", 1)[1]

@@ -25,9 +25,10 @@ curvature along the update, 0.2–1.3 % of λ_max on quadratics; with minibatch 
 divergence alarm (q > 2 means the loss along the last update grew like an unstable mode), not a
 bound for the guard. The guard uses :attr:`CurvatureProbe.lambda_max_safe`.
 
-Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype) plus the
-eigenvector in bfloat16 (half a float32 copy); during an estimate, the double-backward graph
-of the probe batch and a few float32 vectors.
+Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype, in one flat
+block-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvector in int8 with a
+power-of-two scale per tensor (a quarter of a float32 copy); during an estimate, the
+double-backward graph of the probe batch and a few float32 vectors.
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
@@ -59,13 +60,14 @@ from graff.blocks import Block, discover_blocks
 from graff.distributed import RankSync, is_sharded, local_shard, unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._context import probing
+from graff.probes._flat import FlatBlockBuffer
 from graff.probes._hvp import (
     InputCapture,
+    dequantize_int8,
     make_hvp,
-    pairwise_dots,
     power_iteration,
+    quantize_int8,
     safe_div,
-    sq_norms,
 )
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
@@ -90,6 +92,7 @@ _STATE_KEYS = frozenset(
         "last",
     }
 )
+_OPTIONAL_KEYS = frozenset({"cold_iters_done"})  # absent in states saved by graff 0.1.0
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
     The top eigenvalue is estimated by power iteration on the fixed probe batch, warm-started
-    from the previous eigenvector (stored in bfloat16), with the Rayleigh quotient
+    from the previous eigenvector (stored in int8), with the Rayleigh quotient
 
     .. math::
 
@@ -191,6 +194,17 @@ class CurvatureProbe:
         hvp: False turns the λ̂ estimates off (per-step statistics only).
         secant_window: Number of steps the tripwire takes its maximum over.
         seed: Seed of the random start vector.
+        stats_every: Take a per-step sample (hypergradient, secant, tripwire) for every
+            ``stats_every``-th update only; 1 samples every update. The other steps cost one
+            hook call: the Δθ copy is skipped. Window sums of sampled steps estimate the sums
+            over all steps without bias (a fixed stride), at ``1/stats_every`` of the cost.
+        max_every: Largest interval ``every="auto"`` may choose (``None``: no cap). On tiny
+            models the automatic interval can exceed the whole run; a cap keeps λ̂ fresh at the
+            price of more than ``overhead_target``.
+        chunk_iters: Most Hessian-vector products one step's hook runs for the cold start
+            (``None``: all ``initial_iters`` at once). Spreads the first estimate's one long
+            step over ``ceil(initial_iters / chunk_iters)`` consecutive steps (each rebuilds the
+            probe graph: one forward and backward more per chunk).
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -229,6 +243,9 @@ class CurvatureProbe:
         secant_window: int = 20,
         seed: int = 0,
         start_step: int | None = None,
+        stats_every: int = 1,
+        max_every: int | None = None,
+        chunk_iters: int | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -255,6 +272,14 @@ class CurvatureProbe:
             "overhead_target", overhead_target, 0.0, 1.0, low_open=True
         )
         secant_window = check_positive_int("secant_window", secant_window)
+        self.stats_every = check_positive_int("stats_every", stats_every)
+        self.chunk_iters = (
+            None if chunk_iters is None else check_positive_int("chunk_iters", chunk_iters)
+        )
+        self._cold_done = 0  # products of a chunked cold start run so far
+        self.max_every = None if max_every is None else check_positive_int("max_every", max_every)
+        if self.max_every is not None and self.max_every < self.min_every:
+            raise GraffConfigError(f"max_every={max_every!r} must be >= min_every={min_every!r}.")
         kind = preconditioner_kind(optimizer)
         if preconditioned and kind is None:
             raise GraffConfigError(
@@ -297,16 +322,22 @@ class CurvatureProbe:
         self._capture = (
             InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
         )
-        # Δθ bookkeeping: one buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
-        self._buf: list[Tensor | None] = [None] * len(self._params)
+        # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
+        self._flat = FlatBlockBuffer(
+            self._loc(self._params), self._block_of.tolist(), len(self.blocks)
+        )
+        self._all = list(range(len(self._params)))
+        self._usq = torch.zeros(len(self.blocks))  # per-block ‖Δθ_t‖², from the post-step hook
         self._valid: set[int] = set()
         self._incomplete = False  # the last update had non-finite entries (dropped)
+        self._has_update = False  # the post-step hook buffered an update (a sample is due)
+        self._checked = [False] * len(self._params)  # gradient layout checked (sparse)
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
         self.last: CurvatureStats | None = None
         self.lambda_max: float | None = None
-        self._v: list[Tensor] | None = None
+        self._v: list[tuple[Tensor, float]] | None = None  # int8 eigenvector, per-tensor scale
         self.step = 0
         self._last_attempt: int | None = None
         self.interval = every if isinstance(every, int) else self.min_every
@@ -338,76 +369,142 @@ class CurvatureProbe:
         """
         return max(self._window) if self._window else None
 
+    @property
+    def _collective(self) -> bool:
+        """Per-step statistics are partial sums over FSDP shards, reduced over the ranks."""
+        return self._dtensor and self.sync is not None
+
     def _loc(self, ts: list[Tensor]) -> list[Tensor]:
         """``ts``, or their local shards if the probed parameters are DTensors (FSDP2)."""
         return [local_shard(t) for t in ts] if self._dtensor else ts
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
-        have = [j for j, p in enumerate(self._params) if p.grad is not None]
-        both = [j for j in have if j in self._valid]
-        if have and self._incomplete:
-            self.dropped_samples += 1
-        elif both:
-            grads = self._loc([self._params[j].grad for j in both])
-            self._record(grads, [self._buf[j] for j in both], both)
-        for j in have:
-            if self._buf[j] is None:  # first gradient of this parameter
-                _reject_sparse_grad(self._params[j])
-                (param,) = self._loc([self._params[j]])
-                self._buf[j] = torch.empty_like(param, requires_grad=False)
-        if have:
-            torch._foreach_copy_(
-                [self._buf[j] for j in have], self._loc([self._params[j].detach() for j in have])
-            )
-        self._valid = set()
-        self._incomplete = False
-        self._pending = have
+        with torch.no_grad():
+            grads = [p.grad for p in self._params]
+            n = len(grads)
+            have = [j for j, g in enumerate(grads) if g is not None]
+            if self._collective and self._has_update:
+                # FSDP: every rank must take part in the reduction of this sample, so the
+                # decision to drop it is made after the all-reduce, from the reduced data.
+                self._record(grads, [j for j in have if j in self._valid], False)
+            elif self._has_update and self._incomplete:
+                self.dropped_samples += 1  # the last update had non-finite entries
+            elif self._valid:
+                full = len(have) == n and len(self._valid) == n
+                both = self._all if full else [j for j in have if j in self._valid]
+                if both:
+                    self._record(grads, both, full)
+            self._valid = set()
+            self._incomplete = self._has_update = False
+            self._pending = have if have and self.step % self.stats_every == 0 else []
+            if self._pending:
+                for j in have:
+                    if not self._checked[j]:  # first gradient of this parameter
+                        _reject_sparse_grad(self._params[j])
+                        self._checked[j] = True
+                if len(have) < n:
+                    self._flat.zero_()  # entries of parameters without a gradient stay 0
+                views = self._flat.views
+                torch._foreach_copy_(
+                    [views[j] for j in have] if len(have) < n else views,
+                    self._loc([self._params[j] for j in have] if len(have) < n else self._params),
+                )
         self.overhead_seconds += time.perf_counter() - t0
 
-    def _record(self, grads: list[Tensor], deltas: list[Tensor], idx: list[int]) -> None:
-        """Turn per-parameter dot products into one per-block sample (or drop it if not finite)."""
-        hyp, usq_p, gsq_p = torch.stack(
-            [pairwise_dots(grads, deltas), sq_norms(deltas), sq_norms(grads)]
-        ).cpu()  # one device-to-host copy per step
-        per_param = torch.stack([hyp, self._gdu[idx], usq_p, gsq_p])
-        if self._dtensor and self.sync is not None:  # FSDP: partial sums over shards
-            per_param = self.sync.sum_partials(per_param, self._sharded[idx])
-        sums = torch.zeros(4, len(self.blocks)).index_add_(1, self._block_of[idx], per_param)
-        hyper, gdu, usq, gsq = sums
-        curv = hyper - gdu
-        q_global = safe_div(curv.sum(), -gdu.sum())
-        stats = torch.stack([hyper, gdu, usq, gsq, safe_div(curv, usq), safe_div(curv, -gdu)])
-        if not (bool(torch.isfinite(stats).all()) and bool(torch.isfinite(q_global))):
+    def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
+        """Turn the buffered Δθ_t and the new gradients into one per-block sample.
+
+        The buffer holds ``D = −Δθ_t`` (the post-step hook skips the negation: one pass less).
+        Consumes it: ``D ← g ⊙ D`` in place, then fused block sums (see
+        :mod:`graff.probes._flat`). Drops the sample if a statistic is not finite. Under FSDP
+        the block sums are partial sums over this rank's shards, summed over the ranks in one
+        all-reduce (replicated parameters count on rank 0 only).
+        """
+        flat, views = self._flat, self._flat.views
+        if self._collective and self.sync is not None and self.sync.rank != 0:
+            idx = [j for j in idx if bool(self._sharded[j])]
+            full = False
+        gs = self._loc([grads[j] for j in idx])
+        if not full:  # block sums run over the whole buffer: zero what is not in the sample
+            keep = set(idx)
+            for j in range(len(views)):
+                if j not in keep:
+                    views[j].zero_()
+        # per-parameter sums -> blocks in one index_add: rows ‖g_{t+1}‖², ⟨g_t, Δθ_t⟩
+        gnorm = torch.stack(torch._foreach_norm(gs)).float().square().cpu() if gs else None
+        per_param = torch.stack(
+            [
+                gnorm if gnorm is not None else torch.zeros(0),
+                self._gdu if full else self._gdu[idx],
+            ]
+        )
+        block_of = self._block_of if full else self._block_of[idx]
+        gsq, gdu = torch.zeros(2, len(self.blocks)).index_add_(1, block_of, per_param)
+        usq = self._usq if full else flat.block_sq_norms()
+        if gs:
+            torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # −g ⊙ Δθ_t
+        hyper = -flat.block_sums(flat.flats)
+        raw = torch.stack([hyper, gdu, usq, gsq])
+        if self._collective and self.sync is not None:
+            flag = torch.tensor([float(self._incomplete)])
+            packed = torch.cat([raw.reshape(-1), flag])
+            packed = self.sync.sum_partials(packed, torch.ones(len(packed), dtype=torch.bool))
+            raw, bad = packed[:-1].view_as(raw), float(packed[-1])
+            if bad > 0:  # some rank's last update had non-finite entries
+                self.dropped_samples += 1
+                return
+        # one pass over [n_blocks + 1] columns, the last being the global sums
+        raw = torch.cat([raw, raw.sum(1, keepdim=True)], dim=1)
+        curv = raw[0] - raw[1]
+        derived = safe_div(curv.expand(2, -1), torch.stack([raw[2], -raw[1]]))
+        stats = torch.cat([raw, derived])
+        if not bool(stats.isfinite().all()):
             self.dropped_samples += 1
             return
-        self.last = CurvatureStats(self.step - 1, *stats.unbind(0))
-        self._window.append(float(q_global))
+        self.last = CurvatureStats(self.step - 1, *stats[:, :-1].unbind(0))
+        self._window.append(float(stats[5, -1]))  # q of the whole update
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         idx = self._pending
         if idx:
-            bufs = [self._buf[j] for j in idx]
-            params = self._loc([self._params[j].detach() for j in idx])
-            torch._foreach_sub_(bufs, params)
-            torch._foreach_neg_(bufs)  # buffer now holds Δθ_t = θ_{t+1} − θ_t
-            self._gdu.zero_()
-            grads = self._loc([self._params[j].grad for j in idx])
-            gdu = pairwise_dots(grads, bufs).cpu()
-            finite = torch.isfinite(gdu)
-            # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
-            self._gdu[idx] = torch.where(finite, gdu, 0.0)
-            self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
-            self._incomplete = len(self._valid) < len(idx)  # the next sample is then dropped
+            with torch.no_grad():
+                full = len(idx) == len(self._params)
+                views = self._flat.views if full else [self._flat.views[j] for j in idx]
+                params = self._loc(self._params if full else [self._params[j] for j in idx])
+                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
+                self._usq = self._flat.block_sq_norms()  # while the buffer is in cache
+                flat_views = self._flat.flat_views
+                grads = self._loc([self._params[j].grad for j in idx])
+                dots = torch.stack(
+                    [
+                        torch.dot(g.reshape(-1).float(), flat_views[j].float())
+                        for g, j in zip(grads, idx, strict=True)
+                    ]
+                ).cpu()
+                dots = dots.neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
+                finite = torch.isfinite(dots)
+                # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
+                if bool(finite.all()):
+                    self._valid = set(idx)
+                else:
+                    dots = torch.where(finite, dots, 0.0)
+                    self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
+                    self._incomplete = True  # the next sample is then dropped
+                    self._usq = torch.where(self._usq.isfinite(), self._usq, 0.0)
+                if full:
+                    self._gdu = dots
+                else:
+                    self._gdu.zero_()
+                    self._gdu[idx] = dots
+                self._has_update = True
         self.step += 1
         self._time_step(t0)
         self.overhead_seconds += time.perf_counter() - t0
         if self._due():
             try:
-                self._timed_estimate(
-                    self.power_iters if self.lambda_max is not None else self.initial_iters
-                )
+                self._scheduled_estimate()
             except ProbeError as err:  # e.g. the model's output has no .loss: never crash training
                 self.hvp = False
                 warnings.warn(
@@ -433,12 +530,32 @@ class CurvatureProbe:
     def _due(self) -> bool:
         if self.step < self.start_step or not self._ready():
             return False
+        if self._cold_done:  # a cold start spread over steps continues on the next one
+            return True
         return self._last_attempt is None or self.step - self._last_attempt >= self.interval
 
-    def _timed_estimate(self, iters: int) -> float | None:
+    def _scheduled_estimate(self) -> None:
+        """The estimate a hook runs: a refresh, the cold start, or one chunk of the cold start.
+
+        With ``chunk_iters`` the cold start's ``initial_iters`` products are spread over
+        consecutive steps, each chunk warm-started from the last one's iterate; ``lambda_max``
+        is published only when all of them have run (a partial power iteration underestimates).
+        """
+        if self.lambda_max is not None:
+            self._timed_estimate(self.power_iters)
+            return
+        if self.chunk_iters is None:
+            self._timed_estimate(self.initial_iters)
+            return
+        left = self.initial_iters - self._cold_done
+        iters = min(self.chunk_iters, left)
+        lam = self._timed_estimate(iters, publish=iters == left)
+        self._cold_done = 0 if (iters == left or lam is None) else self._cold_done + iters
+
+    def _timed_estimate(self, iters: int, publish: bool = True) -> float | None:
         t0 = time.perf_counter()
         try:
-            return self._estimate(iters)
+            return self._estimate(iters, publish)
         finally:
             spent = time.perf_counter() - t0
             self.overhead_seconds += spent
@@ -448,6 +565,8 @@ class CurvatureProbe:
                 per_refresh = spent * (self.power_iters + 1) / (iters + 1)
                 need = per_refresh / (self.overhead_target * self._step_time)
                 self.interval = max(self.min_every, math.ceil(need))
+                if self.max_every is not None:
+                    self.interval = min(self.interval, self.max_every)
             if self.sync is not None and self.every == "auto":  # timings differ: rank 0's
                 self.interval = round(self.sync.from_rank0(self.interval))
 
@@ -485,23 +604,25 @@ class CurvatureProbe:
                 "preconditioner is unknown: call after the first optimizer.step()."
             )
         default = self.initial_iters if self.lambda_max is None else self.power_iters
+        self._cold_done = 0
         return self._timed_estimate(iters or default)
 
     def _start_vector(self, fresh: bool = False) -> list[Tensor]:
         if self._v is not None and not fresh:
             return [
-                v.to(p.device, torch.float32)
-                for v, p in zip(self._v, self._hvp_params, strict=True)
+                dequantize_int8(q.to(p.device), scale)
+                for (q, scale), p in zip(self._v, self._hvp_params, strict=True)
             ]
         gen = torch.Generator().manual_seed(self.seed)
         return [torch.randn(p.shape, generator=gen).to(p.device) for p in self._hvp_params]
 
-    def _estimate(self, iters: int) -> float | None:
+    def _estimate(self, iters: int, publish: bool = True) -> float | None:
+        """``iters`` power iterations; ``publish=False`` keeps only the iterate (returns λ or None)."""
         scale = None
         if self.kind is not None:
             scale = inverse_sqrt_preconditioner(self.optimizer, self._hvp_params, self.kind)
             if scale is None:
-                return self.lambda_max
+                return self.lambda_max if publish else None
         modules = list(self.model.modules()) if self.model is not None else []
         modes = [m.training for m in modules]
         try:
@@ -526,8 +647,10 @@ class CurvatureProbe:
                 m.training = mode
         if not math.isfinite(lam):
             self.dropped_estimates += 1
-            return self.lambda_max
-        self._v = [x.detach().to(torch.bfloat16) for x in v]
+            return self.lambda_max if publish else None
+        self._v = [quantize_int8(x) for x in v]
+        if not publish:
+            return lam
         self.lambda_max = lam
         self.n_estimates += 1
         return lam
@@ -557,8 +680,8 @@ class CurvatureProbe:
             params = self._loc([self._params[j] for j in idx])
             for j, f, param in zip(idx, factors, params, strict=True):
                 if f != 1.0:
-                    param.add_(self._buf[j], alpha=f - 1.0)
-                    self._buf[j].mul_(f)
+                    param.add_(self._flat.views[j], alpha=1.0 - f)  # D = −Δθ
+                    self._flat.views[j].mul_(f)
                     self._gdu[j] *= f
 
     # ------------------------------------------------------------------ lifecycle
@@ -575,7 +698,13 @@ class CurvatureProbe:
         The Δθ buffer is not saved (one step after a resume yields no per-step sample); the
         eigenvector, estimate, counters, interval and captured probe batch are.
         """
-        eig = None if self._v is None else torch.cat([v.reshape(-1).cpu() for v in self._v])
+        eig = (
+            None
+            if self._v is None
+            else torch.cat(
+                [dequantize_int8(q, s, torch.bfloat16).reshape(-1).cpu() for q, s in self._v]
+            )
+        )  # exact: q · s with a power-of-two s is a bfloat16 number
         return {
             "format_version": FORMAT_VERSION,
             "kind": self.kind,
@@ -584,12 +713,13 @@ class CurvatureProbe:
             "step": self.step,
             "last_attempt_step": self._last_attempt,
             "interval": self.interval,
+            "cold_iters_done": self._cold_done,
             "n_estimates": self.n_estimates,
             "dropped_estimates": self.dropped_estimates,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
             "probe_inputs": None if self._capture is None else self._capture.get(),
-            "update": {j: self._buf[j].detach().cpu().clone() for j in sorted(self._valid)},
+            "update": {j: self._flat.views[j].detach().neg().cpu() for j in sorted(self._valid)},
             "grad_dot_update": self._gdu.clone(),
             "window": list(self._window),
             "last": None if self.last is None else dataclasses.asdict(self.last),
@@ -604,10 +734,10 @@ class CurvatureProbe:
             raise CheckpointError(
                 f"expected a CurvatureProbe state with format_version {FORMAT_VERSION}, got {got!r}."
             )
-        if set(state) != _STATE_KEYS:
+        if not _STATE_KEYS <= set(state) <= _STATE_KEYS | _OPTIONAL_KEYS:
             raise CheckpointError(
                 f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
-                f"unexpected {sorted(set(state) - _STATE_KEYS)}."
+                f"unexpected {sorted(set(state) - _STATE_KEYS - _OPTIONAL_KEYS)}."
             )
         if state["kind"] != self.kind:
             raise CheckpointError(
@@ -623,7 +753,7 @@ class CurvatureProbe:
             None
             if eig is None
             else [
-                c.reshape(p.shape).to(p.device, torch.bfloat16)
+                quantize_int8(c.reshape(p.shape).to(p.device, torch.float32))
                 for c, p in zip(eig.split(sizes), self._hvp_params, strict=True)
             ]
         )
@@ -637,6 +767,7 @@ class CurvatureProbe:
             )
         self.step, self._last_attempt = int(state["step"]), last_attempt
         self.interval = int(state["interval"])
+        self._cold_done = int(state.get("cold_iters_done", 0))
         self.n_estimates, self.dropped_estimates = (
             int(state["n_estimates"]),
             int(state["dropped_estimates"]),
@@ -663,10 +794,11 @@ class CurvatureProbe:
                 or delta.shape != self._loc([self._params[int(j)]])[0].shape
             ):
                 raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
-        for j, delta in update.items():
-            self._buf[int(j)] = delta.to(
-                self._params[int(j)].device, self._params[int(j)].dtype
-            ).clone()
+        self._flat.zero_()
+        with torch.no_grad():
+            for j, delta in update.items():
+                self._flat.views[int(j)].copy_(delta).neg_()  # the buffer holds −Δθ
+        self._usq = self._flat.block_sq_norms()
         self._valid = {int(j) for j in update}
         self._gdu = gdu.clone()
         self._window.clear()

@@ -200,6 +200,9 @@ class EntropyProbe:
         max_tokens: Most token positions decoded per forward; ``None`` decodes all non-padding
             tokens (needed for :meth:`token_weights`).
         seed: Seed of the subset sampling, a non-negative integer.
+        every: Decode every ``every``-th observed forward pass (call count ``0, every, …``);
+            the others are only counted and leave the last readings in place. ``1`` decodes
+            each one. Subsampling passes keeps the readings an unbiased sample of the tokens.
 
     Attributes:
         entropies: Float32 tensor ``[k]`` of the finite entropies of the last forward (``None``
@@ -240,6 +243,7 @@ class EntropyProbe:
         layer_index: int = 0,
         max_tokens: int | None = 64,
         seed: int = 0,
+        every: int = 1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GraffTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -262,6 +266,7 @@ class EntropyProbe:
         self.max_tokens = (
             None if max_tokens is None else check_positive_int("max_tokens", max_tokens)
         )
+        self.every = check_positive_int("every", every)
         self.seed = seed
         layer, self._head = self._resolve(model, layer, head, layer_index)
         self.entropies: Tensor | None = None
@@ -270,7 +275,13 @@ class EntropyProbe:
         self._shape: tuple[int, ...] | None = None
         self._vocab: int | None = None
         self._mask: Tensor | None = None
+        self._positions: Tensor | None = None  # cached arange of the last unmasked input size
+        self._generator = torch.Generator()  # reseeded per call from (seed, call count)
+        self._mean: tuple[Tensor, float] | None = None  # (entropies, their mean) cache
         self._calls = 0
+        #: ``calls`` right after the last decoded forward pass (None before one, and after a
+        #: resume until the next one): with ``every > 1`` it tells fresh readings from stale.
+        self.decoded_pass: int | None = None
         self._dropped = 0
         self._pooled: tuple[int, EntropyStats] | None = None  # all ranks' stats (distributed)
         ref = weakref.ref(self)
@@ -341,7 +352,9 @@ class EntropyProbe:
         """Flat indices (CPU, long) of the non-padding tokens of a ``shape = [batch, seq]`` input."""
         n, mask = math.prod(shape), self._mask
         if mask is None:
-            return torch.arange(n)
+            if self._positions is None or self._positions.numel() != n:
+                self._positions = torch.arange(n)
+            return self._positions
         if (
             len(shape) == 2
             and mask.dim() == 2
@@ -362,9 +375,9 @@ class EntropyProbe:
     def _sample(self, valid: Tensor) -> Tensor:
         if self.max_tokens is None or valid.numel() <= self.max_tokens:
             return valid
-        gen = torch.Generator().manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
-        pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens]
-        return valid[pick.sort().values]
+        gen = self._generator.manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
+        pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens].sort().values
+        return pick if valid is self._positions else valid[pick]
 
     def _observe(self, output: Any) -> None:
         hidden = output[0] if isinstance(output, (tuple, list)) and output else output
@@ -373,9 +386,15 @@ class EntropyProbe:
                 "EntropyProbe: the hooked layer must return a float tensor [..., hidden] or a tuple "
                 f"starting with one, got {type(hidden).__name__}. Pass layer= explicitly."
             )
+        if self._calls % self.every:
+            self._calls += 1
+            return
         shape = tuple(hidden.shape[:-1])
-        index = self._sample(self._valid_positions(shape)).to(hidden.device)
+        index = self._sample(self._valid_positions(shape))
+        if index.device != hidden.device:
+            index = index.to(hidden.device)
         self._calls += 1
+        self.decoded_pass = self._calls  # readers can tell a fresh pass from a stale one
         flat = hidden.detach().reshape(-1, hidden.shape[-1])
         parts, start = [], 0
         with torch.no_grad(), probing():
@@ -385,11 +404,33 @@ class EntropyProbe:
                 self._vocab = int(logits.shape[-1])
                 parts.append(entropy_from_logits(logits).reshape(-1))
                 start += rows
-        ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
+        if len(parts) == 1:
+            ent = parts[0]
+        else:
+            ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
         finite = torch.isfinite(ent)
+        if bool(finite.all()):  # the usual case: no boolean-mask copies
+            self.entropies, self.token_index = ent, index
+            self._dropped_index, self._shape = index[:0], shape
+            return
         self._dropped += int((~finite).sum())
         self.entropies, self.token_index = ent[finite], index[finite]
         self._dropped_index, self._shape = index[~finite], shape
+
+    def mean_entropy(self) -> float | None:
+        """Mean sampled entropy of the last forward (nats), or ``None`` without a finite sample.
+
+        The cheap part of :meth:`stats` (one reduction): what GraffScheduler reads every step.
+        """
+        if self._pooled is not None and self._pooled[0] == self._calls:  # all ranks' samples
+            pooled = self._pooled[1]
+            return pooled.mean if pooled.count > 0 else None
+        ent = self.entropies
+        if ent is None or ent.numel() == 0:
+            return None
+        if self._mean is None or self._mean[0] is not ent:  # once per decoded pass
+            self._mean = (ent, float(ent.double().mean()))
+        return self._mean[1]
 
     def stats(self) -> EntropyStats:
         """Mean, std (population), min, max, count and ``mean / log(vocab)`` of the last forward.
@@ -459,6 +500,11 @@ class EntropyProbe:
             ProbeError: before the first forward, or if the probe samples (``max_tokens`` set).
             GraffConfigError: if ``labels`` does not have the ``[batch, seq]`` shape of the forward.
         """
+        if self.every != 1:
+            raise ProbeError(
+                f"token_weights needs the entropies of this very forward pass, but every={self.every}; "
+                "construct the probe with every=1."
+            )
         if self.max_tokens is not None:
             raise ProbeError(
                 f"token_weights needs the entropy of every token, but max_tokens={self.max_tokens}; "
@@ -520,6 +566,7 @@ class EntropyProbe:
             state["calls"],
             state["dropped_samples"],
         )
+        self.decoded_pass = None  # the last pass's entropies are not part of the state
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,242 @@
+"""Fused block sums, subsampled per-step statistics, chunked cold starts and subsampled entropy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_lora, make_tiny_qwen3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from graff.blocks import Block
+from graff.errors import GraffConfigError, ProbeError
+from graff.probes._flat import FlatBlockBuffer
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
+
+
+# --------------------------------------------------------------------------- flat block buffer
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=3), min_size=1, max_size=7),
+    blocks=st.integers(1, 4),
+    chunk=st.sampled_from([1, 4, 16, 256]),
+    seed=st.integers(0, 2**16),
+    mixed=st.booleans(),
+)
+def test_block_sums_equal_per_block_dot_products(shapes, blocks, chunk, seed, mixed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params = [
+        torch.randn(s, generator=g, dtype=torch.float64 if mixed and j % 2 else torch.float32)
+        for j, s in enumerate(shapes)
+    ]
+    block_of = [int(torch.randint(0, blocks, (1,), generator=g)) for _ in params]
+    buf = FlatBlockBuffer(params, block_of, blocks, chunk=chunk)
+    assert len(buf.flats) == (2 if mixed and len(params) > 1 else 1)
+    others = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    for view, p in zip(buf.views, params, strict=True):
+        assert view.shape == p.shape
+        assert view.dtype == p.dtype
+        view.copy_(p)
+    # the same layout for the second factor: copy it into a buffer of the same structure
+    buf2 = FlatBlockBuffer(params, block_of, blocks, chunk=chunk)
+    for view, o in zip(buf2.views, others, strict=True):
+        view.copy_(o)
+    expect_dot = torch.zeros(blocks, dtype=torch.float64)
+    expect_sq = torch.zeros(blocks, dtype=torch.float64)
+    for p, o, b in zip(params, others, block_of, strict=True):
+        expect_dot[b] += (p.double() * o.double()).sum()
+        expect_sq[b] += p.double().pow(2).sum()
+    torch.testing.assert_close(
+        buf.block_sums(buf.flats, buf2.flats).double(), expect_dot, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(
+        buf.block_sums(buf.flats, buf.flats).double(), expect_sq, rtol=1e-4, atol=1e-4
+    )
+    torch.testing.assert_close(buf.block_sq_norms().double(), expect_sq, rtol=1e-4, atol=1e-4)
+    buf.neg_()
+    torch.testing.assert_close(
+        buf.block_sums(buf.flats, buf2.flats).double(), -expect_dot, rtol=1e-4, atol=1e-4
+    )
+    buf.zero_()
+    assert all(int(f.count_nonzero()) == 0 for f in buf.flats)
+
+
+def test_flat_buffer_memory_is_one_copy_plus_padding() -> None:
+    params = [torch.zeros(300, 7), torch.zeros(5), torch.zeros(64, 64)]
+    buf = FlatBlockBuffer(params, [0, 0, 1], 2, chunk=256)
+    n = sum(p.numel() for p in params)
+    total = sum(f.numel() for f in buf.flats)
+    assert n <= total < n + 2 * 256  # at most one chunk of padding per block
+
+
+# --------------------------------------------------------------------------- subsampled stats
+def _quadratic_run(stats_every: int, steps: int = 9):
+    torch.manual_seed(0)
+    a = torch.randn(6, 6, dtype=torch.float64)
+    a = a @ a.T + torch.eye(6, dtype=torch.float64)
+    x1 = nn.Parameter(torch.randn(4, dtype=torch.float64))
+    x2 = nn.Parameter(torch.randn(2, dtype=torch.float64))
+    opt = torch.optim.Adam([x1, x2], lr=0.05)
+    blocks = [Block("a", (x1,)), Block("b", (x2,))]
+    every = CurvatureProbe(opt, blocks=blocks, hvp=False)
+    sampled = CurvatureProbe(opt, blocks=blocks, hvp=False, stats_every=stats_every)
+    seen: dict[str, dict[int, object]] = {"every": {}, "sampled": {}}
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.cat([x1, x2])
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+        for name, probe in (("every", every), ("sampled", sampled)):
+            if probe.last is not None:
+                seen[name][probe.last.step] = probe.last
+    return seen
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_subsampled_statistics_are_the_full_ones_on_the_sampled_steps(k: int) -> None:
+    seen = _quadratic_run(k)
+    assert sorted(seen["sampled"]) == [s for s in sorted(seen["every"]) if s % k == 0]
+    for step, got in seen["sampled"].items():
+        want = seen["every"][step]
+        for field in ("hypergrad", "grad_dot_update", "update_sq_norm", "grad_sq_norm", "secant"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field))
+
+
+# --------------------------------------------------------------------------- chunked cold start
+def _spectrum(d: int, lam_max: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    eigs = torch.linspace(lam_max / 50, lam_max, d, dtype=torch.float64)
+    return q @ torch.diag(eigs) @ q.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_chunked_cold_start_publishes_after_the_last_chunk_and_is_accurate(seed: int) -> None:
+    a = _spectrum(40, 100.0, seed)
+    x = nn.Parameter(torch.randn(40, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=1e-4)
+    probe = CurvatureProbe(
+        opt, loss_fn=lambda: 0.5 * x @ a @ x, every=1000, chunk_iters=6, start_step=0
+    )
+    published = []
+    for _ in range(5):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+        published.append(probe.lambda_max)
+    # 20 products in chunks of 6: steps 1, 2, 3 run 6 each, step 4 the last 2 and publishes
+    assert published[:3] == [None, None, None]
+    assert published[3] is not None
+    assert published[4] == published[3]
+    assert probe.n_estimates == 1
+    assert 0.9 * 100.0 <= probe.lambda_max <= 100.0 * (1 + 1e-5)
+
+
+def test_chunked_cold_start_resumes_mid_way() -> None:
+    a = _spectrum(20, 10.0, 0)
+
+    def build():
+        x = nn.Parameter(torch.ones(20, dtype=torch.float64))
+        opt = torch.optim.SGD([x], lr=1e-3)
+        probe = CurvatureProbe(
+            opt, loss_fn=lambda: 0.5 * x @ a @ x, every=1000, chunk_iters=5, start_step=0
+        )
+        return x, opt, probe
+
+    def run(x, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            (0.5 * x @ a @ x).backward()
+            opt.step()
+
+    x, opt, probe = build()
+    run(x, opt, 2)  # two of four chunks
+    state, opt_state, x_saved = probe.state_dict(), opt.state_dict(), x.detach().clone()
+    assert state["cold_iters_done"] == 10
+    assert probe.lambda_max is None
+    run(x, opt, 2)
+    x2, opt2, probe2 = build()
+    with torch.no_grad():
+        x2.copy_(x_saved)
+    opt2.load_state_dict(opt_state)
+    probe2.load_state_dict(state)
+    run(x2, opt2, 2)
+    assert probe2.lambda_max == pytest.approx(probe.lambda_max, rel=1e-6)
+    legacy = {k: v for k, v in state.items() if k != "cold_iters_done"}  # graff 0.1.0 states
+    probe2.load_state_dict(legacy)
+
+
+def test_max_every_caps_the_auto_interval() -> None:
+    a = _spectrum(10, 5.0, 0)
+    x = nn.Parameter(torch.ones(10, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=1e-3)
+    probe = CurvatureProbe(
+        opt,
+        loss_fn=lambda: 0.5 * x @ a @ x,
+        overhead_target=1e-6,
+        min_every=2,
+        max_every=3,
+        start_step=0,
+    )
+    for _ in range(8):
+        opt.zero_grad()
+        (0.5 * x @ a @ x).backward()
+        opt.step()
+    assert probe.interval == 3  # the 1e-6 target alone asks for millions of steps
+    assert probe.n_estimates == 3  # after steps 1, 4 and 7
+    with pytest.raises(GraffConfigError, match="max_every"):
+        CurvatureProbe(opt, loss_fn=lambda: x.sum(), min_every=5, max_every=4)
+
+
+# --------------------------------------------------------------------------- entropy every k
+def test_entropy_every_k_decodes_the_same_tokens_as_every_pass(token_batch) -> None:
+    model = make_tiny_lora(make_tiny_qwen3())
+    full = EntropyProbe(model, max_tokens=7, seed=3)
+    sub = EntropyProbe(model, max_tokens=7, seed=3, every=2)
+    readings: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for call in range(5):
+            before = sub.entropies
+            model(input_ids=token_batch["input_ids"])
+            if call % 2 == 0:
+                assert torch.equal(sub.token_index, full.token_index)
+                torch.testing.assert_close(sub.entropies, full.entropies)
+                readings.append((sub.token_index, sub.entropies))
+            else:
+                assert sub.entropies is before  # skipped passes leave the readings in place
+    assert sub.calls == full.calls == 5
+    assert len({tuple(i.tolist()) for i, _ in readings}) > 1  # a fresh subset per decoded pass
+    with pytest.raises(ProbeError, match="every"):
+        EntropyProbe(model, max_tokens=None, every=2).token_weights()
+    assert math.isfinite(sub.mean_entropy())
+    full.remove()
+    sub.remove()
+
+
+# --------------------------------------------------------------------------- int8 eigenvector
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    log_scale=st.floats(-30, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_eigenvector_round_trips_bitwise_and_is_close(n, log_scale, seed) -> None:
+    from graff.probes._hvp import dequantize_int8, quantize_int8
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
+    q, s = quantize_int8(x)
+    assert q.dtype == torch.int8
+    assert int(q.abs().max()) >= 64  # the power-of-two scale is the smallest that fits
+    deq = dequantize_int8(q, s)
+    assert float((deq - x).abs().max()) <= 0.5 * s * (1 + 1e-6)  # half a quantization step
+    saved = dequantize_int8(q, s, torch.bfloat16)  # what state_dict stores
+    assert torch.equal(saved.float(), deq)  # exact in bfloat16
+    q2, s2 = quantize_int8(saved.float())
+    assert s2 == s
+    assert torch.equal(q2, q)
+    cos = float(deq @ x / (deq.norm() * x.norm()))
+    assert cos > 0.999
