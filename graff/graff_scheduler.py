@@ -13,13 +13,15 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
 - :math:`p(u_t)` is the budget prior at the fraction of budget used :math:`u_t`
   (:class:`graff.priors.BudgetPrior`; by default warm-up, stable, then linear decay to zero over
   the last 20 % of the budget — "WSD");
-- :math:`\\sigma_t` is the *peak-LR calibration*: during the first ``search_fraction`` of the
-  budget it rises geometrically toward ``peak_max`` while the loss keeps falling and the
-  stability guard is slack; the first sign of instability (loss rising above its best fast
-  average, a non-finite loss, the guard binding, or the secant tripwire) sets it to the LR that
-  was just reached divided by ``backoff`` and ends the search. Later instabilities back it off
-  again. This is how GRAFF finds the peak LR the user did not tune (the biggest lever measured in
-  the feasibility study), and why decreases come from the guard, not from a greedy signal;
+- :math:`\\sigma_t` is the *peak-LR calibration* (:class:`graff._graff_state.PeakCalibrator`):
+  during the first ``search_fraction`` of the budget it rises geometrically toward ``peak_max``,
+  but only up to ``c / (search_headroom · λ̂)`` (an eighth of the stability limit: the sharpness
+  grows during training); the first sign of instability (loss rising above its best fast
+  average, a non-finite loss, or the secant tripwire) returns it to the best level seen, or,
+  when the user's LR itself is too high, sets it to the LR just reached divided by ``backoff``.
+  Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
+  peak LR the user did not tune (the biggest lever measured in the feasibility study), and why
+  decreases come from the guard and instability, not from a greedy signal;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
   ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner_net`;
 - :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
@@ -136,9 +138,9 @@ class GraffScheduler(BudgetedScheduler):
         peak_max: Largest peak factor the search may reach (× the user's LR).
         backoff: Factor the LR is divided by when instability is detected at or below the
             user's LR (a raised LR returns to the best level seen instead).
-        search_headroom: The search raises the LR only up to ``c / (search_headroom · λ̂)``, a
-            fraction of the stability limit (room for the sharpness to grow during training);
-            it never lowers the user's LR on this account.
+        search_headroom: The search (and a positive learned residual) raise the LR above the
+            prior alone only up to ``c / (search_headroom · λ̂)``, a fraction of the stability
+            limit (room for the sharpness to grow during training); never lowers the user's LR.
         block_multipliers: Learn per-block multipliers of the applied update (off by default:
             on a GSM8K char-level transformer they cost 0.02–0.05 nats, as the feasibility
             study also found — per-block signals are mostly noise).
@@ -197,7 +199,7 @@ class GraffScheduler(BudgetedScheduler):
         search_fraction: float = 0.15,
         peak_max: float = 10.0,
         backoff: float = 3.0,
-        search_headroom: float = 4.0,
+        search_headroom: float = 8.0,
         block_multipliers: bool = False,
         multiplier_max: float = 2.0,
         residual_max: float = 1.25,
@@ -332,6 +334,10 @@ class GraffScheduler(BudgetedScheduler):
                 self.planner.lr_b.data.copy_(b)
         residual, logits = self._log_residual(h)
         log_factor = offset + residual
+        if ceiling is not None and not math.isnan(ceiling):
+            # What GRAFF adds above the prior alone (search + residual) obeys the search's
+            # ceiling too; a negative residual is always allowed.
+            log_factor = min(log_factor, math.log(prior) + max(0.0, ceiling))
         active = bound is not None and self.guard and log_factor > bound
         if active:
             log_factor = bound

@@ -207,8 +207,10 @@ def test_a_user_lr_above_the_limit_is_lowered() -> None:
     assert max(lrs[60:]) < lr0 * 0.5
 
 
-def test_the_search_never_rises_above_its_ceiling_on_a_real_model() -> None:
-    """With λ̂ (SGD, quadratic), the raised LR stays within c / (headroom · λ̂)."""
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -> None:
+    """With λ̂ (SGD, quadratic), the raised LR stays within c / (headroom · λ̂), also when the
+    learned residual asks for more (``bias`` = 3: the decoder wants e^3, clipped to 1.25×)."""
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(10, 10))
     a = q @ torch.diag(torch.linspace(1.0, 20.0, 10)) @ q.T
@@ -227,7 +229,10 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model() -> None:
         peak_max=1e3,
         search_headroom=4.0,
         curvature_every=5,
+        guard=True,
     )
+    with torch.no_grad():
+        sched.planner.lr_b.fill_(bias)
     for _ in range(100):
         loss = loss_fn()
         opt.zero_grad()
