@@ -390,7 +390,10 @@ class GraffScheduler(BudgetedScheduler):
         if not (stale and self.calibrator.refresh_due()):
             return bound
         try:
-            self.curvature.estimate_lambda_max()
+            # As many iterations as the first estimate: a 3-step warm-started refresh can land
+            # far below λ_max (measured: 1.9 after 468 on the char transformer), which would
+            # lift the ceiling the refresh is meant to check.
+            self.curvature.estimate_lambda_max(self.curvature.initial_iters)
         except ProbeError:
             return bound
         return self._guard_log_bound()
