@@ -128,7 +128,7 @@ class PeakCalibrator:
         search_fraction: float,
         peak_max: float,
         backoff: float,
-        headroom: float = 4.0,
+        headroom: float = 8.0,
         lag: int = 10,
         cooldown: int = 20,
     ) -> None:

@@ -199,7 +199,7 @@ class GraffScheduler(BudgetedScheduler):
         search_fraction: float = 0.15,
         peak_max: float = 10.0,
         backoff: float = 3.0,
-        search_headroom: float = 4.0,
+        search_headroom: float = 8.0,
         block_multipliers: bool = False,
         multiplier_max: float = 2.0,
         residual_max: float = 1.25,
