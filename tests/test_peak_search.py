@@ -243,3 +243,43 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -
         if lam is not None:
             assert sched.get_last_lr()[0] * lam <= sched._guard_c / 4.0 * (1 + 1e-6)
     assert sched.calibrator.log_peak > math.log(5.0)  # it did rise, up to the ceiling
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_guard_cut_below_the_prior_needs_a_rising_loss_for_adaptive_optimizers(
+    adaptive: bool,
+) -> None:
+    """A huge λ̂ with a falling loss: Adam keeps the prior's LR, SGD obeys the guard."""
+    torch.manual_seed(0)
+    theta = nn.Parameter(torch.randn(6))
+
+    def loss_fn() -> torch.Tensor:
+        return 0.5 * (theta**2).sum()
+
+    opt = (torch.optim.Adam if adaptive else torch.optim.SGD)([theta], lr=1e-2)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=60),
+        loss_fn=loss_fn,
+        online=False,
+        warm_start=None,
+        calibrate=False,
+        prior="constant",
+        warmup=0.0,
+        curvature_every=1000,
+    )
+    losses = [3.0 - 0.01 * k for k in range(40)]  # a steadily falling loss
+    for k, loss in enumerate(losses):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        if k == 20:
+            sched.curvature.lambda_max = 1e9  # a wild estimate: the bound is ~1e-8 x the LR
+        sched.step(torch.tensor(loss))
+    lr = sched.get_last_lr()[0]
+    prior_lr = 1e-2 * sched.last_plan.prior
+    if adaptive:
+        assert lr == pytest.approx(prior_lr)  # the prior alone: no cut without loss evidence
+    else:
+        assert lr == pytest.approx(1e-2 * 1e-3)  # cut by the guard to the final clamp
+        assert sched.guard_activations > 0
