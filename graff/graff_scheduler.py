@@ -319,11 +319,6 @@ class GraffScheduler(BudgetedScheduler):
             # the excursion that caused the back-off, which is not a new instability.
             self.losses.reset_best()
         offset = math.log(prior) + self.calibrator.log_peak
-        if bound is not None and self.guard and self._uncorroborated_cut(bound, math.log(prior)):
-            # Adam-type sharpness estimates swing 100x (measured 3,035 -> 178,722 in 20 steps
-            # at a plateau escape): below the prior alone the guard needs the loss to agree,
-            # until then it holds the LR at the prior alone (projection and hard min alike).
-            bound = math.log(prior)
         if replan and bound is not None and self.guard:
             # Never project the decoder below its clip range: the hard min below enforces
             # the rest, and the decoder stays where online learning can move it back.
@@ -344,6 +339,11 @@ class GraffScheduler(BudgetedScheduler):
             # ceiling too; a negative residual is always allowed.
             log_factor = min(log_factor, math.log(prior) + max(0.0, ceiling))
         active = bound is not None and self.guard and log_factor > bound
+        if active and self._uncorroborated_cut(bound, math.log(prior)):
+            # Adam-type sharpness estimates swing 100x (measured 3,035 -> 178,722 in 20 steps
+            # at a plateau escape): below the prior alone the guard needs the loss to agree.
+            active = False
+            log_factor = min(log_factor, math.log(prior))
         if active:
             log_factor = bound
             self.guard_activations += 1
