@@ -339,11 +339,6 @@ class GraffScheduler(BudgetedScheduler):
             # ceiling too; a negative residual is always allowed.
             log_factor = min(log_factor, math.log(prior) + max(0.0, ceiling))
         active = bound is not None and self.guard and log_factor > bound
-        if active and self._uncorroborated_cut(bound, math.log(prior)):
-            # Adam-type sharpness estimates swing 100x (measured 3,035 -> 178,722 in 20 steps
-            # at a plateau escape): below the prior alone the guard needs the loss to agree.
-            active = False
-            log_factor = min(log_factor, math.log(prior))
         if active:
             log_factor = bound
             self.guard_activations += 1
@@ -402,20 +397,6 @@ class GraffScheduler(BudgetedScheduler):
         except ProbeError:
             return bound
         return self._guard_log_bound()
-
-    def _uncorroborated_cut(self, bound: float, log_prior: float) -> bool:
-        """Whether a guard cut below the prior alone lacks the loss's support (adaptive optimizers).
-
-        For preconditioned optimizers λ̂ is the sharpness of :math:`P^{-1}H`, which swings by
-        orders of magnitude while the second moments adapt; there the guard may lower the LR
-        below the user's LR × prior only while the loss is rising (5 % and three standard
-        errors above its best). For SGD-type optimizers λ̂ is the Hessian's and the guard is hard.
-        """
-        return (
-            self.curvature.kind is not None
-            and bound < log_prior
-            and not self.losses.rising(tolerance=0.05)
-        )
 
     def _unstable(self, loss: float | None, bound: float | None, u: float) -> bool:
         """Loss- or secant-based sign of instability (drives the peak-LR back-off).
