@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|wallclock``, ``overhead`` and ``soak``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|wallclock``, ``overhead`` and ``soak``."""
 
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every scheduler on every task of a suite")
     run.add_argument(
-        "--suite", choices=["quick", "full", "wallclock", "wallclock-quick"], default="quick"
+        "--suite",
+        choices=["quick", "full", "floor", "ablations", "wallclock", "wallclock-quick"],
+        default="quick",
     )
     run.add_argument("--out", help="results folder (default benchmarks/results/<suite>/)")
     run.add_argument("--seeds", type=int, help="number of seeds (default: the suite's)")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.floor import floor_markdown, floor_summary
 from benchmarks.schedulers import BASELINES
 from benchmarks.stats import paired_t_test, sign_flip_test
 from benchmarks.suites import ROBUSTNESS_MULTS
@@ -264,13 +265,22 @@ def _mean_curve(ax: Any, curves: list[list[list[float]]], label: str, smooth: bo
 
 def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
     summary = summarize(runs)
+    summary["floor"] = floor_summary(summary)
     payload = sanitize({"meta": meta, "summary": summary, "runs": runs})
     (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
     ovh_path = out.parent / "overhead" / "overhead.json"
     overhead = json.loads(ovh_path.read_text()) if ovh_path.is_file() else None
     text = markdown(meta, summary)
     head, sep, rest = text.partition("\n## ")
-    (out / "results.md").write_text(head + "\n" + targets_markdown(summary, overhead) + sep + rest)
+    floor = floor_markdown(summary["floor"])
+    floor = "\n" + floor if floor else ""
+    has_baselines = any(
+        cell["scheduler"] in BASELINES
+        for ts in summary["tasks"].values()
+        for cell in ts["cells"].values()
+    )  # issue 5's targets compare against baselines: not shown for the floor/ablation suites
+    issue5 = "\n" + targets_markdown(summary, overhead) if has_baselines else ""
+    (out / "results.md").write_text(head + issue5 + floor + sep + rest)
     plots(runs, summary, out)
     return payload
 

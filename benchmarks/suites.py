@@ -55,6 +55,21 @@ def _spec(task: str, scheduler: str, mult: float, seed: int) -> dict[str, Any]:
     return {"task": task, "scheduler": scheduler, "lr_mult": mult, "seed": seed}
 
 
+_FULL_TASKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("digits_mlp", {"steps": 300}),
+    ("gsm8k_qwen3", {"steps": 400}),
+    (
+        "gsm8k_lora",
+        {
+            "steps": 120,
+            "pretrain_steps": 300,
+            "prompt_chars": 48,
+            "answer_chars": 80,
+            "batch": 8,
+        },
+    ),
+)
+
 SUITES = {
     "quick": Suite(
         name="quick",
@@ -84,25 +99,34 @@ SUITES = {
     ),
     "full": Suite(
         name="full",
-        task_configs=(
-            ("digits_mlp", {"steps": 300}),
-            ("gsm8k_qwen3", {"steps": 400}),
-            (
-                "gsm8k_lora",
-                {
-                    "steps": 120,
-                    "pretrain_steps": 300,
-                    "prompt_chars": 48,
-                    "answer_chars": 80,
-                    "batch": 8,
-                },
-            ),
-        ),
+        task_configs=_FULL_TASKS,
         baselines=BASELINES,
         learned=LEARNED,
         ablations=ABLATIONS,
         sweep_mults=(0.1, 1.0, 3.0, 10.0),
         robust_mults=ROBUSTNESS_MULTS,
+        seeds=3,
+    ),
+    # Issue 3's quality floor only: GRAFF vs its own prior at the user's LR x {0.1, 1, 10}.
+    "floor": Suite(
+        name="floor",
+        task_configs=_FULL_TASKS,
+        baselines=(),
+        learned=("graff", "prior_only"),
+        ablations=(),
+        sweep_mults=(),
+        robust_mults=ROBUSTNESS_MULTS,
+        seeds=3,
+    ),
+    # Issue 3's ablations at the user's LR (graff and each of its switches, no baselines).
+    "ablations": Suite(
+        name="ablations",
+        task_configs=_FULL_TASKS,
+        baselines=(),
+        learned=("graff",),
+        ablations=tuple(a for a in ABLATIONS if a != "graff_linear_prior"),
+        sweep_mults=(),
+        robust_mults=(1.0,),
         seeds=3,
     ),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,56 +99,132 @@ class LossTracker:
 
 
 class PeakCalibrator:
-    """The peak-LR search of GraffScheduler (log-scale :math:`\\sigma_t`, see its docstring).
+    r"""The peak-LR search of GraffScheduler: a log peak factor :math:`\sigma` over the user's LR.
 
-    While searching (the first ``search_fraction`` of the budget), :math:`\\sigma` grows by
-    ``log(peak_max) / max(10, n/2)`` per step, ``n`` the estimated number of steps of the search
-    phase, so the peak factor could reach ``peak_max`` half-way through the phase. At the first
-    instability, :math:`\\sigma` is set so that the *peak* LR (prior = 1) equals the LR just
-    reached divided by ``backoff``, and the search ends. After the search, each instability
-    (at most one per 20 steps) halves the peak.
+    The LR at the peak of the prior is :math:`\eta^0 e^{\sigma}`; :math:`\sigma = 0` is the user's
+    LR, i.e. the budget prior alone, which is the fallback of every rule below.
+
+    1. **Rise only with slack.** While searching (the first ``search_fraction`` of the budget),
+       :math:`\sigma` grows by ``log(peak_max) / max(10, n/2)`` per step (``n`` the estimated
+       number of steps of the search phase), but never above the *ceiling*
+       :math:`\log\bigl(c / (\rho\,\hat\lambda\,\eta^0)\bigr)` passed as ``log_ceiling``: a raised
+       peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
+       limit, because the sharpness measured early grows during training (progressive
+       sharpening) and an LR at the limit becomes unstable later. ``log_ceiling=None`` (no
+       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still.
+    2. **The ceiling only removes what the search added.** Whenever the ceiling falls below a
+       raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
+       but never below 0 on this account: the user's own LR is cut only by the guard itself
+       (:math:`\eta\hat\lambda \le c`) and by observed instability.
+    3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
+       the search ends; if :math:`\sigma` is above the *best level* — the smallest
+       :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
+       average lags the LR by about ``lag`` steps) — it returns to that level; otherwise the
+       user's LR itself is too high, and the peak LR becomes the LR just reached divided by
+       ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
+       halved (later).
     """
 
     def __init__(
-        self, *, enabled: bool, search_fraction: float, peak_max: float, backoff: float
+        self,
+        *,
+        enabled: bool,
+        search_fraction: float,
+        peak_max: float,
+        backoff: float,
+        headroom: float = 8.0,
+        lag: int = 10,
+        cooldown: int = 20,
     ) -> None:
         self.enabled, self.search_fraction = enabled, search_fraction
         self.log_peak_max, self.log_backoff = math.log(peak_max), math.log(backoff)
+        self.log_headroom = math.log(headroom)
+        self.lag, self.cooldown_steps = lag, cooldown
         self.log_peak = 0.0
         self.searching = enabled
         self.steps = 0
         self.cooldown = 0
         self.backoffs = 0
+        self.best_level = 0.0
+        self.capped = False  # the ceiling stopped the last rise (GraffScheduler refreshes λ̂)
+        self.last_refresh = -(10**9)  # step of the last λ̂ refresh the search asked for
+        self._history: deque[float] = deque(maxlen=lag)
+
+    def watching(self, fraction_used: float) -> bool:
+        """Whether the search or its aftermath (up to twice ``search_fraction``) is running.
+
+        While watching, GraffScheduler uses a tight loss-rise test: the harm of a raise shows in
+        the loss average only with a lag, so the test outlives the rise itself.
+        """
+        return self.enabled and fraction_used < 2.0 * self.search_fraction
+
+    def refresh_due(self, every: int = 10) -> bool:
+        """True (and recorded) if no λ̂ refresh was requested in the last ``every`` steps."""
+        if self.steps - self.last_refresh < every:
+            return False
+        self.last_refresh = self.steps
+        return True
+
+    def ceiling(self, log_bound: float | None) -> float | None:
+        """The search ceiling ``log_bound − log(headroom)`` for a guard bound (factor units)."""
+        return None if log_bound is None else log_bound - self.log_headroom
 
     def update(
-        self, fraction_used: float, log_prior: float, unstable: bool, hold: bool = False
+        self,
+        fraction_used: float,
+        log_prior: float,
+        unstable: bool,
+        hold: bool = False,
+        *,
+        log_ceiling: float | None = None,
+        at_best: bool = False,
     ) -> bool:
         """Advance one step; returns True when it backed off.
 
-        ``hold=True`` keeps the peak where it is this step (GraffScheduler holds the search until
-        the first curvature estimate exists, so that the guard can bound the rise).
+        Args:
+            fraction_used: Fraction of the budget used.
+            log_prior: Log of the budget prior now (the LR reached is prior × e^σ).
+            unstable: A sign of instability this step (loss rising, non-finite loss, tripwire).
+            hold: Keep σ where it is this step (no λ̂ yet, but one will come).
+            log_ceiling: Largest σ the search may reach (rule 1), or None (no ceiling).
+            at_best: The loss average is at its best so far this step (rule 3).
         """
         self.steps += 1
         self.cooldown = max(0, self.cooldown - 1)
         if not self.enabled:
             return False
+        has_ceiling = log_ceiling is not None and not math.isnan(log_ceiling)
+        if has_ceiling and self.log_peak > 0.0:
+            self.log_peak = min(self.log_peak, max(0.0, log_ceiling))  # rule 2
+        self._history.append(self.log_peak)
+        if at_best:
+            self.best_level = min(self._history)
         if unstable and self.cooldown == 0:
-            if self.searching:
+            if self.log_peak > self.best_level:
+                self.log_peak = self.best_level
+            elif self.watching(fraction_used):
                 self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
-                self.searching = False
             else:
                 self.log_peak -= math.log(2.0)
             self.log_peak = max(self.log_peak, -math.log(1e3))
-            self.cooldown = 20
+            self.best_level = min(self.best_level, self.log_peak)
+            self._history.clear()
+            self.searching = False
+            self.cooldown = self.cooldown_steps
             self.backoffs += 1
             return True
+        self.capped = False
         if self.searching:
-            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max:
+            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max - 1e-9:
                 self.searching = False
             elif not hold:
                 est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
-                growth = self.log_peak_max / max(10.0, 0.5 * est)
-                self.log_peak = min(self.log_peak_max, self.log_peak + growth)
+                target = self.log_peak + self.log_peak_max / max(10.0, 0.5 * est)
+                top = self.log_peak_max
+                if has_ceiling:
+                    top = min(top, log_ceiling)
+                    self.capped = target > top
+                self.log_peak = max(self.log_peak, min(target, top))
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -157,6 +234,10 @@ class PeakCalibrator:
             "steps": self.steps,
             "cooldown": self.cooldown,
             "backoffs": self.backoffs,
+            "best_level": self.best_level,
+            "capped": self.capped,
+            "history": list(self._history),
+            "last_refresh": self.last_refresh,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -164,8 +245,12 @@ class PeakCalibrator:
             self.log_peak, self.searching = float(state["log_peak"]), bool(state["searching"])
             self.steps, self.cooldown = int(state["steps"]), int(state["cooldown"])
             self.backoffs = int(state["backoffs"])
+            self.best_level, self.capped = float(state["best_level"]), bool(state["capped"])
+            history = [float(v) for v in state["history"]]
+            self.last_refresh = int(state["last_refresh"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"invalid calibration state: {err}") from err
+        self._history = deque(history[-self.lag :], maxlen=self.lag)
 
 
 @dataclass(frozen=True)

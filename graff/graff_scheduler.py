@@ -13,13 +13,15 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
 - :math:`p(u_t)` is the budget prior at the fraction of budget used :math:`u_t`
   (:class:`graff.priors.BudgetPrior`; by default warm-up, stable, then linear decay to zero over
   the last 20 % of the budget — "WSD");
-- :math:`\\sigma_t` is the *peak-LR calibration*: during the first ``search_fraction`` of the
-  budget it rises geometrically toward ``peak_max`` while the loss keeps falling and the
-  stability guard is slack; the first sign of instability (loss rising above its best fast
-  average, a non-finite loss, the guard binding, or the secant tripwire) sets it to the LR that
-  was just reached divided by ``backoff`` and ends the search. Later instabilities back it off
-  again. This is how GRAFF finds the peak LR the user did not tune (the biggest lever measured in
-  the feasibility study), and why decreases come from the guard, not from a greedy signal;
+- :math:`\\sigma_t` is the *peak-LR calibration* (:class:`graff._graff_state.PeakCalibrator`):
+  during the first ``search_fraction`` of the budget it rises geometrically toward ``peak_max``,
+  but only up to ``c / (search_headroom · λ̂)`` (an eighth of the stability limit: the sharpness
+  grows during training); the first sign of instability (loss rising above its best fast
+  average, a non-finite loss, or the secant tripwire) returns it to the best level seen, or,
+  when the user's LR itself is too high, sets it to the LR just reached divided by ``backoff``.
+  Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
+  peak LR the user did not tune (the biggest lever measured in the feasibility study), and why
+  decreases come from the guard and instability, not from a greedy signal;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
   ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner_net`;
 - :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
@@ -154,7 +156,11 @@ class GraffScheduler(BudgetedScheduler):
         calibrate: Search the peak LR during the first ``search_fraction`` of the budget.
         search_fraction: Fraction of the budget the peak-LR search may use.
         peak_max: Largest peak factor the search may reach (× the user's LR).
-        backoff: Factor the LR is divided by when instability is detected.
+        backoff: Factor the LR is divided by when instability is detected at or below the
+            user's LR (a raised LR returns to the best level seen instead).
+        search_headroom: The search (and a positive learned residual) raise the LR above the
+            prior alone only up to ``c / (search_headroom · λ̂)``, a fraction of the stability
+            limit (room for the sharpness to grow during training); never lowers the user's LR.
         block_multipliers: Learn per-block multipliers of the applied update (off by default:
             on a GSM8K char-level transformer they cost 0.02–0.05 nats, as the feasibility
             study also found — per-block signals are mostly noise).
@@ -225,6 +231,7 @@ class GraffScheduler(BudgetedScheduler):
         search_fraction: float = 0.15,
         peak_max: float = 10.0,
         backoff: float = 3.0,
+        search_headroom: float = 8.0,
         block_multipliers: bool = False,
         multiplier_max: float = 2.0,
         residual_max: float = 1.25,
@@ -265,6 +272,7 @@ class GraffScheduler(BudgetedScheduler):
             ),
             peak_max=check_in_range("peak_max", peak_max, 1.0, 1e4),
             backoff=check_in_range("backoff", backoff, 1.0, 1e3, low_open=True),
+            headroom=check_in_range("search_headroom", search_headroom, 1.0, 1e3),
         )
         self.losses = LossTracker()
         self.entropies = LossTracker()
@@ -353,11 +361,19 @@ class GraffScheduler(BudgetedScheduler):
 
     def _decide(self, u: float, loss: float | None, h: Tensor, replan: bool) -> list[float]:
         prior = max(self._prior_value(u), 1e-12)
-        bound = self._guard_log_bound()
-        unstable = self._unstable(loss, bound)
-        # Rise toward the stability limit only once the guard can see it (when it can at all).
+        bound = self._refreshed_bound(self._guard_log_bound(), math.log(prior))
+        unstable = self._unstable(loss, bound, u)
+        # Rise toward the stability limit only once the guard can see it (when it can at all),
+        # and only up to a fraction 1/search_headroom of it (PeakCalibrator, rules 1-3).
         hold = self.guard and self.curvature.hvp and bound is None
-        if self.calibrator.update(u, math.log(prior), unstable, hold=hold):
+        ceiling = self.calibrator.ceiling(bound) if self.guard else None
+        losses = self.losses
+        at_best = losses.count >= losses.min_count and losses.fast <= losses.best
+        if self.calibrator.update(
+            u, math.log(prior), unstable, hold=hold, log_ceiling=ceiling, at_best=at_best
+        ) or (self.calibrator.cooldown > 0):
+            # Re-baseline the loss average through the cool-down: it is still catching up with
+            # the excursion that caused the back-off, which is not a new instability.
             self.losses.reset_best()
         offset = math.log(prior) + self.calibrator.log_peak
         if replan and bound is not None and self.guard:
@@ -377,6 +393,10 @@ class GraffScheduler(BudgetedScheduler):
             self._decoded = self._log_residual(h)
         residual, logits = self._decoded
         log_factor = offset + residual
+        if ceiling is not None and not math.isnan(ceiling):
+            # What GRAFF adds above the prior alone (search + residual) obeys the search's
+            # ceiling too; a negative residual is always allowed.
+            log_factor = min(log_factor, math.log(prior) + max(0.0, ceiling))
         active = bound is not None and self.guard and log_factor > bound
         if active:
             log_factor = bound
@@ -418,7 +438,29 @@ class GraffScheduler(BudgetedScheduler):
         m_max = float(self._multipliers.max()) if self.block_multipliers else 1.0
         return log_lr_bound(lam, c, offset=math.log(top_lr * m_max))
 
-    def _unstable(self, loss: float | None, bound: float | None) -> bool:
+    def _refreshed_bound(self, bound: float | None, log_prior: float) -> float | None:
+        """The guard bound, after re-measuring λ̂ if a stale estimate may be holding the LR down.
+
+        A refresh (at most every 10 steps) is asked for when the search is stopped by its
+        ceiling, or when the guard cuts the LR below the prior alone (the user's LR): an early
+        estimate of Adam's preconditioned sharpness can be far too large while the second-moment
+        estimates are young, and the scheduled refresh may be hundreds of steps away.
+        """
+        if bound is None or not (self.guard and self.curvature.hvp and self.calibrator.enabled):
+            return bound
+        stale = (self.calibrator.capped and self.calibrator.searching) or bound < log_prior
+        if not (stale and self.calibrator.refresh_due()):
+            return bound
+        try:
+            # As many iterations as the first estimate: a 3-step warm-started refresh can land
+            # far below λ_max (measured: 1.9 after 468 on the char transformer), which would
+            # lift the ceiling the refresh is meant to check.
+            self.curvature.estimate_lambda_max(self.curvature.initial_iters)
+        except ProbeError:
+            return bound
+        return self._guard_log_bound()
+
+    def _unstable(self, loss: float | None, bound: float | None, u: float) -> bool:
         """Loss- or secant-based sign of instability (drives the peak-LR back-off).
 
         The guard itself caps the LR where λ̂ is known and ends the search when it binds; it does
@@ -427,7 +469,7 @@ class GraffScheduler(BudgetedScheduler):
         if loss is None and self.nonfinite_losses > self._nonfinite_seen:
             self._nonfinite_seen = self.nonfinite_losses
             return True  # a non-finite loss: back off
-        if self.losses.rising(tolerance=0.1 if self.calibrator.searching else 0.5):
+        if self.losses.rising(tolerance=0.05 if self.calibrator.watching(u) else 0.5):
             return True
         tripwire = self.curvature.tripwire
         if bound is None and tripwire is not None and tripwire > 2.0:

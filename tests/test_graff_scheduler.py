@@ -200,11 +200,14 @@ def test_peak_search_backs_off_when_the_loss_blows_up() -> None:
     )
     for i in range(1, 6):
         cal.update(i / 100, 0.0, unstable=False)
-    peak = cal.log_peak
-    assert peak > 0
+    assert cal.log_peak > 0
     assert cal.update(0.06, math.log(0.5), unstable=True)
-    assert cal.log_peak == pytest.approx(peak + math.log(0.5) - math.log(3.0))
+    assert cal.log_peak == 0.0  # a raise that ended in instability returns to the best level
     assert not cal.searching
+    for i in range(7, 26):  # the cool-down: 20 steps without a second back-off
+        assert not cal.update(i / 100, 0.0, unstable=True)
+    assert cal.update(0.26, math.log(0.5), unstable=True)  # still unstable at the user's LR
+    assert cal.log_peak == pytest.approx(math.log(0.5) - math.log(3.0))
 
 
 def test_calibrate_false_is_the_prior_alone() -> None:

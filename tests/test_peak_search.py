@@ -1,0 +1,245 @@
+"""The peak-LR search (PeakCalibrator) and its call site in GraffScheduler.
+
+Closed-form checks of the three rules (ceiling, ceiling only removes what the search added,
+back-off to the best level), scripted loss streams through a real GraffScheduler (a loss that
+rises above an LR X; a stream where raising never helps; a user LR already too high), and
+hypothesis properties of the bounds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import graff
+from graff._graff_state import PeakCalibrator
+from graff.graff_scheduler import GraffScheduler
+
+LOG10 = math.log(10.0)
+
+
+def _calibrator(**kw: float) -> PeakCalibrator:
+    args = {"enabled": True, "search_fraction": 0.5, "peak_max": 10.0, "backoff": 3.0} | kw
+    return PeakCalibrator(**args)
+
+
+# ------------------------------------------------------------------ closed form
+def test_rise_rate_reaches_peak_max_half_way_through_the_search() -> None:
+    cal = _calibrator(search_fraction=0.4)  # 100-step budget: a 40-step search, 20 steps to 10x
+    for step in range(1, 21):
+        cal.update(step / 100, 0.0, unstable=False)
+    assert cal.log_peak == pytest.approx(LOG10)
+    assert cal.searching  # the phase ends at the next step (peak_max reached)
+    cal.update(0.21, 0.0, unstable=False)
+    assert not cal.searching
+
+
+def test_rise_stops_at_the_ceiling_and_flags_it() -> None:
+    cal = _calibrator()
+    ceiling = math.log(2.0)
+    for step in range(1, 40):
+        cal.update(step / 100, 0.0, unstable=False, log_ceiling=ceiling)
+        assert cal.log_peak <= ceiling + 1e-12
+    assert cal.log_peak == pytest.approx(ceiling)
+    assert cal.capped
+    assert cal.searching
+
+
+def test_ceiling_is_log_bound_minus_log_headroom() -> None:
+    cal = _calibrator(headroom=4.0)
+    assert cal.ceiling(math.log(12.0)) == pytest.approx(math.log(3.0))
+    assert cal.ceiling(None) is None
+
+
+def test_a_lower_ceiling_removes_the_raise_but_never_cuts_the_user_lr() -> None:
+    cal = _calibrator()
+    for step in range(1, 21):
+        cal.update(step / 100, 0.0, unstable=False)
+    assert cal.log_peak > math.log(3.0)
+    cal.update(0.21, 0.0, unstable=False, log_ceiling=math.log(1.5))  # λ̂ grew
+    assert cal.log_peak == pytest.approx(math.log(1.5))
+    cal.update(0.22, 0.0, unstable=False, log_ceiling=-2.0)  # the limit is below the user's LR
+    assert cal.log_peak == 0.0  # the guard itself, not the search, handles that case
+
+
+def test_a_ceiling_below_the_user_lr_keeps_the_search_at_the_user_lr() -> None:
+    cal = _calibrator()
+    for step in range(1, 40):
+        cal.update(step / 100, 0.0, unstable=False, log_ceiling=-0.5)
+    assert cal.log_peak == 0.0
+    assert cal.capped
+
+
+def test_backoff_returns_to_the_smallest_level_of_the_lag_before_the_best() -> None:
+    cal = _calibrator(lag=3)
+    levels = []
+    for step in range(1, 9):
+        cal.update(step / 100, 0.0, unstable=False, at_best=step <= 5)
+        levels.append(cal.log_peak)
+    # at step 5 the history held the levels before steps 3, 4, 5 (appended before the rise)
+    assert cal.best_level == pytest.approx(levels[1])
+    assert cal.update(0.09, 0.0, unstable=True)
+    assert cal.log_peak == pytest.approx(levels[1])
+    assert not cal.searching
+    assert cal.backoffs == 1
+
+
+def test_backoff_at_the_user_lr_divides_the_lr_reached_by_backoff() -> None:
+    cal = _calibrator(search_fraction=0.1)  # watching until 20 % of the budget
+    cal.update(0.01, math.log(0.5), unstable=False, hold=True, at_best=True)
+    assert cal.update(0.02, math.log(0.5), unstable=True)
+    assert cal.log_peak == pytest.approx(math.log(0.5) - math.log(3.0))
+    for step in range(3, 22):  # cool-down: no second back-off within 20 steps
+        assert not cal.update(step / 100, 0.0, unstable=True)
+    assert cal.watching(0.19)
+    assert not cal.watching(0.2)
+    assert cal.update(0.3, 0.0, unstable=True)  # after the watch: halve
+    assert cal.log_peak == pytest.approx(math.log(0.5) - math.log(3.0) - math.log(2.0))
+
+
+def test_refresh_due_at_most_every_n_steps() -> None:
+    cal = _calibrator()
+    due = []
+    for step in range(1, 26):
+        cal.update(step / 100, 0.0, unstable=False)
+        due.append(cal.refresh_due(every=10))
+    assert [i + 1 for i, d in enumerate(due) if d] == [1, 11, 21]
+
+
+def test_state_round_trip_continues_identically() -> None:
+    a = _calibrator(lag=4)
+    for step in range(1, 12):
+        a.update(step / 100, -0.1, unstable=step == 9, log_ceiling=1.5, at_best=step % 3 == 0)
+    b = _calibrator(lag=4)
+    b.load_state_dict(a.state_dict())
+    for step in range(12, 40):
+        args = (step / 100, 0.0, step == 33)
+        kw = {"log_ceiling": 1.0 if step > 20 else None, "at_best": step % 2 == 0}
+        assert a.update(*args, **kw) == b.update(*args, **kw)
+        assert a.state_dict() == b.state_dict()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.floats(-5.0, 5.0)),  # ceiling
+            st.booleans(),  # unstable
+            st.booleans(),  # at_best
+            st.floats(-3.0, 0.0),  # log prior
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_bounds_hold_for_any_signal_stream(stream: list) -> None:
+    cal = _calibrator(peak_max=10.0)
+    for step, (ceiling, unstable, at_best, log_prior) in enumerate(stream, 1):
+        before = cal.log_peak
+        cal.update(step / 100, log_prior, unstable, log_ceiling=ceiling, at_best=at_best)
+        assert -math.log(1e3) <= cal.log_peak <= LOG10 + 1e-12
+        if ceiling is not None:  # a raise never exceeds the ceiling of its step
+            assert cal.log_peak <= max(0.0, ceiling, min(before, 0.0)) + 1e-12
+        if not cal.searching:
+            assert cal.log_peak <= max(before, 0.0) + 1e-12  # no rise after the search
+
+
+# --------------------------------------------------- scripted streams, real scheduler
+def _scripted(
+    lr0: float, loss_of_lr, steps: int = 200, seed: int = 0, **kw
+) -> tuple[GraffScheduler, list[float]]:
+    """GraffScheduler without λ̂ (no model, no loss_fn) fed a loss that depends on its LR."""
+    p = nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([p], lr=lr0)
+    args = {"online": False, "warm_start": None, "search_fraction": 0.25} | kw
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=steps), **args)
+    gen = torch.Generator().manual_seed(seed)
+    loss, lrs = 3.0, []
+    for _ in range(steps):
+        lr = sched.get_last_lr()[0]
+        lrs.append(lr)
+        p.grad = torch.full_like(p, 0.1)
+        opt.step()
+        loss = loss_of_lr(loss, lr) + 0.01 * float(torch.randn((), generator=gen))
+        sched.step(torch.tensor(loss))
+    return sched, lrs
+
+
+def _rises_above(x: float):
+    """Loss falls with the LR up to ``x`` and rises in proportion to how far above ``x`` it is."""
+
+    def step(loss: float, lr: float) -> float:
+        drop = 0.01 * min(lr, x) / x
+        return loss - drop * loss / 3.0 + (0.05 * (lr / x - 1.0) if lr > x else 0.0)
+
+    return step
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_loss_rising_above_x_ends_the_search_at_or_below_x(seed: int) -> None:
+    lr0, x = 1e-3, 4e-3  # the user's LR is 4x too small, raising above 4e-3 hurts
+    sched, lrs = _scripted(lr0, _rises_above(x), seed=seed)
+    assert sched.calibrator.backoffs >= 1
+    assert max(lrs) > x  # the search did look above x ...
+    stable = [lr for lr, k in zip(lrs, range(len(lrs)), strict=True) if 60 <= k < 160]
+    assert max(stable) <= x * (1 + 1e-9)  # ... and the stable phase runs at or below it
+    assert max(stable) > lr0  # but it kept part of the rise
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_when_raising_never_helps_the_search_ends_at_the_prior(seed: int) -> None:
+    lr0 = 1e-3
+    sched, lrs = _scripted(lr0, _rises_above(lr0), seed=seed)
+    prior = [lr0 * max(sched.prior(k / 200), 1e-3) for k in range(200)]
+    assert sched.calibrator.log_peak == 0.0
+    assert lrs[60:] == pytest.approx(prior[60:], rel=1e-9)  # the prior alone from then on
+
+
+def test_a_user_lr_above_the_limit_is_lowered() -> None:
+    lr0, x = 1e-2, 2e-3  # the user's LR is 5x above where the loss starts to rise
+    sched, lrs = _scripted(lr0, _rises_above(x))
+    assert sched.calibrator.log_peak < 0.0
+    assert max(lrs[60:]) < lr0 * 0.5
+
+
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -> None:
+    """With λ̂ (SGD, quadratic), the raised LR stays within c / (headroom · λ̂), also when the
+    learned residual asks for more (``bias`` = 3: the decoder wants e^3, clipped to 1.25×)."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(10, 10))
+    a = q @ torch.diag(torch.linspace(1.0, 20.0, 10)) @ q.T
+    theta = nn.Parameter(torch.randn(10))
+    opt = torch.optim.SGD([theta], lr=1e-3)  # 95x below c/λ_max
+
+    def loss_fn() -> torch.Tensor:
+        return 0.5 * theta @ a @ theta
+
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=100),
+        loss_fn=loss_fn,
+        online=False,
+        warm_start=None,
+        peak_max=1e3,
+        search_headroom=4.0,
+        curvature_every=5,
+        guard=True,
+    )
+    with torch.no_grad():
+        sched.planner.lr_b.fill_(bias)
+    for _ in range(100):
+        loss = loss_fn()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+        lam = sched.curvature.lambda_max_safe
+        if lam is not None:
+            assert sched.get_last_lr()[0] * lam <= sched._guard_c / 4.0 * (1 + 1e-6)
+    assert sched.calibrator.log_peak > math.log(5.0)  # it did rise, up to the ceiling
