@@ -63,7 +63,7 @@ def check_adam(optimizer: torch.optim.Optimizer, what: str) -> None:
             and all(_real(b) and 0 <= b < 1 for b in betas)
         )  # fmt: skip
         flags = ("amsgrad", "maximize", "capturable", "differentiable")
-        ok = ok and all(group.get(k) in (None, False) for k in flags)  # as graff builds them
+        ok = ok and all(group.get(k, False) is False for k in flags)  # as graff builds them
         ok = ok and all(group.get(k) in (None, False, True) for k in ("fused", "foreach"))
         if not ok:
             raise CheckpointError(f"{what} param_groups[{i}] has invalid hyperparameters.")
