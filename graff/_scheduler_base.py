@@ -61,7 +61,7 @@ def loss_value(loss: Any) -> float | None:
         loss = loss.loss
     if isinstance(loss, Tensor):
         if loss.numel() == 1:  # the usual scalar loss: one host read
-            return float(loss)
+            return float(loss.detach())
         if loss.numel() == 0:
             return math.nan
         return float(loss.detach().float().mean())
