@@ -131,7 +131,10 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self.skipped_steps = 0
         self.nonfinite_losses = 0
         self._optimizer_steps = 0  # optimizer steps since the last scheduler step
-        self._captured_losses: list[Tensor] = []  # captured forward losses since the last step
+        # sum and count of the forward losses captured since the last step (a tensor sum: no
+        # device sync per forward pass, bounded memory however many forwards come in between)
+        self._captured_sum: Tensor | None = None
+        self._captured_count = 0
         self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
         if model is not None:
             self._handles.append(model.register_forward_hook(self._capture_loss))
@@ -148,9 +151,12 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.numel() == 1:
-            # a copy (in-place edits of the loss must not change it), read in step() only if
-            # step() gets no loss: no device sync per forward pass
-            self._captured_losses.append(loss.detach().clone())
+            # a new tensor (in-place edits of the loss must not change it), read in step() only
+            # if step() gets no loss
+            value = loss.detach().float()
+            total = self._captured_sum
+            self._captured_sum = value.clone() if total is None else total + value
+            self._captured_count += 1
 
     def _share_sync(self) -> None:
         """Let the curvature probes this scheduler holds average their HVPs over the same group."""
@@ -182,11 +188,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 omitted, the loss captured from ``model``'s forward passes is used, if any.
         """
         value = loss_value(loss)
-        if value is None and self._captured_losses:
-            value = sum(float(x.float()) for x in self._captured_losses) / len(
-                self._captured_losses
-            )
-        self._captured_losses = []
+        if value is None and self._captured_sum is not None:
+            value = float(self._captured_sum) / self._captured_count
+        self._captured_sum, self._captured_count = None, 0
         if self._sync is not None:  # one all-reduce: loss, entropy statistics, rank 0's clock
             value = self._sync.exchange_step(
                 value, self._optimizer_steps > 0, self.budget, self._entropy_probes()

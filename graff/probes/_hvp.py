@@ -38,18 +38,6 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
 
 
-def pairwise_dots(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """Per-pair float32 dot products ``[⟨a_j, b_j⟩]_j`` (one kernel each, no copies for fp32)."""
-    return torch.stack(
-        [torch.dot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b, strict=True)]
-    )
-
-
-def sq_norms(xs: Sequence[Tensor]) -> Tensor:
-    """Per-tensor squared Euclidean norms in float32 (one fused ``_foreach_norm``)."""
-    return torch.stack(torch._foreach_norm(list(xs))).float() ** 2
-
-
 def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     """Return ``v ↦ H v`` for the Hessian ``H`` of the scalar ``loss`` w.r.t. ``params``.
 
