@@ -185,10 +185,6 @@ class GraffScheduler(BudgetedScheduler):
             limit (room for the sharpness to grow during training); never lowers the user's LR.
             ``None``: optimizer-aware (:func:`default_headroom`: 2 for Adam-type and other
             adaptive optimizers, 8 otherwise).
-        search_trust: A λ̂ measured at LR η is trusted for the search up to ``search_trust · η``:
-            the search rises no higher until λ̂ is re-measured there (the preconditioned
-            sharpness of Adam-type optimizers changes with the LR, so an old λ̂ says little about
-            a much larger LR).
         refresh_budget: Fraction of the run's projected training time the peak search's extra
             λ̂ refreshes may use (:class:`graff._refresh_budget.RefreshBudget`); 0 turns them off
             (the search then holds at its ceiling).
@@ -263,7 +259,6 @@ class GraffScheduler(BudgetedScheduler):
         peak_max: float = 10.0,
         backoff: float = 3.0,
         search_headroom: float | None = None,
-        search_trust: float = 3.0,
         refresh_budget: float = 0.1,
         block_multipliers: bool = False,
         multiplier_max: float = 2.0,
@@ -311,8 +306,6 @@ class GraffScheduler(BudgetedScheduler):
                 else check_in_range("search_headroom", search_headroom, 1.0, 1e3)
             ),
         )
-        self._log_trust = math.log(check_in_range("search_trust", search_trust, 1.0, 1e4))
-        self._trust: tuple[float, float] | None = None  # (estimate number, its log LR factor)
         self.refreshes = RefreshBudget(check_in_range("refresh_budget", refresh_budget, 0.0, 1.0))
         self.losses = LossTracker()
         self.entropies = LossTracker()
@@ -408,9 +401,6 @@ class GraffScheduler(BudgetedScheduler):
         # and only up to a fraction 1/search_headroom of it (PeakCalibrator, rules 1-3).
         hold = self.guard and self.curvature.hvp and bound is None
         ceiling = self.calibrator.ceiling(bound) if self.guard else None
-        trust = self._trust_ceiling(math.log(prior))
-        if ceiling is not None and trust is not None:
-            ceiling = min(ceiling, trust)
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
         if self.calibrator.update(
@@ -505,19 +495,6 @@ class GraffScheduler(BudgetedScheduler):
         finally:
             self.refreshes.charge(time.perf_counter() - t0)
         return self._guard_log_bound()
-
-    def _trust_ceiling(self, log_prior: float) -> float | None:
-        """Largest σ the λ̂ in use vouches for: ``search_trust`` × the LR it was measured at.
-
-        Records the LR factor in force when a new λ̂ arrives (the factor of the steps the
-        estimate looked at). None before any λ̂.
-        """
-        if self.curvature.lambda_max is None:
-            return None
-        count = float(self.curvature.n_estimates)
-        if self._trust is None or self._trust[0] != count:
-            self._trust = (count, self._log_factor)
-        return self._trust[1] + self._log_trust - log_prior
 
     def _refresh_affordable(self) -> bool:
         """Whether the refresh budget allows one more extra λ̂ refresh (rank 0 decides)."""
@@ -625,7 +602,6 @@ class GraffScheduler(BudgetedScheduler):
             "log_factor": self._log_factor,
             "calibrator": self.calibrator.state_dict(),
             "refresh_budget": self.refreshes.state_dict(),
-            "trust": None if self._trust is None else list(self._trust),
             "window": self._window.state_dict(),
             "steps_since_plan": self._steps_since_plan,
             "losses": self.losses.state_dict(),
@@ -697,7 +673,6 @@ class GraffScheduler(BudgetedScheduler):
             raise CheckpointError("GraffScheduler state has non-positive block multipliers.")
         if "refresh_budget" in extra:  # absent from states saved before graff 0.2
             RefreshBudget(0.0).load_state_dict(extra["refresh_budget"])
-        _check_trust(extra.get("trust"))
 
     def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"planner_optimizer": self.planner_optimizer}
@@ -718,8 +693,6 @@ class GraffScheduler(BudgetedScheduler):
         self.calibrator.load_state_dict(extra["calibrator"])
         if "refresh_budget" in extra:
             self.refreshes.load_state_dict(extra["refresh_budget"])
-        trust = extra.get("trust")
-        self._trust = None if trust is None else (float(trust[0]), float(trust[1]))
         self._window.load_state_dict(extra["window"])
         self._steps_since_plan = int(extra["steps_since_plan"])
         self.losses.load_state_dict(extra["losses"])
@@ -740,20 +713,6 @@ class GraffScheduler(BudgetedScheduler):
         self.curvature.remove()
         if self.entropy_probe is not None:
             self.entropy_probe.remove()
-
-
-def _check_trust(trust: Any) -> None:
-    """Validate the saved ``(estimate number, log LR factor)`` of the trust ceiling (or None)."""
-    if trust is None:
-        return
-    ok = (
-        isinstance(trust, (list, tuple))
-        and len(trust) == 2
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in trust)
-        and all(math.isfinite(v) for v in trust)
-    )
-    if not ok:
-        raise CheckpointError(f"GraffScheduler state has an invalid trust entry: {trust!r:.80}.")
 
 
 def _cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
