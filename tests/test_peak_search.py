@@ -249,11 +249,11 @@ def test_default_headroom_is_optimizer_aware() -> None:
     from graff.graff_scheduler import default_headroom
 
     p = nn.Parameter(torch.zeros(2))
-    assert default_headroom(torch.optim.AdamW([p])) == 2.0
-    assert default_headroom(torch.optim.RMSprop([p])) == 2.0
+    assert default_headroom(torch.optim.AdamW([p])) == 4.0
+    assert default_headroom(torch.optim.RMSprop([p])) == 4.0
     assert default_headroom(torch.optim.SGD([p], lr=0.1)) == 8.0
     sched = GraffScheduler(torch.optim.AdamW([p]), budget=10, warm_start=None)
-    assert sched.calibrator.log_headroom == pytest.approx(math.log(2.0))
+    assert sched.calibrator.log_headroom == pytest.approx(math.log(4.0))
 
 
 def test_refresh_budget_allows_a_fraction_of_the_projected_run(monkeypatch) -> None:
