@@ -79,7 +79,7 @@ def test_flat_buffer_memory_is_one_copy_plus_padding() -> None:
     chunk=st.sampled_from([1, 4, 16, 256]),
     seed=st.integers(0, 2**16),
 )
-def test_flatten_and_row_dots_give_per_parameter_dot_products(shapes, chunk, seed) -> None:
+def test_dots_with_gives_per_parameter_dot_products(shapes, chunk, seed) -> None:
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=g) for s in shapes]
     block_of = [j % 2 for j in range(len(params))]
@@ -87,22 +87,17 @@ def test_flatten_and_row_dots_give_per_parameter_dot_products(shapes, chunk, see
     for view, p in zip(buf.views, params, strict=True):
         view.copy_(p)
     others = [torch.randn(p.shape, generator=g) for p in params]
-    flat = buf.flatten(others)
-    assert [f.shape for f in flat] == [f.shape for f in buf.flats]
-    per_param = buf.param_totals(
-        [torch.stack([d, s]) for d, s in zip(buf.row_dots(flat), buf.row_dots(), strict=True)]
-    )
-    expect = torch.tensor(
+    per_param = buf.param_totals(buf.dots_with(others, self_dot=True, buffer_sq=True))
+    expect = torch.stack(
         [
-            [(p.double() * o.double()).sum() for p, o in zip(params, others, strict=True)],
-            [p.double().pow(2).sum() for p in params],
+            torch.stack(
+                [(p.double() * o.double()).sum() for p, o in zip(params, others, strict=True)]
+            ),
+            torch.stack([o.double().pow(2).sum() for o in others]),
+            torch.stack([p.double().pow(2).sum() for p in params]),
         ]
     )
     torch.testing.assert_close(per_param.double(), expect, rtol=1e-4, atol=1e-4)
-    gg = buf.param_totals(buf.row_dots(flat, flat))[0]
-    torch.testing.assert_close(
-        gg.double(), torch.stack([o.double().pow(2).sum() for o in others]), rtol=1e-4, atol=1e-4
-    )
 
 
 # --------------------------------------------------------------------------- subsampled stats

@@ -15,18 +15,19 @@ a row reduction of the ``[rows, C]`` view followed by an ``index_add`` over the 
 (:meth:`FlatBlockBuffer.param_totals`). Block sums add the parameters of a block. The padding
 stays zero, so it adds nothing to a sum of products. A list of tensors shaped like the
 parameters (the gradients) is brought into the same layout by one concatenation
-(:meth:`FlatBlockBuffer.flatten`), so a per-parameter dot product of the gradients with the
+(:meth:`FlatBlockBuffer.dots_with`), so a per-parameter dot product of the gradients with the
 buffer is a row reduction too, instead of one kernel per parameter.
 
 Memory: the parameters' elements plus at most ``chunk − 1`` padding elements per parameter
 tensor and one index entry per row — one copy of the parameters plus O(parameter tensors) for
 ``chunk`` fixed (and O(N / chunk) for the row index, 1/256 of a float32 copy at the default
-chunk). :meth:`FlatBlockBuffer.flatten` allocates a transient copy of its input, at most
-``max_segment`` elements at a time.
+chunk). :meth:`FlatBlockBuffer.dots_with` allocates transient copies of at most
+``MAX_SEGMENT`` elements at a time.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -35,8 +36,15 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors
 
 CHUNK = 256
-MAX_SEGMENT = 1 << 22  # most elements one flatten() concatenation copies at a time (16 MiB fp32)
+MAX_SEGMENT = 1 << 22  # most elements dots_with() copies at a time (16 MiB fp32)
 _WIDE = (torch.float32, torch.float64)
+
+
+def _row_dot(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise dot products of two ``[rows, chunk]`` tensors, float32 (low precision upcast)."""
+    if x.dtype in _WIDE and y.dtype == x.dtype:
+        return torch.linalg.vecdot(x, y, dim=1).float()
+    return (x.float() * y.float()).sum(1)
 
 
 class FlatBlockBuffer:
@@ -70,12 +78,14 @@ class FlatBlockBuffer:
         self.views: list[Tensor] = [torch.empty(0)] * len(params)
         self.flats: list[Tensor] = []
         self._row_param: list[Tensor] = []  # parameter index of each row, per group (its device)
-        # flatten(): per group, segments of (param index or pad tensor) in buffer order
+        # dots_with(): per group, segments of (param index or pad tensor) in buffer order
         self._plans: list[list[list[int | Tensor]]] = []
+        self._segment_rows: list[list[tuple[int, int]]] = []  # [first, end) rows per segment
         for (device, dtype), members in groups.items():
             members = sorted(members, key=lambda j: self.block_of[j])  # stable: keeps order
             layout, rows, offset = [], [], 0
             plan: list[list[int | Tensor]] = [[]]
+            bounds = [0]  # first row of each segment
             segment = 0
             for j in members:
                 n = params[j].numel()
@@ -85,6 +95,7 @@ class FlatBlockBuffer:
                 offset += padded
                 if plan[-1] and segment + padded > MAX_SEGMENT:
                     plan.append([])
+                    bounds.append((offset - padded) // chunk)
                     segment = 0
                 plan[-1].append(j)
                 if padded > n:
@@ -96,47 +107,45 @@ class FlatBlockBuffer:
             self.flats.append(flat)
             self._row_param.append(torch.tensor(rows, dtype=torch.long, device=device))
             self._plans.append(plan)
+            bounds.append(offset // chunk)
+            self._segment_rows.append(list(itertools.pairwise(bounds)))
         self.flat_views = [v.view(-1) for v in self.views]
         self._row_views = [flat.view(-1, chunk) for flat in self.flats]
 
-    # ------------------------------------------------------------------ layout
-    def flatten(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """``tensors`` (shaped like the parameters) in the buffer's layout, one flat per group.
-
-        A transient copy (one concatenation per segment of at most ``MAX_SEGMENT`` elements);
-        padding is zero.
-        """
-        out = []
-        for plan in self._plans:
-            parts = [
-                _flatten_dense_tensors([tensors[x] if isinstance(x, int) else x for x in seg])
-                for seg in plan
-            ]
-            out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
-        return out
-
     # ------------------------------------------------------------------ row reductions
-    def row_sums(self) -> list[Tensor]:
-        """Per-row sums of the buffer's ``[rows, chunk]`` views (float32, one per group)."""
-        return [v.sum(1, dtype=torch.float32) for v in self._row_views]
-
-    def row_dots(
-        self, a: Sequence[Tensor] | None = None, b: Sequence[Tensor] | None = None
+    def dots_with(
+        self, tensors: Sequence[Tensor], *, self_dot: bool = False, buffer_sq: bool = False
     ) -> list[Tensor]:
-        """Per-row ``⟨a_r, b_r⟩`` (float32, one tensor per group) of flat tensors in the buffer's
-        layout (one per group, e.g. from :meth:`flatten`); ``None`` stands for the buffer.
+        """Per-row ``⟨t_r, x_r⟩`` of ``tensors`` (shaped like the parameters) with the buffer.
 
-        ``row_dots(g)``: per-row dot products of ``g`` with the buffer; ``row_dots()``: the
-        buffer's per-row squared norms.
+        The tensors are brought into the buffer's layout one segment (at most ``MAX_SEGMENT``
+        elements) at a time by a concatenation, so the transient copies stay bounded.
+
+        Args:
+            tensors: One tensor per parameter (entries whose buffer segment is zero may be any
+                tensor of the shape, e.g. the buffer's own view).
+            self_dot: Also return the per-row ``⟨t_r, t_r⟩``.
+            buffer_sq: Also return the buffer's per-row ``⟨x_r, x_r⟩``.
+
+        Returns:
+            One float32 ``[k, rows]`` tensor per group (on its device), rows ``⟨t, x⟩``, then
+            ``⟨t, t⟩`` and ``⟨x, x⟩`` as asked.
         """
-        xs = self._row_views if a is None else [t.view(-1, self.chunk) for t in a]
-        ys = self._row_views if b is None else [t.view(-1, self.chunk) for t in b]
         out = []
-        for x, y in zip(xs, ys, strict=True):
-            if x.dtype in _WIDE and y.dtype == x.dtype:
-                out.append(torch.linalg.vecdot(x, y, dim=1).float())
-            else:  # accumulate low-precision products in float32
-                out.append((x.float() * y.float()).sum(1))
+        for plan, bounds, rows in zip(
+            self._plans, self._segment_rows, self._row_views, strict=True
+        ):
+            parts = []
+            for seg, (first, end) in zip(plan, bounds, strict=True):
+                t = _flatten_dense_tensors([tensors[x] if isinstance(x, int) else x for x in seg])
+                t, x = t.view(-1, self.chunk), rows[first:end]
+                k = [_row_dot(t, x)]
+                if self_dot:
+                    k.append(_row_dot(t, t))
+                if buffer_sq:
+                    k.append(_row_dot(x, x))
+                parts.append(torch.stack(k))
+            out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
         return out
 
     def row_sq_norms(self) -> list[Tensor]:

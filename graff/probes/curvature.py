@@ -489,11 +489,7 @@ class CurvatureProbe:
             if not full:
                 for j, g in zip(idx, gs, strict=True):
                     full_grads[j] = g
-            g_flat = flat.flatten(full_grads)
-            rows = [
-                torch.stack([hd, gg])
-                for hd, gg in zip(flat.row_dots(g_flat), flat.row_dots(g_flat, g_flat), strict=True)
-            ]
+            rows = flat.dots_with(full_grads, self_dot=True)
             per_param = flat.param_totals(rows)  # −⟨g_{t+1}, Δθ_t⟩, ‖g_{t+1}‖² per parameter
             neg_h, gsq, usq, gdu = torch.cat([per_param, self._usq[None], self._gdu[None]]).tolist()
             block_of = self._blocks_of
@@ -536,11 +532,7 @@ class CurvatureProbe:
                         idx, self._loc([self._params[j].grad for j in idx]), strict=True
                     ):
                         grads[j] = g
-                g_flat = flat.flatten(grads)
-                rows = [
-                    torch.stack([d, u])
-                    for d, u in zip(flat.row_dots(g_flat), flat.row_dots(), strict=True)
-                ]
+                rows = flat.dots_with(grads, buffer_sq=True)
                 per_param = flat.param_totals(rows)
                 per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
                 # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from
