@@ -55,6 +55,7 @@ class FlatBlockBuffer:
         block_of: Block index of each parameter (same length).
         num_blocks: Number of blocks.
         chunk: Row length of the reduction view; each parameter segment is padded to a multiple.
+        dtype: Storage dtype of floating parameters (``None``: each parameter's own).
 
     Attributes:
         views: ``views[j]`` is a tensor shaped like ``params[j]`` inside the flat storage.
@@ -68,13 +69,15 @@ class FlatBlockBuffer:
         block_of: Sequence[int],
         num_blocks: int,
         chunk: int = CHUNK,
+        dtype: torch.dtype | None = None,
     ) -> None:
         self.num_blocks, self.chunk = num_blocks, chunk
         self.num_params = len(params)
         self.block_of = [int(b) for b in block_of]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for j, p in enumerate(params):
-            groups.setdefault((p.device, p.dtype), []).append(j)
+            store = dtype if dtype is not None and p.is_floating_point() else p.dtype
+            groups.setdefault((p.device, store), []).append(j)
         self.views: list[Tensor] = [torch.empty(0)] * len(params)
         self.flats: list[Tensor] = []
         self._row_param: list[Tensor] = []  # parameter index of each row, per group (its device)

@@ -162,6 +162,14 @@ def _derived_stats(raw: list[list[float]]) -> tuple[Tensor | None, float]:
     return torch.tensor([row[:-1] for row in rows], dtype=torch.float32), ratio[-1]
 
 
+def _check_update_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise GraffConfigError(
+            f"update_dtype must be None or a floating torch.dtype, got {dtype!r}."
+        )
+    return dtype
+
+
 def _check_blocks(
     optimizer: torch.optim.Optimizer, model: nn.Module | None, blocks: Any
 ) -> list[Block]:
@@ -247,6 +255,13 @@ class CurvatureProbe:
             (``None``: all ``initial_iters`` at once). Spreads the first estimate's one long
             step over ``ceil(initial_iters / chunk_iters)`` consecutive steps (each rebuilds the
             probe graph: one forward and backward more per chunk).
+        update_dtype: Storage dtype of the buffered update Δθ (``None``: the parameters'
+            dtype, exact). ``torch.bfloat16`` halves the probe's one copy of the trainable
+            parameters: θ_t is then held in the parameters' dtype only from the pre-step to the
+            post-step hook, and Δθ_t = θ_t − θ_{t+1} is rounded once to bfloat16 (a relative
+            error of at most 2⁻⁹ per entry; the per-step statistics are sums over many entries,
+            so their error is far smaller: ``docs/concepts/probes.md``). :meth:`scale_last_update`
+            needs the exact update and raises with a lower-precision buffer.
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -288,6 +303,7 @@ class CurvatureProbe:
         stats_every: int = 1,
         max_every: int | None = None,
         chunk_iters: int | None = None,
+        update_dtype: torch.dtype | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -365,9 +381,15 @@ class CurvatureProbe:
             InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
         )
         # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
+        self.update_dtype = _check_update_dtype(update_dtype)
         self._flat = FlatBlockBuffer(
-            self._loc(self._params), self._block_of.tolist(), len(self.blocks)
+            self._loc(self._params), self._block_of.tolist(), len(self.blocks), dtype=update_dtype
         )
+        # a narrower buffer than the parameters: θ_t waits in the parameters' dtype (step only)
+        self._narrow = update_dtype is not None and any(
+            p.is_floating_point() and p.element_size() > update_dtype.itemsize for p in self._params
+        )
+        self._theta: list[Tensor] | None = None
         self._all = list(range(len(self._params)))
         self._usq = torch.zeros(len(self._params))  # ‖Δθ_t‖² per parameter (post-step hook)
         self._blocks_of = self._block_of.tolist()
@@ -457,10 +479,15 @@ class CurvatureProbe:
                 if len(have) < n:
                     self._flat.zero_()  # entries of parameters without a gradient stay 0
                 views = self._flat.views
-                torch._foreach_copy_(
-                    [views[j] for j in have] if len(have) < n else views,
-                    self._loc([self._params[j] for j in have] if len(have) < n else self._params),
+                params = self._loc(
+                    [self._params[j] for j in have] if len(have) < n else self._params
                 )
+                if self._narrow:  # θ_t in the parameters' dtype until the post-step hook
+                    self._theta = torch._foreach_mul(params, 1.0)
+                else:
+                    torch._foreach_copy_(
+                        [views[j] for j in have] if len(have) < n else views, params
+                    )
         self.overhead_seconds += time.perf_counter() - t0
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
@@ -524,7 +551,12 @@ class CurvatureProbe:
                 full = len(idx) == len(self._params)
                 views = flat.views if full else [flat.views[j] for j in idx]
                 params = self._loc(self._params if full else [self._params[j] for j in idx])
-                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
+                if self._theta is not None:  # D in the parameters' dtype, stored rounded
+                    torch._foreach_sub_(self._theta, params)
+                    torch._foreach_copy_(views, self._theta)
+                    self._theta = None
+                else:
+                    torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
                 # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
                 grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
                 if not full:  # entries outside idx are 0: any tensor of the shape will do
@@ -717,6 +749,11 @@ class CurvatureProbe:
         Args:
             scales: Positive finite factors, one per block (shape ``[n_blocks]``).
         """
+        if self._narrow:
+            raise GraffConfigError(
+                f"scale_last_update rescales the applied update exactly, but this probe stores "
+                f"it in {self.update_dtype}; build it with update_dtype=None."
+            )
         if (
             scales.shape != (len(self.blocks),)
             or not bool(torch.isfinite(scales).all())
