@@ -153,7 +153,7 @@ class FlatBlockBuffer:
 
     def row_sq_norms(self) -> list[Tensor]:
         """Per-row squared norms of the buffer (float32, one tensor per group, on its device)."""
-        return [torch.linalg.vector_norm(v, dim=1).float().square_() for v in self._row_views]
+        return [_row_dot(v, v) for v in self._row_views]  # the kernel dots_with(buffer_sq) uses
 
     def param_totals(self, per_row: Sequence[Tensor]) -> Tensor:
         """``[k, n_params]`` (float32, CPU): ``k`` per-row quantities summed per parameter.
