@@ -47,6 +47,13 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
     return (x.float() * y.float()).sum(1)
 
 
+def _row_sq(x: Tensor) -> Tensor:
+    """Row-wise squared norms of a ``[rows, chunk]`` tensor, float32 (no temporary copy)."""
+    if x.dtype in _WIDE:
+        return torch.linalg.vector_norm(x, dim=1).float().square_()
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).square_()
+
+
 class FlatBlockBuffer:
     """Flat storage for ``params`` (grouped by device and dtype) with per-parameter/block sums.
 
@@ -140,20 +147,26 @@ class FlatBlockBuffer:
         ):
             parts = []
             for seg, (first, end) in zip(plan, bounds, strict=True):
-                t = _flatten_dense_tensors([tensors[x] if isinstance(x, int) else x for x in seg])
+                items = [tensors[x] if isinstance(x, int) else x for x in seg]
+                # a new tensor (never a view of the input: it is overwritten below)
+                t = torch.cat([items[0].reshape(-1)]) if len(items) == 1 else None
+                t = _flatten_dense_tensors(items) if t is None else t
                 t, x = t.view(-1, self.chunk), rows[first:end]
-                k = [_row_dot(t, x)]
-                if self_dot:
-                    k.append(_row_dot(t, t))
+                k = [_row_sq(t)] if self_dot else []
                 if buffer_sq:
-                    k.append(_row_dot(x, x))
+                    k.append(_row_sq(x))
+                # ⟨t, x⟩ last: t ← t ⊙ x in place (no product temporary), then row sums
+                if t.dtype in _WIDE and t.dtype == x.dtype:
+                    k.insert(0, t.mul_(x).sum(1, dtype=torch.float32))
+                else:
+                    k.insert(0, _row_dot(t, x))
                 parts.append(torch.stack(k))
             out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
         return out
 
     def row_sq_norms(self) -> list[Tensor]:
         """Per-row squared norms of the buffer (float32, one tensor per group, on its device)."""
-        return [_row_dot(v, v) for v in self._row_views]  # the kernel dots_with(buffer_sq) uses
+        return [_row_sq(v) for v in self._row_views]  # the kernel dots_with(buffer_sq) uses
 
     def param_totals(self, per_row: Sequence[Tensor]) -> Tensor:
         """``[k, n_params]`` (float32, CPU): ``k`` per-row quantities summed per parameter.
