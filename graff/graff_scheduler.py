@@ -15,10 +15,11 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   the last 20 % of the budget — "WSD");
 - :math:`\\sigma_t` is the *peak-LR calibration* (:class:`graff._graff_state.PeakCalibrator`):
   during the first ``search_fraction`` of the budget it rises geometrically toward ``peak_max``,
-  but only up to ``c / (search_headroom · λ̂)`` (an eighth of the stability limit: the sharpness
-  grows during training); the first sign of instability (loss rising above its best fast
-  average, a non-finite loss, or the secant tripwire) returns it to the best level seen, or,
-  when the user's LR itself is too high, sets it to the LR just reached divided by ``backoff``.
+  but only up to ``c / (search_headroom · λ̂)`` (a quarter of the stability limit for
+  adaptive optimizers, an eighth otherwise: the sharpness grows during training); the first sign of
+  instability (loss rising above its best fast average, a non-finite loss, or the secant
+  tripwire) returns it to the best level seen, or, when the user's LR itself is too high, sets
+  it to the LR just reached divided by ``backoff``.
   Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
   peak LR the user did not tune (the biggest lever measured in the feasibility study), and why
   decreases come from the guard and instability, not from a greedy signal;
@@ -68,6 +69,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from graff._graff_state import LossTracker, PeakCalibrator, StatsWindow
+from graff._refresh_budget import RefreshBudget
 from graff._scheduler_base import BudgetedScheduler
 from graff._validation import (
     check_in_range,
@@ -113,6 +116,28 @@ def _cold_start(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     if preconditioner_kind(optimizer) is None:
         return {}
     return {"chunk_iters": 7}
+
+
+_REFRESH_ITERS = 6  # Hessian-vector products of a λ̂ refresh the peak search asks for
+
+
+def default_headroom(optimizer: torch.optim.Optimizer) -> float:
+    r"""The peak search's default ``search_headroom``: 4 for adaptive optimizers, else 8.
+
+    The search rises only while :math:`\eta\hat\lambda \le c/\text{headroom}`, leaving room for
+    the sharpness to grow as training goes on. Under plain (momentum) SGD :math:`\lambda_{\max}
+    (H)` does not depend on the LR and grows during training (progressive sharpening), so the
+    margin is wide (8). Under Adam-type optimizers the *preconditioned* sharpness adapts to the LR
+    (adaptive edge of stability, Cohen et al. 2022): measured on the benchmark's GSM8K
+    char-level transformer with AdamW under a fixed WSD schedule, :math:`\hat\lambda \approx
+    9\cdot 10^3` at LR 1e-3 but :math:`\approx 4\cdot 10^3` at 3e-3 (the best tuned LR), so
+    :math:`\eta\hat\lambda` grows far slower than :math:`\eta` and stayed at 0.2-0.45 of the
+    threshold 38 at both; an eighth of the limit stopped the search below the user's LR there.
+    Chosen on the benchmark's quality-floor cells (3 seeds, LR × 0.1/1/10, three tasks; see
+    ``docs/concepts/graff.md``): 4 held all nine, 2 and 3 lost LoRA at × 10, 5 and 8 gave up
+    most of the char transformer's gain at × 1.
+    """
+    return 4.0 if preconditioner_kind(optimizer) is not None else 8.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +186,11 @@ class GraffScheduler(BudgetedScheduler):
         search_headroom: The search (and a positive learned residual) raise the LR above the
             prior alone only up to ``c / (search_headroom · λ̂)``, a fraction of the stability
             limit (room for the sharpness to grow during training); never lowers the user's LR.
+            ``None``: optimizer-aware (:func:`default_headroom`: 4 for Adam-type and other
+            adaptive optimizers, 8 otherwise).
+        refresh_budget: Fraction of the run's projected training time the peak search's extra
+            λ̂ refreshes may use (:class:`graff._refresh_budget.RefreshBudget`); 0 turns them off
+            (the search then holds at its ceiling).
         block_multipliers: Learn per-block multipliers of the applied update (off by default:
             on a GSM8K char-level transformer they cost 0.02–0.05 nats, as the feasibility
             study also found — per-block signals are mostly noise).
@@ -231,7 +261,8 @@ class GraffScheduler(BudgetedScheduler):
         search_fraction: float = 0.15,
         peak_max: float = 10.0,
         backoff: float = 3.0,
-        search_headroom: float = 8.0,
+        search_headroom: float | None = None,
+        refresh_budget: float = 0.1,
         block_multipliers: bool = False,
         multiplier_max: float = 2.0,
         residual_max: float = 1.25,
@@ -272,8 +303,13 @@ class GraffScheduler(BudgetedScheduler):
             ),
             peak_max=check_in_range("peak_max", peak_max, 1.0, 1e4),
             backoff=check_in_range("backoff", backoff, 1.0, 1e3, low_open=True),
-            headroom=check_in_range("search_headroom", search_headroom, 1.0, 1e3),
+            headroom=(
+                default_headroom(optimizer)
+                if search_headroom is None
+                else check_in_range("search_headroom", search_headroom, 1.0, 1e3)
+            ),
         )
+        self.refreshes = RefreshBudget(check_in_range("refresh_budget", refresh_budget, 0.0, 1.0))
         self.losses = LossTracker()
         self.entropies = LossTracker()
         self.guard_activations = 0  # steps where the guard bound the LR
@@ -337,6 +373,7 @@ class GraffScheduler(BudgetedScheduler):
         return self.prior(fraction_used) if self.prior is not None else 1.0
 
     def _plan(self, loss: float | None) -> list[float]:
+        self.refreshes.tick()
         u = self.budget.fraction_used
         self._apply_multipliers()
         self._window.add(self.curvature.last)
@@ -449,16 +486,27 @@ class GraffScheduler(BudgetedScheduler):
         if bound is None or not (self.guard and self.curvature.hvp and self.calibrator.enabled):
             return bound
         stale = (self.calibrator.capped and self.calibrator.searching) or bound < log_prior
-        if not (stale and self.calibrator.refresh_due()):
+        if not (stale and self.calibrator.refresh_due() and self._refresh_affordable()):
             return bound
+        t0 = time.perf_counter()
         try:
-            # As many iterations as the first estimate: a 3-step warm-started refresh can land
-            # far below λ_max (measured: 1.9 after 468 on the char transformer), which would
-            # lift the ceiling the refresh is meant to check.
-            self.curvature.estimate_lambda_max(self.curvature.initial_iters)
+            # Warm-started from the last eigenvector: 6 products came within 1.5x of 20 from a
+            # fresh start (char transformer, AdamW, steps 20-80) at a third of the cost.
+            self.curvature.estimate_lambda_max(_REFRESH_ITERS)
         except ProbeError:
             return bound
+        finally:
+            self.refreshes.charge(time.perf_counter() - t0)
         return self._guard_log_bound()
+
+    def _refresh_affordable(self) -> bool:
+        """Whether the refresh budget allows one more extra λ̂ refresh (rank 0 decides)."""
+        spent = self.curvature.overhead_seconds
+        ok = self.refreshes.affordable(spent, spent, self.budget.fraction_used)
+        sync = self.curvature.sync
+        if sync is not None:  # timings differ between ranks; every rank must agree
+            ok = sync.from_rank0(1.0 if ok else 0.0) > 0.5
+        return ok
 
     def _unstable(self, loss: float | None, bound: float | None, u: float) -> bool:
         """Loss- or secant-based sign of instability (drives the peak-LR back-off).
@@ -556,6 +604,7 @@ class GraffScheduler(BudgetedScheduler):
             "multipliers": self._multipliers.clone(),
             "log_factor": self._log_factor,
             "calibrator": self.calibrator.state_dict(),
+            "refresh_budget": self.refreshes.state_dict(),
             "window": self._window.state_dict(),
             "steps_since_plan": self._steps_since_plan,
             "losses": self.losses.state_dict(),
@@ -625,6 +674,8 @@ class GraffScheduler(BudgetedScheduler):
                 )
         if not bool((extra["multipliers"] > 0).all()):
             raise CheckpointError("GraffScheduler state has non-positive block multipliers.")
+        if "refresh_budget" in extra:  # absent from states saved before graff 0.2
+            RefreshBudget(0.0).load_state_dict(extra["refresh_budget"])
 
     def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"planner_optimizer": self.planner_optimizer}
@@ -643,6 +694,8 @@ class GraffScheduler(BudgetedScheduler):
         self._decoded = self._multiplier_tuple = None
         self._log_factor = float(extra["log_factor"])
         self.calibrator.load_state_dict(extra["calibrator"])
+        if "refresh_budget" in extra:
+            self.refreshes.load_state_dict(extra["refresh_budget"])
         self._window.load_state_dict(extra["window"])
         self._steps_since_plan = int(extra["steps_since_plan"])
         self.losses.load_state_dict(extra["losses"])

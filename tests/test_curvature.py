@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
@@ -468,3 +470,21 @@ def test_no_scheduled_estimate_before_start_step_for_preconditioned_optimizers()
     assert CurvatureProbe(torch.optim.SGD([p], lr=0.1), loss_fn=lambda: p.sum()).start_step == 0
     with pytest.raises(ValueError, match="start_step"):
         CurvatureProbe(opt, loss_fn=lambda: p.sum(), start_step=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_equal_and_opposite_top_eigenvalues_do_not_stall_the_estimate(seed: int) -> None:
+    """Eigenvalues +10 and −10: plain power iteration swings between the two eigenvectors and its
+    Rayleigh quotient stays wherever the start vector's mix puts it (anything in [−10, 10])."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    eigs = 3.0 * torch.rand(12, generator=g, dtype=torch.float64)
+    eigs[0], eigs[1] = 10.0, -10.0
+    a = q @ torch.diag(eigs) @ q.T
+    x = nn.Parameter(torch.randn(12, dtype=torch.float64))
+    probe = CurvatureProbe(
+        torch.optim.SGD([x], lr=0.01), loss_fn=lambda: quadratic(a, x), seed=seed
+    )
+    lam = probe.estimate_lambda_max()
+    assert 0.9 * 10.0 <= lam <= 10.0 * (1 + 1e-5)

@@ -243,3 +243,59 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -
         if lam is not None:
             assert sched.get_last_lr()[0] * lam <= sched._guard_c / 4.0 * (1 + 1e-6)
     assert sched.calibrator.log_peak > math.log(5.0)  # it did rise, up to the ceiling
+
+
+def test_default_headroom_is_optimizer_aware() -> None:
+    from graff.graff_scheduler import default_headroom
+
+    p = nn.Parameter(torch.zeros(2))
+    assert default_headroom(torch.optim.AdamW([p])) == 4.0
+    assert default_headroom(torch.optim.RMSprop([p])) == 4.0
+    assert default_headroom(torch.optim.SGD([p], lr=0.1)) == 8.0
+    sched = GraffScheduler(torch.optim.AdamW([p]), budget=10, warm_start=None)
+    assert sched.calibrator.log_headroom == pytest.approx(math.log(4.0))
+
+
+def test_refresh_budget_allows_a_fraction_of_the_projected_run(monkeypatch) -> None:
+    """S + c ≤ f · (T − T_probe) / u, closed form on a fake clock."""
+    from graff import _refresh_budget
+
+    now = [100.0]
+    monkeypatch.setattr(_refresh_budget.time, "perf_counter", lambda: now[0])
+    budget = _refresh_budget.RefreshBudget(0.1)
+    budget.tick()  # starts at t = 100
+    now[0] = 110.0
+    budget.tick()  # 10 s elapsed, 4 of them in the probe: 6 s training at u = 0.2 -> 30 s run
+    assert budget.affordable(first_cost=3.0, probe_seconds=4.0, fraction_used=0.2)  # 3 <= 3
+    assert not budget.affordable(first_cost=3.01, probe_seconds=4.0, fraction_used=0.2)
+    budget.charge(2.5)  # the last refresh's cost is the next guess: 2.5 + 2.5 > 3
+    assert not budget.affordable(first_cost=0.0, probe_seconds=4.0, fraction_used=0.2)
+    assert budget.affordable(first_cost=0.0, probe_seconds=4.0, fraction_used=0.1)  # 60 s run
+    assert not budget.affordable(first_cost=0.0, probe_seconds=4.0, fraction_used=0.0)
+    state = budget.state_dict()
+    resumed = _refresh_budget.RefreshBudget(0.1)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    now[0] = 500.0
+    resumed.tick()  # the clock restarts at the first tick after a resume: no time lost or added
+    assert resumed.elapsed == pytest.approx(10.0)
+    assert _refresh_budget.RefreshBudget(0.0).affordable(0.0, 0.0, 0.5) is False
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"spent": -1.0, "count": 0, "last_cost": None, "elapsed": 1.0},
+        {"spent": 1.0, "count": 0, "last_cost": float("nan"), "elapsed": 1.0},
+        {"spent": 1.0, "count": -2, "last_cost": None, "elapsed": 1.0},
+        {"spent": 1.0, "count": 0, "last_cost": None},
+        {"spent": "x", "count": 0, "last_cost": None, "elapsed": 1.0},
+    ],
+)
+def test_refresh_budget_rejects_bad_state(state: dict) -> None:
+    from graff._refresh_budget import RefreshBudget
+    from graff.errors import CheckpointError
+
+    budget = RefreshBudget(0.1)
+    with pytest.raises(CheckpointError, match="refresh-budget"):
+        budget.load_state_dict(state)

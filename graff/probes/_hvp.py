@@ -79,7 +79,9 @@ def power_iteration(
     iters: int,
     scale: Sequence[Tensor] | None = None,
     shift: float = 0.0,
-) -> tuple[float, list[Tensor]]:
+    *,
+    return_norm: bool = False,
+) -> tuple[float, list[Tensor]] | tuple[float, list[Tensor], float]:
     """Top eigenpair of ``M = D H D`` (``D = diag(scale)``, identity if None) by power iteration.
 
     Each iteration forms :math:`w = M v` from the normalised iterate :math:`v`, records the
@@ -95,14 +97,18 @@ def power_iteration(
         shift: Iterate on ``M − shift·I`` instead; with ``shift`` a negative eigenvalue of
             ``M`` this finds the top (most positive) eigenvalue, ``λ + shift`` is returned.
 
+        return_norm: Also return :math:`\\lVert (M - \\text{shift}\\,I) v\\rVert` of the last
+            product, which tends to the largest ``|eigenvalue − shift|`` from below.
+
     Returns:
         ``(λ, v)``: the last Rayleigh quotient (NaN if a product was not finite) and the last
-        normalised iterate. For ``iters`` products, ``λ`` is the quotient at iterate ``iters−1``.
+        normalised iterate (``(λ, v, ‖w‖)`` with ``return_norm``). For ``iters`` products,
+        ``λ`` is the quotient at iterate ``iters−1``.
     """
     v = [x.float() for x in v0]
     norm = math.sqrt(dot(v, v))
     if not math.isfinite(norm) or norm == 0.0:
-        return math.nan, list(v0)
+        return (math.nan, list(v0), math.nan) if return_norm else (math.nan, list(v0))
     v = torch._foreach_div(v, norm)
     lam = math.nan
     for _ in range(iters):
@@ -115,11 +121,11 @@ def power_iteration(
         lam = dot(v, w) + shift
         norm = math.sqrt(max(dot(w, w), 0.0))  # of (M − shift·I) v
         if not (math.isfinite(lam) and math.isfinite(norm)):
-            return math.nan, v
+            return (math.nan, v, math.nan) if return_norm else (math.nan, v)
         if norm == 0.0:  # v in the null space: the quotient 0 is exact for this direction
-            return lam, v
+            return (lam, v, norm) if return_norm else (lam, v)
         v = torch._foreach_div(w, norm)
-    return lam, v
+    return (lam, v, norm) if return_norm else (lam, v)
 
 
 def _detach(obj: Any) -> Any:
