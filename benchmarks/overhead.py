@@ -497,8 +497,8 @@ def main(args: Any) -> None:
     data["larger"] = measure(larger, args.larger_rounds, schedulers=LARGER_SCHEDULERS)
     data["amortised"] = amortised(
         task,
-        steps=getattr(args, "amortised_steps", AMORTISED_STEPS),
-        repeats=getattr(args, "amortised_repeats", AMORTISED_REPEATS),
+        steps=args.amortised_steps,
+        repeats=args.amortised_repeats,
     )
     (out / "overhead.json").write_text(json.dumps(sanitize({"meta": meta, **data}), indent=1))
     (out / "overhead.md").write_text(markdown(meta, data))
