@@ -98,6 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     ovh.add_argument("--rounds", type=int, default=40)
     ovh.add_argument("--larger-rounds", type=int, default=30, help="rounds of the larger config")
     ovh.add_argument("--data-dir")
+    ovh.add_argument(
+        "--amortised-steps", type=int, default=150, help="steps of each run alone (λ̂ amortised)"
+    )
+    ovh.add_argument(
+        "--amortised-repeats", type=int, default=3, help="graff/cosine run pairs (amortised λ̂)"
+    )
     ovh.set_defaults(func=_overhead)
     soak = sub.add_parser(
         "soak", help="thousands of steps of each scheduler with injected NaN steps and LR spikes"

@@ -15,6 +15,10 @@ the trainable parameters.
 Two configurations: the headline ``gsm8k_lora`` task of the suites (d 64, 2 layers, seq 160), all
 schedulers; and a larger one (d 256, 4 layers, seq 256) for AdamW + cosine, GRAFF and its probes
 alone (``prior_only``), since the ratio falls as the step grows (real steps are far longer).
+
+Third, the λ̂ estimates amortised without interleaving (:func:`amortised`): whole runs of GRAFF
+and of AdamW + cosine, each alone in the process, alternated a few times; the total CPU-time
+ratio with every estimate included, and with the cold start's estimates subtracted.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ REFERENCE = "cosine"
 SCHEDULERS = (*BASELINES, "reactor", *GRAFF_VARIANTS)
 LARGER = {"hidden": 256, "layers": 4, "prompt_chars": 96, "answer_chars": 160}
 LARGER_SCHEDULERS = ("cosine", "prior_only", "graff")
+AMORTISED = ("graff",)  # schedulers of the non-interleaved amortised measurement
+AMORTISED_STEPS = 150  # steps of each run alone (keeps the whole command under ~10 min)
+AMORTISED_REPEATS = 3  # runs of each scheduler, alternating with cosine
 
 
 class CpuMeter:
@@ -266,6 +273,126 @@ def _summarise(
     }
 
 
+class ColdStartMeter:
+    """Thread-CPU seconds of the λ̂ estimates that run before the first one is published.
+
+    Those are the cold start (``initial_iters`` products, spread over a few steps for adaptive
+    optimizers); refreshes are the estimates after it, including the ones a scheduler asks for
+    outside the ``auto`` interval.
+    """
+
+    def __init__(self) -> None:
+        self.cold: dict[int, float] = {}
+        self.refresh: dict[int, float] = {}
+        self._original: Any = None
+
+    def __enter__(self) -> ColdStartMeter:
+        original = self._original = CurvatureProbe.__dict__["_timed_estimate"]
+        cold, refresh = self.cold, self.refresh
+
+        def wrapper(probe: Any, *args: Any, **kwargs: Any) -> Any:
+            target = cold if probe.lambda_max is None else refresh
+            t0 = time.thread_time()
+            try:
+                return original(probe, *args, **kwargs)
+            finally:
+                target[id(probe)] = target.get(id(probe), 0.0) + time.thread_time() - t0
+
+        CurvatureProbe._timed_estimate = wrapper  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        CurvatureProbe._timed_estimate = self._original  # type: ignore[method-assign]
+
+
+def amortised(
+    task: LoraTask,
+    steps: int = AMORTISED_STEPS,
+    repeats: int = AMORTISED_REPEATS,
+    seed: int = 0,
+    schedulers: tuple[str, ...] = AMORTISED,
+) -> dict[str, Any]:
+    """Whole runs alone, not interleaved: each scheduler's total CPU time over ``steps`` steps.
+
+    ``repeats`` times, a fresh AdamW + cosine run of ``steps`` steps and a fresh run of each
+    scheduler, one after the other (the order alternates between repeats), each alone in the
+    process, so the probe's ``auto`` λ̂ interval sees this scheduler's own step time. Reported:
+    the median over repeats of (total thread-CPU time / cosine's in the same repeat) − 1, with
+    every λ̂ estimate included (cold start too), and with the cold start's CPU time subtracted;
+    the number of estimates and the final interval. The model is built outside the timed loop.
+    """
+    task.steps = steps
+    totals: dict[str, list[dict[str, float]]] = {name: [] for name in (REFERENCE, *schedulers)}
+    with ColdStartMeter() as meter:
+        for r in range(repeats):
+            order = [REFERENCE, *schedulers]
+            if r % 2:
+                order.reverse()
+            for name in order:
+                model = task.build(seed)
+                setup = make(name, model, 1e-3, steps, seed=seed, loss_fn=task.probe_loss_fn(model))
+                run = {"model": model, "setup": setup, "gen": torch.Generator().manual_seed(seed)}
+                wall = cpu = 0.0
+                for _ in range(steps):
+                    w, c = _timed_step(task, run)
+                    wall, cpu = wall + w, cpu + c
+                probe = getattr(setup.scheduler, "curvature", None)
+                key = id(probe)
+                totals[name].append(
+                    {
+                        "wall": wall,
+                        "cpu": cpu,
+                        "cold": meter.cold.pop(key, 0.0),
+                        "refresh": meter.refresh.pop(key, 0.0),
+                        "estimates": getattr(probe, "n_estimates", 0),
+                        "interval": getattr(probe, "interval", 0),
+                    }
+                )
+                if hasattr(setup.scheduler, "remove"):
+                    setup.scheduler.remove()
+    ref = totals[REFERENCE]
+    results = {}
+    for name in schedulers:
+        runs = totals[name]
+        incl = [x["cpu"] / c["cpu"] - 1.0 for x, c in zip(runs, ref, strict=True)]
+        excl = [(x["cpu"] - x["cold"]) / c["cpu"] - 1.0 for x, c in zip(runs, ref, strict=True)]
+        wall = [x["wall"] / c["wall"] - 1.0 for x, c in zip(runs, ref, strict=True)]
+        results[name] = {
+            "cpu_overhead_percent": float(np.median(incl) * 100),
+            "cpu_overhead_no_cold_start_percent": float(np.median(excl) * 100),
+            "wall_overhead_percent": float(np.median(wall) * 100),
+            "cold_start_cpu_s": float(np.median([x["cold"] for x in runs])),
+            "refresh_cpu_s": float(np.median([x["refresh"] for x in runs])),
+            "estimates": int(np.median([x["estimates"] for x in runs])),
+            "final_interval": int(np.median([x["interval"] for x in runs])),
+        }
+    return {
+        "results": results,
+        "steps": steps,
+        "repeats": repeats,
+        "reference_cpu_s": float(np.median([c["cpu"] for c in ref])),
+    }
+
+
+def _amortised_table(data: dict[str, Any]) -> list[str]:
+    lines = [
+        f"{data['repeats']} repeats of {data['steps']} steps, each run alone (cosine's median "
+        f"total: {data['reference_cpu_s']:.1f} s CPU).",
+        "",
+        "| scheduler | overhead (CPU, all λ̂ estimates) | overhead (CPU, cold start excluded) "
+        "| overhead (wall) | cold start (CPU s) | refreshes (CPU s) | estimates | final interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in data["results"].items():
+        lines.append(
+            f"| {name} | {r['cpu_overhead_percent']:+.1f} % | "
+            f"{r['cpu_overhead_no_cold_start_percent']:+.1f} % | {r['wall_overhead_percent']:+.1f} % "
+            f"| {r['cold_start_cpu_s']:.2f} | {r['refresh_cpu_s']:.2f} | {r['estimates']} | "
+            f"{r['final_interval']} |"
+        )
+    return lines
+
+
 def _timed_step(task: LoraTask, run: dict[str, Any]) -> tuple[float, float]:
     setup, model = run["setup"], run["model"]
     start, cpu = time.perf_counter(), time.thread_time()
@@ -336,6 +463,20 @@ def markdown(meta: dict[str, Any], data: dict[str, Any]) -> str:
         "",
         *_table(data["larger"]),
     ]
+    if "amortised" in data:
+        lines += [
+            "",
+            "## λ̂ estimates amortised, runs alone (headline task)",
+            "",
+            "Not interleaved: the interleaved table's amortised λ̂ column is inflated, because the "
+            "probe's `auto` interval sees the other schedulers' steps. Here each run is alone; "
+            "overhead = median over repeats of (total thread-CPU time of the run / AdamW + "
+            "cosine's in the same repeat) − 1, every λ̂ estimate included (the cold start and "
+            "the refreshes GraffScheduler asks for), and with the cold start's CPU time "
+            "subtracted.",
+            "",
+            *_amortised_table(data["amortised"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -354,6 +495,11 @@ def main(args: Any) -> None:
     larger = LoraTask(steps=1, pretrain_steps=20, **LARGER)
     larger.setup(data_dir)
     data["larger"] = measure(larger, args.larger_rounds, schedulers=LARGER_SCHEDULERS)
+    data["amortised"] = amortised(
+        task,
+        steps=args.amortised_steps,
+        repeats=args.amortised_repeats,
+    )
     (out / "overhead.json").write_text(json.dumps(sanitize({"meta": meta, **data}), indent=1))
     (out / "overhead.md").write_text(markdown(meta, data))
     print(markdown(meta, data))

@@ -153,9 +153,14 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         if isinstance(loss, Tensor) and loss.numel() == 1:
             # a new tensor (in-place edits of the loss must not change it), read in step() only
             # if step() gets no loss
-            value = loss.detach().float()
+            value = loss.detach()
             total = self._captured_sum
-            self._captured_sum = value.clone() if total is None else total + value
+            if total is not None:
+                self._captured_sum = total + value.float()
+            elif value.dtype == torch.float32:
+                self._captured_sum = value.clone()
+            else:
+                self._captured_sum = value.float()  # a conversion is a new tensor already
             self._captured_count += 1
 
     def _share_sync(self) -> None:

@@ -16,11 +16,10 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
 - :math:`\\sigma_t` is the *peak-LR calibration* (:class:`graff._graff_state.PeakCalibrator`):
   during the first ``search_fraction`` of the budget it rises geometrically toward ``peak_max``,
   but only up to ``c / (search_headroom · λ̂)`` (a quarter of the stability limit for
-  adaptive optimizers, an eighth otherwise: the sharpness grows during training); the first sign of
-  instability (loss rising above its best fast average, a non-finite loss, or the secant
-  tripwire) returns it to the best level seen, or, when the user's LR itself is too high, sets
-  it to the LR just reached divided by ``backoff``.
-  Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
+  adaptive optimizers, an eighth otherwise: the sharpness grows during training); the first
+  sign of instability (loss rising above its best fast average, a non-finite loss, or the
+  secant tripwire) returns it to the best level seen, or, when the user's LR itself is too
+  high, sets it to the LR just reached divided by ``backoff``. Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
   peak LR the user did not tune (the biggest lever measured in the feasibility study), and why
   decreases come from the guard and instability, not from a greedy signal;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
@@ -329,6 +328,10 @@ class GraffScheduler(BudgetedScheduler):
             seed=seed,
             # block multipliers rescale the applied update Δθ, so they need it every step
             stats_every=1 if self.block_multipliers else self.probe_every,
+            # the multipliers rescale the applied update and need it exactly; the statistics
+            # alone are sums over many entries, which one bfloat16 rounding barely moves
+            # (median relative error 3-9e-5 on the LoRA task: docs/concepts/probes.md)
+            update_dtype=None if self.block_multipliers else torch.bfloat16,
             **_cold_start(optimizer),
         )
         self.entropy_probe: EntropyProbe | None = None

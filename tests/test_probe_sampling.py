@@ -70,7 +70,95 @@ def test_flat_buffer_memory_is_one_copy_plus_padding() -> None:
     buf = FlatBlockBuffer(params, [0, 0, 1], 2, chunk=256)
     n = sum(p.numel() for p in params)
     total = sum(f.numel() for f in buf.flats)
-    assert n <= total < n + 2 * 256  # at most one chunk of padding per block
+    assert n <= total < n + 3 * 256  # less than one chunk of padding per parameter tensor
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 30), min_size=1, max_size=3), min_size=1, max_size=6),
+    chunk=st.sampled_from([1, 4, 16, 256]),
+    seed=st.integers(0, 2**16),
+)
+def test_dots_with_gives_per_parameter_dot_products(shapes, chunk, seed) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    block_of = [j % 2 for j in range(len(params))]
+    buf = FlatBlockBuffer(params, block_of, 2, chunk=chunk)
+    for view, p in zip(buf.views, params, strict=True):
+        view.copy_(p)
+    others = [torch.randn(p.shape, generator=g) for p in params]
+    per_param = buf.param_totals(buf.dots_with(others, self_dot=True, buffer_sq=True))
+    expect = torch.stack(
+        [
+            torch.stack(
+                [(p.double() * o.double()).sum() for p, o in zip(params, others, strict=True)]
+            ),
+            torch.stack([o.double().pow(2).sum() for o in others]),
+            torch.stack([p.double().pow(2).sum() for p in params]),
+        ]
+    )
+    torch.testing.assert_close(per_param.double(), expect, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- bfloat16 update buffer
+def _two_probe_run(steps: int = 12, stats_every: int = 1):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    exact = CurvatureProbe(opt, model=model, hvp=False, stats_every=stats_every)
+    narrow = CurvatureProbe(
+        opt, model=model, hvp=False, stats_every=stats_every, update_dtype=torch.bfloat16
+    )
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    pairs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if exact.last is not None:
+            pairs.append((exact.last, narrow.last))
+    return exact, narrow, pairs
+
+
+def test_bfloat16_update_buffer_is_half_the_bytes_and_close_to_exact() -> None:
+    exact, narrow, pairs = _two_probe_run()
+    nbytes = [sum(f.numel() * f.element_size() for f in p._flat.flats) for p in (exact, narrow)]
+    assert nbytes[1] * 2 == nbytes[0]
+    assert all(f.dtype == torch.bfloat16 for f in narrow._flat.flats)
+    assert narrow._theta is None  # θ_t is held only between the pre- and post-step hooks
+    assert len(pairs) == 11
+    for a, b in pairs:
+        assert a.step == b.step
+        for field in ("hypergrad", "grad_dot_update", "update_sq_norm", "grad_sq_norm"):
+            torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-2, atol=1e-9)
+        # the bf16 rounding is not nothing: the update itself differs entry by entry
+    delta = [v.float() - w for v, w in zip(narrow._flat.views, exact._flat.views, strict=True)]
+    assert any(bool(d.abs().gt(0).any()) for d in delta)
+    rel = max(
+        float((d.abs() / w.abs().clamp_min(1e-12)).max())
+        for d, w in zip(delta, exact._flat.views, strict=True)
+        if w.numel()
+    )
+    assert rel <= 2.0**-8  # one rounding to bfloat16 (8 significant bits)
+
+
+def test_bfloat16_update_buffer_refuses_to_rescale_and_bad_dtypes_raise() -> None:
+    _, narrow, _ = _two_probe_run(steps=3)
+    with pytest.raises(GraffConfigError, match="update_dtype=None"):
+        narrow.scale_last_update(torch.ones(len(narrow.blocks)))
+    p = nn.Parameter(torch.ones(3))
+    for bad in (torch.int8, "bfloat16", 16):
+        with pytest.raises(GraffConfigError, match="update_dtype"):
+            CurvatureProbe(torch.optim.SGD([p], lr=0.1), hvp=False, update_dtype=bad)
+
+
+def test_bfloat16_update_buffer_state_round_trip() -> None:
+    exact, narrow, _ = _two_probe_run(steps=4, stats_every=1)
+    state = narrow.state_dict()
+    assert all(t.dtype == torch.bfloat16 for t in state["update"].values())
+    exact.load_state_dict(state)  # a float32 probe can resume from a bfloat16 one
+    for v, w in zip(exact._flat.views, narrow._flat.views, strict=True):
+        torch.testing.assert_close(v, w.float())
 
 
 # --------------------------------------------------------------------------- subsampled stats

@@ -26,9 +26,12 @@ divergence alarm (q > 2 means the loss along the last update grew like an unstab
 bound for the guard. The guard uses :attr:`CurvatureProbe.lambda_max_safe`.
 
 Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype, in one flat
-block-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvector in int8 with a
-power-of-two scale per tensor (a quarter of a float32 copy); during an estimate, the
-double-backward graph of the probe batch and a few float32 vectors.
+parameter-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvector in int8 with
+a power-of-two scale per tensor (a quarter of a float32 copy); during a sampled step's hooks, a
+transient copy of the gradients in the buffer's layout; during an estimate, the double-backward
+graph of the probe batch and a few float32 vectors. Per sampled update the hooks run a fixed
+number of kernels whatever the number of parameters: one multi-tensor copy and subtraction, two
+concatenations of the gradients, row reductions and ``index_add`` over the rows.
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
@@ -67,7 +70,6 @@ from graff.probes._hvp import (
     make_hvp,
     power_iteration,
     quantize_int8,
-    safe_div,
 )
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
@@ -118,6 +120,54 @@ class CurvatureStats:
     grad_sq_norm: Tensor
     secant: Tensor
     secant_ratio: Tensor
+
+
+def _dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``[⟨a_j, b_j⟩]_j`` (float32, CPU): float32 products, wider inputs kept as they are."""
+    return (
+        torch.stack(
+            [
+                torch.dot(x.reshape(-1), y)
+                if x.dtype in _WIDE and y.dtype == x.dtype
+                else torch.dot(x.reshape(-1).float(), y.float())
+                for x, y in zip(a, b, strict=True)
+            ]
+        )
+        .float()
+        .cpu()
+    )
+
+
+_WIDE = (torch.float32, torch.float64)
+_F32_LIMIT = 3.4028235677973366e38  # |x| below this rounds to a finite float32
+
+
+def _derived_stats(raw: list[list[float]]) -> tuple[Tensor | None, float]:
+    """``([6, n_blocks] float32 statistics, q of the whole update)``, or ``(None, nan)``.
+
+    ``raw`` holds the block sums ``[−hyper, usq, gsq, gdu]`` (lists of ``n_blocks`` floats). Rows
+    of the result: hypergrad, ⟨g_t, Δθ_t⟩, ‖Δθ‖², ‖g‖², secant, ratio; the whole update's values
+    are the sums over blocks. The handful of divisions are done on the host in float64 (a ratio
+    is 0 where its denominator is 0), then rounded to float32 once; ``None`` if any value
+    (blocks or whole update) is not finite in float32.
+    """
+    neg_hyper, usq, gsq, gdu = ([*row, sum(row)] for row in raw)
+    hyper = [-x for x in neg_hyper]
+    curv = [h - d for h, d in zip(hyper, gdu, strict=True)]
+    secant = [c / u if u != 0 else 0.0 for c, u in zip(curv, usq, strict=True)]
+    ratio = [c / -d if d != 0 else 0.0 for c, d in zip(curv, gdu, strict=True)]
+    rows = (hyper, gdu, usq, gsq, secant, ratio)
+    if not all(-_F32_LIMIT < x < _F32_LIMIT for row in rows for x in row):  # NaN fails too
+        return None, math.nan
+    return torch.tensor([row[:-1] for row in rows], dtype=torch.float32), ratio[-1]
+
+
+def _check_update_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise GraffConfigError(
+            f"update_dtype must be None or a floating torch.dtype, got {dtype!r}."
+        )
+    return dtype
 
 
 def _check_blocks(
@@ -205,6 +255,13 @@ class CurvatureProbe:
             (``None``: all ``initial_iters`` at once). Spreads the first estimate's one long
             step over ``ceil(initial_iters / chunk_iters)`` consecutive steps (each rebuilds the
             probe graph: one forward and backward more per chunk).
+        update_dtype: Storage dtype of the buffered update Δθ (``None``: the parameters'
+            dtype, exact). ``torch.bfloat16`` halves the probe's one copy of the trainable
+            parameters: θ_t is then held in the parameters' dtype only from the pre-step to the
+            post-step hook, and Δθ_t = θ_t − θ_{t+1} is rounded once to bfloat16 (a relative
+            error of at most 2⁻⁹ per entry; the per-step statistics are sums over many entries,
+            so their error is far smaller: ``docs/concepts/probes.md``). :meth:`scale_last_update`
+            needs the exact update and raises with a lower-precision buffer.
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -246,6 +303,7 @@ class CurvatureProbe:
         stats_every: int = 1,
         max_every: int | None = None,
         chunk_iters: int | None = None,
+        update_dtype: torch.dtype | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -323,15 +381,23 @@ class CurvatureProbe:
             InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
         )
         # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
+        self.update_dtype = _check_update_dtype(update_dtype)
         self._flat = FlatBlockBuffer(
-            self._loc(self._params), self._block_of.tolist(), len(self.blocks)
+            self._loc(self._params), self._block_of.tolist(), len(self.blocks), dtype=update_dtype
         )
+        # a narrower buffer than the parameters: θ_t waits in the parameters' dtype (step only)
+        self._narrow = update_dtype is not None and any(
+            p.is_floating_point() and p.element_size() > update_dtype.itemsize for p in self._params
+        )
+        self._theta: list[Tensor] | None = None
         self._all = list(range(len(self._params)))
-        self._usq = torch.zeros(len(self.blocks))  # per-block ‖Δθ_t‖², from the post-step hook
+        self._usq = torch.zeros(len(self._params))  # ‖Δθ_t‖² per parameter (post-step hook)
+        self._blocks_of = self._block_of.tolist()
         self._valid: set[int] = set()
         self._incomplete = False  # the last update had non-finite entries (dropped)
         self._has_update = False  # the post-step hook buffered an update (a sample is due)
         self._checked = [False] * len(self._params)  # gradient layout checked (sparse)
+        self._all_checked = not self._params
         self._pending: list[int] = []
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
@@ -380,6 +446,11 @@ class CurvatureProbe:
 
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
+        sample = self.step % self.stats_every == 0
+        if not (sample or self._valid or self._has_update):  # nothing buffered, nothing to take
+            self._pending = []
+            self.overhead_seconds += time.perf_counter() - t0
+            return
         with torch.no_grad():
             grads = [p.grad for p in self._params]
             n = len(grads)
@@ -397,107 +468,115 @@ class CurvatureProbe:
                     self._record(grads, both, full)
             self._valid = set()
             self._incomplete = self._has_update = False
-            self._pending = have if have and self.step % self.stats_every == 0 else []
+            self._pending = have if have and sample else []
             if self._pending:
-                for j in have:
-                    if not self._checked[j]:  # first gradient of this parameter
-                        _reject_sparse_grad(self._params[j])
-                        self._checked[j] = True
+                if not self._all_checked:
+                    for j in have:
+                        if not self._checked[j]:  # first gradient of this parameter
+                            _reject_sparse_grad(self._params[j])
+                            self._checked[j] = True
+                    self._all_checked = all(self._checked)
                 if len(have) < n:
                     self._flat.zero_()  # entries of parameters without a gradient stay 0
                 views = self._flat.views
-                torch._foreach_copy_(
-                    [views[j] for j in have] if len(have) < n else views,
-                    self._loc([self._params[j] for j in have] if len(have) < n else self._params),
+                params = self._loc(
+                    [self._params[j] for j in have] if len(have) < n else self._params
                 )
+                if self._narrow:  # θ_t in the parameters' dtype until the post-step hook
+                    self._theta = torch._foreach_mul(params, 1.0)
+                else:
+                    torch._foreach_copy_(
+                        [views[j] for j in have] if len(have) < n else views, params
+                    )
         self.overhead_seconds += time.perf_counter() - t0
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
 
         The buffer holds ``D = −Δθ_t`` (the post-step hook skips the negation: one pass less).
-        Consumes it: ``D ← g ⊙ D`` in place, then fused block sums (see
-        :mod:`graff.probes._flat`). Drops the sample if a statistic is not finite. Under FSDP
-        the block sums are partial sums over this rank's shards, summed over the ranks in one
-        all-reduce (replicated parameters count on rank 0 only).
+        The new gradients are brought into the buffer's layout by one concatenation, then
+        ``⟨g_{t+1}, D⟩`` and ``‖g_{t+1}‖²`` per parameter are two row reductions and one
+        ``index_add`` (see :mod:`graff.probes._flat`); ``⟨g_t, Δθ_t⟩`` and ``‖Δθ_t‖²`` come from
+        the post-step hook. The parameters in ``idx`` are summed into blocks and the few ratios
+        formed on the host (float64, then rounded to float32 once).
+        Drops the sample if a statistic is not finite in float32. Under FSDP the block sums are
+        partial sums over this rank's shards, summed over the ranks in one all-reduce
+        (replicated parameters count on rank 0 only).
         """
-        flat, views = self._flat, self._flat.views
         if self._collective and self.sync is not None and self.sync.rank != 0:
             idx = [j for j in idx if bool(self._sharded[j])]
             full = False
         gs = self._loc([grads[j] for j in idx])
-        if not full:  # block sums run over the whole buffer: zero what is not in the sample
-            keep = set(idx)
-            for j in range(len(views)):
-                if j not in keep:
-                    views[j].zero_()
-        # per-parameter sums -> blocks in one index_add: rows ‖g_{t+1}‖², ⟨g_t, Δθ_t⟩
-        gnorm = torch.stack(torch._foreach_norm(gs)).float().square().cpu() if gs else None
-        per_param = torch.stack(
-            [
-                gnorm if gnorm is not None else torch.zeros(0),
-                self._gdu if full else self._gdu[idx],
-            ]
-        )
-        block_of = self._block_of if full else self._block_of[idx]
-        gsq, gdu = torch.zeros(2, len(self.blocks)).index_add_(1, block_of, per_param)
-        usq = self._usq if full else flat.block_sq_norms()
+        nb = len(self.blocks)
+        raw = [[0.0] * nb for _ in range(4)]  # −hyper, usq, gsq, gdu per block
         if gs:
-            torch._foreach_mul_(views if full else [views[j] for j in idx], gs)  # −g ⊙ Δθ_t
-        hyper = -flat.block_sums(flat.flats)
-        raw = torch.stack([hyper, gdu, usq, gsq])
+            flat = self._flat
+            # g_{t+1} in the buffer's layout (entries outside idx multiply zeros or are ignored)
+            full_grads = gs if full else list(flat.views)
+            if not full:
+                for j, g in zip(idx, gs, strict=True):
+                    full_grads[j] = g
+            rows = flat.dots_with(full_grads, self_dot=True)
+            per_param = flat.param_totals(rows)  # −⟨g_{t+1}, Δθ_t⟩, ‖g_{t+1}‖² per parameter
+            neg_h, gsq, usq, gdu = torch.cat([per_param, self._usq[None], self._gdu[None]]).tolist()
+            block_of = self._blocks_of
+            for j in idx:
+                b = block_of[j]
+                raw[0][b] += neg_h[j]
+                raw[1][b] += usq[j]
+                raw[2][b] += gsq[j]
+                raw[3][b] += gdu[j]
         if self._collective and self.sync is not None:
-            flag = torch.tensor([float(self._incomplete)])
-            packed = torch.cat([raw.reshape(-1), flag])
+            flag = [[float(self._incomplete)] * nb]
+            packed = torch.tensor(raw + flag, dtype=torch.float32).reshape(-1)
             packed = self.sync.sum_partials(packed, torch.ones(len(packed), dtype=torch.bool))
-            raw, bad = packed[:-1].view_as(raw), float(packed[-1])
-            if bad > 0:  # some rank's last update had non-finite entries
+            reduced = packed.view(5, nb).tolist()
+            raw = reduced[:4]
+            if reduced[4][0] > 0:  # some rank's last update had non-finite entries
                 self.dropped_samples += 1
                 return
-        # one pass over [n_blocks + 1] columns, the last being the global sums
-        raw = torch.cat([raw, raw.sum(1, keepdim=True)], dim=1)
-        curv = raw[0] - raw[1]
-        derived = safe_div(curv.expand(2, -1), torch.stack([raw[2], -raw[1]]))
-        stats = torch.cat([raw, derived])
-        if not bool(stats.isfinite().all()):
+        stats, q = _derived_stats(raw)
+        if stats is None:
             self.dropped_samples += 1
             return
-        self.last = CurvatureStats(self.step - 1, *stats[:, :-1].unbind(0))
-        self._window.append(float(stats[5, -1]))  # q of the whole update
+        self.last = CurvatureStats(self.step - 1, *stats.unbind(0))
+        self._window.append(q)  # q of the whole update
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         idx = self._pending
         if idx:
             with torch.no_grad():
+                flat = self._flat
                 full = len(idx) == len(self._params)
-                views = self._flat.views if full else [self._flat.views[j] for j in idx]
+                views = flat.views if full else [flat.views[j] for j in idx]
                 params = self._loc(self._params if full else [self._params[j] for j in idx])
-                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
-                self._usq = self._flat.block_sq_norms()  # while the buffer is in cache
-                flat_views = self._flat.flat_views
-                grads = self._loc([self._params[j].grad for j in idx])
-                dots = torch.stack(
-                    [
-                        torch.dot(g.reshape(-1).float(), flat_views[j].float())
-                        for g, j in zip(grads, idx, strict=True)
-                    ]
-                ).cpu()
-                dots = dots.neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
-                finite = torch.isfinite(dots)
-                # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
-                if bool(finite.all()):
+                if self._theta is not None:  # D in the parameters' dtype, stored rounded
+                    torch._foreach_sub_(self._theta, params)
+                    torch._foreach_copy_(views, self._theta)
+                    self._theta = None
+                else:
+                    torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
+                # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
+                grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
+                if not full:  # entries outside idx are 0: any tensor of the shape will do
+                    for j, g in zip(
+                        idx, self._loc([self._params[j].grad for j in idx]), strict=True
+                    ):
+                        grads[j] = g
+                rows = flat.dots_with(grads, buffer_sq=True)
+                per_param = flat.param_totals(rows)
+                per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
+                # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from
+                # it. The sum is finite only if every term is (one host read in the usual case).
+                if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
                     self._valid = set(idx)
                 else:
-                    dots = torch.where(finite, dots, 0.0)
-                    self._valid = {j for j, ok in zip(idx, finite.tolist(), strict=True) if ok}
+                    finite = torch.isfinite(per_param[0]).tolist()
+                    self._valid = {j for j in idx if finite[j]}
                     self._incomplete = True  # the next sample is then dropped
-                    self._usq = torch.where(self._usq.isfinite(), self._usq, 0.0)
-                if full:
-                    self._gdu = dots
-                else:
-                    self._gdu.zero_()
-                    self._gdu[idx] = dots
+                    per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
+                self._gdu, self._usq = per_param[0], per_param[1]
                 self._has_update = True
         self.step += 1
         self._time_step(t0)
@@ -528,11 +607,15 @@ class CurvatureProbe:
         return self.kind is None or any(self.optimizer.state.get(p) for p in self._hvp_params)
 
     def _due(self) -> bool:
-        if self.step < self.start_step or not self._ready():
+        if self.step < self.start_step or not self.hvp:
             return False
-        if self._cold_done:  # a cold start spread over steps continues on the next one
-            return True
-        return self._last_attempt is None or self.step - self._last_attempt >= self.interval
+        if not (
+            self._cold_done  # a cold start spread over steps continues on the next one
+            or self._last_attempt is None
+            or self.step - self._last_attempt >= self.interval
+        ):
+            return False
+        return self._ready()
 
     def _scheduled_estimate(self) -> None:
         """The estimate a hook runs: a refresh, the cold start, or one chunk of the cold start.
@@ -671,6 +754,11 @@ class CurvatureProbe:
         Args:
             scales: Positive finite factors, one per block (shape ``[n_blocks]``).
         """
+        if self._narrow:
+            raise GraffConfigError(
+                f"scale_last_update rescales the applied update exactly, but this probe stores "
+                f"it in {self.update_dtype}; build it with update_dtype=None."
+            )
         if (
             scales.shape != (len(self.blocks),)
             or not bool(torch.isfinite(scales).all())
@@ -803,7 +891,7 @@ class CurvatureProbe:
         with torch.no_grad():
             for j, delta in update.items():
                 self._flat.views[int(j)].copy_(delta).neg_()  # the buffer holds −Δθ
-        self._usq = self._flat.block_sq_norms()
+        self._usq = self._flat.param_totals(self._flat.row_sq_norms())[0]
         self._valid = {int(j) for j in update}
         self._gdu = gdu.clone()
         self._window.clear()

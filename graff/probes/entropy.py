@@ -62,10 +62,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
         >>> round(entropy_from_logits(torch.zeros(4)).item(), 4)  # log(4)
         1.3863
     """
-    logp = logits.float().log_softmax(dim=-1)
-    p = logp.exp()
-    zero = torch.zeros((), dtype=p.dtype, device=p.device)
-    return -torch.where(p == 0, zero, p * logp).sum(-1)  # p == 0 is False for NaN: it propagates
+    p = logits.float().softmax(dim=-1)
+    # xlogy(0, 0) = 0: entries with p = 0 contribute 0; a NaN p (NaN or +inf logits) propagates
+    return torch.special.xlogy(p, p).sum(-1).neg_()
 
 
 @dataclass(frozen=True)
@@ -400,7 +399,10 @@ class EntropyProbe:
         with torch.no_grad(), probing():
             while start < index.numel():  # chunks of bounded size; one row until vocab is known
                 rows = max(1, _CHUNK_ELEMENTS // self._vocab) if self._vocab else 1
-                logits = self._head(flat[index[start : start + rows]])
+                chunk = (
+                    index if start == 0 and rows >= index.numel() else index[start : start + rows]
+                )
+                logits = self._head(flat.index_select(0, chunk))
                 self._vocab = int(logits.shape[-1])
                 parts.append(entropy_from_logits(logits).reshape(-1))
                 start += rows
@@ -408,11 +410,13 @@ class EntropyProbe:
             ent = parts[0]
         else:
             ent = torch.cat(parts) if parts else flat.new_zeros(0, dtype=torch.float32)
-        finite = torch.isfinite(ent)
-        if bool(finite.all()):  # the usual case: no boolean-mask copies
+        total = float(ent.sum(dtype=torch.float64)) if ent.numel() else 0.0
+        if math.isfinite(total):  # the usual case (finite iff every term is): no mask copies
             self.entropies, self.token_index = ent, index
             self._dropped_index, self._shape = index[:0], shape
+            self._mean = (ent, total / ent.numel()) if ent.numel() else None
             return
+        finite = torch.isfinite(ent)
         self._dropped += int((~finite).sum())
         self.entropies, self.token_index = ent[finite], index[finite]
         self._dropped_index, self._shape = index[~finite], shape
