@@ -488,3 +488,35 @@ def test_equal_and_opposite_top_eigenvalues_do_not_stall_the_estimate(seed: int)
     )
     lam = probe.estimate_lambda_max()
     assert 0.9 * 10.0 <= lam <= 10.0 * (1 + 1e-5)
+
+
+def test_scaled_update_statistics_describe_the_update_really_applied() -> None:
+    """After scale_last_update(s) every statistic of that step refers to s·Δθ (closed form, SGD
+    on a quadratic): ⟨g_{t+1}, sΔθ⟩, ⟨g_t, sΔθ⟩, ‖sΔθ‖² and the secant along sΔθ."""
+    a, _ = spectrum_matrix(5, 20.0, 3)
+    x1 = nn.Parameter(torch.tensor([1.0, -0.5, 0.3], dtype=torch.float64))
+    x2 = nn.Parameter(torch.tensor([0.7, 0.2], dtype=torch.float64))
+    lr, scales = 0.02, torch.tensor([2.0, 0.5])
+    opt = torch.optim.SGD([x1, x2], lr=lr)
+    probe = CurvatureProbe(opt, blocks=[Block("a", (x1,)), Block("b", (x2,))], hvp=False)
+    x0 = torch.cat([x1, x2]).detach().clone()
+    for step in range(2):
+        opt.zero_grad()
+        quadratic(a, torch.cat([x1, x2])).backward()
+        opt.step()
+        if step == 0:
+            probe.scale_last_update(scales)
+    g0 = a @ x0
+    delta = -lr * g0 * torch.tensor([2.0] * 3 + [0.5] * 2, dtype=torch.float64)
+    torch.testing.assert_close(torch.cat([x1, x2]).detach(), x0 + delta - lr * (a @ (x0 + delta)))
+    g1 = a @ (x0 + delta)
+    parts = [slice(0, 3), slice(3, 5)]
+
+    def per_block(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([u[s] @ v[s] for s in parts]).float()
+
+    last = probe.last
+    torch.testing.assert_close(last.hypergrad, per_block(g1, delta))
+    torch.testing.assert_close(last.grad_dot_update, per_block(g0, delta))
+    torch.testing.assert_close(last.update_sq_norm, per_block(delta, delta))
+    torch.testing.assert_close(last.secant, per_block(a @ delta, delta) / per_block(delta, delta))

@@ -748,8 +748,8 @@ class CurvatureProbe:
 
         For an optimizer whose update is linear in the LR this is exactly a per-block LR
         multiplier applied after ``optimizer.step()`` (GraffScheduler's block multipliers). The
-        stored Δθ and ⟨g_t, Δθ_t⟩ are rescaled too, so the next hypergradient refers to the update
-        that was really applied. Call it after ``optimizer.step()`` and before the next one.
+        stored Δθ, ⟨g_t, Δθ_t⟩ and ‖Δθ_t‖² are rescaled too, so the next sample (hypergradient,
+        update norm, secant) refers to the update that was really applied. Call it after ``optimizer.step()`` and before the next one.
 
         Args:
             scales: Positive finite factors, one per block (shape ``[n_blocks]``).
@@ -776,6 +776,7 @@ class CurvatureProbe:
                     param.add_(self._flat.views[j], alpha=1.0 - f)  # D = −Δθ
                     self._flat.views[j].mul_(f)
                     self._gdu[j] *= f
+                    self._usq[j] *= f * f
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
