@@ -19,9 +19,10 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   adaptive optimizers, an eighth otherwise: the sharpness grows during training); the first
   sign of instability (loss rising above its best fast average, a non-finite loss, or the
   secant tripwire) returns it to the best level seen, or, when the user's LR itself is too
-  high, sets it to the LR just reached divided by ``backoff``. Its fallback is always 0 — the user's LR under the prior alone. This is how GRAFF finds the
-  peak LR the user did not tune (the biggest lever measured in the feasibility study), and why
-  decreases come from the guard and instability, not from a greedy signal;
+  high, sets it to the LR just reached divided by ``backoff``. Its fallback is always 0 — the
+  user's LR under the prior alone. This is how GRAFF finds the peak LR the user did not tune
+  (the biggest lever measured in the feasibility study), and why decreases come from the guard
+  and instability, not from a greedy signal;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
   ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner_net`;
 - :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
