@@ -100,6 +100,35 @@ def test_dots_with_gives_per_parameter_dot_products(shapes, chunk, seed) -> None
     torch.testing.assert_close(per_param.double(), expect, rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(1, 30), min_size=1, max_size=3), min_size=1, max_size=6),
+    chunk=st.sampled_from([1, 4, 16, 256]),
+    seed=st.integers(0, 2**16),
+    narrow=st.booleans(),
+)
+def test_gather_copies_tensors_into_the_buffer_layout(shapes, chunk, seed, narrow) -> None:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    buf = FlatBlockBuffer(
+        params,
+        [j % 3 for j in range(len(params))],
+        3,
+        chunk=chunk,
+        dtype=torch.bfloat16 if narrow else None,
+    )
+    (flat,) = buf.gather(params)
+    assert flat.dtype == torch.float32  # the tensors' dtype, whatever the buffer stores
+    assert flat.shape == buf.flats[0].shape
+    for p, v in zip(params, buf.flat_views, strict=True):
+        start = v.data_ptr() - buf.flats[0].data_ptr()
+        offset = start // buf.flats[0].element_size()
+        torch.testing.assert_close(flat[offset : offset + p.numel()], p.reshape(-1), rtol=0, atol=0)
+    assert float(flat.abs().sum()) == pytest.approx(sum(float(p.abs().sum()) for p in params))
+    flat.zero_()  # a new tensor: the parameters are not views of it
+    assert all(bool(p.ne(0).any()) for p in params if p.numel() > 0)
+
+
 # --------------------------------------------------------------------------- bfloat16 update buffer
 def _two_probe_run(steps: int = 12, stats_every: int = 1):
     torch.manual_seed(0)

@@ -120,7 +120,40 @@ class FlatBlockBuffer:
             bounds.append(offset // chunk)
             self._segment_rows.append(list(itertools.pairwise(bounds)))
         self.flat_views = [v.view(-1) for v in self.views]
+        self._pads: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}  # gather()
         self._row_views = [flat.view(-1, chunk) for flat in self.flats]
+
+    # ------------------------------------------------------------------ layout
+    def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """``tensors`` (shaped like the parameters) copied into the buffer's layout.
+
+        One new flat tensor per group, in the tensors' own dtype, padding zero: one
+        concatenation per group instead of one copy kernel per tensor. The curvature probe holds
+        θ_t this way between its hooks when the buffer is narrower than the parameters.
+        """
+        out = []
+        for plan in self._plans:
+            items: list[Tensor] = []
+            for seg in plan:
+                for x in seg:
+                    if isinstance(x, int):
+                        items.append(tensors[x])
+                    else:  # a padding tensor: zeros of the tensors' dtype
+                        items.append(self._zeros(x.numel(), items[-1]))
+            # a new tensor, never a view of the input (callers update it in place)
+            out.append(
+                _flatten_dense_tensors(items)
+                if len(items) > 1
+                else torch.cat([items[0].reshape(-1)])
+            )
+        return out
+
+    def _zeros(self, n: int, like: Tensor) -> Tensor:
+        key = (n, like.dtype, like.device)
+        pad = self._pads.get(key)
+        if pad is None:
+            pad = self._pads[key] = torch.zeros(n, dtype=like.dtype, device=like.device)
+        return pad
 
     # ------------------------------------------------------------------ row reductions
     def dots_with(
@@ -155,8 +188,9 @@ class FlatBlockBuffer:
                 k = [_row_sq(t)] if self_dot else []
                 if buffer_sq:
                     k.append(_row_sq(x))
-                # ⟨t, x⟩ last: t ← t ⊙ x in place (no product temporary), then row sums
-                if t.dtype in _WIDE and t.dtype == x.dtype:
+                # ⟨t, x⟩ last: t ← t ⊙ x in place (no product temporary; a narrower buffer is
+                # promoted to t's dtype inside the kernel), then row sums
+                if t.dtype in _WIDE and x.dtype.itemsize <= t.dtype.itemsize:
                     k.insert(0, t.mul_(x).sum(1, dtype=torch.float32))
                 else:
                     k.insert(0, _row_dot(t, x))

@@ -476,15 +476,15 @@ class CurvatureProbe:
                             _reject_sparse_grad(self._params[j])
                             self._checked[j] = True
                     self._all_checked = all(self._checked)
-                if len(have) < n:
-                    self._flat.zero_()  # entries of parameters without a gradient stay 0
-                views = self._flat.views
-                params = self._loc(
-                    [self._params[j] for j in have] if len(have) < n else self._params
-                )
-                if self._narrow:  # θ_t in the parameters' dtype until the post-step hook
-                    self._theta = torch._foreach_mul(params, 1.0)
+                if self._narrow:  # θ_t in the parameters' dtype, buffer layout, until post-step
+                    self._theta = self._flat.gather(self._loc(self._params))
                 else:
+                    if len(have) < n:
+                        self._flat.zero_()  # entries of parameters without a gradient stay 0
+                    views = self._flat.views
+                    params = self._loc(
+                        [self._params[j] for j in have] if len(have) < n else self._params
+                    )
                     torch._foreach_copy_(
                         [views[j] for j in have] if len(have) < n else views, params
                     )
@@ -549,13 +549,14 @@ class CurvatureProbe:
             with torch.no_grad():
                 flat = self._flat
                 full = len(idx) == len(self._params)
-                views = flat.views if full else [flat.views[j] for j in idx]
-                params = self._loc(self._params if full else [self._params[j] for j in idx])
                 if self._theta is not None:  # D in the parameters' dtype, stored rounded
-                    torch._foreach_sub_(self._theta, params)
-                    torch._foreach_copy_(views, self._theta)
+                    now = flat.gather(self._loc(self._params))
+                    for buffer, before, after in zip(flat.flats, self._theta, now, strict=True):
+                        buffer.copy_(before.sub_(after))  # outside idx: ignored by the sums
                     self._theta = None
                 else:
+                    views = flat.views if full else [flat.views[j] for j in idx]
+                    params = self._loc(self._params if full else [self._params[j] for j in idx])
                     torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
                 # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
                 grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
