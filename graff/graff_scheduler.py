@@ -209,7 +209,11 @@ class GraffScheduler(BudgetedScheduler):
             hypergradient/secant statistics (``stats_every``) and the entropy probe's logit lens
             (``every``); between samples their hooks only count. The planner's window features
             are ratios of sums and means over the sampled steps, so a fixed stride estimates
-            them without bias at ``1/probe_every`` of the cost; 1 samples every step.
+            them without bias at ``1/probe_every`` of the cost; 1 samples every step. The
+            default 10 (= ``plan_every``: one sample per planning window) keeps the probes'
+            share of a 75 ms CPU step near 0.3 %; on the benchmark's nine floor cells it
+            matched ``probe_every=2`` (``docs/concepts/graff.md``). Keep it ≤ ``plan_every``,
+            or some windows hold no sample (the planner then skips that online update).
         entropy: Use the entropy probe when a model is given.
         warm_start: ``"default"`` (the planner shipped with graff, meta-trained offline by
             ``python -m graff.pretrain``), the path of a planner saved by :meth:`save_planner`,
@@ -270,7 +274,7 @@ class GraffScheduler(BudgetedScheduler):
         guard_c: float | None = None,
         curvature_every: int | str = "auto",
         plan_every: int = 10,
-        probe_every: int = 2,
+        probe_every: int = 10,
         entropy: bool = True,
         warm_start: str | Path | None = "default",
         lr_min_factor: float = 1e-3,
@@ -523,28 +527,39 @@ class GraffScheduler(BudgetedScheduler):
             return True  # a non-finite loss: back off
         if self.losses.rising(tolerance=0.05 if self.calibrator.watching(u) else 0.5):
             return True
+        if bound is not None:  # λ̂ is known: the guard, not the secant, watches stability
+            return False
         tripwire = self.curvature.tripwire
-        if bound is None and tripwire is not None and tripwire > 2.0:
+        if tripwire is not None and tripwire > 2.0:
             return self.losses.rising(tolerance=0.05)  # q > 2 alone is common under momentum
         return False
 
     # -------------------------------------------------------------- features
     def _features(self, stats: Any, u: float) -> Tensor:
-        n = len(self.blocks)
-        x = torch.zeros(n, len(FEATURE_NAMES))
-        x[:, 0] = (1.0 - u) if self.budget_feature else 0.0
-        x[:, 1] = self._log_factor / math.log(10.0)
-        x[:, 2] = self.losses.trend()
+        entropy = self.entropy_probe is not None
+        shared = [  # the features every node shares, in FEATURE_NAMES order (3-5 per block)
+            (1.0 - u) if self.budget_feature else 0.0,
+            self._log_factor / math.log(10.0),
+            self.losses.trend(),
+            0.0,
+            0.0,
+            0.0,
+            (self.entropies.fast if self.entropies.count else 0.0) if entropy else 0.0,
+            self.entropies.trend() if entropy else 0.0,
+            self._stability_usage(),
+            1.0 if self.calibrator.searching else 0.0,
+        ]
+        x = torch.tensor(shared, dtype=torch.float32).repeat(len(self.blocks), 1)
         if stats is not None:
-            x[:, 3] = _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm)
-            x[:, 4] = torch.tanh(stats.secant_ratio / 2.0)
             usq = stats.update_sq_norm.clamp_min(1e-30)
-            x[:, 5] = torch.tanh(0.25 * torch.log(usq / usq.mean()))
-        if self.entropy_probe is not None:
-            x[:, 6] = self.entropies.fast if self.entropies.count else 0.0
-            x[:, 7] = self.entropies.trend()
-        x[:, 8] = self._stability_usage()
-        x[:, 9] = 1.0 if self.calibrator.searching else 0.0
+            x[:, 3:6] = torch.stack(
+                [
+                    _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm),
+                    torch.tanh(stats.secant_ratio / 2.0),
+                    torch.tanh(0.25 * torch.log(usq / usq.mean())),
+                ],
+                dim=1,
+            )
         return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
 
     def _stability_usage(self) -> float:
