@@ -228,6 +228,46 @@ def test_calibrate_false_is_the_prior_alone() -> None:
 
 
 # ----------------------------------------------------------------- learning
+def test_online_update_through_the_kept_graph_equals_re_running_the_encoder() -> None:
+    # The online update backpropagates through the planning forward pass it keeps; re-running
+    # the encoder (what a resumed run does, and what happens after an edit of the weights) must
+    # give bit-identical planner weights and LRs.
+    runs = []
+    for forget in (False, True):
+        model, x, y = _regression()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = GraffScheduler(
+            opt, budget=graff.BudgetClock(steps=40), plan_every=3, probe_every=1, seed=1
+        )
+        if forget:
+            original = sched._learn
+
+            def learn(stats, _original=original, _sched=sched):
+                _sched._pending_graph = None  # force the re-run
+                return _original(stats)
+
+            sched._learn = learn
+        lrs = _train(sched, model, x, y, 40)
+        runs.append((lrs, [p.detach().clone() for p in sched.planner.parameters()], sched))
+    (lrs_kept, w_kept, kept), (lrs_rerun, w_rerun, _) = runs
+    assert kept.planner_updates >= 10
+    assert lrs_kept == lrs_rerun
+    assert all(torch.equal(a, b) for a, b in zip(w_kept, w_rerun, strict=True))
+
+
+def test_an_edit_of_the_encoder_weights_drops_the_kept_graph() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), plan_every=2, probe_every=1)
+    _train(sched, model, x, y, 5)
+    assert sched._pending_graph is not None
+    with torch.no_grad():
+        sched.planner.encode.weight.mul_(0.5)  # e.g. a user loading other weights in place
+    _train(sched, model, x, y, 5)  # no "modified by an inplace operation" error from autograd
+    assert sched.planner_updates > 0
+    assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
+
+
 def test_online_learning_updates_the_planner_and_frozen_does_not() -> None:
     model, x, y = _regression()
     for online in (True, False):
