@@ -30,8 +30,10 @@ parameter-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvec
 a power-of-two scale per tensor (a quarter of a float32 copy); during a sampled step's hooks, a
 transient copy of the gradients in the buffer's layout; during an estimate, the double-backward
 graph of the probe batch and a few float32 vectors. Per sampled update the hooks run a fixed
-number of kernels whatever the number of parameters: one multi-tensor copy and subtraction, two
-concatenations of the gradients, row reductions and ``index_add`` over the rows.
+number of kernels whatever the number of parameters: a copy of θ_t and a subtraction (with a
+narrower buffer, θ_t and θ_{t+1} are gathered into the buffer's flat layout by one concatenation
+each, and Δθ is rounded into the buffer by one cast), two concatenations of the gradients, row
+reductions and ``index_add`` over the rows.
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
