@@ -74,13 +74,16 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self.seconds: dict[tuple[int, str], float] = {}
+        #: per wrapped method, λ̂ estimates excluded: {(id(obj), "Class.method"): seconds}
+        self.parts: dict[tuple[int, str], float] = {}
         self._saved: list[tuple[type, str, Any]] = []
+        self._active: list[tuple[int, str]] = []  # the wrapped calls running now, outermost first
 
     def __enter__(self) -> CpuMeter:
         for cls, name, kind in self.TARGETS:
             original = cls.__dict__[name]
             self._saved.append((cls, name, original))
-            setattr(cls, name, self._wrap(original, kind))
+            setattr(cls, name, self._wrap(original, kind, f"{cls.__name__}.{name}"))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -88,25 +91,50 @@ class CpuMeter:
             setattr(cls, name, original)
         self._saved.clear()
 
-    def _wrap(self, fn: Any, kind: str) -> Any:
-        seconds = self.seconds
+    def _wrap(self, fn: Any, kind: str, label: str) -> Any:
+        seconds, parts, active = self.seconds, self.parts, self._active
 
         def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
             t0 = time.thread_time()
+            active.append((id(obj), label))
             try:
                 return fn(obj, *args, **kwargs)
             finally:
+                active.pop()
+                spent = time.thread_time() - t0
                 key = (id(obj), kind)
-                seconds[key] = seconds.get(key, 0.0) + time.thread_time() - t0
+                seconds[key] = seconds.get(key, 0.0) + spent
+                if kind == "estimate":  # not a per-step cost of the part it ran inside
+                    for outer in active:
+                        parts[outer] = parts.get(outer, 0.0) - spent
+                else:
+                    parts[(id(obj), label)] = parts.get((id(obj), label), 0.0) + spent
 
         return wrapper
 
-    def of(self, scheduler: Any) -> tuple[float, float]:
-        """(seconds in hooks and step() without estimates, seconds in λ̂ estimates)."""
+    def parts_of(self, scheduler: Any) -> dict[str, float]:
+        """Seconds per wrapped method of ``scheduler`` and its probes, estimates excluded.
+
+        Nested calls count in each enclosing method too (``step()`` includes what it calls).
+        """
+        ids = {id(o) for o in self._objects(scheduler)}
+        out: dict[str, float] = {}
+        for (obj, label), value in self.parts.items():
+            if obj in ids:
+                out[label] = out.get(label, 0.0) + value
+        return out
+
+    @staticmethod
+    def _objects(scheduler: Any) -> list[Any]:
         objs = [scheduler]
         for attr in ("curvature", "curvature_probe", "entropy_probe"):
             if getattr(scheduler, attr, None) is not None:
                 objs.append(getattr(scheduler, attr))
+        return objs
+
+    def of(self, scheduler: Any) -> tuple[float, float]:
+        """(seconds in hooks and step() without estimates, seconds in λ̂ estimates)."""
+        objs = self._objects(scheduler)
         hooks = sum(self.seconds.get((id(o), "hooks"), 0.0) for o in objs)
         estimate = sum(self.seconds.get((id(o), "estimate"), 0.0) for o in objs)
         return hooks - estimate, estimate  # estimates run inside the post-step hook
@@ -210,6 +238,7 @@ def _interleave(
                 run["cpu"].append(cpu)
             if r == warmup - 1 and run["setup"].scheduler is not None:
                 run["meter_start"] = meter.of(run["setup"].scheduler)
+                run["parts_start"] = meter.parts_of(run["setup"].scheduler)
             if r >= warmup and (r - warmup) % 10 == 0:
                 excl = _exclusions(run["model"], run["setup"].optimizer)
                 run["bytes"] = max(run["bytes"], held_tensor_bytes(run["setup"].scheduler, excl))
@@ -250,6 +279,11 @@ def _summarise(
         if sched is not None and "meter_start" in run:
             hooks, estimate = meter.of(sched)
             hooks0, estimate0 = run["meter_start"]
+            start = run["parts_start"]
+            results[name]["direct_parts_us"] = {
+                label: (value - start.get(label, 0.0)) / rounds * 1e6
+                for label, value in sorted(meter.parts_of(sched).items())
+            }
             ref_cpu_median = float(np.median(ref_cpu))
             results[name]["direct_us_per_step"] = (hooks - hooks0) / rounds * 1e6
             results[name]["direct_percent"] = (hooks - hooks0) / rounds / ref_cpu_median * 100
@@ -442,6 +476,13 @@ def _table(data: dict[str, Any]) -> list[str]:
             f"(step {r['worst_step']}) | {r['held_tensor_bytes'] / 1024:.1f} | "
             f"{r['held_in_trainable_copies']:.2f} |"
         )
+    graff = data["results"].get("graff", {}).get("direct_parts_us")
+    if graff:
+        parts = ", ".join(f"`{k}` {v:.0f} µs" for k, v in graff.items() if k != "LRScheduler.step")
+        lines += [
+            "",
+            f"GRAFF's direct cost per step by part (nested: `step()` includes the planner): {parts}.",
+        ]
     for name, why in data["skipped"].items():
         lines.append(f"\n- `{name}` not measured: {why.splitlines()[0][:200]}")
     return lines
