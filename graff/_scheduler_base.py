@@ -22,9 +22,11 @@ clock — in one small all-reduce, so that every rank plans the same LR (:mod:`g
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABCMeta, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -54,7 +56,10 @@ def as_budget(budget: BudgetClock | float | int) -> BudgetClock:
 
 
 def loss_value(loss: Any) -> float | None:
-    """A float from a loss (tensor, number or HF output with ``.loss``); ``None`` if absent."""
+    """A float from a loss (tensor, NumPy array or scalar, number, or HF output with ``.loss``).
+
+    ``None`` if absent; a tensor or array with several entries gives their mean, an empty one NaN.
+    """
     if loss is None:
         return None
     if hasattr(loss, "loss") and not isinstance(loss, Tensor):
@@ -65,8 +70,10 @@ def loss_value(loss: Any) -> float | None:
         if loss.numel() == 0:
             return math.nan
         return float(loss.detach().float().mean())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
+    if isinstance(loss, np.ndarray) and loss.dtype.kind in "fiu":  # like a tensor
+        return float(loss.mean()) if loss.size else math.nan
+    if isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
+        return float(loss)  # int, float, and NumPy scalars such as np.float32
     raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 from hostile import EVENTS, LOSSES, TIME_STEPS, check_invariants, run_event, setups
@@ -342,6 +343,35 @@ def test_losses_of_the_wrong_type_are_clear_errors(loss) -> None:
     with pytest.raises(GraffTypeError, match="loss"):
         sched.step(loss)
     assert sched.state_dict()["last_epoch"] == before["last_epoch"]
+
+
+@pytest.mark.parametrize(
+    ("loss", "expect"),
+    [
+        (np.float32(1.5), 1.5),
+        (np.float64(2.0), 2.0),
+        (np.int64(3), 3.0),
+        (np.array(1.25, dtype=np.float32), 1.25),
+        (np.array([1.0, 3.0]), 2.0),
+    ],
+    ids=repr,
+)
+def test_numpy_losses_are_read_like_numbers_and_tensors(loss, expect) -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    sched = graff.GraffScheduler(opt, graff.BudgetClock(steps=5))
+    opt.step()
+    sched.step(loss)
+    assert sched.losses.count == 1
+    assert sched.losses.fast == pytest.approx(expect)
+
+
+@pytest.mark.parametrize("loss", [np.bool_(True), np.array(["1.0"])], ids=repr)
+def test_numpy_losses_that_are_not_numbers_are_clear_errors(loss) -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    sched = graff.BudgetScheduler(opt, graff.BudgetClock(steps=5))
+    opt.step()
+    with pytest.raises(GraffTypeError, match="loss"):
+        sched.step(loss)
 
 
 @pytest.mark.parametrize("shape", [(0,), (3,), (2, 2)])
