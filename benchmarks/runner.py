@@ -51,7 +51,13 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     steps, lr = task.steps, DEFAULT_LR * spec["lr_mult"]
     model = task.build(spec["seed"])
     setup = make(
-        spec["scheduler"], model, lr, steps, seed=spec["seed"], loss_fn=task.probe_loss_fn(model)
+        spec["scheduler"],
+        model,
+        lr,
+        steps,
+        seed=spec["seed"],
+        loss_fn=task.probe_loss_fn(model),
+        graff_kwargs=spec.get("graff_kwargs"),
     )
     gen = torch.Generator().manual_seed(1000 + spec["seed"])
     eval_every = max(1, steps // _EVAL_POINTS)
@@ -100,11 +106,17 @@ def run_suite(
     data_dir: str | None,
     workers: int,
     progress: bool = True,
+    graff_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish."""
+    """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish.
+
+    ``graff_kwargs`` (recorded in every result) are passed to every GRAFF variant.
+    """
     from tqdm import tqdm
 
     specs = suite.specs(seeds)
+    if graff_kwargs:
+        specs = [{**spec, "graff_kwargs": dict(graff_kwargs)} for spec in specs]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     log.write_text("")

@@ -59,12 +59,14 @@ def make(
     seed: int,
     loss_fn: Callable[[], torch.Tensor] | None = None,
     clock: BudgetClock | None = None,
+    graff_kwargs: dict[str, Any] | None = None,
 ) -> Setup:
     """Build optimizer + scheduler for variant ``name`` at base LR ``lr`` over ``steps`` steps.
 
     With ``clock`` (a wall-clock budget), cosine/linear/WSD follow ``clock.fraction_used`` and
     GRAFF/REACTOR plan against it; without, everything plans against a ``steps`` step budget.
-    Fixed LR and schedule-free (step warm-up estimate) ignore the clock.
+    Fixed LR and schedule-free (step warm-up estimate) ignore the clock. ``graff_kwargs`` are
+    extra keyword arguments for every GRAFF variant (``--graff-kwargs`` of ``benchmarks run``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "schedule_free":
@@ -96,7 +98,7 @@ def make(
     if name in GRAFF_VARIANTS:
         from graff.graff_scheduler import GraffScheduler
 
-        kwargs = dict(GRAFF_VARIANTS[name])
+        kwargs = {**GRAFF_VARIANTS[name], **(graff_kwargs or {})}
         sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
         return Setup(opt, sched, steps_with_loss=True)
     raise KeyError(f"unknown scheduler {name!r}")

@@ -1,0 +1,71 @@
+"""``benchmarks run --graff-kwargs``: extra GraffScheduler arguments reach every GRAFF variant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import runner
+from benchmarks.__main__ import _graff_kwargs
+from benchmarks.schedulers import make
+from benchmarks.tasks import DigitsTask
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{plan_every: 3}", "JSON object"),
+        ("[1, 2]", "JSON object"),
+        ('{"plan_evrey": 3}', "plan_evrey"),
+    ],
+)
+def test_bad_graff_kwargs_are_clear_errors(text: str, message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        _graff_kwargs(text)
+
+
+def test_graff_kwargs_parse_to_a_dict() -> None:
+    assert _graff_kwargs(None) == {}
+    assert _graff_kwargs('{"plan_every": 3, "probe_every": 2}') == {
+        "plan_every": 3,
+        "probe_every": 2,
+    }
+
+
+def test_make_passes_graff_kwargs_to_graff_variants_only() -> None:
+    extra = {"plan_every": 3, "probe_every": 2}
+    for name in ("graff", "graff_frozen", "prior_only"):
+        setup = make(name, nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs=extra)
+        assert (setup.scheduler.plan_every, setup.scheduler.probe_every) == (3, 2)
+        assert setup.scheduler.online is (name == "graff")  # the variant's own switch is kept
+    default = make("graff", nn.Linear(4, 2), 1e-3, 20, seed=0)
+    assert (default.scheduler.plan_every, default.scheduler.probe_every) == (10, 10)
+    cosine = make("cosine", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs=extra)
+    assert isinstance(cosine.scheduler, torch.optim.lr_scheduler.LambdaLR)
+
+
+def test_a_run_records_and_uses_its_graff_kwargs(monkeypatch) -> None:
+    task = DigitsTask(steps=6)
+    task.setup()
+    monkeypatch.setitem(runner._TASKS, task.name, task)
+    seen = {}
+    original = make
+
+    def spy(*args, **kwargs):
+        setup = original(*args, **kwargs)
+        seen["plan_every"] = setup.scheduler.plan_every
+        return setup
+
+    monkeypatch.setattr(runner, "make", spy)
+    spec = {
+        "task": task.name,
+        "scheduler": "graff",
+        "lr_mult": 1.0,
+        "seed": 0,
+        "graff_kwargs": {"plan_every": 4},
+    }
+    result = runner.run_one(spec)
+    assert result["status"] == "ok", result.get("traceback")
+    assert result["graff_kwargs"] == {"plan_every": 4}
+    assert seen["plan_every"] == 4
