@@ -289,16 +289,11 @@ def _summarise(
             results[name]["direct_percent"] = (hooks - hooks0) / rounds / ref_cpu_median * 100
             results[name]["lambda_seconds"] = estimate - estimate0
             results[name]["lambda_percent"] = (estimate - estimate0) / rounds / ref_cpu_median * 100
-    ref_step = results.get(REFERENCE, {}).get("direct_us_per_step", 0.0)
-    for name, r in results.items():
-        if "direct_us_per_step" in r and name != REFERENCE:
-            r["reference_step_us"] = ref_step  # cosine's own scheduler.step(), per step
-            r["net_us_per_step"] = r["direct_us_per_step"] - ref_step
-            r["net_percent"] = r["net_us_per_step"] / 1e6 / float(np.median(ref_cpu)) * 100
         probe = getattr(sched, "curvature", None)
         if probe is not None:
             results[name]["lambda_estimates"] = probe.n_estimates
             results[name]["lambda_interval"] = probe.interval
+    _add_net(results, float(np.median(ref_cpu)))
     return {
         "results": results,
         "skipped": skipped,
@@ -314,6 +309,16 @@ def _summarise(
             "rank": task.rank,
         },
     }
+
+
+def _add_net(results: dict[str, dict[str, Any]], ref_cpu_median: float) -> None:
+    """Direct cost net of the reference's own ``scheduler.step()`` (which GRAFF replaces)."""
+    ref_step = results.get(REFERENCE, {}).get("direct_us_per_step", 0.0)
+    for name, r in results.items():
+        if "direct_us_per_step" in r and name != REFERENCE:
+            r["reference_step_us"] = ref_step  # cosine's own scheduler.step(), per step
+            r["net_us_per_step"] = r["direct_us_per_step"] - ref_step
+            r["net_percent"] = r["net_us_per_step"] / 1e6 / ref_cpu_median * 100
 
 
 class ColdStartMeter:
