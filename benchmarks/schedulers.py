@@ -66,7 +66,9 @@ def make(
     With ``clock`` (a wall-clock budget), cosine/linear/WSD follow ``clock.fraction_used`` and
     GRAFF/REACTOR plan against it; without, everything plans against a ``steps`` step budget.
     Fixed LR and schedule-free (step warm-up estimate) ignore the clock. ``graff_kwargs`` are
-    extra keyword arguments for every GRAFF variant (``--graff-kwargs`` of ``benchmarks run``).
+    extra keyword arguments for every GRAFF variant (``--graff-kwargs`` of ``benchmarks run``);
+    a variant's own switches win (``prior_only`` and ``graff_fresh`` keep ``warm_start=None``,
+    ``graff_frozen`` keeps ``online=False``, ...), so each stays the ablation it names.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "schedule_free":
@@ -98,7 +100,7 @@ def make(
     if name in GRAFF_VARIANTS:
         from graff.graff_scheduler import GraffScheduler
 
-        kwargs = {**GRAFF_VARIANTS[name], **(graff_kwargs or {})}
+        kwargs = {**(graff_kwargs or {}), **GRAFF_VARIANTS[name]}  # the variant's switches win
         sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
         return Setup(opt, sched, steps_with_loss=True)
     raise KeyError(f"unknown scheduler {name!r}")

@@ -41,6 +41,11 @@ def test_make_passes_graff_kwargs_to_graff_variants_only() -> None:
         assert setup.scheduler.online is (name == "graff")  # the variant's own switch is kept
     default = make("graff", nn.Linear(4, 2), 1e-3, 20, seed=0)
     assert (default.scheduler.plan_every, default.scheduler.probe_every) == (10, 10)
+    # a variant's own switches win over the extra arguments: each stays its ablation
+    frozen = make("graff_frozen", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs={"online": True})
+    assert frozen.scheduler.online is False
+    graff = make("graff", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs={"online": False})
+    assert graff.scheduler.online is False
     cosine = make("cosine", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs=extra)
     assert isinstance(cosine.scheduler, torch.optim.lr_scheduler.LambdaLR)
 
