@@ -610,6 +610,13 @@ class GraffScheduler(BudgetedScheduler):
         self.planner_optimizer.step()
         self.planner_updates += 1
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles drop the kept planning graph (an autograd graph cannot be copied);
+        a copy's next online update re-runs the encoder. Checkpoint with :meth:`state_dict`."""
+        state = self.__dict__.copy()
+        state["_pending_graph"] = None
+        return state
+
     def _encoder_version(self) -> int:
         """Sum of the encoder weights' in-place version counters (changes when they change)."""
         return sum(p._version for p in self.planner.encoder_parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -253,6 +254,25 @@ def test_online_update_through_the_kept_graph_equals_re_running_the_encoder() ->
     assert kept.planner_updates >= 10
     assert lrs_kept == lrs_rerun
     assert all(torch.equal(a, b) for a, b in zip(w_kept, w_rerun, strict=True))
+
+
+def test_deep_copying_does_not_fail_on_or_disturb_the_kept_graph() -> None:
+    # An autograd graph cannot be deep-copied: copies (and pickles) drop the kept planning graph
+    # instead of raising, and copying leaves the original's run unchanged. (Checkpoints use
+    # state_dict(), which never held the graph.)
+    runs = []
+    for copy_it in (False, True):
+        model, x, y = _regression()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), plan_every=2, probe_every=1)
+        _train(sched, model, x, y, 5)
+        assert sched._pending_graph is not None
+        if copy_it:
+            twin = copy.deepcopy(sched)
+            assert twin._pending_graph is None
+            assert sched._pending_graph is not None
+        runs.append(_train(sched, model, x, y, 6))
+    assert runs[0] == runs[1]
 
 
 def test_an_edit_of_the_encoder_weights_drops_the_kept_graph() -> None:
