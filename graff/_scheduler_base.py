@@ -142,6 +142,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         # device sync per forward pass, bounded memory however many forwards come in between)
         self._captured_sum: Tensor | None = None
         self._captured_count = 0
+        # False while step() gets its loss passed in: the forward hook then keeps nothing
+        self._capture_wanted = True
         self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
         if model is not None:
             self._handles.append(model.register_forward_hook(self._capture_loss))
@@ -154,7 +156,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._optimizer_steps += 1
 
     def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if probing_active() or not torch.is_grad_enabled():
+        if not self._capture_wanted or probing_active() or not torch.is_grad_enabled():
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.numel() == 1:
@@ -198,8 +200,12 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         Args:
             loss: The training loss of the step just taken (tensor, float or HF output). When
                 omitted, the loss captured from ``model``'s forward passes is used, if any.
+                While ``step()`` is given a loss, the forward hook keeps none (it costs nothing);
+                it resumes with the first ``step()`` that has no loss, so the step right after a
+                switch from passing losses to omitting them has no loss.
         """
         value = loss_value(loss)
+        self._capture_wanted = value is None  # the next steps' losses come from the hook
         if value is None and self._captured_sum is not None:
             value = float(self._captured_sum) / self._captured_count
         self._captured_sum, self._captured_count = None, 0

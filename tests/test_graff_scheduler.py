@@ -562,3 +562,48 @@ def test_hostile_loss_streams_keep_the_lr_finite_and_clamped(losses: list[float]
         assert 1e-2 * sched.lr_min_factor <= lr <= 1e-2 * sched.lr_max_factor
     assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
     assert torch.isfinite(sched.h).all()
+
+
+class _DictLossModel(nn.Module):
+    """A regression model whose forward returns ``{"loss": ...}`` (HF style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": ((self.lin(x) - y) ** 2).mean()}
+
+
+def test_the_forward_hook_keeps_no_loss_while_step_is_given_one() -> None:
+    torch.manual_seed(0)
+    model = _DictLossModel()
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=20), model=model, guard=False, entropy=False
+    )
+
+    def one(explicit: bool) -> None:
+        out = model(x, y)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step(out["loss"]) if explicit else sched.step()
+
+    one(explicit=False)
+    one(explicit=False)
+    assert sched.losses.count == 2  # captured from the forward pass
+    one(explicit=True)  # from now on the hook keeps nothing ...
+    model(x, y)
+    assert sched._captured_sum is None
+    one(explicit=True)
+    assert sched.losses.count == 4  # ... and the passed losses are used
+    one(explicit=False)  # a switch back: this step's forward ran while the hook kept nothing
+    assert sched.losses.count == 4
+    one(explicit=False)  # the hook captures again
+    assert sched.losses.count == 5
+    one(explicit=True)
+    sched.step(None)  # a skipped step (no optimizer step) with no loss turns capture back on
+    model(x, y)
+    assert sched._captured_sum is not None
