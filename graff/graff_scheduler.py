@@ -80,6 +80,7 @@ import torch
 from torch import Tensor, nn
 
 from graff._graff_state import LossTracker, PeakCalibrator, StatsWindow
+from graff._planner_update import PlannerUpdate
 from graff._refresh_budget import RefreshBudget
 from graff._scheduler_base import BudgetedScheduler
 from graff._validation import (
@@ -325,6 +326,11 @@ class GraffScheduler(BudgetedScheduler):
         self.last_plan: PlanRecord | None = None
         self.planner = _make_planner(warm_start, edges=self.edges, seed=seed)
         self.planner_optimizer = _planner_adam(self.planner, self.planner_lr)
+        self._update = PlannerUpdate(
+            list(self.planner.parameters()),
+            self.planner.encoder_parameters(),
+            self.planner_optimizer,
+        )
         self.curvature = CurvatureProbe(
             optimizer,
             model=model,
@@ -405,7 +411,7 @@ class GraffScheduler(BudgetedScheduler):
             self._pending, self.h = (x, self.h), h.detach()
             # the next online update backpropagates through this very forward pass (the encoder
             # does not change in between) instead of re-running it
-            self._pending_graph = (h, self._encoder_version()) if self.online else None
+            self._pending_graph = (h, self._update.encoder_version()) if self.online else None
             self._window.reset()
             self._steps_since_plan = 0
         return self._decide(u, loss, self.h, replan)
@@ -578,11 +584,10 @@ class GraffScheduler(BudgetedScheduler):
     # --------------------------------------------------------------- learning
     def _learn(self, stats: Any) -> None:
         """One Adam step of the planner on the de-biased hypergradient cosine (module docstring)."""
-        kappa_blocks = _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm)
-        kappa_global = _cosine(
-            stats.hypergrad.sum(), stats.grad_sq_norm.sum(), stats.update_sq_norm.sum()
-        )
-        kappa = torch.cat([kappa_global.reshape(1), kappa_blocks])
+        # κ of the whole model (the sums over blocks) first, then per block: one vector
+        cols = torch.stack([stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm])
+        cols = torch.cat([cols.sum(1, keepdim=True), cols], dim=1)
+        kappa = _cosine(*cols.unbind(0))
         if not bool(torch.isfinite(kappa).all()):
             self.skipped_planner_updates += 1
             return
@@ -590,25 +595,19 @@ class GraffScheduler(BudgetedScheduler):
         self._kappa_mean.mul_(0.99).add_(kappa, alpha=0.01)
         x, h_prev = self._pending
         graph, self._pending_graph = self._pending_graph, None
-        if graph is not None and graph[1] == self._encoder_version():
+        if graph is not None and graph[1] == self._update.encoder_version():
             h = graph[0]
         else:  # after a resume (graphs are not saved) or an edit of the weights: re-run it
             h = self.planner(x, h_prev, self._adjacency)
         residual, logits = self.planner.decode(h)
-        log_m = self._log_mult_max * torch.tanh(logits)
         objective = advantage[0] * residual + 1e-2 * residual.pow(2)
         if self.block_multipliers:
+            log_m = self._log_mult_max * torch.tanh(logits)
             objective = objective + (advantage[1:] * log_m).mean() + 1e-2 * log_m.pow(2).mean()
-        self.planner_optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        # The total norm is finite iff every gradient entry is: one check, then the clip.
-        total = _clip_grad_norm(self.planner.parameters(), 1.0)
-        if not bool(torch.isfinite(total)):
+        if self._update.step(objective, max_norm=1.0):
+            self.planner_updates += 1
+        else:
             self.skipped_planner_updates += 1
-            self.planner_optimizer.zero_grad(set_to_none=True)
-            return
-        self.planner_optimizer.step()
-        self.planner_updates += 1
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles drop the kept planning graph (an autograd graph cannot be copied);
@@ -616,10 +615,6 @@ class GraffScheduler(BudgetedScheduler):
         state = self.__dict__.copy()
         state["_pending_graph"] = None
         return state
-
-    def _encoder_version(self) -> int:
-        """Sum of the encoder weights' in-place version counters (changes when they change)."""
-        return sum(p._version for p in self.planner.encoder_parameters())
 
     def _apply_multipliers(self) -> None:
         """Scale each block's last applied update by its multiplier (a per-block LR)."""
@@ -757,21 +752,6 @@ class GraffScheduler(BudgetedScheduler):
         self.curvature.remove()
         if self.entropy_probe is not None:
             self.entropy_probe.remove()
-
-
-def _clip_grad_norm(params: Any, max_norm: float) -> Tensor:
-    """``nn.utils.clip_grad_norm_(params, max_norm, foreach=True)`` for one CPU dtype group.
-
-    The same arithmetic (float32 total 2-norm; gradients × min(1, max_norm / (norm + 1e-6))) in
-    three multi-tensor kernels, without torch's per-call grouping by device and dtype, which
-    costs more than the kernels for the planner's ~10 tiny tensors. Returns the total norm.
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, (max_norm / (total + 1e-6)).clamp_(max=1.0))
-    return total
 
 
 def _cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
