@@ -345,6 +345,9 @@ class GraffScheduler(BudgetedScheduler):
             # alone are sums over many entries, which one bfloat16 rounding barely moves
             # (median relative error 3-9e-5 on the LoRA task: docs/concepts/probes.md)
             update_dtype=None if self.block_multipliers else torch.bfloat16,
+            # the λ̂ refresh interval leaves the estimates what the per-step costs (probes,
+            # planner, guard: reported by step()) leave of the 1 % overhead target
+            share_step_costs=True,
             **_cold_start(optimizer),
         )
         self.entropy_probe: EntropyProbe | None = None
@@ -365,6 +368,7 @@ class GraffScheduler(BudgetedScheduler):
             self._decoded: tuple[float, Tensor] | None = None  # decoder output cached between plans
             self._multiplier_tuple: tuple[float, ...] | None = None
             self._entropy_pass: int | None = None  # the entropy probe's pass last averaged
+            self._entropy_seconds = 0.0  # the entropy probe's time already reported
             super().__init__(
                 optimizer,
                 budget,
@@ -381,6 +385,23 @@ class GraffScheduler(BudgetedScheduler):
             raise
 
     # ----------------------------------------------------------------- plan
+    def step(self, loss: Any = None) -> None:  # type: ignore[override]
+        """Plan and apply the LR for the next optimizer step (see ``BudgetedScheduler.step``).
+
+        Its own time (λ̂ refreshes excluded) and the entropy probe's since the last step are
+        reported to the curvature probe, whose ``auto`` refresh interval keeps the whole
+        overhead to one target (``CurvatureProbe(share_step_costs=True)``).
+        """
+        t0 = time.perf_counter()
+        refreshes = self.refreshes.spent
+        super().step(loss)
+        spent = time.perf_counter() - t0 - (self.refreshes.spent - refreshes)
+        probe = self.entropy_probe
+        if probe is not None:
+            spent += probe.overhead_seconds - self._entropy_seconds
+            self._entropy_seconds = probe.overhead_seconds
+        self.curvature.add_step_cost(spent)
+
     def _initial_factors(self) -> list[float]:
         factor = self._prior_value(0.0)
         self._log_factor = math.log(factor)

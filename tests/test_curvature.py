@@ -161,6 +161,59 @@ def test_auto_mode_refreshes_at_the_interval() -> None:
     assert auto.overhead_seconds > 0.0
 
 
+def _auto_interval_with_fake_clock(monkeypatch, step_cost: float | None) -> CurvatureProbe:
+    """Run SGD 12 steps on a quadratic with a fake clock: each step 1 s, each Hessian-vector
+    product 0.1 s, the hooks 0 s; ``step_cost`` seconds reported per step (None: no sharing)."""
+    import graff.probes.curvature as curvature_module
+
+    now = [0.0]
+    monkeypatch.setattr(curvature_module.time, "perf_counter", lambda: now[0])
+    a, _ = spectrum_matrix(6, 10.0, 0)
+    x = nn.Parameter(torch.ones(6, dtype=torch.float64))
+    opt = torch.optim.SGD([x], lr=0.01)
+    probe = CurvatureProbe(
+        opt, loss_fn=lambda: quadratic(a, x), start_step=0, share_step_costs=step_cost is not None
+    )
+    estimate = probe._estimate
+
+    def timed(iters: int, publish: bool = True):
+        now[0] += 0.1 * (iters + 1)
+        return estimate(iters, publish)
+
+    probe._estimate = timed
+    for _ in range(12):
+        opt.zero_grad()
+        quadratic(a, x).backward()
+        now[0] += 1.0
+        opt.step()
+        if step_cost is not None:
+            probe.add_step_cost(step_cost)
+    assert probe.n_estimates == 2  # the cold start after step 1, the first refresh after step 11
+    return probe
+
+
+@pytest.mark.parametrize(
+    ("step_cost", "share"),
+    [(None, 0.01), (0.0, 0.01), (0.004, 0.006), (0.02, 0.0025), (float("nan"), 0.01)],
+)
+def test_shared_overhead_target_leaves_the_estimates_what_step_costs_leave(
+    monkeypatch, step_cost, share
+) -> None:
+    # a refresh (3 products + 1) costs 0.4 s of a 1 s step: interval = 0.4 / share
+    probe = _auto_interval_with_fake_clock(monkeypatch, step_cost)
+    assert probe._step_time == pytest.approx(1.0)
+    if step_cost is not None and math.isfinite(step_cost):
+        assert probe.step_cost_seconds == pytest.approx(step_cost)
+    assert probe._estimate_share() == pytest.approx(share)
+    assert abs(probe.interval - 0.4 / share) <= 1.0
+
+
+def test_share_step_costs_must_be_a_bool() -> None:
+    x = nn.Parameter(torch.ones(2))
+    with pytest.raises(GraffTypeError, match="share_step_costs"):
+        CurvatureProbe(torch.optim.SGD([x], lr=0.1), hvp=False, share_step_costs=1)
+
+
 # --------------------------------------------------------------------------- per-step statistics
 
 

@@ -607,3 +607,33 @@ def test_the_forward_hook_keeps_no_loss_while_step_is_given_one() -> None:
     sched.step(None)  # a skipped step (no optimizer step) with no loss turns capture back on
     model(x, y)
     assert sched._captured_sum is not None
+
+
+def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch) -> None:
+    import time
+
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    model, x, y = _regression()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), guard=False)
+    plan = sched._plan
+
+    def slow_plan(loss):  # the planner "takes" 3 ms of a 1 s step
+        now[0] += 0.003
+        return plan(loss)
+
+    sched._plan = slow_plan
+    for i in range(20):
+        idx = torch.arange(i * 8, i * 8 + 8) % x.shape[0]
+        loss = (model(x[idx]) - y[idx]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        now[0] += 1.0
+        opt.step()
+        sched.step(loss)
+    probe = sched.curvature
+    assert probe.share_step_costs
+    assert probe.step_cost_seconds == pytest.approx(0.003)
+    assert probe._step_time == pytest.approx(1.003)
+    assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)

@@ -76,6 +76,9 @@ from graff.probes._hvp import (
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
 FORMAT_VERSION = 1
+#: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
+#: ``share_step_costs`` is on and the per-step costs take (nearly) all of it.
+MIN_ESTIMATE_SHARE = 0.25
 _STATE_KEYS = frozenset(
     {
         "format_version",
@@ -240,7 +243,8 @@ class CurvatureProbe:
         power_iters: Hessian-vector products per refresh.
         initial_iters: Hessian-vector products for the first estimate (cold start).
         margin: Safety factor ≥ 1 of ``lambda_max_safe``.
-        overhead_target: Target fraction of training time spent in estimates (``every="auto"``).
+        overhead_target: Target fraction of training time spent in estimates (``every="auto"``);
+            with ``share_step_costs``, in estimates and per-step work together.
         min_every: Smallest interval ``every="auto"`` may choose.
         preconditioned: None (auto from the optimizer class), True or False.
         hvp: False turns the λ̂ estimates off (per-step statistics only).
@@ -264,6 +268,11 @@ class CurvatureProbe:
             error of at most 2⁻⁹ per entry; the per-step statistics are sums over many entries,
             so their error is far smaller: ``docs/concepts/probes.md``). :meth:`scale_last_update`
             needs the exact update and raises with a lower-precision buffer.
+        share_step_costs: The ``auto`` interval gives the estimates only what the per-step costs
+            leave of ``overhead_target``: this probe's hooks plus what the owner reports with
+            :meth:`add_step_cost` (a moving average per step, ``step_cost_seconds``), but at
+            least ``MIN_ESTIMATE_SHARE`` (1/4) of it. GraffScheduler turns it on, so its whole
+            overhead — probes, planner, guard and λ̂ — keeps to one target.
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -306,6 +315,7 @@ class CurvatureProbe:
         max_every: int | None = None,
         chunk_iters: int | None = None,
         update_dtype: torch.dtype | None = None,
+        share_step_costs: bool = False,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -317,10 +327,12 @@ class CurvatureProbe:
                     f"every must be 'auto' or a positive integer, got {every!r}."
                 )
             every = check_positive_int("every", every)
-        for name, value in (("preconditioned", preconditioned), ("hvp", hvp)):
-            if not (isinstance(value, bool) or (name == "preconditioned" and value is None)):
+        flags = (("preconditioned", preconditioned), ("hvp", hvp))
+        for name, value in (*flags, ("share_step_costs", share_step_costs)):
+            optional = name == "preconditioned"
+            if not (isinstance(value, bool) or (optional and value is None)):
                 raise GraffTypeError(
-                    f"{name} must be a bool{' or None' if name != 'hvp' else ''}, got {value!r}."
+                    f"{name} must be a bool{' or None' if optional else ''}, got {value!r}."
                 )
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise GraffConfigError(f"seed must be a non-negative integer, got {seed!r}.")
@@ -354,6 +366,11 @@ class CurvatureProbe:
                 f"start_step must be a non-negative integer, got {start_step!r}."
             )
         self.start_step = start_step
+        self.share_step_costs = share_step_costs
+        #: Moving average of the seconds per step spent in this probe's hooks (estimates
+        #: excluded) plus what :meth:`add_step_cost` reported; ``None`` before the first step.
+        self.step_cost_seconds: float | None = None
+        self._step_costs = 0.0  # accumulated since the last post-step hook
         self.optimizer, self.model, self.loss_fn, self.every, self.seed = (
             optimizer,
             model,
@@ -451,7 +468,9 @@ class CurvatureProbe:
         sample = self.step % self.stats_every == 0
         if not (sample or self._valid or self._has_update):  # nothing buffered, nothing to take
             self._pending = []
-            self.overhead_seconds += time.perf_counter() - t0
+            spent = time.perf_counter() - t0
+            self.overhead_seconds += spent
+            self._step_costs += spent
             return
         with torch.no_grad():
             grads = [p.grad for p in self._params]
@@ -490,7 +509,9 @@ class CurvatureProbe:
                     torch._foreach_copy_(
                         [views[j] for j in have] if len(have) < n else views, params
                     )
-        self.overhead_seconds += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self.overhead_seconds += spent
+        self._step_costs += spent
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
@@ -582,8 +603,10 @@ class CurvatureProbe:
                 self._gdu, self._usq = per_param[0], per_param[1]
                 self._has_update = True
         self.step += 1
+        spent = time.perf_counter() - t0
+        self._step_costs += spent
         self._time_step(t0)
-        self.overhead_seconds += time.perf_counter() - t0
+        self.overhead_seconds += spent
         if self._due():
             try:
                 self._scheduled_estimate()
@@ -595,12 +618,39 @@ class CurvatureProbe:
                     stacklevel=2,
                 )
         self._t_post = time.perf_counter()
+        self._probe_since_post = 0.0  # this hook's estimates lie before _t_post already
 
     def _time_step(self, now: float) -> None:
         if self._t_post is not None:
             dt = max(now - self._t_post - self._probe_since_post, 1e-9)
             self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
+            cost, old = self._step_costs, self.step_cost_seconds
+            # a slow average: the sampled steps (one in ``stats_every``) cost far more than the rest
+            self.step_cost_seconds = cost if old is None else 0.98 * old + 0.02 * cost
+        self._step_costs = 0.0
         self._probe_since_post = 0.0
+
+    def add_step_cost(self, seconds: float) -> None:
+        """Count ``seconds`` of per-step work outside the probe (``share_step_costs``).
+
+        A scheduler reports its own per-step time here, so the ``auto`` interval leaves the
+        λ̂ estimates only what the per-step costs leave of ``overhead_target``.
+        """
+        if seconds > 0:  # NaN and negative timings are dropped
+            self._step_costs += seconds
+
+    def _estimate_share(self) -> float:
+        """The fraction of the step time the ``auto`` interval gives the λ̂ estimates.
+
+        ``overhead_target``, less the per-step costs when ``share_step_costs`` is on (so the
+        probe, its owner and the estimates together keep to the target), but never less than
+        ``MIN_ESTIMATE_SHARE`` of it: the guard needs fresh estimates even when the per-step
+        costs alone exceed the target.
+        """
+        target = self.overhead_target
+        if not (self.share_step_costs and self.step_cost_seconds and self._step_time):
+            return target
+        return max(target - self.step_cost_seconds / self._step_time, MIN_ESTIMATE_SHARE * target)
 
     # ------------------------------------------------------------------ λ̂_max
     def _ready(self) -> bool:
@@ -649,7 +699,7 @@ class CurvatureProbe:
             self._last_attempt = self.step
             if self.every == "auto" and self._step_time is not None:
                 per_refresh = spent * (self.power_iters + 1) / (iters + 1)
-                need = per_refresh / (self.overhead_target * self._step_time)
+                need = per_refresh / (self._estimate_share() * self._step_time)
                 self.interval = max(self.min_every, math.ceil(need))
                 if self.max_every is not None:
                     self.interval = min(self.interval, self.max_every)

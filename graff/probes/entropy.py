@@ -24,6 +24,7 @@ detached hidden state, so the model's outputs and gradients are untouched. Its s
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -135,7 +136,11 @@ def _hook_layer(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         probe = ref()
         if probe is not None and not probing_active() and not _in_backward():
-            probe._observe(output)
+            t0 = time.perf_counter()
+            try:
+                probe._observe(output)
+            finally:
+                probe.overhead_seconds += time.perf_counter() - t0
 
     return hook
 
@@ -278,6 +283,8 @@ class EntropyProbe:
         self._generator = torch.Generator()  # reseeded per call from (seed, call count)
         self._mean: tuple[Tensor, float] | None = None  # (entropies, their mean) cache
         self._calls = 0
+        #: Seconds spent in the logit-lens hook so far (not saved: a timing, not a state).
+        self.overhead_seconds = 0.0
         #: ``calls`` right after the last decoded forward pass (None before one, and after a
         #: resume until the next one): with ``every > 1`` it tells fresh readings from stale.
         self.decoded_pass: int | None = None
