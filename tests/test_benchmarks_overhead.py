@@ -81,3 +81,26 @@ def test_net_cost_subtracts_the_reference_schedulers_own_step() -> None:
     assert results["graff"]["reference_step_us"] == 60.0
     assert "net_percent" not in results[REFERENCE]
     assert "net_percent" not in results["fixed"]
+
+
+def test_long_run_refresh_share_and_steady_state_total() -> None:
+    from benchmarks.overhead import _long_run, steady_state
+
+    # one refresh 0.5 s every 500 steps of 0.1 s: 1 % of the step; repeats 0.5/1/2 % -> median 1
+    runs = [{"refresh_s": 0.5, "interval": i, "estimate_share": 0.004} for i in (1000, 500, 250)]
+    ref = [{"wall": 0.1 * 150}] * 3
+    out = _long_run(runs, ref, steps=150)
+    assert out["long_run_refresh_percent"] == pytest.approx(2.0 / 2)
+    assert out["estimate_share_percent"] == pytest.approx(0.4)
+    assert (
+        _long_run([{"refresh_s": None, "interval": 10, "estimate_share": None}], ref[:1], 150) == {}
+    )
+    data = {
+        "headline": {"results": {"graff": {"net_percent": 0.7}}},
+        "amortised": {"results": {"graff": out}},
+    }
+    total = steady_state(data)
+    assert total == pytest.approx(
+        {"direct_percent": 0.7, "refresh_percent": 1.0, "total_percent": 1.7}
+    )
+    assert steady_state({"headline": data["headline"]}) is None

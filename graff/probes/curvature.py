@@ -371,6 +371,9 @@ class CurvatureProbe:
         #: excluded) plus what :meth:`add_step_cost` reported; ``None`` before the first step.
         self.step_cost_seconds: float | None = None
         self._step_costs = 0.0  # accumulated since the last post-step hook
+        #: Projected seconds of one refresh (``power_iters`` products + the probe graph), from
+        #: the last estimate's time; ``None`` before the first estimate.
+        self.refresh_seconds: float | None = None
         self.optimizer, self.model, self.loss_fn, self.every, self.seed = (
             optimizer,
             model,
@@ -697,8 +700,9 @@ class CurvatureProbe:
             self.overhead_seconds += spent
             self._probe_since_post += spent
             self._last_attempt = self.step
+            per_refresh = spent * (self.power_iters + 1) / (iters + 1)
+            self.refresh_seconds = per_refresh  # cost of one refresh, from this estimate's time
             if self.every == "auto" and self._step_time is not None:
-                per_refresh = spent * (self.power_iters + 1) / (iters + 1)
                 need = per_refresh / (self._estimate_share() * self._step_time)
                 self.interval = max(self.min_every, math.ceil(need))
                 if self.max_every is not None:
