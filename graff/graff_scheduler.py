@@ -217,6 +217,9 @@ class GraffScheduler(BudgetedScheduler):
             share of a 75 ms CPU step near 0.3 %; on the benchmark's nine floor cells it
             matched ``probe_every=2`` (``docs/concepts/graff.md``). Keep it ≤ ``plan_every``,
             or some windows hold no sample (the planner then skips that online update).
+        learn_every: With ``online``, update the planner at every this many plans (on that
+            window's hypergradient cosine); the planning forward passes in between run without
+            a graph. 1 updates at every plan.
         entropy: Use the entropy probe when a model is given.
         warm_start: ``"default"`` (the planner shipped with graff, meta-trained offline by
             ``python -m graff.pretrain``), the path of a planner saved by :meth:`save_planner`,
@@ -278,6 +281,7 @@ class GraffScheduler(BudgetedScheduler):
         curvature_every: int | str = "auto",
         plan_every: int = 10,
         probe_every: int = 10,
+        learn_every: int = 1,
         entropy: bool = True,
         warm_start: str | Path | None = "default",
         lr_min_factor: float = 1e-3,
@@ -293,6 +297,7 @@ class GraffScheduler(BudgetedScheduler):
         self.planner_lr = check_positive("planner_lr", planner_lr)
         self.plan_every = check_positive_int("plan_every", plan_every)
         self.probe_every = check_positive_int("probe_every", probe_every)
+        self.learn_every = check_positive_int("learn_every", learn_every)
         self.online, self.edges, self.budget_feature = (
             bool(online),
             bool(edges),
@@ -323,7 +328,7 @@ class GraffScheduler(BudgetedScheduler):
         self.guard_projections = 0  # planner updates the projection changed
         self.planner_updates = 0
         self.skipped_planner_updates = 0
-        self.last_plan: PlanRecord | None = None
+        self._last_plan: PlanRecord | tuple[Any, ...] | None = None  # a tuple until read
         self.planner = _make_planner(warm_start, edges=self.edges, seed=seed)
         self.planner_optimizer = _planner_adam(self.planner, self.planner_lr)
         self._update = PlannerUpdate(
@@ -365,7 +370,8 @@ class GraffScheduler(BudgetedScheduler):
             self._nonfinite_seen = 0
             self._window = StatsWindow(len(self.blocks))
             self._steps_since_plan = 0
-            self._decoded: tuple[float, Tensor] | None = None  # decoder output cached between plans
+            self._plans = 0  # planner runs so far
+            self._decoded: tuple[float, Tensor | None] | None = None  # decoder output, per plan
             self._multiplier_tuple: tuple[float, ...] | None = None
             self._entropy_pass: int | None = None  # the entropy probe's pass last averaged
             self._entropy_seconds = 0.0  # the entropy probe's time already reported
@@ -424,22 +430,30 @@ class GraffScheduler(BudgetedScheduler):
         replan = self._pending is None or self._steps_since_plan >= self.plan_every
         if replan:
             stats = self._window.stats()
-            if self.online and self._pending is not None and stats is not None:
-                self._learn(stats)
-            x = self._features(stats, u)
-            with torch.set_grad_enabled(self.online):
+            kappa = None if stats is None else _window_cosines(stats)
+            if self._learn_due() and self._pending is not None and kappa is not None:
+                self._learn(kappa)
+            x = self._features(stats, kappa, u)
+            self._plans += 1
+            keep = self._learn_due()  # the next plan learns from this window
+            with torch.set_grad_enabled(keep):
                 h = self.planner(x, self.h, self._adjacency)
             self._pending, self.h = (x, self.h), h.detach()
             # the next online update backpropagates through this very forward pass (the encoder
             # does not change in between) instead of re-running it
-            self._pending_graph = (h, self._update.encoder_version()) if self.online else None
+            self._pending_graph = (h, self._update.encoder_version()) if keep else None
             self._window.reset()
             self._steps_since_plan = 0
         return self._decide(u, loss, self.h, replan)
 
+    def _learn_due(self) -> bool:
+        """Whether the plan after ``self._plans`` completed ones updates the planner online."""
+        return self.online and self._plans % self.learn_every == 0
+
     def _decide(self, u: float, loss: float | None, h: Tensor, replan: bool) -> list[float]:
         prior = max(self._prior_value(u), 1e-12)
-        bound = self._refreshed_bound(self._guard_log_bound(), math.log(prior))
+        log_prior = math.log(prior)
+        bound = self._refreshed_bound(self._guard_log_bound(), log_prior)
         unstable = self._unstable(loss, bound, u)
         # Rise toward the stability limit only once the guard can see it (when it can at all),
         # and only up to a fraction 1/search_headroom of it (PeakCalibrator, rules 1-3).
@@ -448,12 +462,12 @@ class GraffScheduler(BudgetedScheduler):
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
         if self.calibrator.update(
-            u, math.log(prior), unstable, hold=hold, log_ceiling=ceiling, at_best=at_best
+            u, log_prior, unstable, hold=hold, log_ceiling=ceiling, at_best=at_best
         ) or (self.calibrator.cooldown > 0):
             # Re-baseline the loss average through the cool-down: it is still catching up with
             # the excursion that caused the back-off, which is not a new instability.
             self.losses.reset_best()
-        offset = math.log(prior) + self.calibrator.log_peak
+        offset = log_prior + self.calibrator.log_peak
         if replan and bound is not None and self.guard:
             # Never project the decoder below its clip range: the hard min below enforces
             # the rest, and the decoder stays where online learning can move it back.
@@ -474,7 +488,7 @@ class GraffScheduler(BudgetedScheduler):
         if ceiling is not None and not math.isnan(ceiling):
             # What GRAFF adds above the prior alone (search + residual) obeys the search's
             # ceiling too; a negative residual is always allowed.
-            log_factor = min(log_factor, math.log(prior) + max(0.0, ceiling))
+            log_factor = min(log_factor, log_prior + max(0.0, ceiling))
         active = bound is not None and self.guard and log_factor > bound
         if active:
             log_factor = bound
@@ -486,25 +500,39 @@ class GraffScheduler(BudgetedScheduler):
             self._multiplier_tuple = None
         if self._multiplier_tuple is None:
             self._multiplier_tuple = tuple(self._multipliers.tolist())
-        self.last_plan = PlanRecord(
-            step=self.last_epoch,
-            fraction_used=u,
-            prior=prior,
-            log_peak=self.calibrator.log_peak,
-            residual=residual,
-            lr_factor=math.exp(log_factor),
-            guard_bound=bound,
-            guard_bound_active=active,
-            calibrating=self.calibrator.searching,
-            multipliers=self._multiplier_tuple,
+        # PlanRecord's fields, in order; the record is built when someone reads last_plan
+        self._last_plan = (
+            self.last_epoch,
+            u,
+            prior,
+            self.calibrator.log_peak,
+            residual,
+            math.exp(log_factor),
+            bound,
+            active,
+            self.calibrator.searching,
+            self._multiplier_tuple,
         )
         return [math.exp(log_factor)] * len(self.optimizer.param_groups)
 
-    def _log_residual(self, h: Tensor) -> tuple[float, Tensor]:
+    @property
+    def last_plan(self) -> PlanRecord | None:
+        """What GRAFF decided at the last step (:class:`PlanRecord`), ``None`` before a step."""
+        plan = self._last_plan
+        if isinstance(plan, tuple):
+            plan = self._last_plan = PlanRecord(*plan)
+        return plan
+
+    def _log_residual(self, h: Tensor) -> tuple[float, Tensor | None]:
+        """The clipped residual, and the multiplier logits when block multipliers are on."""
         with torch.no_grad():
-            residual, logits = self.planner.decode(h)
+            if self.block_multipliers:
+                residual, logits = self.planner.decode(h)
+                logits = torch.nan_to_num(logits)
+            else:
+                residual, logits = self.planner.decode_residual(h), None
         r = float(residual.clamp(-self._log_residual_max, self._log_residual_max))
-        return (r if math.isfinite(r) else 0.0), torch.nan_to_num(logits)
+        return (r if math.isfinite(r) else 0.0), logits
 
     def _guard_log_bound(self) -> float | None:
         """``log(c / (λ̂ · η⁰_max · m_max))`` in units of the LR factor, or None without λ̂."""
@@ -568,7 +596,7 @@ class GraffScheduler(BudgetedScheduler):
         return False
 
     # -------------------------------------------------------------- features
-    def _features(self, stats: Any, u: float) -> Tensor:
+    def _features(self, stats: Any, kappa: Tensor | None, u: float) -> Tensor:
         entropy = self.entropy_probe is not None
         shared = [  # the features every node shares, in FEATURE_NAMES order (3-5 per block)
             (1.0 - u) if self.budget_feature else 0.0,
@@ -583,11 +611,11 @@ class GraffScheduler(BudgetedScheduler):
             1.0 if self.calibrator.searching else 0.0,
         ]
         x = torch.tensor(shared, dtype=torch.float32).repeat(len(self.blocks), 1)
-        if stats is not None:
+        if stats is not None and kappa is not None:
             usq = stats.update_sq_norm.clamp_min(1e-30)
             x[:, 3:6] = torch.stack(
                 [
-                    _cosine(stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm),
+                    kappa[1:],  # the per-block hypergradient cosines
                     torch.tanh(stats.secant_ratio / 2.0),
                     torch.tanh(0.25 * torch.log(usq / usq.mean())),
                 ],
@@ -603,12 +631,12 @@ class GraffScheduler(BudgetedScheduler):
         return min(2.0, tripwire / 2.0) if tripwire is not None else 0.0
 
     # --------------------------------------------------------------- learning
-    def _learn(self, stats: Any) -> None:
-        """One Adam step of the planner on the de-biased hypergradient cosine (module docstring)."""
-        # κ of the whole model (the sums over blocks) first, then per block: one vector
-        cols = torch.stack([stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm])
-        cols = torch.cat([cols.sum(1, keepdim=True), cols], dim=1)
-        kappa = _cosine(*cols.unbind(0))
+    def _learn(self, kappa: Tensor) -> None:
+        """One Adam step of the planner on the de-biased hypergradient cosine (module docstring).
+
+        ``kappa``: the window's cosines, the whole model's first, then one per block
+        (:func:`_window_cosines`).
+        """
         if not bool(torch.isfinite(kappa).all()):
             self.skipped_planner_updates += 1
             return
@@ -620,9 +648,12 @@ class GraffScheduler(BudgetedScheduler):
             h = graph[0]
         else:  # after a resume (graphs are not saved) or an edit of the weights: re-run it
             h = self.planner(x, h_prev, self._adjacency)
-        residual, logits = self.planner.decode(h)
-        objective = advantage[0] * residual + 1e-2 * residual.pow(2)
         if self.block_multipliers:
+            residual, logits = self.planner.decode(h)
+        else:
+            residual, logits = self.planner.decode_residual(h), None
+        objective = advantage[0] * residual + 1e-2 * residual.pow(2)
+        if logits is not None:
             log_m = self._log_mult_max * torch.tanh(logits)
             objective = objective + (advantage[1:] * log_m).mean() + 1e-2 * log_m.pow(2).mean()
         if self._update.step(objective, max_norm=1.0):
@@ -663,6 +694,7 @@ class GraffScheduler(BudgetedScheduler):
             "refresh_budget": self.refreshes.state_dict(),
             "window": self._window.state_dict(),
             "steps_since_plan": self._steps_since_plan,
+            "plans": self._plans,
             "losses": self.losses.state_dict(),
             "entropies": self.entropies.state_dict(),
             "counters": [
@@ -730,8 +762,7 @@ class GraffScheduler(BudgetedScheduler):
                 )
         if not bool((extra["multipliers"] > 0).all()):
             raise CheckpointError("GraffScheduler state has non-positive block multipliers.")
-        if "refresh_budget" in extra:  # absent from states saved before graff 0.2
-            RefreshBudget(0.0).load_state_dict(extra["refresh_budget"])
+        _check_optional_state(extra)
 
     def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"planner_optimizer": self.planner_optimizer}
@@ -755,6 +786,7 @@ class GraffScheduler(BudgetedScheduler):
             self.refreshes.load_state_dict(extra["refresh_budget"])
         self._window.load_state_dict(extra["window"])
         self._steps_since_plan = int(extra["steps_since_plan"])
+        self._plans = int(extra.get("plans", 0))  # absent from states saved by earlier versions
         self.losses.load_state_dict(extra["losses"])
         self.entropies.load_state_dict(extra["entropies"])
         (
@@ -773,6 +805,23 @@ class GraffScheduler(BudgetedScheduler):
         self.curvature.remove()
         if self.entropy_probe is not None:
             self.entropy_probe.remove()
+
+
+def _check_optional_state(extra: dict[str, Any]) -> None:
+    """The entries earlier versions did not save (``refresh_budget``: graff 0.2; ``plans``)."""
+    if "refresh_budget" in extra:
+        RefreshBudget(0.0).load_state_dict(extra["refresh_budget"])
+    plans = extra.get("plans", 0)
+    if isinstance(plans, bool) or not isinstance(plans, int) or not 0 <= plans < 2**63:
+        raise CheckpointError(f"GraffScheduler state has an invalid plans={plans!r:.40}.")
+
+
+def _window_cosines(stats: Any) -> Tensor:
+    """``κ = cos(g_{s+1}, Δθ_s)`` over a window: the whole model's (sums over blocks) first,
+    then one per block, as one ``[blocks + 1]`` vector."""
+    cols = torch.stack([stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm])
+    cols = torch.cat([cols.sum(1, keepdim=True), cols], dim=1)
+    return _cosine(*cols.unbind(0))
 
 
 def _cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:

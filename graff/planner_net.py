@@ -104,9 +104,11 @@ class PlannerNet(nn.Module):
 
     def decode(self, h: Tensor) -> tuple[Tensor, Tensor]:
         """Linear decoder: ``(global log-LR residual r (scalar), multiplier logits (N,))``."""
-        residual = self.lr_w @ h.mean(dim=0) + self.lr_b
-        logits = h @ self.mult_w + self.mult_b
-        return residual, logits
+        return self.decode_residual(h), h @ self.mult_w + self.mult_b
+
+    def decode_residual(self, h: Tensor) -> Tensor:
+        """The global log-LR residual alone, ``r = w · mean_i(h_i) + b`` (a scalar)."""
+        return self.lr_w @ h.mean(dim=0) + self.lr_b
 
 
 def mean_adjacency(edge_index: Tensor, num_nodes: int) -> Tensor:
