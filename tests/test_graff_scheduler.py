@@ -637,3 +637,63 @@ def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch) ->
     assert probe.step_cost_seconds == pytest.approx(0.003)
     assert probe._step_time == pytest.approx(1.003)
     assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
+
+
+def _learn_every_run(learn_every: int, steps: int = 60, resume_at: int | None = None):
+    """AdamW on the regression under a step budget; optionally a state_dict round trip."""
+    model, x, y = _regression(seed=2)
+
+    def build(m: nn.Module) -> GraffScheduler:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        return GraffScheduler(
+            opt, budget=graff.BudgetClock(steps=steps), guard=False, learn_every=learn_every
+        )
+
+    sched = build(model)
+    lrs = []
+    for i in range(steps):
+        if i == resume_at:
+            state = copy.deepcopy(
+                {"model": model.state_dict(), "opt": sched.optimizer.state_dict()}
+            )
+            sched_state = copy.deepcopy(sched.state_dict())
+            sched.remove()
+            model, _, _ = _regression(seed=2)
+            model.load_state_dict(state["model"])
+            sched = build(model)
+            sched.optimizer.load_state_dict(state["opt"])
+            sched.load_state_dict(sched_state)
+        lrs += _train_from(sched, model, x, y, i)
+    return lrs, sched
+
+
+def _train_from(sched: GraffScheduler, model, x, y, i: int) -> list[float]:
+    idx = torch.arange(i * 8, i * 8 + 8) % x.shape[0]
+    loss = (model(x[idx]) - y[idx]).pow(2).mean()
+    sched.optimizer.zero_grad()
+    loss.backward()
+    sched.optimizer.step()
+    sched.step(loss)
+    return [sched.get_last_lr()[0]]
+
+
+def test_learn_every_updates_the_planner_at_every_kth_plan_only() -> None:
+    # 6 plans in 60 steps (steps 1, 11, ..., 51); plan k learns from window k-1 when k-1 is a
+    # multiple of learn_every: plans 2-6 (the first has no feedback yet), 3 and 5, or 4
+    for learn_every, updates in ((1, 5), (2, 2), (3, 1)):
+        lrs, sched = _learn_every_run(learn_every)
+        assert sched.planner_updates + sched.skipped_planner_updates == updates, learn_every
+        assert sched._plans == 6
+    assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
+    with pytest.raises(GraffConfigError, match="learn_every"):
+        GraffScheduler(torch.optim.SGD(_regression()[0].parameters(), lr=0.1), 10, learn_every=0)
+
+
+@pytest.mark.parametrize("resume_at", [15, 25, 31])
+def test_learn_every_resumes_on_the_same_trajectory(resume_at: int) -> None:
+    straight, a = _learn_every_run(2)
+    resumed, b = _learn_every_run(2, resume_at=resume_at)
+    assert resumed == straight
+    for pa, pb in zip(a.planner.parameters(), b.planner.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert a._plans == b._plans == 6
