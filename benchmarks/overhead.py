@@ -220,9 +220,13 @@ def _interleave(
             "cpu": [],
             "bytes": 0,
         }
+    from tqdm import tqdm
+
     order = list(runs)
     rng = random.Random(seed)
-    for r in range(steps):
+    for r in tqdm(
+        range(steps), desc=f"overhead {task.name} (d {task.hidden}): rounds", leave=False
+    ):
         rng.shuffle(order)
         for name in list(order):
             run = runs[name]
@@ -371,8 +375,10 @@ def amortised(
     """
     task.steps = steps
     totals: dict[str, list[dict[str, float]]] = {name: [] for name in (REFERENCE, *schedulers)}
+    from tqdm import tqdm
+
     with ColdStartMeter() as meter:
-        for r in range(repeats):
+        for r in tqdm(range(repeats), desc="overhead: runs alone", leave=False):
             order = [REFERENCE, *schedulers]
             if r % 2:
                 order.reverse()
