@@ -4,7 +4,7 @@ A 2-layer Qwen3 (built from a config, nothing downloaded) learns GSM8K text char
 character under a budget of ``--steps`` optimizer steps. The same AdamW (lr 1e-3, the kind of
 untuned guess GRAFF is meant to absorb) is driven once by :class:`GraffScheduler` and once by
 linear warm-up + cosine decay to zero over the same budget. The script prints a table (final
-loss, LR range, guard activations, scheduler overhead) and saves ``quickstart.png`` (LR
+loss, LR range, guard activations, per-step overhead, λ̂ seconds) and saves ``quickstart.png`` (LR
 trajectories and training loss of both).
 
 Run::
@@ -164,16 +164,24 @@ def train(name: str, data: CharData, steps: int, seed: int = 0) -> Result:
 def table(results: list[Result]) -> str:
     """A plain-text summary table."""
     head = f"{'scheduler':<10}{'train loss':>11}{'val loss':>10}{'LR min':>10}{'LR max':>10}"
-    head += f"{'guard':>7}{'overhead':>10}"
+    head += f"{'guard':>7}{'per step':>10}{'λ̂ (s)':>8}"
     rows = [head, "-" * len(head)]
     for r in results:
         tail = r.losses[-max(1, len(r.losses) // 10) :]
         guard = getattr(r.scheduler, "guard_activations", None)
+        per_step, lam = r.scheduler_seconds, "-"
+        if hasattr(r.scheduler, "overhead_seconds"):  # graff: hooks + step(), and its λ̂ estimates
+            spent = r.scheduler.overhead_seconds()
+            per_step, lam = spent["per_step"], f"{spent['lambda_max']:.1f}"
         rows.append(
             f"{r.name:<10}{sum(tail) / len(tail):>11.3f}{r.val_loss:>10.3f}"
             f"{min(r.lrs):>10.2e}{max(r.lrs):>10.2e}{'-' if guard is None else guard:>7}"
-            f"{100 * r.scheduler_seconds / r.seconds:>9.1f}%"
+            f"{100 * per_step / r.seconds:>9.1f}%{lam:>8}"
         )
+    rows.append(
+        "per step: the scheduler's share of the run's wall time (GRAFF: probe hooks, entropy "
+        "lens, planner, guard); λ̂ (s): GRAFF's curvature estimates (the first is a one-off)."
+    )
     return "\n".join(rows)
 
 

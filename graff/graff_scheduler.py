@@ -375,6 +375,7 @@ class GraffScheduler(BudgetedScheduler):
             self._multiplier_tuple: tuple[float, ...] | None = None
             self._entropy_pass: int | None = None  # the entropy probe's pass last averaged
             self._entropy_seconds = 0.0  # the entropy probe's time already reported
+            self._own_seconds = 0.0  # step() and the entropy lens, λ̂ refreshes excluded
             super().__init__(
                 optimizer,
                 budget,
@@ -407,6 +408,20 @@ class GraffScheduler(BudgetedScheduler):
             spent += probe.overhead_seconds - self._entropy_seconds
             self._entropy_seconds = probe.overhead_seconds
         self.curvature.add_step_cost(spent)
+        self._own_seconds += max(spent, 0.0)
+
+    def overhead_seconds(self) -> dict[str, float]:
+        """Seconds of graff's own work since this scheduler was built (timings, not saved).
+
+        ``per_step``: the curvature probe's hooks, the entropy lens and :meth:`step` (planner,
+        peak search, guard), λ̂ estimates excluded — the cost every step pays. ``lambda_max``:
+        every λ̂ estimate (the first one, the scheduled refreshes and the ones the peak search
+        asks for). Divide by the run's wall time for fractions.
+        """
+        return {
+            "per_step": self.curvature.hook_seconds + self._own_seconds,
+            "lambda_max": self.curvature.estimate_seconds,
+        }
 
     def _initial_factors(self) -> list[float]:
         factor = self._prior_value(0.0)

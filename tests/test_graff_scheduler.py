@@ -637,6 +637,25 @@ def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch) ->
     assert probe.step_cost_seconds == pytest.approx(0.003)
     assert probe._step_time == pytest.approx(1.003)
     assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
+    # the user-facing account: 20 steps x 3 ms of per-step work, no λ̂ estimate (guard off)
+    assert sched.overhead_seconds() == pytest.approx({"per_step": 0.06, "lambda_max": 0.0})
+
+
+def test_overhead_seconds_splits_per_step_work_from_the_lambda_estimates() -> None:
+    model, x, y = _regression()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=30), loss_fn=lambda: (model(x) - y).pow(2).mean()
+    )
+    _train(sched, model, x, y, 12)
+    spent = sched.overhead_seconds()
+    probe = sched.curvature
+    assert probe.n_estimates >= 1
+    assert spent["lambda_max"] > 0
+    assert spent["per_step"] > 0
+    assert spent["lambda_max"] == pytest.approx(probe.estimate_seconds)
+    # the probe's own total is its hooks plus its estimates
+    assert probe.overhead_seconds == pytest.approx(probe.hook_seconds + probe.estimate_seconds)
 
 
 def _learn_every_run(learn_every: int, steps: int = 60, resume_at: int | None = None):

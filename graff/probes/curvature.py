@@ -371,6 +371,9 @@ class CurvatureProbe:
         #: excluded) plus what :meth:`add_step_cost` reported; ``None`` before the first step.
         self.step_cost_seconds: float | None = None
         self._step_costs = 0.0  # accumulated since the last post-step hook
+        #: Seconds spent since construction in the per-step hooks (estimates excluded) and in
+        #: λ̂ estimates (timings, not state: not saved).
+        self.hook_seconds = self.estimate_seconds = 0.0
         #: Projected seconds of one refresh (``power_iters`` products + the probe graph), from
         #: the last estimate's time; ``None`` before the first estimate.
         self.refresh_seconds: float | None = None
@@ -474,6 +477,7 @@ class CurvatureProbe:
             spent = time.perf_counter() - t0
             self.overhead_seconds += spent
             self._step_costs += spent
+            self.hook_seconds += spent
             return
         with torch.no_grad():
             grads = [p.grad for p in self._params]
@@ -515,6 +519,7 @@ class CurvatureProbe:
         spent = time.perf_counter() - t0
         self.overhead_seconds += spent
         self._step_costs += spent
+        self.hook_seconds += spent
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
@@ -608,6 +613,7 @@ class CurvatureProbe:
         self.step += 1
         spent = time.perf_counter() - t0
         self._step_costs += spent
+        self.hook_seconds += spent
         self._time_step(t0)
         self.overhead_seconds += spent
         if self._due():
@@ -698,6 +704,7 @@ class CurvatureProbe:
         finally:
             spent = time.perf_counter() - t0
             self.overhead_seconds += spent
+            self.estimate_seconds += spent
             self._probe_since_post += spent
             self._last_attempt = self.step
             per_refresh = spent * (self.power_iters + 1) / (iters + 1)
