@@ -350,6 +350,44 @@ def test_resume_replays_the_exact_lr_trajectory(save_at):
     assert len(set(ref)) > 5
 
 
+def _guarded_setup(model_seed: int, sched_seed: int):
+    torch.manual_seed(model_seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xs = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+
+    def probe_loss():
+        return nn.functional.mse_loss(model(xs), torch.sin(xs.sum(1, keepdim=True)))
+
+    sched = ReactorScheduler(
+        opt,
+        budget=BudgetClock(steps=60),
+        decision_interval=5,
+        seed=sched_seed,
+        guard=True,
+        loss_fn=probe_loss,
+    )
+    return model, opt, sched
+
+
+def test_resume_with_the_guard_replays_the_exact_lr_trajectory():
+    ref = _train(*_guarded_setup(0, 5), range(40))
+    model, opt, sched = _guarded_setup(0, 5)
+    first = _train(model, opt, sched, range(23))
+    assert sched.curvature_probe.n_estimates >= 1  # the guard's λ̂ is part of the saved state
+    buf = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf
+    )
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2, opt2, sched2 = _guarded_setup(1, 999)
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert first + _train(model2, opt2, sched2, range(23, 40)) == ref
+
+
 def test_bad_checkpoint_changes_nothing():
     model, opt, sched = _regression_setup(0, 5, 0.05)
     _train(model, opt, sched, range(12))
