@@ -14,9 +14,20 @@ several groups, AMSGrad, complex or differentiable settings) goes through ``Adam
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 from torch.optim.adam import adam
+
+#: Keyword arguments of this torch's functional Adam; older releases (graff allows torch >= 2.2)
+#: lack some, and then every step goes through ``Adam.step`` itself.
+_ADAM_ARGS = frozenset(inspect.signature(adam).parameters)
+_NEEDED = frozenset(
+    {"amsgrad", "has_complex", "beta1", "beta2", "lr", "weight_decay", "eps", "maximize"}
+    | {"foreach", "capturable", "differentiable", "fused", "grad_scale", "found_inf"}
+)
+_FUNCTIONAL = _NEEDED <= _ADAM_ARGS
 
 
 class PlannerUpdate:
@@ -67,8 +78,11 @@ class PlannerUpdate:
         params = [p for p in self.params if p.grad is not None]
         states = [opt.state.get(p) for p in params]
         group = opt.param_groups[0]
+        decoupled = group.get("decoupled_weight_decay", False)
         plain = (
-            len(opt.param_groups) == 1
+            _FUNCTIONAL
+            and (not decoupled or "decoupled_weight_decay" in _ADAM_ARGS)
+            and len(opt.param_groups) == 1
             and all(states)
             and not (group["amsgrad"] or group["differentiable"] or group["capturable"])
             and not self._complex
@@ -79,6 +93,9 @@ class PlannerUpdate:
             opt.step()
             return
         beta1, beta2 = group["betas"]
+        extra = (
+            {"decoupled_weight_decay": decoupled} if "decoupled_weight_decay" in _ADAM_ARGS else {}
+        )
         with torch.no_grad():  # as in Adam.step: the weights are leaves that require grad
             adam(
                 params,
@@ -101,7 +118,7 @@ class PlannerUpdate:
                 fused=group["fused"],
                 grad_scale=None,
                 found_inf=None,
-                decoupled_weight_decay=group["decoupled_weight_decay"],
+                **extra,
             )
 
 

@@ -96,3 +96,14 @@ def test_the_encoder_version_moves_with_an_in_place_edit_of_the_encoder_only() -
     with torch.no_grad():
         b.gru.weight_hh.mul_(0.5)
     assert update.encoder_version() != v
+
+
+def test_without_a_usable_functional_adam_every_step_is_adam_step(monkeypatch) -> None:
+    import graff._planner_update as module
+
+    monkeypatch.setattr(module, "_FUNCTIONAL", False)  # an older torch's signature
+    a, opt_a, b, opt_b, update = _pair(fused=True)
+    for step in range(3):
+        _torch_step(a, opt_a, _objective(a, step))
+        assert update.step(_objective(b, step), max_norm=1.0)
+        _assert_same(a, opt_a, b, opt_b)
