@@ -300,16 +300,23 @@ def test_tiny_lora_qwen3_with_model_has_entropy_features(tiny_lora_qwen3, token_
 
 
 # --------------------------------------------------------------------------------- resume
-def _regression_setup(model_seed: int, sched_seed: int, controller_lr: float):
+def _regression_setup(model_seed: int, sched_seed: int, controller_lr: float, guard: bool = False):
     torch.manual_seed(model_seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xs = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+
+    def probe_loss():  # the guard's λ̂ batch
+        return nn.functional.mse_loss(model(xs), torch.sin(xs.sum(1, keepdim=True)))
+
     sched = ReactorScheduler(
         opt,
         budget=BudgetClock(steps=60),
         decision_interval=5,
         controller_lr=controller_lr,
         seed=sched_seed,
+        guard=guard,
+        loss_fn=probe_loss if guard else None,
     )
     return model, opt, sched
 
@@ -350,29 +357,9 @@ def test_resume_replays_the_exact_lr_trajectory(save_at):
     assert len(set(ref)) > 5
 
 
-def _guarded_setup(model_seed: int, sched_seed: int):
-    torch.manual_seed(model_seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xs = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
-
-    def probe_loss():
-        return nn.functional.mse_loss(model(xs), torch.sin(xs.sum(1, keepdim=True)))
-
-    sched = ReactorScheduler(
-        opt,
-        budget=BudgetClock(steps=60),
-        decision_interval=5,
-        seed=sched_seed,
-        guard=True,
-        loss_fn=probe_loss,
-    )
-    return model, opt, sched
-
-
 def test_resume_with_the_guard_replays_the_exact_lr_trajectory():
-    ref = _train(*_guarded_setup(0, 5), range(40))
-    model, opt, sched = _guarded_setup(0, 5)
+    ref = _train(*_regression_setup(0, 5, 0.05, guard=True), range(40))
+    model, opt, sched = _regression_setup(0, 5, 0.05, guard=True)
     first = _train(model, opt, sched, range(23))
     assert sched.curvature_probe.n_estimates >= 1  # the guard's λ̂ is part of the saved state
     buf = io.BytesIO()
@@ -381,7 +368,7 @@ def test_resume_with_the_guard_replays_the_exact_lr_trajectory():
     )
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    model2, opt2, sched2 = _guarded_setup(1, 999)
+    model2, opt2, sched2 = _regression_setup(1, 999, 0.5, guard=True)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
     sched2.load_state_dict(ckpt["sched"])
