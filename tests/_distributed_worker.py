@@ -159,6 +159,32 @@ def graff_no_guard_scheduler(opt, model, rank, extra):
     return graff_scheduler(opt, model, rank, {"guard": False, **extra})
 
 
+def graff_sampling_scheduler(opt, model, rank, extra):
+    """GRAFF without the guard, sampling the per-step statistics every step."""
+    return graff_no_guard_scheduler(opt, model, rank, {"probe_every": 1, **extra})
+
+
+#: Step after whose update rank 1's local gradient shard turns NaN (``fsdp_graff_nan_shard``).
+NAN_SHARD_STEP = 5
+
+
+def _nan_shard_after_update(step: list[int]) -> Callable[..., None]:
+    """A post-step hook that fills one local gradient shard with NaN at ``NAN_SHARD_STEP``.
+
+    It runs after the update (which stays finite) and before the curvature probe's post-step
+    hook, which then reads ⟨g_t, Δθ_t⟩ as NaN on this rank only: what a non-finite shard looks
+    like to the probe under FSDP.
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if step[0] == NAN_SHARD_STEP:
+            p = optimizer.param_groups[0]["params"][0]
+            local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            local.fill_(float("nan"))
+
+    return hook
+
+
 #: name -> (scheduler factory, stop when the budget is exhausted rather than after STEPS steps)
 SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
     "graff": (graff_scheduler, False),
@@ -171,6 +197,7 @@ SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
 FSDP_SCENARIOS: dict[str, tuple[Callable[..., Any], bool]] = {
     "fsdp_graff_no_guard": (graff_no_guard_scheduler, False),
     "fsdp_graff": (graff_scheduler, False),
+    "fsdp_graff_nan_shard": (graff_sampling_scheduler, False),
 }
 ALL_SCENARIOS = {**SCENARIOS, **FSDP_SCENARIOS}
 
@@ -205,9 +232,14 @@ def run(
         sched = factory(opt, net, rank, dict(extra or {}))
     time_fn = sched.budget._time_fn
     lrs, losses, step = [], [], 0
+    current = [0]  # the step the loop is in, for the NaN-shard hook
+    if name == "fsdp_graff_nan_shard" and rank == 1:
+        handle = opt.register_step_post_hook(_nan_shard_after_update(current))
+        opt._optimizer_step_post_hooks.move_to_end(handle.id, last=False)  # before the probe's
     shard = GLOBAL_BATCH // world_size
     while (not sched.budget.exhausted) if until_exhausted else step < STEPS:
         ids = global_batch(step)[rank * shard : (rank + 1) * shard]
+        current[0] = step
         loss = net(input_ids=ids, labels=ids)["loss"]
         loss.backward()
         opt.step()
@@ -232,7 +264,10 @@ def run(
     probe = getattr(sched, "curvature", None) or getattr(sched, "curvature_probe", None)
     if probe is not None:
         out.update(
-            lambda_max=probe.lambda_max, n_estimates=probe.n_estimates, interval=probe.interval
+            lambda_max=probe.lambda_max,
+            n_estimates=probe.n_estimates,
+            interval=probe.interval,
+            dropped_samples=probe.dropped_samples,
         )
     entropy = getattr(sched, "entropy_probe", None)
     out["entropy_calls"] = 0 if entropy is None else entropy.calls

@@ -182,3 +182,15 @@ def test_fsdp2_turns_the_hvp_off_with_a_warning_and_ranks_still_agree(ddp_result
     for res in ranks:
         assert res["n_estimates"] == 0
         assert any("sharded" in w for w in res["warnings"]), res["warnings"]
+
+
+def test_fsdp2_a_nan_gradient_shard_on_one_rank_drops_the_sample_on_every_rank(ddp_results):
+    """Rank 1's local gradient shard turns NaN after one update: the curvature probe on that
+    rank sees a non-finite ⟨g_t, Δθ_t⟩; the flag is reduced with the statistics, so both ranks
+    drop that one sample, keep planning the same finite LRs and the same parameters."""
+    ranks = _ranks(ddp_results, "fsdp_graff_nan_shard")
+    _assert_ranks_identical(ranks)
+    assert [r["dropped_samples"] for r in ranks] == [1, 1]
+    assert all(0 < lr < float("inf") for r in ranks for step in r["lrs"] for lr in step)
+    clean = W.run("fsdp_graff_nan_shard")  # one process: no NaN shard, no dropped sample
+    assert clean["dropped_samples"] == 0
