@@ -202,7 +202,9 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
             correction: ±25 % by default).
         guard: Apply the stability guard.
         guard_c: Guard constant ``c``; default optimizer-aware (:func:`graff.guard_constant`).
-        curvature_every: λ̂ refresh interval in steps, or ``"auto"`` (≤ 1 % overhead).
+        curvature_every: λ̂ refresh interval in steps, or ``"auto"``: the refreshes get what the
+            per-step work (probes, planner, guard) leaves of a 1 % overhead target, at least a
+            quarter of it (``CurvatureProbe(share_step_costs=True)``, ``docs/concepts/graff.md``).
         plan_every: Run the planner (features, encoder, online update, projection) every this
             many optimizer steps; in between the LR follows the prior, the peak search and the
             guard every step with the residual held. The online signal is then the hypergradient
