@@ -474,10 +474,7 @@ class CurvatureProbe:
         sample = self.step % self.stats_every == 0
         if not (sample or self._valid or self._has_update):  # nothing buffered, nothing to take
             self._pending = []
-            spent = time.perf_counter() - t0
-            self.overhead_seconds += spent
-            self._step_costs += spent
-            self.hook_seconds += spent
+            self._count_hook(time.perf_counter() - t0)
             return
         with torch.no_grad():
             grads = [p.grad for p in self._params]
@@ -516,10 +513,7 @@ class CurvatureProbe:
                     torch._foreach_copy_(
                         [views[j] for j in have] if len(have) < n else views, params
                     )
-        spent = time.perf_counter() - t0
-        self.overhead_seconds += spent
-        self._step_costs += spent
-        self.hook_seconds += spent
+        self._count_hook(time.perf_counter() - t0)
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
@@ -611,11 +605,8 @@ class CurvatureProbe:
                 self._gdu, self._usq = per_param[0], per_param[1]
                 self._has_update = True
         self.step += 1
-        spent = time.perf_counter() - t0
-        self._step_costs += spent
-        self.hook_seconds += spent
+        self._count_hook(time.perf_counter() - t0)
         self._time_step(t0)
-        self.overhead_seconds += spent
         if self._due():
             try:
                 self._scheduled_estimate()
@@ -628,6 +619,12 @@ class CurvatureProbe:
                 )
         self._t_post = time.perf_counter()
         self._probe_since_post = 0.0  # this hook's estimates lie before _t_post already
+
+    def _count_hook(self, seconds: float) -> None:
+        """Book the time of one hook call (its estimates excluded) in every account it feeds."""
+        self.overhead_seconds += seconds
+        self.hook_seconds += seconds
+        self._step_costs += seconds
 
     def _time_step(self, now: float) -> None:
         if self._t_post is not None:

@@ -136,11 +136,7 @@ def _hook_layer(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         probe = ref()
         if probe is not None and not probing_active() and not _in_backward():
-            t0 = time.perf_counter()
-            try:
-                probe._observe(output)
-            finally:
-                probe.overhead_seconds += time.perf_counter() - t0
+            probe._observe(output)
 
     return hook
 
@@ -283,7 +279,7 @@ class EntropyProbe:
         self._generator = torch.Generator()  # reseeded per call from (seed, call count)
         self._mean: tuple[Tensor, float] | None = None  # (entropies, their mean) cache
         self._calls = 0
-        #: Seconds spent in the logit-lens hook so far (not saved: a timing, not a state).
+        #: Seconds spent decoding sampled passes so far (not saved: a timing, not a state).
         self.overhead_seconds = 0.0
         #: ``calls`` right after the last decoded forward pass (None before one, and after a
         #: resume until the next one): with ``every > 1`` it tells fresh readings from stale.
@@ -395,6 +391,14 @@ class EntropyProbe:
         if self._calls % self.every:
             self._calls += 1
             return
+        t0 = time.perf_counter()
+        try:
+            self._decode(hidden)
+        finally:
+            self.overhead_seconds += time.perf_counter() - t0
+
+    def _decode(self, hidden: Tensor) -> None:
+        """The logit lens on a sampled forward pass: entropies of a subset of its tokens."""
         shape = tuple(hidden.shape[:-1])
         index = self._sample(self._valid_positions(shape))
         if index.device != hidden.device:
