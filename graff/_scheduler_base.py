@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._state_checks import check_adam, check_finite_state
 from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
@@ -144,14 +145,33 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._captured_count = 0
         # False while step() gets its loss passed in: the forward hook then keeps nothing
         self._capture_wanted = True
-        self._handles = [optimizer.register_step_post_hook(self._on_optimizer_step)]
-        if model is not None:
-            self._handles.append(model.register_forward_hook(self._capture_loss))
+        self.optimizer = optimizer  # what _register_hooks hooks (LRScheduler sets it too)
+        self._hooks = HookSet(self)
+        self._register_hooks()
         super().__init__(optimizer)
         self.budget.start()
         self._share_sync()
 
     # ------------------------------------------------------------------ hooks
+    def _register_hooks(self) -> None:
+        """Hook ``self.optimizer`` (counts its steps) and ``self.model`` (captures the loss).
+
+        The hooks hold the scheduler weakly (:mod:`graff._hooks`): the optimizer and the model
+        never keep a dropped scheduler alive, and its hooks go when it is collected.
+        """
+        self._hooks.add(self.optimizer.register_step_post_hook, "_on_optimizer_step")
+        if self.model is not None:
+            self._hooks.add_module_hook(self.model, "forward", "_capture_loss")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Hooks are not copied: torch's ``Optimizer`` drops its step hooks when copied."""
+        return hook_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``deepcopy``, pickle) hooks the optimizer and model it holds, so it schedules
+        as the original would from that point; its probes re-hook themselves likewise."""
+        restore_hooks(self, state)
+
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._optimizer_steps += 1
 
@@ -183,10 +203,13 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         return list(probes.values())
 
     def remove(self) -> None:
-        """Detach every hook this scheduler registered (the LR stays as last written)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Detach every hook this scheduler registered (idempotent; the LR stays as last written).
+
+        Dropping the scheduler does the same: its hooks go as soon as it is collected.
+        """
+        hooks = getattr(self, "_hooks", None)  # None: a constructor that failed before hooking
+        if hooks is not None:
+            hooks.remove()
 
     # ------------------------------------------------------------------- step
     def _initial_step(self) -> None:

@@ -681,7 +681,7 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles drop the kept planning graph (an autograd graph cannot be copied);
         a copy's next online update re-runs the encoder. Checkpoint with :meth:`state_dict`."""
-        state = self.__dict__.copy()
+        state = super().__getstate__()  # hooks are not copied: the copy registers its own
         state["_pending_graph"] = None
         return state
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -122,6 +123,43 @@ class FlatBlockBuffer:
         self.flat_views = [v.view(-1) for v in self.views]
         self._pads: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}  # gather()
         self._row_views = [flat.view(-1, chunk) for flat in self.flats]
+
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        """The flat buffers and each view's place in them, not the views themselves.
+
+        Plain pickle writes each tensor's storage on its own, which would cut the views loose
+        from the flats (the curvature probe writes Δθ through the views and reads the flats): a
+        pickled copy would then compute from stale buffers. ``__setstate__`` rebuilds the views.
+        """
+        state = self.__dict__.copy()
+        keys = [(f.untyped_storage().data_ptr(), f.dtype, f.device) for f in self.flats]
+        places: list[Tensor | tuple[int, int, tuple[int, ...]]] = []
+        for view in self.views:
+            key = (view.untyped_storage().data_ptr(), view.dtype, view.device)
+            if view.numel() == 0 or key not in keys:  # nothing shared: the tensor itself
+                places.append(view)
+                continue
+            g = keys.index(key)
+            start = view.storage_offset() - self.flats[g].storage_offset()
+            places.append((g, start, tuple(view.shape)))
+        state["views"] = places
+        for derived in ("flat_views", "_row_views"):
+            del state[derived]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        views = []
+        for place in state["views"]:
+            if isinstance(place, Tensor):
+                views.append(place)
+                continue
+            g, start, shape = place
+            views.append(self.flats[g][start : start + math.prod(shape)].view(shape))
+        self.views = views
+        self.flat_views = [v.view(-1) for v in self.views]
+        self._row_views = [flat.view(-1, self.chunk) for flat in self.flats]
 
     # ------------------------------------------------------------------ layout
     def gather(self, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graff._hooks import HookSet, hook_state, restore_hooks
 from graff.errors import ProbeError
 from graff.probes._context import probing_active
 
@@ -155,14 +156,26 @@ class InputCapture:
 
     The hook ignores passes made while :func:`graff.probes._context.probing_active` (the probe's
     own re-evaluations) and under ``torch.no_grad()`` (evaluation loops), and removes itself
-    once it has captured a batch.
+    once it has captured a batch. The hook holds the capture weakly (:mod:`graff._hooks`): the
+    model never keeps a dropped probe alive, and a copy of a capture that is still waiting for
+    a batch hooks the copied model.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.args: tuple[Any, ...] | None = None
         self.kwargs: dict[str, Any] | None = None
-        self._handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._hooks = HookSet(self)
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        self._hooks.add_module_hook(self.model, "forward_pre", "_hook", with_kwargs=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return hook_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        restore_hooks(self, state)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self.args is not None or probing_active() or not torch.is_grad_enabled():
@@ -213,7 +226,7 @@ class InputCapture:
 
     def remove(self) -> None:
         """Detach the forward pre-hook (idempotent)."""
-        self._handle.remove()
+        self._hooks.remove()
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, float]:

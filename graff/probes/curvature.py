@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
 from graff.distributed import RankSync, is_sharded, local_shard, unwrap_data_parallel
@@ -231,7 +232,8 @@ class CurvatureProbe:
     the guard safe. See the module docstring for the per-step statistics and memory use.
 
     Args:
-        optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it.
+        optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it. They hold the
+            probe weakly and go when it is collected: keep a reference while it should probe.
         model: Optional model. Its LoRA modules become blocks, and when ``loss_fn`` is None the
             inputs of its first gradient-enabled forward pass are the probe batch, re-run as
             ``model(**inputs).loss``. The model runs in eval mode during an estimate.
@@ -439,10 +441,21 @@ class CurvatureProbe:
         self._step_time: float | None = None
         self._t_post: float | None = None
         self._probe_since_post = 0.0
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_hook),
-            optimizer.register_step_post_hook(self._post_hook),
-        ]
+        self._hooks = HookSet(self)
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        """Hook the optimizer's steps (also on a copy: torch's ``Optimizer`` drops its hooks when
+        copied). The hooks hold the probe weakly and go when it is collected (graff._hooks)."""
+        self._hooks.add(self.optimizer.register_step_pre_hook, "_pre_hook")
+        self._hooks.add(self.optimizer.register_step_post_hook, "_post_hook")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return hook_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (``deepcopy``, pickle) hooks the optimizer it holds."""
+        restore_hooks(self, state)
 
     # ------------------------------------------------------------------ per-step statistics
     @property
@@ -841,9 +854,8 @@ class CurvatureProbe:
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
-        """Detach every hook this probe registered (idempotent)."""
-        for handle in self._handles:
-            handle.remove()
+        """Detach every hook this probe registered (idempotent; also done when it is collected)."""
+        self._hooks.remove()
         if self._capture is not None:
             self._capture.remove()
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._validation import check_positive_int
 from graff.distributed import unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
@@ -132,44 +132,10 @@ def _detect(model: nn.Module) -> tuple[nn.ModuleList | None, Callable[[Tensor], 
     return None, None
 
 
-def _hook_layer(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        probe = ref()
-        if probe is not None and not probing_active() and not _in_backward():
-            probe._observe(output)
-
-    return hook
-
-
-def _hook_pre(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        probe = ref()
-        if probe is not None and not probing_active():
-            mask = kwargs.get("attention_mask")
-            probe._mask = mask if isinstance(mask, Tensor) else None
-
-    return hook
-
-
-def _hook_post(ref: weakref.ref[EntropyProbe]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        probe = ref()
-        if probe is not None and not probing_active():
-            probe._mask = None
-
-    return hook
-
-
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (activation-checkpointing recomputation)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
-
-
-def _remove_handles(handles: list[Any]) -> None:
-    for handle in handles:
-        handle.remove()
-    handles.clear()
 
 
 class EntropyProbe:
@@ -286,15 +252,37 @@ class EntropyProbe:
         self.decoded_pass: int | None = None
         self._dropped = 0
         self._pooled: tuple[int, EntropyStats] | None = None  # all ranks' stats (distributed)
-        ref = weakref.ref(self)
-        handles = [
-            model.register_forward_pre_hook(_hook_pre(ref), with_kwargs=True),
-            model.register_forward_hook(_hook_post(ref), always_call=True),
-            layer.register_forward_hook(_hook_layer(ref)),
-        ]
-        # Removes the hooks on remove() or when the probe is garbage collected; holds no
-        # reference to the probe, so the model never keeps a forgotten probe alive.
-        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+        self._model, self._layer = model, layer
+        self._hooks = HookSet(self)
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        """Hook the model and the layer. The hooks hold the probe weakly (:mod:`graff._hooks`):
+        the model never keeps a forgotten probe alive, and they go when it is collected. A copy
+        (``deepcopy``, pickle) hooks the model it holds instead of the original's."""
+        hooks, model = self._hooks, self._model
+        hooks.add_module_hook(model, "forward_pre", "_on_pre", with_kwargs=True)
+        hooks.add_module_hook(model, "forward", "_on_post", always_call=True)
+        hooks.add_module_hook(self._layer, "forward", "_on_layer")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return hook_state(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        restore_hooks(self, state)
+
+    def _on_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        if not probing_active():
+            mask = kwargs.get("attention_mask")
+            self._mask = mask if isinstance(mask, Tensor) else None
+
+    def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not probing_active():
+            self._mask = None
+
+    def _on_layer(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not probing_active() and not _in_backward():
+            self._observe(output)
 
     @staticmethod
     def _resolve(
@@ -344,11 +332,11 @@ class EntropyProbe:
     @property
     def active(self) -> bool:
         """Whether the hooks are still attached (``False`` after :meth:`remove`)."""
-        return self._finalizer.alive
+        return self._hooks.active
 
     def remove(self) -> None:
         """Detach every hook from the model. Idempotent; the last readings stay readable."""
-        self._finalizer()
+        self._hooks.remove()
 
     def _valid_positions(self, shape: tuple[int, ...]) -> Tensor:
         """Flat indices (CPU, long) of the non-padding tokens of a ``shape = [batch, seq]`` input."""
