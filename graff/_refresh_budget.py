@@ -1,4 +1,8 @@
-"""Wall-time allowance for the extra λ̂ refreshes GraffScheduler's peak search asks for."""
+"""Allowance for the extra λ̂ refreshes GraffScheduler's peak search asks for.
+
+In wall time under a wall-clock budget, in training steps under a step budget (no measured
+time decides anything there, so a run is reproducible).
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,10 @@ class RefreshBudget:
     the scheduler's first step, :math:`T_\text{probe}` the probe's time in all its estimates,
     :math:`u` the fraction of the budget used (so the right side is :math:`f` times the projected
     training time of the whole run) and :math:`f` = ``fraction``. ``fraction=0`` turns them off.
+
+    Under a step budget the same rule is kept in units of training steps, from counts alone
+    (:meth:`affordable_steps`): the run is exactly the budget's steps, and every extra refresh
+    costs the same number of step-equivalents.
     """
 
     def __init__(self, fraction: float) -> None:
@@ -59,6 +67,13 @@ class RefreshBudget:
         cost = self.last_cost if self.last_cost is not None else first_cost
         projected = max(self.elapsed - probe_seconds, 0.0) / min(fraction_used, 1.0)
         return self.spent + cost <= self.fraction * projected
+
+    def affordable_steps(self, cost_steps: float, total_steps: float) -> bool:
+        """Whether one more refresh of ``cost_steps`` keeps all of them (``count`` so far, each
+        of the same cost) within ``fraction`` of a ``total_steps`` run. Reads no clock."""
+        if self.fraction <= 0:
+            return False
+        return (self.count + 1) * cost_steps <= self.fraction * total_steps
 
     def charge(self, seconds: float) -> None:
         """Record a refresh that took ``seconds``."""

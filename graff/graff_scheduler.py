@@ -96,7 +96,7 @@ from graff.guard import guard_constant, log_lr_bound, project_to_halfspace
 from graff.planner_io import load_planner, save_planner
 from graff.planner_net import PlannerNet, mean_adjacency
 from graff.priors import BudgetPrior, make_prior
-from graff.probes.curvature import CurvatureProbe
+from graff.probes.curvature import CurvatureProbe, estimate_cost_steps
 from graff.probes.entropy import EntropyProbe
 from graff.probes.preconditioner import preconditioner_kind
 
@@ -192,8 +192,9 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
             ``None``: optimizer-aware (:func:`default_headroom`: 4 for Adam-type and other
             adaptive optimizers, 8 otherwise).
         refresh_budget: Fraction of the run's projected training time the peak search's extra
-            λ̂ refreshes may use (:class:`graff._refresh_budget.RefreshBudget`); 0 turns them off
-            (the search then holds at its ceiling).
+            λ̂ refreshes may use (:class:`graff._refresh_budget.RefreshBudget`): measured seconds
+            under a wall-clock budget, training steps (a refresh priced from its product count)
+            under a step budget; 0 turns them off (the search then holds at its ceiling).
         block_multipliers: Learn per-block multipliers of the applied update (off by default:
             on a GSM8K char-level transformer they cost 0.02–0.05 nats, as the feasibility
             study also found — per-block signals are mostly noise).
@@ -205,6 +206,9 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
         curvature_every: λ̂ refresh interval in steps, or ``"auto"``: the refreshes get what the
             per-step work (probes, planner, guard) leaves of a 1 % overhead target, at least a
             quarter of it (``CurvatureProbe(share_step_costs=True)``, ``docs/concepts/graff.md``).
+            Priced from measured times under a wall-clock budget; under a step budget from
+            product counts alone (``CurvatureProbe(cost_model="steps")``: that quarter, every
+            2800 steps), so that the run is bit-reproducible.
         plan_every: Run the planner (features, encoder, online update, projection) every this
             many optimizer steps; in between the LR follows the prior, the peak search and the
             guard every step with the residual held. The online signal is then the hypergradient
@@ -387,6 +391,8 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
                 process_group=process_group,
                 distributed=distributed,
             )
+            # the auto λ̂ interval is priced in steps under a step budget, in seconds otherwise
+            self.curvature._follow_budget(self.budget.kind)
         except BaseException:  # a failed constructor leaves no hook on the optimizer/model
             self.curvature.remove()
             if self.entropy_probe is not None:
@@ -399,7 +405,8 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
 
         Its own time (λ̂ refreshes excluded) and the entropy probe's since the last step are
         reported to the curvature probe, whose ``auto`` refresh interval keeps the whole
-        overhead to one target (``CurvatureProbe(share_step_costs=True)``).
+        overhead to one target (``CurvatureProbe(share_step_costs=True)``) under a wall-clock
+        budget; under a step budget the timings are only reported (``overhead_seconds()``).
         """
         t0 = time.perf_counter()
         refreshes = self.refreshes.spent
@@ -586,7 +593,16 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
         return self._guard_log_bound()
 
     def _refresh_affordable(self) -> bool:
-        """Whether the refresh budget allows one more extra λ̂ refresh (rank 0 decides)."""
+        """Whether the refresh budget allows one more extra λ̂ refresh.
+
+        Under a step budget from counts alone (a refresh priced by
+        :func:`~graff.probes.curvature.estimate_cost_steps`, the run being the budget's steps),
+        so the decision is the same on every run; under a wall-clock budget from measured
+        times (rank 0 decides).
+        """
+        if self.curvature.cost_model == "steps":
+            cost = estimate_cost_steps(_REFRESH_ITERS)
+            return self.refreshes.affordable_steps(cost, self.budget.total)
         spent = self.curvature.overhead_seconds
         ok = self.refreshes.affordable(spent, spent, self.budget.fraction_used)
         sync = self.curvature.sync

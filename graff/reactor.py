@@ -135,7 +135,10 @@ class ReactorScheduler(BudgetedScheduler):
         token_aware: Use an entropy probe: ``None`` if ``model`` is a detectable causal LM,
             ``True`` requires one, ``False`` never.
         curvature_probe: A probe to share (not saved in :meth:`state_dict`; save it yourself).
-            ``None``: one is created (``hvp=guard``) and saved with the scheduler.
+            ``None``: one is created (``hvp=guard``) and saved with the scheduler. Either way
+            its ``auto`` λ̂ interval follows the budget (``cost_model``: steps under a step
+            budget, measured seconds under a wall-clock one); a probe built with
+            ``cost_model="seconds"`` is refused under a step budget.
         entropy_probe: An entropy probe to share (same rule).
         seed: Non-negative integer seed; ``None`` draws one from the OS (saved in the state;
             under ``torch.distributed`` rank 0 draws it and every rank uses it).
@@ -290,6 +293,9 @@ class ReactorScheduler(BudgetedScheduler):
             curvature_probe = CurvatureProbe(
                 self.optimizer, model=model, loss_fn=loss_fn, hvp=self.guard, seed=self.seed % 2**31
             )
+        # the probe's auto λ̂ interval is priced in steps under a step budget (no timing
+        # decides anything there), in seconds under a wall-clock one
+        curvature_probe._follow_budget(self.budget.kind)
         self.curvature_probe = curvature_probe
         self._owns_entropy = (
             entropy_probe is None and model is not None and token_aware is not False

@@ -163,7 +163,8 @@ def test_auto_mode_refreshes_at_the_interval() -> None:
 
 def _auto_interval_with_fake_clock(monkeypatch, step_cost: float | None) -> CurvatureProbe:
     """Run SGD 12 steps on a quadratic with a fake clock: each step 1 s, each Hessian-vector
-    product 0.1 s, the hooks 0 s; ``step_cost`` seconds reported per step (None: no sharing)."""
+    product 0.1 s, the hooks 0 s; ``step_cost`` seconds reported per step (None: no sharing).
+    The probe prices refreshes in seconds (``cost_model="seconds"``: a wall-clock budget's)."""
     import graff.probes.curvature as curvature_module
 
     now = [0.0]
@@ -172,7 +173,11 @@ def _auto_interval_with_fake_clock(monkeypatch, step_cost: float | None) -> Curv
     x = nn.Parameter(torch.ones(6, dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=0.01)
     probe = CurvatureProbe(
-        opt, loss_fn=lambda: quadratic(a, x), start_step=0, share_step_costs=step_cost is not None
+        opt,
+        loss_fn=lambda: quadratic(a, x),
+        start_step=0,
+        share_step_costs=step_cost is not None,
+        cost_model="seconds",
     )
     estimate = probe._estimate
 

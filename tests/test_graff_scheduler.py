@@ -609,14 +609,24 @@ def test_the_forward_hook_keeps_no_loss_while_step_is_given_one() -> None:
     assert sched._captured_sum is not None
 
 
-def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["seconds", "steps"])
+def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch, kind) -> None:
+    """Measured and reported under any budget; it sets the ``auto`` λ̂ interval's share only
+    under a wall-clock budget (under a step budget no timing decides anything)."""
     import time
+
+    from graff.probes.curvature import MIN_ESTIMATE_SHARE
 
     now = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: now[0])
     model, x, y = _regression()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), guard=False)
+    budget = (
+        graff.BudgetClock(seconds=1000, time_fn=lambda: now[0])
+        if kind == "seconds"
+        else graff.BudgetClock(steps=30)
+    )
+    sched = GraffScheduler(opt, budget=budget, guard=False)
     plan = sched._plan
 
     def slow_plan(loss):  # the planner "takes" 3 ms of a 1 s step
@@ -634,9 +644,13 @@ def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch) ->
         sched.step(loss)
     probe = sched.curvature
     assert probe.share_step_costs
+    assert probe.cost_model == kind
     assert probe.step_cost_seconds == pytest.approx(0.003)
     assert probe._step_time == pytest.approx(1.003)
-    assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
+    if kind == "seconds":
+        assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
+    else:
+        assert probe._estimate_share() == MIN_ESTIMATE_SHARE * 0.01
     # the user-facing account: 20 steps x 3 ms of per-step work, no λ̂ estimate (guard off)
     assert sched.overhead_seconds() == pytest.approx({"per_step": 0.06, "lambda_max": 0.0})
 

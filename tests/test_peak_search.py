@@ -299,3 +299,20 @@ def test_refresh_budget_rejects_bad_state(state: dict) -> None:
     budget = RefreshBudget(0.1)
     with pytest.raises(CheckpointError, match="refresh-budget"):
         budget.load_state_dict(state)
+
+
+def test_refresh_budget_in_steps_reads_no_clock(monkeypatch) -> None:
+    """Under a step budget: (count + 1) · c ≤ f · total steps, whatever the clock reads."""
+    from graff import _refresh_budget
+
+    def no_clock() -> float:
+        raise AssertionError("the step-priced allowance must not read a clock")
+
+    monkeypatch.setattr(_refresh_budget.time, "perf_counter", no_clock)
+    budget = _refresh_budget.RefreshBudget(0.1)
+    assert budget.affordable_steps(cost_steps=13.0, total_steps=130)  # 13 <= 13
+    assert not budget.affordable_steps(cost_steps=13.0, total_steps=129)
+    budget.charge(123.0)  # the measured seconds are recorded, but only the count prices it
+    assert budget.affordable_steps(cost_steps=13.0, total_steps=260)  # 2 · 13 <= 26
+    assert not budget.affordable_steps(cost_steps=13.0, total_steps=259)
+    assert not _refresh_budget.RefreshBudget(0.0).affordable_steps(1.0, 1e9)

@@ -80,6 +80,27 @@ FORMAT_VERSION = 1
 #: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
 #: ``share_step_costs`` is on and the per-step costs take (nearly) all of it.
 MIN_ESTIMATE_SHARE = 0.25
+#: Cost of one Hessian-vector product in training steps (``cost_model="steps"``): one double
+#: backward through the probe batch's gradient graph, about two forward and backward passes.
+HVP_STEPS = 2.0
+#: Cost of building that graph (one forward and one backward of the probe batch with
+#: ``create_graph=True``) in training steps, paid once per estimate.
+GRAPH_STEPS = 1.0
+COST_MODELS = ("steps", "seconds")
+
+
+def estimate_cost_steps(products: int) -> float:
+    """Cost of one λ̂ estimate of ``products`` Hessian-vector products, in training steps.
+
+    ``GRAPH_STEPS + HVP_STEPS · products``: a price from counts alone, so that decisions taken
+    from it (the ``auto`` interval under ``cost_model="steps"``, GraffScheduler's refresh
+    allowance under a step budget) are the same on every run, whatever the machine is doing.
+    It takes the probe batch to be about one training batch, as a captured one is (the inputs of
+    a training forward pass); a ``loss_fn`` on a larger batch costs proportionally more.
+    """
+    return GRAPH_STEPS + HVP_STEPS * products
+
+
 _STATE_KEYS = frozenset(
     {
         "format_version",
@@ -176,6 +197,14 @@ def _check_update_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+def _check_cost_model(cost_model: Any) -> str | None:
+    if cost_model is not None and cost_model not in COST_MODELS:
+        raise GraffConfigError(
+            f"cost_model must be None, 'steps' or 'seconds', got {cost_model!r}."
+        )
+    return cost_model
+
+
 def _check_blocks(
     optimizer: torch.optim.Optimizer, model: nn.Module | None, blocks: Any
 ) -> list[Block]:
@@ -240,8 +269,8 @@ class CurvatureProbe:
         blocks: None (:func:`graff.blocks.discover_blocks`), a list of ``Block`` or a mapping.
         loss_fn: Optional closure returning the scalar loss on a fixed batch (with grad graph).
             It must not call ``backward()``.
-        every: Refresh interval in optimizer steps, or ``"auto"`` (probe time / step time
-            ≤ ``overhead_target``, never below ``min_every``).
+        every: Refresh interval in optimizer steps, or ``"auto"`` (refresh cost / step cost
+            ≤ ``overhead_target``, never below ``min_every``; priced as ``cost_model`` says).
         power_iters: Hessian-vector products per refresh.
         initial_iters: Hessian-vector products for the first estimate (cold start).
         margin: Safety factor ≥ 1 of ``lambda_max_safe``.
@@ -274,7 +303,25 @@ class CurvatureProbe:
             leave of ``overhead_target``: this probe's hooks plus what the owner reports with
             :meth:`add_step_cost` (a moving average per step, ``step_cost_seconds``), but at
             least ``MIN_ESTIMATE_SHARE`` (1/4) of it. GraffScheduler turns it on, so its whole
-            overhead — probes, planner, guard and λ̂ — keeps to one target.
+            overhead — probes, planner, guard and λ̂ — keeps to one target. Under
+            ``cost_model="steps"`` the per-step costs are not measured into the decision: the
+            estimates get ``MIN_ESTIMATE_SHARE`` of the target (the per-step work is taken to
+            use the rest, as it does on small models).
+        cost_model: How the ``auto`` interval prices a refresh. ``"steps"``: in training steps,
+            from the number of Hessian-vector products (:func:`estimate_cost_steps`), so the
+            interval is a function of the settings alone and a run under a step budget is
+            bit-reproducible; the interval is
+            ``ceil(estimate_cost_steps(power_iters) / share)``, ``share`` the fraction of
+            ``overhead_target`` above (all of it without ``share_step_costs``), within
+            ``[min_every, max_every]``; an estimate in the first optimizer step (SGD's cold
+            start, at the initialization, whose sharpness moves fast) leaves it at
+            ``min_every``, as ``"seconds"`` does, having no step timed yet then.
+            ``"seconds"``: from measured times (the last estimate's
+            time over a moving average of the step time), which follows the real costs but
+            changes from run to run. ``None`` (default): the scheduler the probe serves picks
+            by its budget, ``"seconds"`` under a wall-clock budget and ``"steps"`` under a step
+            budget (an explicit ``"seconds"`` there is refused); a probe used on its own counts
+            steps. Timings are measured and reported (``overhead_seconds`` and the like) either way.
         start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
             preconditioned optimizers, whose first preconditioners are meaningless (measured on
             a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
@@ -318,6 +365,7 @@ class CurvatureProbe:
         chunk_iters: int | None = None,
         update_dtype: torch.dtype | None = None,
         share_step_costs: bool = False,
+        cost_model: str | None = None,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -369,6 +417,9 @@ class CurvatureProbe:
             )
         self.start_step = start_step
         self.share_step_costs = share_step_costs
+        self._cost_model_given = _check_cost_model(cost_model) is not None
+        #: ``"steps"`` or ``"seconds"``: what prices a refresh for the ``auto`` interval.
+        self.cost_model: str = cost_model or "steps"
         #: Moving average of the seconds per step spent in this probe's hooks (estimates
         #: excluded) plus what :meth:`add_step_cost` reported; ``None`` before the first step.
         self.step_cost_seconds: float | None = None
@@ -664,9 +715,12 @@ class CurvatureProbe:
         ``overhead_target``, less the per-step costs when ``share_step_costs`` is on (so the
         probe, its owner and the estimates together keep to the target), but never less than
         ``MIN_ESTIMATE_SHARE`` of it: the guard needs fresh estimates even when the per-step
-        costs alone exceed the target.
+        costs alone exceed the target. Under ``cost_model="steps"`` no timing enters: with
+        ``share_step_costs`` it is that least share, else the whole target.
         """
         target = self.overhead_target
+        if self.share_step_costs and self.cost_model == "steps":
+            return MIN_ESTIMATE_SHARE * target
         if not (self.share_step_costs and self.step_cost_seconds and self._step_time):
             return target
         return max(target - self.step_cost_seconds / self._step_time, MIN_ESTIMATE_SHARE * target)
@@ -719,13 +773,39 @@ class CurvatureProbe:
             self._last_attempt = self.step
             per_refresh = spent * (self.power_iters + 1) / (iters + 1)
             self.refresh_seconds = per_refresh  # cost of one refresh, from this estimate's time
-            if self.every == "auto" and self._step_time is not None:
-                need = per_refresh / (self._estimate_share() * self._step_time)
-                self.interval = max(self.min_every, math.ceil(need))
-                if self.max_every is not None:
-                    self.interval = min(self.interval, self.max_every)
-            if self.sync is not None and self.every == "auto":  # timings differ: rank 0's
-                self.interval = round(self.sync.from_rank0(self.interval))
+            if self.every == "auto":
+                self._set_auto_interval(per_refresh)
+
+    def _set_auto_interval(self, refresh_seconds: float) -> None:
+        """The ``auto`` interval after an estimate, priced by :attr:`cost_model`."""
+        need: float | None = None  # None: keep the interval (min_every before any refresh)
+        if self.cost_model == "steps":  # counts only: the same on every run
+            if self.step > 1:  # as below, where an estimate in the first step finds no timing
+                need = estimate_cost_steps(self.power_iters) / self._estimate_share()
+        elif self._step_time is not None:
+            need = refresh_seconds / (self._estimate_share() * self._step_time)
+        if need is not None:
+            self.interval = max(self.min_every, math.ceil(need))
+            if self.max_every is not None:
+                self.interval = min(self.interval, self.max_every)
+        if self.sync is not None and self.cost_model == "seconds":  # timings differ: rank 0's
+            self.interval = round(self.sync.from_rank0(self.interval))
+
+    def _follow_budget(self, kind: str) -> None:
+        """Price refreshes as the serving scheduler's budget counts (``"steps"``/``"seconds"``).
+
+        A probe built with ``cost_model=None`` takes ``kind``; an explicit ``"steps"`` is kept
+        under any budget. An explicit ``"seconds"`` under a step budget raises: measured times
+        would decide the interval, and the run would not be reproducible.
+        """
+        if not self._cost_model_given:
+            self.cost_model = kind
+        elif self.cost_model == "seconds" and kind == "steps":
+            raise GraffConfigError(
+                "this CurvatureProbe was built with cost_model='seconds', but the scheduler "
+                "has a step budget, under which no measured time may decide anything (runs "
+                "are reproducible); use cost_model=None or 'steps', or a wall-clock budget."
+            )
 
     def estimate_lambda_max(self, iters: int | None = None) -> float | None:
         """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
