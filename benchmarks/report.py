@@ -429,7 +429,8 @@ def _spread_target(tasks: dict[str, Any]) -> tuple[str, str, bool]:
 def targets_markdown(summary: dict[str, Any], overhead: dict[str, Any] | None) -> str:
     lines = ["## Targets (issue 5) on this run", "", "| target | evidence | met |", "|---|---|---|"]
     for target, evidence, met in targets(summary):
-        lines.append(f"| {target} | {evidence} | {'yes' if met else '**no**'} |")
+        verdict = "—" if evidence == "not run" else "yes" if met else "**no**"
+        lines.append(f"| {target} | {evidence} | {verdict} |")
     if overhead and "graff" in overhead.get("results", {}):
         pct = overhead["results"]["graff"]["overhead_percent"]
         lines.append(

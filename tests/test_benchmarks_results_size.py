@@ -92,3 +92,14 @@ def test_write_all_writes_compact_json_and_marks_anchors_as_taking_no_lr(tmp_pat
     assert "no LR taken |" in md
     assert "| dog (no LR taken) | — |" in md
     assert "| graff | " in md  # LR-taking schedulers keep their spread
+
+
+def test_a_target_whose_schedulers_did_not_run_is_not_marked_failed() -> None:
+    """The anchors suite runs no REACTOR or prior_only: those targets read 'not run', not 'no'."""
+    from benchmarks.report import targets_markdown
+
+    text = targets_markdown(summarize(_runs()), None)
+    reactor = next(line for line in text.splitlines() if "REACTOR" in line)
+    assert reactor.endswith("| not run | — |")
+    spread = next(line for line in text.splitlines() if "spread" in line)
+    assert spread.endswith("| **no** |") or spread.endswith("| yes |")  # graff and cosine ran
