@@ -23,6 +23,7 @@ command refuses to run on a machine without CUDA.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -232,6 +233,7 @@ def run_method(env: Env, name: str) -> dict[str, Any]:
 
 def _run_method(env: Env, name: str) -> dict[str, Any]:
     cfg = env.cfg
+    gc.collect()  # the previous method's model, optimizer and scheduler (reference cycles)
     if env.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
