@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|wallclock``, ``overhead`` and ``soak``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|budgets|wallclock``, ``overhead``, ``soak`` and ``gpu``."""
 
 from __future__ import annotations
 
@@ -108,13 +108,28 @@ def _soak(args: argparse.Namespace) -> None:
     main(args)
 
 
+def _gpu(args: argparse.Namespace) -> None:
+    from benchmarks.gpu import main
+
+    main(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every scheduler on every task of a suite")
     run.add_argument(
         "--suite",
-        choices=["quick", "full", "floor", "ablations", "wallclock", "wallclock-quick"],
+        choices=[
+            "quick",
+            "full",
+            "floor",
+            "ablations",
+            "anchors",
+            "budgets",
+            "wallclock",
+            "wallclock-quick",
+        ],
         default="quick",
     )
     run.add_argument("--out", help="results folder (default benchmarks/results/<suite>/)")
@@ -152,6 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     soak.add_argument("--steps", type=int, default=3000)
     soak.add_argument("--seed", type=int, default=0)
     soak.set_defaults(func=_soak)
+    from benchmarks.gpu import add_arguments
+
+    gpu = sub.add_parser(
+        "gpu",
+        help="GRAFF vs WSD/cosine/schedule-free at one wall-clock budget on a GPU (--tiny: CPU)",
+    )
+    add_arguments(gpu)
+    gpu.set_defaults(func=_gpu)
     args = parser.parse_args(argv)
     args.func(args)
 

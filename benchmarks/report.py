@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.floor import floor_markdown, floor_summary
-from benchmarks.schedulers import BASELINES
+from benchmarks.schedulers import ANCHORS, BASELINES
 from benchmarks.stats import paired_t_test, sign_flip_test
 from benchmarks.suites import ROBUSTNESS_MULTS
 
@@ -72,9 +72,14 @@ def _finite(x: float) -> float | None:
 def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
     best_per_baseline = {b: _best(cells, [b]) for b in BASELINES}
     best = _best(cells, BASELINES)
+    best_anchor = _best(cells, ANCHORS)
     graff = cells.get("graff@1")
     tests = {}
-    for other_name, other in (("best_baseline", best), ("prior_only", cells.get("prior_only@1"))):
+    for other_name, other in (
+        ("best_baseline", best),
+        ("prior_only", cells.get("prior_only@1")),
+        ("best_anchor", best_anchor),
+    ):
         if graff and other:
             common = sorted(set(graff["seeds"]) & set(other["seeds"]))
             x = [graff["seeds"][s] for s in common]
@@ -97,6 +102,13 @@ def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
                 "means": {f"{m:g}": _finite(v) for m, v in means.items()},
                 "spread": _finite(spread),
             }
+    for sched in ANCHORS:  # anchors take no LR: there is no spread to measure
+        if f"{sched}@1" in cells:
+            robustness[sched] = {
+                "means": {"1": _finite(cells[f"{sched}@1"]["mean"])},
+                "spread": None,
+                "no_lr_taken": True,
+            }
     return {
         "cells": {
             k: {
@@ -108,6 +120,7 @@ def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
             for k, v in cells.items()
         },
         "best_baseline": None if best is None else f"{best['scheduler']}@{best['lr_mult']:g}",
+        "best_anchor": None if best_anchor is None else best_anchor["scheduler"],
         "best_per_baseline": {
             b: None if c is None else f"{c['scheduler']}@{c['lr_mult']:g}"
             for b, c in best_per_baseline.items()
@@ -142,8 +155,9 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{meta['wall_seconds'] / 60:.1f} min wall.",
         "",
         "Final held-out validation loss (lower is better), mean ± std over seeds, same step budget "
-        "for every scheduler; base LR = 1e-3 × multiplier. Δ is relative to the best tuned "
-        "baseline. 'diverged' = a non-finite loss in at least one seed.",
+        "for every scheduler; base LR = the task's default LR (1e-3, AdamW's default; 0.05 for the "
+        "SGD task) × multiplier. Tuning-free anchors take no LR ('no LR taken'). Δ is relative to "
+        "the best tuned baseline. 'diverged' = a non-finite loss in at least one seed.",
         "",
     ]
     for task, ts in summary["tasks"].items():
@@ -155,11 +169,15 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
             "| scheduler | LR × | val loss | Δ vs best tuned |",
             "|---|---|---|---|",
         ]
-        order = [k for k in cells if k.split("@")[1] == "1"]
-        order.sort(key=lambda k: (cells[k]["scheduler"] in BASELINES, k))
+        order = [k for k in cells if k.rsplit("@", 1)[1] == "1"]
+        order.sort(
+            key=lambda k: (cells[k]["scheduler"] in ANCHORS, cells[k]["scheduler"] in BASELINES, k)
+        )
         for k in order:
+            anchor = cells[k]["scheduler"] in ANCHORS
+            label, mult = ("no LR taken", "—") if anchor else ("default LR", "1")
             lines.append(
-                f"| {cells[k]['scheduler']} (default LR) | 1 | {_fmt(cells[k])} | "
+                f"| {cells[k]['scheduler']} ({label}) | {mult} | {_fmt(cells[k])} | "
                 f"{_rel(cells[k], ref)} |"
             )
         for b, k in ts["best_per_baseline"].items():
@@ -186,9 +204,17 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
             ]
             rob = sorted(
                 ts["robustness"].items(),
-                key=lambda kv: math.inf if kv[1]["spread"] is None else kv[1]["spread"],
+                key=lambda kv: (
+                    bool(kv[1].get("no_lr_taken")),
+                    math.inf if kv[1]["spread"] is None else kv[1]["spread"],
+                ),
             )
             for sched, r in rob:
+                if r.get("no_lr_taken"):
+                    v = r["means"]["1"]
+                    one = "diverged" if v is None else f"{v:.4f}"
+                    lines.append(f"| {sched} | — | {one} | — | no LR taken |")
+                    continue
                 vals = [("diverged" if v is None else f"{v:.4f}") for v in r["means"].values()]
                 spread = "∞ (diverged)" if r["spread"] is None else f"{r['spread']:.4f}"
                 lines.append(f"| {sched} | {' | '.join(vals)} | {spread} |")
@@ -212,10 +238,11 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
     for task, ts in summary["tasks"].items():
         shown = ["graff@1", "prior_only@1", "reactor@1"]
         shown += [k for k in ts["best_per_baseline"].values() if k]
+        shown += [f"{a}@1" for a in ANCHORS if f"{a}@1" in ts["cells"]]
         fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
         fig_lr, ax_lr = plt.subplots(figsize=(7, 4.5))
         for key in dict.fromkeys(shown):
-            sched, mult = key.split("@")
+            sched, mult = key.rsplit("@", 1)
             sel = [
                 r
                 for r in runs
@@ -267,7 +294,7 @@ def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> di
     summary = summarize(runs)
     summary["floor"] = floor_summary(summary)
     payload = sanitize({"meta": meta, "summary": summary, "runs": runs})
-    (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False))
+    (out / "results.json").write_text(dumps_compact(payload))
     ovh_path = out.parent / "overhead" / "overhead.json"
     overhead = json.loads(ovh_path.read_text()) if ovh_path.is_file() else None
     text = markdown(meta, summary)
@@ -283,6 +310,29 @@ def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> di
     (out / "results.md").write_text(head + issue5 + floor + sep + rest)
     plots(runs, summary, out)
     return payload
+
+
+def dumps_compact(payload: dict[str, Any]) -> str:
+    """Strict JSON kept small: ``meta`` indented (read by people), every other key on one line,
+    and a ``runs`` list with one compact line per run (no pretty-printed per-step arrays).
+
+    The result is ordinary JSON (``json.loads`` reads it); non-finite floats must already be
+    replaced (``sanitize``).
+    """
+
+    def compact(value: Any) -> str:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+    parts = []
+    for key, value in payload.items():
+        if key == "meta":
+            text = json.dumps(value, indent=1, allow_nan=False)
+        elif key == "runs" and isinstance(value, list):
+            text = "[\n" + ",\n".join(compact(run) for run in value) + "\n]"
+        else:
+            text = compact(value)
+        parts.append(f"{json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def sanitize(obj: Any) -> Any:
@@ -379,7 +429,8 @@ def _spread_target(tasks: dict[str, Any]) -> tuple[str, str, bool]:
 def targets_markdown(summary: dict[str, Any], overhead: dict[str, Any] | None) -> str:
     lines = ["## Targets (issue 5) on this run", "", "| target | evidence | met |", "|---|---|---|"]
     for target, evidence, met in targets(summary):
-        lines.append(f"| {target} | {evidence} | {'yes' if met else '**no**'} |")
+        verdict = "—" if evidence == "not run" else "yes" if met else "**no**"
+        lines.append(f"| {target} | {evidence} | {verdict} |")
     if overhead and "graff" in overhead.get("results", {}):
         pct = overhead["results"]["graff"]["overhead_percent"]
         lines.append(

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.schedulers import current_lr, make
-from benchmarks.suites import DEFAULT_LR, Suite
+from benchmarks.schedulers import ANCHORS, MissingAnchorPackage, current_lr, make
+from benchmarks.suites import Suite, task_optimizer
 
 _TASKS: dict[str, Any] = {}
 _EVAL_POINTS = 10
@@ -29,9 +29,17 @@ def setup_worker(suite: Suite, data_dir: str | None, threads: int = 1) -> None:
         _TASKS[task.name] = task
 
 
+MAX_CURVE_POINTS = 200  # a stored curve never has more points than this (results stay small)
+
+
 def _subsample(values: list[float], points: int = 100) -> list[list[float]]:
-    stride = max(1, len(values) // points)
-    return [[i, v] for i, v in enumerate(values) if i % stride == 0 or i == len(values) - 1]
+    """Every ``stride``-th value (and the last), ≤ 2 × ``points`` points, 6 significant digits."""
+    stride = max(1, -(-len(values) // points))
+    return [
+        [i, float(f"{v:.6g}")]
+        for i, v in enumerate(values)
+        if i % stride == 0 or i == len(values) - 1
+    ]
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +48,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         result.update(_train(spec))
         result["status"] = "ok"
+    except MissingAnchorPackage as err:  # an optional benchmark extra, not a failure
+        result.update(status="skipped", error=str(err))
     except Exception as err:
         result.update(status="error", error=f"{type(err).__name__}: {err}")
         result["traceback"] = traceback.format_exc(limit=4)
@@ -48,23 +58,49 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _train(spec: dict[str, Any]) -> dict[str, Any]:
     task = _TASKS[spec["task"]]
-    steps, lr = task.steps, DEFAULT_LR * spec["lr_mult"]
+    kind, default_lr, weight_decay = task_optimizer(task)
+    steps, lr = task.steps, default_lr * spec["lr_mult"]
     model = task.build(spec["seed"])
-    setup = make(
-        spec["scheduler"],
-        model,
-        lr,
-        steps,
-        seed=spec["seed"],
-        loss_fn=task.probe_loss_fn(model),
-        graff_kwargs=spec.get("graff_kwargs"),
-    )
     gen = torch.Generator().manual_seed(1000 + spec["seed"])
+    train_losses, lrs, val_curve, extra = [], [], [], {}
+    start = time.perf_counter()
+    if spec["scheduler"] == "lr_range_wsd":  # the range test spends the first steps of the budget
+        from benchmarks import lr_range
+
+        range_gen = torch.Generator().manual_seed(2000 + spec["seed"])
+        setup, found = lr_range.make_setup(
+            model,
+            steps,
+            lambda m: task.train_loss(m, range_gen),
+            seed=spec["seed"],
+            optimizer=kind,
+            weight_decay=weight_decay,
+        )
+        lr, done = found.lr, found.steps
+        train_losses, lrs = [min(v, 1e9) for v in found.raw_losses], list(found.lrs)
+        lrs += [found.lrs[-1]] * (done - len(lrs))  # a non-finite last step has no smoothed entry
+        extra["range_test"] = {"steps": done, "picked_lr": lr, "rule": found.rule}
+    else:
+        setup = make(
+            spec["scheduler"],
+            model,
+            lr,
+            steps,
+            seed=spec["seed"],
+            loss_fn=task.probe_loss_fn(model),
+            graff_kwargs=spec.get("graff_kwargs"),
+            optimizer=kind,
+            weight_decay=weight_decay,
+        )
+        done = 0
+    if spec["scheduler"] in ANCHORS and spec["scheduler"] != "lr_range_wsd":
+        group = setup.optimizer.param_groups[0]  # its own LR (1.0, or 0.0025 for SF AdamW)
+        lr = float(group.get("initial_lr", group["lr"]))
+    evaluated = setup.eval_model or model  # DoG: its averaged iterate
     eval_every = max(1, steps // _EVAL_POINTS)
-    train_losses, lrs, val_curve = [], [], []
-    diverged, start = False, time.perf_counter()
+    diverged = False
     model.train()
-    for step in range(steps):
+    for step in range(done, steps):
         lrs.append(current_lr(setup))
         setup.train_mode()
         setup.optimizer.zero_grad(set_to_none=True)
@@ -74,20 +110,28 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
             break
         loss.backward()
         setup.optimizer.step()
+        setup.after_step()
         if setup.scheduler is not None:
             setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
         train_losses.append(loss.item())
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             setup.eval_mode()
-            val_curve.append([step + 1, task.val_loss(model)])
+            val_curve.append([step + 1, task.val_loss(evaluated)])
     seconds = time.perf_counter() - start
     final = (
-        float("nan") if diverged else task.val_loss(model) if not val_curve else val_curve[-1][1]
+        float("nan")
+        if diverged
+        else task.val_loss(evaluated)
+        if not val_curve
+        else val_curve[-1][1]
     )
     if not math.isfinite(final):
         diverged = True
     return {
+        **extra,
+        "optimizer": kind,
         "lr": lr,
+        "lr_taken": spec["scheduler"] not in ANCHORS,
         "steps": steps,
         "final_val_loss": None if diverged else final,
         "diverged": diverged,

@@ -3,7 +3,10 @@
 Fairness rules (see README): the same step budget for every scheduler on a task; the same seeds
 (same initialisation and batch order) for every scheduler; baselines get an LR sweep, GRAFF and
 REACTOR run with one setting for every task; every scheduler also runs at the user's default LR
-× {0.1, 1, 10} for the robustness table.
+× {0.1, 1, 10} for the robustness table. Tuning-free anchors take no LR and run once per seed.
+
+A task name may carry its step budget as a suffix, ``"gsm8k_qwen3@2000"``: the same task at
+another budget length, without a copy of its definition (the ``budgets`` suite).
 """
 
 from __future__ import annotations
@@ -12,10 +15,41 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import tasks
-from benchmarks.schedulers import ABLATIONS, BASELINES, LEARNED
+from benchmarks.schedulers import ABLATIONS, ANCHORS, BASELINES, LEARNED, WEIGHT_DECAY
 
-DEFAULT_LR = 1e-3  # the user's LR: AdamW's default, for every task
+DEFAULT_LR = 1e-3  # the user's LR: AdamW's default, for every AdamW task
 ROBUSTNESS_MULTS = (0.1, 1.0, 10.0)
+
+TASK_CLASSES: dict[str, type] = {
+    "digits_mlp": tasks.DigitsTask,
+    "digits_cnn_sgd": tasks.DigitsCnnTask,
+    "gsm8k_qwen3": tasks.Gsm8kLMTask,
+    "gsm8k_lora": tasks.LoraTask,
+}
+
+
+def build_task(name: str, config: dict[str, Any]) -> Any:
+    """The task ``name`` (``"base"`` or ``"base@steps"``) with ``config``; the suffix sets steps."""
+    base, _, budget = name.partition("@")
+    if base not in TASK_CLASSES:
+        raise KeyError(f"unknown task {base!r}; known: {sorted(TASK_CLASSES)}")
+    cfg = dict(config)
+    if budget:
+        if not budget.isdigit() or int(budget) < 1:
+            raise ValueError(f"task {name!r}: the budget after '@' must be a positive integer")
+        if "steps" in cfg and cfg["steps"] != int(budget):
+            raise ValueError(f"task {name!r}: steps={cfg['steps']} contradicts the suffix")
+        cfg["steps"] = int(budget)
+    return TASK_CLASSES[base](**cfg, name=name)
+
+
+def task_optimizer(task: Any) -> tuple[str, float, float]:
+    """(optimizer kind, the user's default LR, weight decay) the task declares, or the defaults."""
+    return (
+        getattr(task, "optimizer", "adamw"),
+        getattr(task, "default_lr", DEFAULT_LR),
+        getattr(task, "weight_decay", WEIGHT_DECAY),
+    )
 
 
 @dataclass(frozen=True)
@@ -29,14 +63,10 @@ class Suite:
     robust_mults: tuple[float, ...]  # LR multipliers for GRAFF / prior only / REACTOR
     seeds: int
     eval_points: int = 10
+    anchors: tuple[str, ...] = ()  # tuning-free anchors: no LR taken, one run per seed
 
     def build_tasks(self) -> list[Any]:
-        classes = {
-            "digits_mlp": tasks.DigitsTask,
-            "gsm8k_qwen3": tasks.Gsm8kLMTask,
-            "gsm8k_lora": tasks.LoraTask,
-        }
-        return [classes[name](**cfg) for name, cfg in self.task_configs]
+        return [build_task(name, cfg) for name, cfg in self.task_configs]
 
     def specs(self, seeds: int | None = None) -> list[dict[str, Any]]:
         """Every run of the suite, longest tasks first (better load balance across workers)."""
@@ -48,6 +78,7 @@ class Suite:
                 for sched in self.learned:
                     runs += [_spec(task_name, sched, m, seed) for m in self.robust_mults]
                 runs += [_spec(task_name, sched, 1.0, seed) for sched in self.ablations]
+                runs += [_spec(task_name, sched, 1.0, seed) for sched in self.anchors]
         return runs
 
 
@@ -70,11 +101,25 @@ _FULL_TASKS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
 )
 
+# issue 18: five tasks — today's three, a CNN trained with SGD + momentum, and a long horizon
+_ANCHOR_TASKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    *_FULL_TASKS,
+    ("digits_cnn_sgd", {"steps": 300}),
+    ("gsm8k_qwen3@1500", {}),
+)
+# one task at three budget lengths: how GRAFF scales with the budget
+_BUDGET_TASKS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("gsm8k_qwen3@200", {}),
+    ("gsm8k_qwen3@800", {}),
+    ("gsm8k_qwen3@2000", {}),
+)
+
 SUITES = {
     "quick": Suite(
         name="quick",
         task_configs=(
             ("digits_mlp", {"steps": 40}),
+            ("digits_cnn_sgd", {"steps": 40, "channels": 4}),
             ("gsm8k_qwen3", {"steps": 16, "hidden": 32, "seq": 32, "batch": 4, "val_windows": 8}),
             (
                 "gsm8k_lora",
@@ -96,6 +141,7 @@ SUITES = {
         robust_mults=(1.0,),
         seeds=1,
         eval_points=2,
+        anchors=("prodigy", "lr_range_wsd"),
     ),
     "full": Suite(
         name="full",
@@ -128,5 +174,29 @@ SUITES = {
         sweep_mults=(),
         robust_mults=(1.0,),
         seeds=3,
+    ),
+    # Issue 18: GRAFF against the tuning-free anchors and the LR-swept baselines, five tasks.
+    "anchors": Suite(
+        name="anchors",
+        task_configs=_ANCHOR_TASKS,
+        baselines=("fixed", "cosine", "wsd", "schedule_free"),
+        learned=("graff",),
+        ablations=(),
+        sweep_mults=(0.1, 1.0, 3.0, 10.0),
+        robust_mults=ROBUSTNESS_MULTS,
+        seeds=3,
+        anchors=ANCHORS,
+    ),
+    # Issue 18: one task at three budget lengths (200 / 800 / 2000 steps).
+    "budgets": Suite(
+        name="budgets",
+        task_configs=_BUDGET_TASKS,
+        baselines=("cosine", "wsd", "schedule_free"),
+        learned=("graff", "prior_only"),
+        ablations=(),
+        sweep_mults=(0.1, 1.0, 3.0, 10.0),
+        robust_mults=ROBUSTNESS_MULTS,
+        seeds=3,
+        anchors=ANCHORS,
     ),
 }

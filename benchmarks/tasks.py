@@ -3,6 +3,10 @@
 Each task builds a model for a seed and exposes ``train_loss(model, step, gen)`` (one minibatch)
 and ``val_loss(model)`` (held-out loss, the quality metric). Data order is drawn from a generator
 seeded by the run's seed, so two schedulers with the same seed see the same batches.
+
+A task may declare its optimizer (``optimizer = "sgd"``: SGD with momentum 0.9 for every variant
+that takes an LR), the user's LR for it (``default_lr``) and its ``weight_decay``; without them a
+task trains with AdamW at 1e-3 and weight decay 0.01 (``benchmarks.suites.task_optimizer``).
 """
 
 from __future__ import annotations
@@ -71,6 +75,37 @@ class DigitsTask:
     @torch.no_grad()
     def val_loss(self, model: nn.Module) -> float:
         return float(nn.functional.cross_entropy(model(self._data["xv"]), self._data["yv"]))
+
+
+# --------------------------------------------------------------------------- digits CNN, SGD
+@dataclass
+class DigitsCnnTask(DigitsTask):
+    """A small CNN on the 8×8 digits images, trained with SGD + momentum 0.9 (batch 64).
+
+    conv 3×3 (1→16) - ReLU - conv 3×3 (16→32) - ReLU - max-pool 2 - linear 512→10. Every variant
+    that takes an LR uses ``SGD(momentum=0.9, weight_decay=5e-4)`` at the user's LR 0.05 × the
+    multiplier; the anchors use their SGD flavour where one exists. Same split as ``digits_mlp``.
+    """
+
+    channels: int = 16
+    name: str = "digits_cnn_sgd"
+    optimizer: str = "sgd"
+    default_lr: float = 0.05
+    weight_decay: float = 5e-4
+
+    def build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        c = self.channels
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * c * 16, 10),
+        )
 
 
 # --------------------------------------------------------------------------- char-level Qwen3

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.schedulers import current_lr, make
-from benchmarks.suites import DEFAULT_LR, SUITES, Suite
+from benchmarks.suites import SUITES, Suite, task_optimizer
 from graff.clock import BudgetClock
 
 SCHEDULERS = (
@@ -54,8 +54,9 @@ def _suite(name: str) -> Suite:
 
 def _time_steps(task: Any, steps: int) -> float:
     """Median seconds per training step of plain AdamW + cosine (seed 0) on ``task``."""
+    kind, lr, weight_decay = task_optimizer(task)
     model = task.build(0)
-    setup = make("cosine", model, DEFAULT_LR, task.steps, seed=0)
+    setup = make("cosine", model, lr, task.steps, seed=0, optimizer=kind, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(999)
     model.train()
     times = []
@@ -72,10 +73,21 @@ def _time_steps(task: Any, steps: int) -> float:
 
 
 def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
-    steps, lr = task.steps, DEFAULT_LR
+    kind, lr, weight_decay = task_optimizer(task)
+    steps = task.steps
     model = task.build(seed)
     clock = BudgetClock(seconds=budget, measure_energy=False)
-    setup = make(name, model, lr, steps, seed=seed, loss_fn=task.probe_loss_fn(model), clock=clock)
+    setup = make(
+        name,
+        model,
+        lr,
+        steps,
+        seed=seed,
+        loss_fn=task.probe_loss_fn(model),
+        clock=clock,
+        optimizer=kind,
+        weight_decay=weight_decay,
+    )
     ticks_itself = setup.steps_with_loss  # GRAFF / REACTOR tick the clock in scheduler.step
     gen = torch.Generator().manual_seed(1000 + seed)
     train_losses, lrs, val_curve = [], [], []
@@ -111,7 +123,7 @@ def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
     val_curve.append([done, train_seconds, final])
     if not math.isfinite(final):
         diverged = True
-    stride = max(1, len(lrs) // 100)
+    stride = max(1, -(-len(lrs) // 100))  # ≤ 100 points per curve
     return {
         "lr": lr,
         "budget_seconds": budget,
@@ -225,7 +237,7 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         f"until `BudgetClock(seconds=B)` is exhausted (capped at {STEP_CAP}× the step budget); "
         "evaluation is paused time. Time-based cosine/linear/WSD follow `clock.fraction_used`; "
         "GRAFF, prior only and REACTOR get the clock; schedule-free keeps a step warm-up "
-        "(5 % of the step budget); fixed is constant. Default LR (1e-3) only, no sweep. "
+        "(5 % of the step budget); fixed is constant. The task's default LR (1e-3 for AdamW) only, no sweep. "
         "A slower scheduler (GRAFF's probes) completes fewer steps: that is the point of this table. "
         "Timing on shared CPUs is noisy; the step-budget tables are the quality reference.",
         "",
@@ -269,11 +281,11 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
 
 
 def write(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
-    from benchmarks.report import sanitize
+    from benchmarks.report import dumps_compact, sanitize
 
     summary = summarize(runs)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "summary": summary, "runs": runs}
-    (out / "results.json").write_text(json.dumps(sanitize(payload), indent=1) + "\n")
+    (out / "results.json").write_text(dumps_compact(sanitize(payload)))
     (out / "results.md").write_text(markdown(meta, summary))
     return summary

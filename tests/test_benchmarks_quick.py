@@ -29,7 +29,7 @@ def test_outputs_exist(quick_results: Path) -> None:
     for name in ("results.json", "results.md", "runs.jsonl"):
         assert (quick_results / name).is_file(), name
     pngs = sorted(quick_results.glob("*.png"))
-    assert len(pngs) == 6, pngs  # loss + LR plot for each of the three tasks
+    assert len(pngs) == 8, pngs  # loss + LR plot for each of the four tasks
     assert all(p.stat().st_size > 1000 for p in pngs)
 
 
@@ -46,14 +46,24 @@ def test_json_has_provenance_and_finite_numbers(quick_results: Path) -> None:
         assert math.isfinite(run["final_val_loss"])
         assert run["final_val_loss"] > 0
         assert all(math.isfinite(lr) and lr >= 0 for _, lr in run["lr_curve"])
-    assert {r["task"] for r in ok} == {"digits_mlp", "gsm8k_qwen3", "gsm8k_lora"}
+    assert {r["task"] for r in ok} == {"digits_mlp", "digits_cnn_sgd", "gsm8k_qwen3", "gsm8k_lora"}
+    sgd = [r for r in ok if r["task"] == "digits_cnn_sgd"]
+    assert {r["optimizer"] for r in sgd} == {"sgd"}
+    # the anchors: the LR range test spends part of the budget; none takes the user's LR
+    ranged = [r for r in ok if r["scheduler"] == "lr_range_wsd"]
+    assert len(ranged) == 4
+    assert all(0 < r["range_test"]["steps"] < r["steps"] for r in ranged)
+    anchors = [r for r in payload["runs"] if r["scheduler"] in ("prodigy", "lr_range_wsd")]
+    assert all(r["status"] in ("ok", "skipped") for r in anchors)
+    assert all(r["lr_taken"] is False for r in anchors if r["status"] == "ok")
 
 
 def test_markdown_has_a_table_per_task(quick_results: Path) -> None:
     text = (quick_results / "results.md").read_text()
-    for task in ("digits_mlp", "gsm8k_qwen3", "gsm8k_lora"):
+    for task in ("digits_mlp", "digits_cnn_sgd", "gsm8k_qwen3", "gsm8k_lora"):
         assert f"## {task}" in text
     assert "| scheduler | LR × | val loss |" in text
+    assert "| lr_range_wsd (no LR taken) | — |" in text
 
 
 def test_no_scheduler_crashed(quick_results: Path) -> None:
