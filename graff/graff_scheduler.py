@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,9 +88,10 @@ from graff._validation import (
     check_positive,
     check_positive_int,
 )
+from graff._warn import warn
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
-from graff.errors import GraffConfigError, ProbeError
+from graff.errors import GraffConfigError, ProbeError, ProbeWarning
 from graff.guard import guard_constant, log_lr_bound, project_to_halfspace
 from graff.planner_io import load_planner, save_planner
 from graff.planner_net import PlannerNet, mean_adjacency
@@ -765,7 +765,15 @@ def _make_entropy_probe(
     try:
         return EntropyProbe(model, seed=seed, every=every)
     except ProbeError as err:
-        warnings.warn(f"GraffScheduler runs without the entropy probe: {err}", stacklevel=3)
+        # EntropyProbe's own advice (layer=/head=) is for building one by hand; GraffScheduler
+        # takes neither, so the warning keeps the reason and names what GraffScheduler accepts.
+        reason = str(err).split(" Pass ", 1)[0]
+        warn(
+            f"GraffScheduler runs without the entropy probe (its entropy features stay 0): "
+            f"{reason} The other signals are unaffected. Pass entropy=False to GraffScheduler "
+            "to silence this warning.",
+            ProbeWarning,
+        )
         return None
     except GraffConfigError:
         raise

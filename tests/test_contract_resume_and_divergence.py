@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
+import re
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -317,3 +320,69 @@ def test_healthy_noisy_runs_are_never_cut(name: str, seed: int) -> None:
     assert sched.calibrator.cuts == 0
     _, _, quad, _, _ = _quadratic_run(lambda p: torch.optim.Adam(p, lr=0.1), seed, steps=200)
     assert quad.calibrator.cuts == 0  # Adam's bounces around a minimum near 0
+
+
+# ----------------------------------------------------------------- 3. warnings that help
+def _named_arguments(message: str) -> set[str]:
+    """The ``name=`` arguments a message tells the user to pass (``category=`` is filtering)."""
+    return set(re.findall(r"\b([a-z_]+)=", message)) - {"category"}
+
+
+def test_entropy_warning_names_an_argument_graff_scheduler_takes_and_points_at_the_caller() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))  # no decoder layers: no entropy probe
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model)
+    entropy = [w for w in caught if "entropy probe" in str(w.message)]
+    assert len(entropy) == 1, [str(w.message) for w in caught]
+    w = entropy[0]
+    assert issubclass(w.category, graff.errors.GraffWarning)
+    assert w.filename == __file__
+    named = _named_arguments(str(w.message))
+    assert named == {"entropy"}
+    assert named <= set(inspect.signature(graff.GraffScheduler).parameters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model, entropy=False)
+    assert not [w for w in caught if "entropy probe" in str(w.message)]
+
+
+def test_lambda_off_warning_points_at_the_users_step_and_says_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)  # the user computes the loss outside the model: no .loss to re-run
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model)
+    x = torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            loss = model(x).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(loss)
+    off = [w for w in caught if "λ̂ estimates off" in str(w.message)]
+    assert len(off) == 1, [str(w.message) for w in caught]
+    w, text = off[0], str(off[0].message)
+    assert issubclass(w.category, graff.errors.ProbeWarning)
+    assert issubclass(w.category, RuntimeWarning)  # as before GraffWarning existed
+    assert w.filename == __file__  # the user's opt.step(), not torch's optimizer.py
+    assert text.count("loss_fn=") == 1
+    assert "fixed probe batch" in text
+    assert "category=graff.errors.ProbeWarning" in text
+    assert _named_arguments(text) <= set(inspect.signature(graff.GraffScheduler).parameters)
+    assert not sched.curvature.hvp
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", category=graff.errors.GraffWarning)
+        graff.guard.stability_threshold(torch.optim.Rprop(model.parameters()))
+    assert not caught  # one category silences them all
+
+
+def test_readme_and_docs_index_show_loss_fn_for_plain_models() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for page in ("README.md", "docs/index.md"):
+        text = (root / page).read_text(encoding="utf-8")
+        assert "loss_fn=" in text, page
+        assert "probe batch" in text, page
