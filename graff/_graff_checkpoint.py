@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from graff._graff_state import ExplosionWatch
 from graff._refresh_budget import RefreshBudget
 from graff.errors import CheckpointError
 from graff.planner_net import FEATURE_NAMES, PlannerNet
@@ -47,6 +48,7 @@ class GraffCheckpointMixin:
             "steps_since_plan": self._steps_since_plan,
             "plans": self._plans,
             "losses": self.losses.state_dict(),
+            "explosion": self.explosion.state_dict(),
             "entropies": self.entropies.state_dict(),
             "counters": [
                 self.guard_activations,
@@ -139,6 +141,8 @@ class GraffCheckpointMixin:
         self._steps_since_plan = int(extra["steps_since_plan"])
         self._plans = int(extra.get("plans", 0))  # absent from states saved by earlier versions
         self.losses.load_state_dict(extra["losses"])
+        if "explosion" in extra:  # absent from states of graff <= 0.2
+            self.explosion.load_state_dict(extra["explosion"])
         self.entropies.load_state_dict(extra["entropies"])
         (
             self.guard_activations,
@@ -152,9 +156,12 @@ class GraffCheckpointMixin:
 
 
 def _check_optional_state(extra: dict[str, Any]) -> None:
-    """The entries earlier versions did not save (``refresh_budget``: graff 0.2; ``plans``)."""
+    """The entries earlier versions did not save (``refresh_budget``: graff 0.2; ``plans``;
+    ``explosion``)."""
     if "refresh_budget" in extra:
         RefreshBudget(0.0).load_state_dict(extra["refresh_budget"])
+    if "explosion" in extra:
+        ExplosionWatch().load_state_dict(extra["explosion"])
     plans = extra.get("plans", 0)
     if isinstance(plans, bool) or not isinstance(plans, int) or not 0 <= plans < 2**63:
         raise CheckpointError(f"GraffScheduler state has an invalid plans={plans!r:.40}.")

@@ -98,6 +98,103 @@ class LossTracker:
             )
 
 
+class ExplosionWatch:
+    r"""Detects a loss that explodes: growing by a large factor step over step.
+
+    A step *explodes* when its loss :math:`L_t`
+
+    - is more than ``high`` (4) times the fast loss average before it, :math:`\bar L_{t-1}`
+      (β = 0.9): :math:`L_t - \bar L_{t-1} > 3\,s`, with the scale
+      :math:`s = \max(|\bar L_{t-1}|, 0.01\,|\bar L_{\text{start}}|)` (the floor keeps the
+      bounces of a loss that converged to ~0 from counting),
+    - is above the previous step's loss, :math:`L_t > L_{t-1}`,
+    - and either the step before exploded, or it too was high and rising: two consecutive
+      outlier batches of rising loss are not yet an explosion, a third is (heavy-tailed
+      minibatch losses, Student-t targets, stayed clear of this in the tests).
+
+    A sustained growth by a factor :math:`g` per step keeps :math:`L_t/\bar L_{t-1} \approx
+    10g - 9`, so it explodes as long as :math:`g \gtrsim 1.3`. A non-finite loss right after an
+    exploding or high step explodes too (the growth went past the float range). Slower rises
+    are left to the loss back-off of :class:`PeakCalibrator`.
+    """
+
+    high, min_count = 4.0, 3
+
+    def __init__(self, beta: float = 0.9) -> None:
+        self.beta = beta
+        self._ema = 0.0
+        self.count = 0
+        self.start: float | None = None  # the average after min_count losses
+        self.prev: float | None = None  # the last step's loss (inf: non-finite)
+        self.prev_high = False  # the last step's loss was high and rising
+        self.active = False  # the last step exploded
+
+    @property
+    def mean(self) -> float | None:
+        """Bias-corrected fast average, ``None`` before ``min_count`` losses."""
+        if self.count < self.min_count:
+            return None
+        return self._ema / (1 - self.beta**self.count)
+
+    def update(self, loss: float | None, nonfinite: bool = False) -> bool:
+        """Fold in one step's loss; True if the step explodes.
+
+        Args:
+            loss: The step's finite loss, or None (no loss, or a non-finite one).
+            nonfinite: The step's loss was NaN or infinite.
+        """
+        if nonfinite:
+            fired = self.active or self.prev_high
+            self.prev, self.active = math.inf, fired
+            return fired
+        if loss is None:
+            return False
+        mean = self.mean
+        fired = high = False
+        if mean is not None:
+            scale = max(abs(mean), 0.01 * abs(self.start or 0.0), 1e-30)
+            rising = self.prev is not None and loss > self.prev
+            high = rising and loss - mean > (self.high - 1.0) * scale
+            fired = high and (self.active or self.prev_high)
+        ema = self.beta * self._ema + (1 - self.beta) * loss
+        if math.isfinite(ema):
+            self._ema = ema
+            self.count += 1
+            if self.count == self.min_count:
+                self.start = self.mean
+        self.prev, self.prev_high, self.active = loss, high, fired
+        return fired
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ema": self._ema,
+            "count": self.count,
+            "start": self.start,
+            "prev": self.prev,
+            "prev_high": self.prev_high,
+            "active": self.active,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            ema, count = float(state["ema"]), int(state["count"])
+            start = None if state["start"] is None else float(state["start"])
+            prev = None if state["prev"] is None else float(state["prev"])
+            flags = (state["prev_high"], state["active"])
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise CheckpointError(f"invalid explosion-watch state: {err}") from err
+        if not (
+            math.isfinite(ema)
+            and 0 <= count < 2**63
+            and (start is None or math.isfinite(start))
+            and (prev is None or not math.isnan(prev))
+            and all(isinstance(f, bool) for f in flags)
+        ):
+            raise CheckpointError("invalid explosion-watch state.")
+        self._ema, self.count, self.start, self.prev = ema, count, start, prev
+        self.prev_high, self.active = flags
+
+
 class PeakCalibrator:
     r"""The peak-LR search of GraffScheduler: a log peak factor :math:`\sigma` over the user's LR.
 
@@ -123,6 +220,13 @@ class PeakCalibrator:
        user's LR itself is too high, and the peak LR becomes the LR just reached divided by
        ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
        halved (later).
+    4. **Cut an exploding loss every step.** A step whose loss explodes
+       (:class:`ExplosionWatch`) halves the peak LR at once, after first returning a raised
+       :math:`\sigma` to the best level — every such step, regardless of the cool-down and of
+       ``enabled``: a loss growing geometrically needs an answer as fast as the growth, not
+       one per ``cooldown`` steps. The search ends and the cool-down restarts, so the slower
+       back-off of rule 3 does not cut again on the excursion's aftermath; :math:`\sigma` is not
+       raised again afterwards (the LR stays at most a few halvings below the first stable one).
     """
 
     def __init__(
@@ -145,6 +249,7 @@ class PeakCalibrator:
         self.steps = 0
         self.cooldown = 0
         self.backoffs = 0
+        self.cuts = 0  # rule 4: steps whose exploding loss halved the peak LR
         self.best_level = 0.0
         self.capped = False  # the ceiling stopped the last rise (GraffScheduler refreshes λ̂)
         self.last_refresh = -(10**9)  # step of the last λ̂ refresh the search asked for
@@ -178,6 +283,7 @@ class PeakCalibrator:
         *,
         log_ceiling: float | None = None,
         at_best: bool = False,
+        exploding: bool = False,
     ) -> bool:
         """Advance one step; returns True when it backed off.
 
@@ -188,9 +294,19 @@ class PeakCalibrator:
             hold: Keep σ where it is this step (no λ̂ yet, but one will come).
             log_ceiling: Largest σ the search may reach (rule 1), or None (no ceiling).
             at_best: The loss average is at its best so far this step (rule 3).
+            exploding: The loss explodes this step (rule 4; also when not ``enabled``).
         """
         self.steps += 1
         self.cooldown = max(0, self.cooldown - 1)
+        if exploding:  # rule 4
+            level = min(self.log_peak, self.best_level) - math.log(2.0)
+            self.log_peak = max(level, -math.log(1e3))
+            self.best_level = min(self.best_level, self.log_peak)
+            self._history.clear()
+            self.searching = False
+            self.cooldown = self.cooldown_steps
+            self.cuts += 1
+            return True
         if not self.enabled:
             return False
         has_ceiling = log_ceiling is not None and not math.isnan(log_ceiling)
@@ -234,6 +350,7 @@ class PeakCalibrator:
             "steps": self.steps,
             "cooldown": self.cooldown,
             "backoffs": self.backoffs,
+            "cuts": self.cuts,
             "best_level": self.best_level,
             "capped": self.capped,
             "history": list(self._history),
@@ -245,6 +362,7 @@ class PeakCalibrator:
             self.log_peak, self.searching = float(state["log_peak"]), bool(state["searching"])
             self.steps, self.cooldown = int(state["steps"]), int(state["cooldown"])
             self.backoffs = int(state["backoffs"])
+            self.cuts = int(state.get("cuts", 0))  # absent from states of graff <= 0.2
             self.best_level, self.capped = float(state["best_level"]), bool(state["capped"])
             history = [float(v) for v in state["history"]]
             self.last_refresh = int(state["last_refresh"])

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from abc import ABCMeta, abstractmethod
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.lr_scheduler import LRScheduler, SequentialLR
 
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._state_checks import check_adam, check_finite_state
@@ -82,6 +83,25 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
+def _called_by_sequential_lr(scheduler: Any) -> bool:
+    """Whether the running ``step()`` of ``scheduler`` was called by a ``SequentialLR.step``.
+
+    torch < 2.4's ``SequentialLR`` starts a scheduler at its milestone with ``scheduler.step(0)``,
+    an epoch that graff's ``step(loss)`` would otherwise read as a loss of 0 (torch 2.4+ calls
+    ``scheduler._update_lr(0)``). Only asked when ``step()`` gets an ``int``, so it costs nothing
+    on the usual tensor or float loss.
+    """
+    frame = sys._getframe(1)
+    for _ in range(16):  # past this scheduler's own step() frames (a subclass calls super())
+        if frame is None:
+            return False
+        owner = frame.f_locals.get("self")
+        if owner is not scheduler:
+            return frame.f_code.co_name == "step" and isinstance(owner, SequentialLR)
+        frame = frame.f_back
+    return False
+
+
 def _is_positive_finite(x: Any) -> bool:
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return False
@@ -89,6 +109,40 @@ def _is_positive_finite(x: Any) -> bool:
         return math.isfinite(x) and x > 0
     except OverflowError:
         return False
+
+
+def _not_started(state: dict[str, Any]) -> bool:
+    """``last_epoch == -1`` with no step taken: torch's ``SequentialLR`` keeps the schedulers
+    after its first milestone there until the milestone (its ``recursive_undo``)."""
+    last = state.get("last_epoch")
+    return (
+        type(last) is int
+        and last == -1
+        and type(state.get("step_count")) is int
+        and (state["step_count"] == 0)
+    )
+
+
+def _check_counters(state: dict[str, Any]) -> None:
+    counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
+    bad = [k for k in counters if not _is_count(state[k])]
+    if bad == ["last_epoch"] and _not_started(state):
+        return
+    if bad:
+        raise CheckpointError(
+            "scheduler state has invalid counters "
+            + ", ".join(f"{k}={state[k]!r:.40}" for k in bad)
+            + " (need non-negative integers; last_epoch=-1, a scheduler SequentialLR has "
+            "not started, only with step_count=0)."
+        )
+
+
+def _set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        if isinstance(group["lr"], Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
@@ -227,6 +281,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 it resumes with the first ``step()`` that has no loss, so the step right after a
                 switch from passing losses to omitting them has no loss.
         """
+        if type(loss) is int and _called_by_sequential_lr(self):
+            self._update_lr(loss)  # torch < 2.4's SequentialLR passes an epoch, not a loss
+            return
         value = loss_value(loss)
         self._capture_wanted = value is None  # the next steps' losses come from the hook
         if value is None and self._captured_sum is not None:
@@ -249,14 +306,39 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._step_count += 1
         self._write(self._plan(value))
 
-    def _write(self, factors: list[float]) -> None:
+    def _update_lr(self, epoch: int | None = None) -> None:
+        """Start the schedule where another scheduler hands over (torch's ``SequentialLR``).
+
+        ``SequentialLR`` keeps the schedulers after its first at ``last_epoch == -1`` ("not
+        started") and, at the milestone, calls ``_update_lr(0)`` (torch < 2.4: ``step(0)``). A
+        graff scheduler then writes the LRs of its current plan (at the first milestone: its
+        initial LRs) and counts no step: like a torch scheduler at its epoch 0. The losses the
+        model's forward hook captured and the optimizer steps counted while the other
+        scheduler ran belong to none of this scheduler's steps and are dropped. A graff
+        scheduler cannot jump to another epoch: ``epoch`` must be 0 or None.
+        """
+        if epoch is not None and epoch != 0:
+            raise GraffConfigError(
+                f"{type(self).__name__} plans from the losses it has seen and cannot jump to "
+                f"epoch={epoch!r}; call step() once per optimizer step instead."
+            )
+        self.last_epoch = max(self.last_epoch, 0)
+        self._captured_sum, self._captured_count = None, 0
+        self._optimizer_steps = 0
+        self._write(self._current_factors())
+
+    def _write(self, factors: list[float], apply: bool = True) -> None:
+        """Clamp the factors' LRs and write them into the optimizer (``apply=False``: only
+        remember them, for a scheduler that ``SequentialLR`` has not started yet)."""
         lrs = []
         for group, factor in zip(self.optimizer.param_groups, factors, strict=True):
             initial = float(group["initial_lr"])
             lr = clamp_lr(
                 initial * factor, initial * self.lr_min_factor, initial * self.lr_max_factor
             )
-            if isinstance(group["lr"], Tensor):
+            if not apply:
+                pass
+            elif isinstance(group["lr"], Tensor):
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
@@ -312,6 +394,10 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` and re-apply its LRs to the optimizer.
 
+        A state saved while torch's ``SequentialLR`` had not started this scheduler yet
+        (``last_epoch == -1``, no step taken) loads too; its LRs are then not written into the
+        optimizer, whose LR belongs to the scheduler running before the milestone.
+
         Raises:
             CheckpointError: if the state is of another version, another scheduler type or
                 another number of parameter groups, or is missing keys. Nothing is changed then.
@@ -343,14 +429,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         } - set(state)
         if missing:
             raise CheckpointError(f"scheduler state is missing keys {sorted(missing)}.")
-        counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
-        bad = [k for k in counters if not _is_count(state[k])]
-        if bad:
-            raise CheckpointError(
-                "scheduler state has invalid counters "
-                + ", ".join(f"{k}={state[k]!r:.40}" for k in bad)
-                + " (need non-negative integers)."
-            )
+        _check_counters(state)
         if not all(_is_positive_finite(x) for x in last_lr):
             raise CheckpointError(f"scheduler state has invalid last_lr {last_lr!r:.200}.")
         # Validate what can be checked before changing anything; then load, check what was
@@ -366,11 +445,13 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"{type(self).__name__} state is malformed: {type(err).__name__}: {err}"
             ) from err
         previous = self.state_dict()  # a snapshot: it shares no tensor with the live state
+        lrs_before = [float(g["lr"]) for g in self.optimizer.param_groups]
         try:
             self._load_checked(state, prechecked=True)
         except Exception as err:
             vars(self).pop("_scratch", None)  # scratch objects a subclass made from ``state``
             self._load_checked(previous)
+            _set_lrs(self.optimizer, lrs_before)  # a not-started previous state writes none
             if isinstance(err, CheckpointError):
                 raise
             raise CheckpointError(
@@ -390,7 +471,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self.nonfinite_losses = int(state["nonfinite_losses"])
         self._optimizer_steps = 0
         initial = [float(g["initial_lr"]) for g in self.optimizer.param_groups]
-        self._write([lr / base for lr, base in zip(lrs, initial, strict=True)])
+        factors = [lr / base for lr, base in zip(lrs, initial, strict=True)]
+        self._write(factors, apply=self.last_epoch >= 0)
         check_finite_state(self._extra_state(), f"{type(self).__name__} state")
         for name, optimizer in self._inner_optimizers().items():
             check_adam(optimizer, f"{type(self).__name__} state {name!r}")

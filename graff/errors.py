@@ -30,3 +30,19 @@ class ProbeError(GraffError, RuntimeError):
 
 class RankMismatchError(GraffError, RuntimeError):
     """Under ``torch.distributed``, the ranks disagree on something that must be the same."""
+
+
+class GraffWarning(UserWarning):
+    """Base class of the warnings graff issues (a probe turned off, a guess it had to make).
+
+    Each message says what graff does instead and how to change it. To silence them all::
+
+        warnings.filterwarnings("ignore", category=graff.errors.GraffWarning)
+    """
+
+
+class ProbeWarning(GraffWarning, RuntimeWarning):
+    """A probe runs degraded or not at all (e.g. no λ̂ because the loss cannot be re-evaluated).
+
+    Also a ``RuntimeWarning``, as these warnings were before :class:`GraffWarning` existed.
+    """

@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from graff._graff_checkpoint import GraffCheckpointMixin
-from graff._graff_state import LossTracker, PeakCalibrator, StatsWindow
+from graff._graff_state import ExplosionWatch, LossTracker, PeakCalibrator, StatsWindow
 from graff._planner_update import PlannerUpdate
 from graff._refresh_budget import RefreshBudget
 from graff._scheduler_base import BudgetedScheduler
@@ -89,9 +88,10 @@ from graff._validation import (
     check_positive,
     check_positive_int,
 )
+from graff._warn import warn
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
-from graff.errors import GraffConfigError, ProbeError
+from graff.errors import GraffConfigError, ProbeError, ProbeWarning
 from graff.guard import guard_constant, log_lr_bound, project_to_halfspace
 from graff.planner_io import load_planner, save_planner
 from graff.planner_net import PlannerNet, mean_adjacency
@@ -329,6 +329,7 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
         )
         self.refreshes = RefreshBudget(check_in_range("refresh_budget", refresh_budget, 0.0, 1.0))
         self.losses = LossTracker()
+        self.explosion = ExplosionWatch()
         self.entropies = LossTracker()
         self.guard_activations = 0  # steps where the guard bound the LR
         self.guard_projections = 0  # planner updates the projection changed
@@ -478,6 +479,8 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
         prior = max(self._prior_value(u), 1e-12)
         log_prior = math.log(prior)
         bound = self._refreshed_bound(self._guard_log_bound(), log_prior)
+        nonfinite = loss is None and self.nonfinite_losses > self._nonfinite_seen
+        exploding = self.explosion.update(loss, nonfinite)
         unstable = self._unstable(loss, bound, u)
         # Rise toward the stability limit only once the guard can see it (when it can at all),
         # and only up to a fraction 1/search_headroom of it (PeakCalibrator, rules 1-3).
@@ -486,7 +489,13 @@ class GraffScheduler(GraffCheckpointMixin, BudgetedScheduler):
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
         if self.calibrator.update(
-            u, log_prior, unstable, hold=hold, log_ceiling=ceiling, at_best=at_best
+            u,
+            log_prior,
+            unstable,
+            hold=hold,
+            log_ceiling=ceiling,
+            at_best=at_best,
+            exploding=exploding,
         ) or (self.calibrator.cooldown > 0):
             # Re-baseline the loss average through the cool-down: it is still catching up with
             # the excursion that caused the back-off, which is not a new instability.
@@ -772,7 +781,15 @@ def _make_entropy_probe(
     try:
         return EntropyProbe(model, seed=seed, every=every)
     except ProbeError as err:
-        warnings.warn(f"GraffScheduler runs without the entropy probe: {err}", stacklevel=3)
+        # EntropyProbe's own advice (layer=/head=) is for building one by hand; GraffScheduler
+        # takes neither, so the warning keeps the reason and names what GraffScheduler accepts.
+        reason = str(err).split(" Pass ", 1)[0]
+        warn(
+            f"GraffScheduler runs without the entropy probe (its entropy features stay 0): "
+            f"{reason} The other signals are unaffected. Pass entropy=False to GraffScheduler "
+            "to silence this warning.",
+            ProbeWarning,
+        )
         return None
     except GraffConfigError:
         raise

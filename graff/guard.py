@@ -47,12 +47,12 @@ the optimizer is finite, positive and inside ``[lr_min, lr_max]``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
 
 from graff._validation import check_in_range
+from graff._warn import warn
 from graff.errors import GraffConfigError
 
 _ADAM_LIKE = ("Adam", "AdamW", "NAdam", "Adamax", "RAdam", "SparseAdam")
@@ -178,10 +178,10 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group_index: int = 0) 
         return 2.0 + 2.0 * float(group.get("momentum", 0.0))
     if isinstance(optimizer, torch.optim.Adagrad):
         return 2.0
-    warnings.warn(
+    warn(
         f"graff does not know the stability threshold of {name}; using 2 (plain gradient "
-        "descent), which is conservative for momentum methods. Pass guard_c= to override.",
-        stacklevel=2,
+        "descent), which is conservative for momentum methods. Pass guard_c= to override "
+        "(and to silence this warning)."
     )
     return 2.0
 

@@ -12,7 +12,6 @@ Vectors are lists of tensors shaped like the parameters (no flattening copies).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from graff._hooks import HookSet, hook_state, restore_hooks
-from graff.errors import ProbeError
+from graff._warn import warn
+from graff.errors import ProbeError, ProbeWarning
 from graff.probes._context import probing_active
 
 HVP = Callable[[list[Tensor]], list[Tensor]]
@@ -205,10 +205,12 @@ class InputCapture:
             return None
         out = {"args": list(self.args), "kwargs": dict(self.kwargs or {})}
         if not _plain(out):
-            warnings.warn(
+            warn(
                 "the captured probe batch holds objects weights_only loading cannot restore; it "
-                "is not saved, so a resumed run captures a new probe batch.",
-                stacklevel=3,
+                "is not saved, so a resumed run captures a new probe batch. Pass loss_fn= (a "
+                "closure on a fixed batch you keep) to avoid this. To silence: "
+                "warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning).",
+                ProbeWarning,
             )
             return None
         return out

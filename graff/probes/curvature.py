@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,9 +61,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
+from graff._warn import warn
 from graff.blocks import Block, discover_blocks
 from graff.distributed import RankSync, is_sharded, local_shard, unwrap_data_parallel
-from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.errors import (
+    CheckpointError,
+    GraffConfigError,
+    GraffTypeError,
+    ProbeError,
+    ProbeWarning,
+)
 from graff.probes._context import probing
 from graff.probes._flat import FlatBlockBuffer
 from graff.probes._hvp import (
@@ -243,6 +249,20 @@ def _reject_sparse_grad(p: Tensor) -> None:
             f"a parameter of shape {tuple(p.shape)} has a sparse gradient ({p.grad.layout}): "
             + _SPARSE_HINT
         )
+
+
+def lambda_off_message(err: Exception) -> str:
+    """The warning when λ̂ is turned off because the loss cannot be re-evaluated."""
+    message = f"CurvatureProbe turns its λ̂ estimates off: {err}"
+    if "loss_fn=" not in message:
+        message += " Pass loss_fn= to enable them."
+    return (
+        message + " loss_fn must return the loss on one fixed probe batch (the same tensors at "
+        "every call, e.g. the first training batch): on the current batch λ̂ follows the batch "
+        "noise and two identical runs differ. Without λ̂ the LR is guarded by the loss alone "
+        "(docs/concepts/graff.md). To silence: "
+        "warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning)."
+    )
 
 
 class CurvatureProbe:
@@ -446,12 +466,12 @@ class CurvatureProbe:
         self._sharded = torch.tensor([is_sharded(p) for p in self._params], dtype=torch.bool)
         self._dtensor = any(hasattr(p, "to_local") for p in self._params)
         if hvp and bool(self._sharded.any()):
-            warnings.warn(
+            warn(
                 "CurvatureProbe turns its λ̂ estimates off: the parameters are sharded (FSDP), "
                 "and Hessian-vector products need gradients with respect to the full parameters; "
-                "the per-step statistics are summed over the shards. See docs/distributed.md.",
-                UserWarning,
-                stacklevel=2,
+                "the per-step statistics are summed over the shards. See docs/distributed.md. "
+                "To silence: warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning).",
+                ProbeWarning,
             )
             hvp = False
         self.hvp = hvp and bool(self._hvp_params)
@@ -676,11 +696,7 @@ class CurvatureProbe:
                 self._scheduled_estimate()
             except ProbeError as err:  # e.g. the model's output has no .loss: never crash training
                 self.hvp = False
-                warnings.warn(
-                    f"CurvatureProbe turns its λ̂ estimates off: {err} Pass loss_fn= to enable them.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                warn(lambda_off_message(err), ProbeWarning)
         self._t_post = time.perf_counter()
         self._probe_since_post = 0.0  # this hook's estimates lie before _t_post already
 

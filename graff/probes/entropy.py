@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +34,15 @@ from torch import Tensor, nn
 
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._validation import check_positive_int
+from graff._warn import warn
 from graff.distributed import unwrap_data_parallel
-from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+from graff.errors import (
+    CheckpointError,
+    GraffConfigError,
+    GraffTypeError,
+    ProbeError,
+    ProbeWarning,
+)
 from graff.probes._context import probing, probing_active
 from graff.tokens import token_weights_from_entropy
 
@@ -355,10 +361,11 @@ class EntropyProbe:
                 mask[:, mask.shape[1] - shape[1] :].reshape(-1) != 0
             )  # KV cache: last seq columns
             return keep.nonzero().squeeze(1).cpu()
-        warnings.warn(
+        warn(
             f"EntropyProbe: attention_mask of shape {tuple(mask.shape)} does not match hidden "
-            f"states of shape {shape}; sampling from all tokens, padding included.",
-            stacklevel=2,
+            f"states of shape {shape}; sampling from all tokens, padding included. To silence: "
+            "warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning).",
+            ProbeWarning,
         )
         return torch.arange(n)
 
