@@ -143,10 +143,100 @@ def test_aggregate_gap_sign_rules_and_significance() -> None:
     assert agg["metrics"]["em_at_30min"]["baseline-fixed"] == 74.0
 
 
+def _captured_figures(evaluate, monkeypatch: pytest.MonkeyPatch) -> list:
+    """Make ``evaluate._save`` render each figure (as it would) and keep it for inspection."""
+    figures = []
+
+    def save(fig, stem):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # lays the figure out as savefig would
+        fig.test_renderer = canvas.get_renderer()  # plt.close drops the canvas
+        figures.append(fig)
+        return [str(stem)]
+
+    monkeypatch.setattr(evaluate, "_save", save)
+    return figures
+
+
+def test_all_zero_em_bar_chart_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluate = pytest.importorskip("evaluate")
+    pytest.importorskip("matplotlib")
+    runs = {
+        rid: _fake_metrics(rid, rid, 0.0, 1.0)
+        for rid in ("proposed-a", "baseline-cosine", "comparative-1")
+    }
+    figures = _captured_figures(evaluate, monkeypatch)
+    evaluate.comparison_figures(tmp_path, runs, evaluate.aggregate(runs))
+    bar_ax = figures[0].axes[0]
+    assert any("all EM = 0" in text.get_text() for text in bar_ax.texts)
+    assert bar_ax.get_ylim()[1] > 0.5  # not a strip around 0
+    runs["proposed-a"]["em_at_30min"] = 12.5  # one nonzero EM: no such note
+    figures.clear()
+    evaluate.comparison_figures(tmp_path, runs, evaluate.aggregate(runs))
+    assert not any("all EM = 0" in text.get_text() for text in figures[0].axes[0].texts)
+
+
+def test_run_figure_title_clears_the_panel_titles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluate = pytest.importorskip("evaluate")
+    pytest.importorskip("matplotlib")
+    figures = _captured_figures(evaluate, monkeypatch)
+    evaluate.run_figures(tmp_path, _fake_metrics("proposed-iter1-Qwen3", "p", 50.0, 1.0))
+    (fig,) = figures
+    renderer = fig.test_renderer
+    top = fig._suptitle.get_window_extent(renderer)
+    for ax in fig.axes:
+        title = ax.title.get_window_extent(renderer)
+        assert not top.overlaps(title), (ax.get_title(), top, title)
+        assert top.y0 >= title.y1
+
+
 def test_auc_is_anytime_accuracy() -> None:
     train = pytest.importorskip("train")
     history = [{"time_s": 10.0, "em": 50.0}, {"time_s": 30.0, "em": 80.0}]
     assert train.auc_em_time(history, 40.0) == pytest.approx((50 * 20 + 80 * 10) / 40)
+
+
+# ------------------------------------------------------------------------ stop rule
+def _run_at(train, fake_time, *, remaining: float, step: int, max_step: float, per_item: float):
+    """A ``train.Run`` with only what ``should_stop`` reads: a 10 s budget with ``remaining`` left."""
+    from graff.clock import BudgetClock
+
+    run = object.__new__(train.Run)
+    run.tcfg = {"max_steps": 100, "eval_every": 10, "checkpoint_every": 10, "safety_seconds": 0}
+    run.ecfg = {"intermediate_examples": 4, "final_examples": 8}
+    run.test = list(range(20))
+    run.clock = BudgetClock(seconds=10.0, time_fn=fake_time).start()
+    fake_time.advance(10.0 - remaining)
+    run.step, run.max_step_seconds, run.eval_seconds_per_item = step, max_step, per_item
+    run.eval_every, run.checkpoint_every, run.checkpoint_seconds = 10, 10, 0.05
+    return run
+
+
+def test_stop_rule_keeps_the_next_step_out_of_the_final_eval_reserve(fake_time) -> None:
+    """The final eval (8 items × 0.0625 s × 1.2 = 0.6 s) must still fit after the next step."""
+    train = pytest.importorskip("train")
+    # a 0.5 s step with 1.0 s left would leave 0.5 s for a 0.6 s evaluation: stop now
+    assert _run_at(
+        train, fake_time, remaining=1.0, step=5, max_step=0.5, per_item=0.0625
+    ).should_stop()
+    # with 1.2 s left the step and the evaluation both fit
+    run = _run_at(train, fake_time, remaining=1.2, step=5, max_step=0.5, per_item=0.0625)
+    assert not run.should_stop()
+
+
+def test_stop_rule_counts_the_evaluation_and_checkpoint_the_next_step_triggers(fake_time) -> None:
+    train = pytest.importorskip("train")
+    # step 10 is followed by an intermediate eval (4 items: 0.3 s) and a checkpoint (0.05 s)
+    before_eval = _run_at(train, fake_time, remaining=1.3, step=9, max_step=0.5, per_item=0.0625)
+    assert before_eval.should_stop()
+    plain = _run_at(train, fake_time, remaining=1.3, step=8, max_step=0.5, per_item=0.0625)
+    assert not plain.should_stop()
+    capped = _run_at(train, fake_time, remaining=9.0, step=100, max_step=0.5, per_item=0.0625)
+    assert capped.should_stop()
 
 
 # ------------------------------------------------------------------------- trial runs
@@ -190,6 +280,9 @@ def test_trial_run_writes_complete_metrics(trial_results: Path, run_id: str) -> 
     assert len(m["lr_trajectory"]) == m["steps"]
     assert all(p["lr"] > 0 for p in m["lr_trajectory"])
     assert m["eval_history"][-1]["final"] is True
+    # EM at budget: the final evaluation finished inside the wall-clock budget, for every method
+    assert m["eval_history"][-1]["time_s"] <= m["budget_seconds"]
+    assert m["final_eval_within_budget"] is True
     if m["method"] == "graff":
         assert isinstance(m["guard_activations"], int)
     for ext in ("pdf", "png"):
@@ -217,6 +310,22 @@ def test_trial_aggregation_outputs(trial_results: Path) -> None:
     for stem in ("primary_metric_bar", "learning_curves"):
         for ext in ("pdf", "png"):
             assert (comp / f"{stem}.{ext}").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_budget_bound_trial_stops_in_time_for_the_final_eval(
+    tmp_path: Path, gsm8k_dir: Path
+) -> None:
+    """With no step cap in reach, the stop rule (not the cap) ends training, and the final
+    evaluation still finishes inside the budget."""
+    train = pytest.importorskip("train")
+    cfg = train.load_config(CONFIGS / "baseline-cosine.yaml", "trial")
+    cfg["training"].update(max_steps=10_000, budget_minutes=0.05)  # 3 s
+    m = train.run_training(cfg, "trial", tmp_path, str(gsm8k_dir), resume=False)
+    assert 1 <= m["steps"] < 10_000
+    assert m["eval_history"][-1]["final"] is True
+    assert m["eval_history"][-1]["time_s"] <= m["budget_seconds"] == 3.0
+    assert m["final_eval_within_budget"] is True
 
 
 @pytest.mark.slow

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import re
 import time
 from pathlib import Path
 
 import pytest
+
+from graff import GraffScheduler
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "quickstart.ipynb"
 
@@ -57,3 +62,13 @@ def test_quickstart_notebook_executes(monkeypatch: pytest.MonkeyPatch) -> None:
         if "image/png" in o.get("data", {})
     ]
     assert len(images) >= 2
+
+
+def test_notebook_names_the_default_prior() -> None:
+    """The notebook's account of the plan names GraffScheduler's default budget prior."""
+    default = inspect.signature(GraffScheduler).parameters["prior"].default
+    cells = json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"]
+    text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    named = re.findall(r'by default "?(\w+)', text)
+    assert named, "the notebook does not say which budget prior is the default"
+    assert {n.lower() for n in named} == {default}

@@ -19,7 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+REPO = Path(__file__).resolve().parents[1]
+PYPROJECT = REPO / "pyproject.toml"
 # PEP 440 public version (https://peps.python.org/pep-0440/#appendix-b-parsing-version-strings).
 PEP440 = re.compile(
     r"^([1-9][0-9]*!)?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
@@ -83,3 +84,45 @@ def test_core_modules_have_doctests() -> None:
     for name in ("graff.clock", "graff.guard", "graff.priors"):
         tests = finder.find(importlib.import_module(name))
         assert sum(len(t.examples) for t in tests) > 0, name
+
+
+# The distribution name on the package index. ``graff`` there is an unrelated project (a graph
+# database), so ``pip install graff`` would install the wrong thing; the import name stays ``graff``.
+DIST_NAME = "graff-lr"
+INSTALL_DOCS = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").rglob("*.md")),
+    *sorted((REPO / "examples").rglob("*.md")),
+    *sorted((REPO / "examples").rglob("*.py")),
+    *sorted((REPO / "examples").rglob("*.ipynb")),
+]
+
+
+def _installed_names(text: str) -> list[str]:
+    """The requirement names after every ``pip install`` in ``text`` (extras and quotes dropped)."""
+    names = []
+    for match in re.finditer(r"pip install\s+([^\n#&;|`]*)", text):
+        for token in match.group(1).split():
+            token = token.strip("\"'\\,")
+            if token and not token.startswith("-"):
+                names.append(re.split(r"[\[<>=!~ ]", token, maxsplit=1)[0])
+    return names
+
+
+def test_pyproject_distribution_name_is_the_free_one() -> None:
+    config = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))
+    assert config["project"]["name"] == DIST_NAME
+
+
+def test_install_lines_name_the_distribution_not_the_unrelated_graff() -> None:
+    wrong = []
+    for path in INSTALL_DOCS:
+        for name in _installed_names(path.read_text(encoding="utf-8")):
+            if name.lower().startswith("graff") and name.lower() != DIST_NAME:
+                wrong.append(f"{path.relative_to(REPO)}: pip install {name}")
+    assert wrong == []
+
+
+def test_install_line_parser_sees_the_names() -> None:
+    text = 'pip install "graff[hf]"  # x\npip install -e ".[hf]" && pip install graff-lr==0.1 torch'
+    assert _installed_names(text) == ["graff", ".", "graff-lr", "torch"]

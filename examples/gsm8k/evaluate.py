@@ -239,6 +239,23 @@ def _save(fig: Any, stem: Path) -> list[str]:
     return paths
 
 
+def _em_limits(ax: Any, values: list[float]) -> None:
+    """EM axes from 0 (EM is never negative), readable and labelled when every EM is 0."""
+    top = max(1.0, 1.1 * max(values, default=0.0))
+    ax.set_ylim(-0.03 * top, top)  # a little below 0, so points at EM = 0 are not cut in half
+    if all(v == 0 for v in values):
+        ax.text(
+            0.5,
+            0.5,
+            "all EM = 0 at this budget",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=11,
+            color="0.3",
+        )
+
+
 def run_figures(run_dir: Path, m: dict[str, Any]) -> list[str]:
     """Learning curve (EM vs time), LR trajectory and training loss of one run."""
     import matplotlib
@@ -246,13 +263,14 @@ def run_figures(run_dir: Path, m: dict[str, Any]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     h = m["eval_history"]
     axes[0].step(
         [p["time_s"] for p in h], [p["em"] for p in h], where="post", marker="o", label="EM"
     )
     axes[0].axvline(m["budget_seconds"], color="k", ls="--", label="budget")
     axes[0].set(xlabel="budget used (s)", ylabel="EM (%)", title="learning curve")
+    _em_limits(axes[0], [p["em"] for p in h])
     lr = m["lr_trajectory"]
     axes[1].plot([p["step"] for p in lr], [p["lr"] for p in lr], label=m["method"])
     axes[1].set(xlabel="optimizer step", ylabel="LR", title="LR trajectory", yscale="log")
@@ -261,7 +279,7 @@ def run_figures(run_dir: Path, m: dict[str, Any]) -> list[str]:
     axes[2].set(xlabel="optimizer step", ylabel="loss", title="training loss")
     for ax in axes:
         ax.legend()
-    fig.suptitle(m["run_id"])
+    fig.suptitle(m["run_id"])  # constrained layout keeps it above the panel titles
     paths = _save(fig, run_dir / "curves")
     plt.close(fig)
     return paths
@@ -281,17 +299,20 @@ def comparison_figures(
     means = [groups[g]["mean"] for g in names]
     stds = [float(np.std(groups[g]["values"])) for g in names]
     colors = ["tab:red" if role(g) == "proposed" else "tab:blue" for g in names]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 3.6), layout="constrained")
     bars = ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=4)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
     ax.set(ylabel=agg["primary_metric"], title=agg["primary_metric_description"])
+    if agg["primary_metric"].startswith("em_"):  # bars of height 0 are invisible: say so
+        tops = [mu + sd for mu, sd in zip(means, stds, strict=True)]  # error bars included
+        _em_limits(ax, [v for g in names for v in groups[g]["values"]] + tops)
     handles = [bars[names.index(g)] for g in (agg["best_proposed"], agg["best_baseline"]) if g]
     ax.legend(
         handles, [f"{role(g)}: {g}" for g in (agg["best_proposed"], agg["best_baseline"]) if g]
     )
     paths = _save(fig, out_dir / "primary_metric_bar")
     plt.close(fig)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), layout="constrained")
     for rid, m in sorted(runs.items()):
         h = m["eval_history"]
         t = [p["time_s"] / 60 for p in h]
@@ -299,6 +320,7 @@ def comparison_figures(
         lr = m["lr_trajectory"]
         ax2.plot([p["time_s"] / 60 for p in lr], [p["lr"] for p in lr], label=rid)
     ax1.set(xlabel="budget used (min)", ylabel="EM (%)", title="EM vs wall-clock")
+    _em_limits(ax1, [p["em"] for m in runs.values() for p in m["eval_history"]])
     ax2.set(xlabel="budget used (min)", ylabel="LR", yscale="log", title="LR trajectories")
     for ax in (ax1, ax2):
         ax.legend(fontsize=6)

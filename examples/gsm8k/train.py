@@ -10,7 +10,10 @@ Usage::
 same code on a tiny Qwen3 built from a config with a locally trained tokenizer, a few GSM8K items
 and a few steps (about a minute on a CPU). The budget counts everything after the model is
 loaded: training, the periodic evaluations and the final evaluation. Training stops early
-enough to leave room for the final evaluation, whose EM is the run's "EM at budget".
+enough to leave room for the final evaluation, whose EM is the run's "EM at budget": before each
+step it checks that the remaining budget still covers that step (the longest step so far, plus
+the evaluation and checkpoint it triggers) and the final evaluation (its cost measured on the
+last evaluation), the same rule for every method.
 Writes ``{results_dir}/{run_id}/metrics.json`` (see the README for the fields) and a checkpoint
 ``checkpoint.pt`` (LoRA adapters, optimizer, scheduler, clock, data position, history) that
 ``--resume`` continues from.
@@ -199,6 +202,10 @@ class Run:
         self.losses: list[list[float]] = []
         self.sched_seconds = 0.0
         self.eval_seconds_per_item = float(self.ecfg.get("initial_seconds_per_item", 0.0))
+        self.eval_every = int(self.tcfg["eval_every"])
+        self.checkpoint_every = int(self.tcfg.get("checkpoint_every", self.eval_every))
+        self.max_step_seconds = 0.0  # the longest optimizer step so far (scheduler included)
+        self.checkpoint_seconds = 0.0  # the last checkpoint's write time
         self.finished = False
 
     def eval_items(self, final: bool) -> list[Example]:
@@ -208,6 +215,7 @@ class Run:
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro-batches; returns the mean loss."""
+        started = time.perf_counter()
         self.model.train()
         accum, total = int(self.tcfg["grad_accum"]), 0.0
         device = next(self.model.parameters()).device
@@ -228,6 +236,7 @@ class Run:
         self.sched_seconds += time.perf_counter() - tic
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.max_step_seconds = max(self.max_step_seconds, time.perf_counter() - started)
         return total / accum
 
     def _autocast(self) -> bool:
@@ -270,11 +279,31 @@ class Run:
         return total / len(items)
 
     def should_stop(self) -> bool:
-        """Step cap reached, or the remaining budget is needed for the final evaluation."""
+        """Step cap reached, or the next step would leave too little budget for the final eval.
+
+        The final evaluation's EM is the run's result "at the budget", so it has to finish inside
+        the budget. Its cost is extrapolated from the last evaluation (seconds per item × its
+        items, × 1.2); the next step is charged at the longest step so far (periodic scheduler
+        work makes steps uneven), plus the evaluation and the checkpoint it triggers. The same
+        rule stops every method, so none gets more training time than another.
+        """
         if self.step >= int(self.tcfg["max_steps"]):
             return True
-        reserve = 1.2 * self.eval_seconds_per_item * len(self.eval_items(final=True))
-        return self.clock.remaining <= reserve + float(self.tcfg.get("safety_seconds", 0.0))
+        upcoming = self.step + 1
+        next_step = self.max_step_seconds
+        if upcoming % self.eval_every == 0 and upcoming < int(self.tcfg["max_steps"]):
+            next_step += 1.2 * self.eval_seconds_per_item * len(self.eval_items(final=False))
+        if upcoming % self.checkpoint_every == 0:
+            next_step += self.checkpoint_seconds
+        final_eval = 1.2 * self.eval_seconds_per_item * len(self.eval_items(final=True))
+        safety = float(self.tcfg.get("safety_seconds", 0.0))
+        return self.clock.remaining <= next_step + final_eval + safety
+
+    def save(self, path: Path) -> None:
+        """Checkpoint the run (:func:`save_checkpoint`), timing the write for :meth:`should_stop`."""
+        tic = time.perf_counter()
+        save_checkpoint(path, self.state())
+        self.checkpoint_seconds = time.perf_counter() - tic
 
     # --------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
@@ -293,6 +322,8 @@ class Run:
             "losses": self.losses,
             "sched_seconds": self.sched_seconds,
             "eval_seconds_per_item": self.eval_seconds_per_item,
+            "max_step_seconds": self.max_step_seconds,
+            "checkpoint_seconds": self.checkpoint_seconds,
             "rng": torch.get_rng_state(),
             "finished": self.finished,
         }
@@ -319,6 +350,8 @@ class Run:
         self.history, self.lr_trajectory = state["history"], state["lr_trajectory"]
         self.losses, self.sched_seconds = state["losses"], float(state["sched_seconds"])
         self.eval_seconds_per_item = float(state["eval_seconds_per_item"])
+        self.max_step_seconds = float(state.get("max_step_seconds", 0.0))
+        self.checkpoint_seconds = float(state.get("checkpoint_seconds", 0.0))
         torch.set_rng_state(state["rng"])
         self.finished = bool(state["finished"])
 
@@ -395,25 +428,23 @@ def train_loop(run: Run, ckpt: Path, logger: Any, session_steps: int | None) -> 
     bar, first_step = _progress(int(run.tcfg["max_steps"])), run.step
     if bar is not None:
         bar.update(run.step)
-    every = int(run.tcfg["eval_every"])
-    ckpt_every = int(run.tcfg.get("checkpoint_every", every))
     while not run.should_stop():
         loss = run.train_step()
         now, lr = run.clock.elapsed_seconds, float(run.optimizer.param_groups[0]["lr"])
         run.losses.append([run.step, now, loss])
         run.lr_trajectory.append([run.step, now, lr])
         log = {"loss": loss, "lr": lr}
-        if run.step % every == 0 and run.step < int(run.tcfg["max_steps"]):
+        if run.step % run.eval_every == 0 and run.step < int(run.tcfg["max_steps"]):
             log["em"] = run.evaluate(final=False)["em"]
-        if run.step % ckpt_every == 0:
-            save_checkpoint(ckpt, run.state())
+        if run.step % run.checkpoint_every == 0:
+            run.save(ckpt)
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in log.items()})
         if logger is not None:
             logger.log({**log, "time_s": now}, step=run.step)
         if session_steps is not None and run.step - first_step >= session_steps:
-            save_checkpoint(ckpt, run.state())
+            run.save(ckpt)
             return False
     if bar is not None:
         bar.close()
