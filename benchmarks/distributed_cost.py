@@ -85,7 +85,13 @@ def _worker(rank: int, store: str, config: dict, out: str) -> None:
     for _ in range(steps):
         dist.barrier()
         t0 = time.perf_counter()
-        real_exchange(sched._sync, 1.0, True, sched.budget, sched._entropy_probes())
+        real_exchange(
+            sched._sync,
+            1.0,
+            True,
+            0.0,
+            [p.sufficient_statistics() for p in sched._entropy_probes()],
+        )
         isolated.append(time.perf_counter() - t0)
     if rank == 0:
         skip = 5  # warm-up

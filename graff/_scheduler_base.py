@@ -256,6 +256,23 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         probes = {id(v): v for v in vars(self).values() if isinstance(v, EntropyProbe)}
         return list(probes.values())
 
+    def _agree_across_ranks(self, loss: float | None) -> float | None:
+        """One all-reduce of the step's rank-local inputs (:mod:`graff.distributed`): returns the
+        global loss, sets the clock to rank 0's reading and the entropy probes' pooled stats."""
+        clock, probes = self.budget, self._entropy_probes()
+        wall = clock.kind == "seconds"
+        agreed = self._sync.exchange_step(
+            loss,
+            self._optimizer_steps > 0,
+            clock.local_elapsed_seconds() if wall else 0.0,
+            [probe.sufficient_statistics() for probe in probes],
+        )
+        if wall:
+            clock.agree_elapsed(agreed.rank0_elapsed)
+        for probe, sums in zip(probes, agreed.sums, strict=True):
+            probe.set_pooled(sums)
+        return agreed.loss
+
     def remove(self) -> None:
         """Detach every hook this scheduler registered (idempotent; the LR stays as last written).
 
@@ -290,9 +307,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             value = float(self._captured_sum) / self._captured_count
         self._captured_sum, self._captured_count = None, 0
         if self._sync is not None:  # one all-reduce: loss, entropy statistics, rank 0's clock
-            value = self._sync.exchange_step(
-                value, self._optimizer_steps > 0, self.budget, self._entropy_probes()
-            )
+            value = self._agree_across_ranks(value)
         if self._optimizer_steps == 0:
             self.skipped_steps += 1
             self._write(self._current_factors())

@@ -183,14 +183,15 @@ class BudgetClock:
         """
         if self._agreed is not None:
             return self._agreed
-        return self._local_elapsed_seconds()
+        return self.local_elapsed_seconds()
 
-    def _agree_elapsed(self, seconds: float) -> None:
-        """Adopt the elapsed time all ranks agreed on (called by :mod:`graff.distributed`)."""
+    def agree_elapsed(self, seconds: float) -> None:
+        """Adopt the elapsed time all ranks agreed on (rank 0's; a scheduler calls this per step
+        under ``torch.distributed``); the reading never goes back."""
         self._agreed = max(self._agreed or 0.0, float(seconds))
 
-    def _local_elapsed_seconds(self) -> float:
-        """This process's own reading of the elapsed time."""
+    def local_elapsed_seconds(self) -> float:
+        """This process's own reading of the elapsed time (what it would agree on alone)."""
         running = 0.0
         if self._segment_start is not None:
             now = self._now()
@@ -216,7 +217,7 @@ class BudgetClock:
             0.0
         """
         if self._pause_depth == 0 and self._segment_start is not None:
-            self._banked = self._local_elapsed_seconds()
+            self._banked = self.local_elapsed_seconds()
             self._segment_start = None
         self._pause_depth += 1
         try:

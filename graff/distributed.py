@@ -46,21 +46,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from graff.errors import GraffConfigError, RankMismatchError
 
-if TYPE_CHECKING:
-    from graff.clock import BudgetClock
-    from graff.probes.entropy import EntropyProbe
-
 __all__ = ["RankSync", "is_sharded", "local_shard", "resolve_sync", "unwrap_data_parallel"]
 
 _STEP_FIELDS = 5  # loss sum, finite losses, non-finite losses, ranks that stepped, rank 0's clock
-_ENTROPY_FIELDS = 5  # Σ H, Σ H², n, Σ log V, ranks that know V
 
 
 def unwrap_data_parallel(model: nn.Module) -> nn.Module:
@@ -171,21 +166,27 @@ class RankSync:
         self,
         loss: float | None,
         stepped: bool,
-        clock: BudgetClock,
-        entropy_probes: Sequence[EntropyProbe] = (),
-    ) -> float | None:
+        elapsed: float,
+        sums: Sequence[Sequence[float]] = (),
+    ) -> StepAgreement:
         """Reduce one scheduler step's rank-local inputs in a single all-reduce.
 
-        Sets the clock to rank 0's elapsed time (wall-clock budgets) and every entropy probe's
-        pooled statistics; returns the global loss (``None`` if no rank has one, NaN if any
-        rank's is not finite).
+        Args:
+            loss: This rank's loss of the step (``None`` if it has none).
+            stepped: Whether this rank's optimizer stepped since the last scheduler step.
+            elapsed: This rank's elapsed budget seconds (only rank 0's is kept).
+            sums: Further rank-local sums to add over the ranks (e.g. each entropy probe's
+                sufficient statistics), one sequence per source.
+
+        Returns:
+            A :class:`StepAgreement`: the global loss (``None`` if no rank has one, NaN if any
+            rank's is not finite), rank 0's elapsed seconds and the summed ``sums``.
 
         Raises:
             RankMismatchError: if the optimizer stepped on some ranks and not on others (e.g.
                 a ``GradScaler`` that skipped a step on one rank only): the parameters differ.
         """
         finite = loss is not None and math.isfinite(loss)
-        elapsed = clock._local_elapsed_seconds() if clock.kind == "seconds" else 0.0
         values = [
             loss if finite else 0.0,
             1.0 if finite else 0.0,
@@ -193,8 +194,8 @@ class RankSync:
             1.0 if stepped else 0.0,
             elapsed if self.rank == 0 else 0.0,
         ]
-        for probe in entropy_probes:
-            values += _entropy_sums(probe)
+        for part in sums:
+            values += [float(x) for x in part]
         out = self.all_reduce_sum(values)
         loss_sum, n_finite, n_bad, n_stepped, rank0_elapsed = out[:_STEP_FIELDS]
         if n_stepped not in (0.0, float(self.world_size)):
@@ -204,14 +205,23 @@ class RankSync:
                 "skip) the same optimizer steps; under DDP the gradients, and so GradScaler's "
                 "overflow checks, agree by construction."
             )
-        if clock.kind == "seconds":
-            clock._agree_elapsed(rank0_elapsed)
-        for i, probe in enumerate(entropy_probes):
-            start = _STEP_FIELDS + i * _ENTROPY_FIELDS
-            probe._set_pooled_stats(_pooled_stats(probe, out[start : start + _ENTROPY_FIELDS]))
+        summed, start = [], _STEP_FIELDS
+        for part in sums:
+            summed.append(out[start : start + len(part)])
+            start += len(part)
         if n_bad > 0:
-            return math.nan
-        return loss_sum / n_finite if n_finite > 0 else None
+            agreed: float | None = math.nan
+        else:
+            agreed = loss_sum / n_finite if n_finite > 0 else None
+        return StepAgreement(agreed, rank0_elapsed, summed)
+
+
+class StepAgreement(NamedTuple):
+    """What every rank agrees on after :meth:`RankSync.exchange_step`."""
+
+    loss: float | None
+    rank0_elapsed: float
+    sums: list[list[float]]
 
 
 def resolve_sync(process_group: Any = None, distributed: bool | None = None) -> RankSync | None:
@@ -244,35 +254,3 @@ def resolve_sync(process_group: Any = None, distributed: bool | None = None) -> 
     if dist.get_world_size(process_group) <= 1:
         return None
     return RankSync(process_group)
-
-
-def _entropy_sums(probe: EntropyProbe) -> list[float]:
-    ent, vocab = probe.entropies, probe.vocab_size
-    if ent is None or ent.numel() == 0:
-        s = q = n = 0.0
-    else:
-        e = ent.double()
-        s, q, n = float(e.sum()), float(e.pow(2).sum()), float(e.numel())
-    log_v = math.log(vocab) if vocab and vocab > 1 else 0.0
-    return [s, q, n, log_v, 1.0 if log_v > 0 else 0.0]
-
-
-def _pooled_stats(probe: EntropyProbe, sums: Sequence[float]) -> Any:
-    """The :class:`~graff.EntropyStats` of all ranks' samples (``min``/``max``: this rank's)."""
-    from graff.probes.entropy import EntropyStats
-
-    s, q, n, log_v_sum, n_v = sums
-    if n <= 0:
-        return EntropyStats(0.0, 0.0, 0.0, 0.0, 0, 0.0)
-    local = probe._local_stats()
-    mean = s / n
-    std = math.sqrt(max(q / n - mean * mean, 0.0))
-    log_v = log_v_sum / n_v if n_v > 0 else 0.0
-    return EntropyStats(
-        mean=mean,
-        std=std,
-        min=local.min,
-        max=local.max,
-        count=round(n),
-        normalized_mean=mean / log_v if log_v > 0 else 0.0,
-    )

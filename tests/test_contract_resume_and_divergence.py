@@ -242,7 +242,7 @@ def _quadratic_run(
         loss.backward()
         opt.step()
         sched.step(loss.detach())
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         lrs.append(opt.param_groups[0]["lr"])
         cuts.append(sched.calibrator.cuts)
     losses.append(float(0.5 * (LAMBDAS * x.detach() ** 2).sum()))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -457,8 +457,42 @@ class EntropyProbe:
             return self._pooled[1]
         return self._local_stats()
 
-    def _set_pooled_stats(self, stats: EntropyStats) -> None:
-        """Record all ranks' statistics of the last forward (called by :mod:`graff.distributed`)."""
+    def sufficient_statistics(self) -> list[float]:
+        """``[Σ H, Σ H², n, log V, 1 if V is known]`` of the last forward's samples.
+
+        Sums add over ranks: a scheduler all-reduces them once per step and hands the totals to
+        :meth:`set_pooled`, so every rank's planner reads the statistics of all ranks' samples.
+        """
+        ent, vocab = self.entropies, self.vocab_size
+        if ent is None or ent.numel() == 0:
+            s = q = n = 0.0
+        else:
+            e = ent.double()
+            s, q, n = float(e.sum()), float(e.pow(2).sum()), float(e.numel())
+        log_v = math.log(vocab) if vocab and vocab > 1 else 0.0
+        return [s, q, n, log_v, 1.0 if log_v > 0 else 0.0]
+
+    def set_pooled(self, sums: Sequence[float]) -> None:
+        """Adopt all ranks' summed :meth:`sufficient_statistics` for the last forward.
+
+        :meth:`stats` then gives the pooled mean and (population) std; ``min``/``max`` stay this
+        rank's (no planner reads them).
+        """
+        s, q, n, log_v_sum, n_v = sums
+        if n <= 0:
+            stats = EntropyStats(0.0, 0.0, 0.0, 0.0, 0, 0.0)
+        else:
+            local = self._local_stats()
+            mean = s / n
+            log_v = log_v_sum / n_v if n_v > 0 else 0.0
+            stats = EntropyStats(
+                mean=mean,
+                std=math.sqrt(max(q / n - mean * mean, 0.0)),
+                min=local.min,
+                max=local.max,
+                count=round(n),
+                normalized_mean=mean / log_v if log_v > 0 else 0.0,
+            )
         self._pooled = (self._calls, stats)
 
     def _local_stats(self) -> EntropyStats:
