@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 import graff
-from benchmarks.schedulers import current_lr, make
+from benchmarks.loop import clock_budget, train_loop
+from benchmarks.schedulers import make
 from benchmarks.tasks import REPO, _gsm8k_text, _read_jsonl, gsm8k_dir
 
 METHODS = ("graff", "wsd", "cosine", "schedule_free")
@@ -252,24 +253,14 @@ def _run_method(env: Env, name: str) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
     )
     gen = torch.Generator().manual_seed(1000 + env.seed)
-    losses, lrs = [], []
     model.train()
     clock.start()
-    while not clock.exhausted:
-        lrs.append(current_lr(setup))
-        total = _step(env, model, setup, gen)
-        setup.after_step()
-        if setup.scheduler is None:
-            clock.tick()
-        elif setup.steps_with_loss:  # GRAFF ticks the clock itself
-            setup.scheduler.step(total)
-        else:
-            setup.scheduler.step()
-            clock.tick()
-        losses.append(total)
+    trace = train_loop(
+        lambda: _step(env, model, setup, gen), setup, clock_budget(clock), clock=clock
+    )
     train_seconds = clock.elapsed_seconds
-    steps = len(losses)
-    train_losses = [float(v) for v in losses]
+    steps, lrs = trace.steps, trace.lrs
+    train_losses = trace.losses
     setup.eval_mode()
     val = evaluate(env, model)
     tokens = steps * cfg.accum * cfg.micro_batch * cfg.seq

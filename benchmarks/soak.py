@@ -40,9 +40,8 @@ import torch
 from torch import nn
 
 import graff
-from benchmarks.overhead import held_tensor_bytes
+from benchmarks.meters import held_tensor_bytes
 from benchmarks.tasks import REPO, tiny_qwen3
-from graff._state_checks import check_finite_state
 
 SCHEDULERS = ("graff", "reactor", "budget")
 
@@ -207,6 +206,21 @@ def _user_ids(model: nn.Module, opt: torch.optim.Optimizer) -> set[int]:
     return ids
 
 
+def _check_finite(state: Any, path: str) -> None:
+    """Raise unless every float tensor and float in ``state`` (nested dicts/lists) is finite."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            _check_finite(value, f"{path}.{key}")
+    elif isinstance(state, list | tuple):
+        for i, value in enumerate(state):
+            _check_finite(value, f"{path}[{i}]")
+    elif isinstance(state, torch.Tensor) and state.is_floating_point():
+        if not bool(torch.isfinite(state).all()):
+            raise AssertionError(f"{path} holds NaN or infinite values")
+    elif isinstance(state, float) and math.isnan(state):
+        raise AssertionError(f"{path} is NaN")
+
+
 def _quarters(xs: list[float]) -> tuple[float, float]:
     q = max(1, len(xs) // 4)
     return statistics.median(xs[:q]), statistics.median(xs[-q:])
@@ -219,7 +233,7 @@ def _summary(kind, steps, model, sched, step_s, sched_s, losses, memory, injecte
         raise AssertionError(f"{kind}: NaN parameters at the end of the soak")
     if not math.isfinite(final_loss):
         raise AssertionError(f"{kind}: final loss {final_loss!r} is not finite")
-    check_finite_state(sched.state_dict()["extra"], f"{kind} state")
+    _check_finite(sched.state_dict()["extra"], f"{kind} state")
     skipped = injected["skipped_optimizer_steps"]
     if sched.skipped_steps != skipped or sched.budget.steps != steps - skipped:
         raise AssertionError(
