@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import graff
+from benchmarks.markdown import markdown_table
 
 
 class _LM(nn.Module):
@@ -115,21 +116,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
-    print(
-        "| model | params | train step (ms) | scheduler step (ms) | its all-reduce, in the loop "
-        "(ms) | the all-reduce alone (ms) | bytes |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for name, config in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "result.pt")
             cfg = {**config, "steps": args.steps}
             mp.spawn(_worker, args=(str(Path(tmp) / "store"), cfg, out), nprocs=2, join=True)
             r = torch.load(out, weights_only=True)
-        print(
-            f"| {name} | {r['params']:,} | {r['train_ms']:.2f} | {r['scheduler_ms']:.3f} | "
-            f"{r['exchange_ms']:.3f} | {r['isolated_ms']:.3f} | {r['payload_bytes']} |"
+        rows.append(
+            (
+                name,
+                f"{r['params']:,}",
+                f"{r['train_ms']:.2f}",
+                f"{r['scheduler_ms']:.3f}",
+                f"{r['exchange_ms']:.3f}",
+                f"{r['isolated_ms']:.3f}",
+                r["payload_bytes"],
+            )
         )
+    header = (
+        "model",
+        "params",
+        "train step (ms)",
+        "scheduler step (ms)",
+        "its all-reduce, in the loop (ms)",
+        "the all-reduce alone (ms)",
+        "bytes",
+    )
+    print("\n".join(markdown_table(header, rows)))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks.loop import advance
+from benchmarks.markdown import markdown_table
 from benchmarks.meters import ColdStartMeter, CpuMeter, held_tensor_bytes, user_tensor_ids
 from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, make
 from benchmarks.tasks import REPO, LoraTask
@@ -294,24 +295,45 @@ def _amortised_table(data: dict[str, Any]) -> list[str]:
         f"{data['repeats']} repeats of {data['steps']} steps, each run alone (cosine's median "
         f"total: {data['reference_cpu_s']:.1f} s CPU).",
         "",
-        "| scheduler | overhead (CPU, all λ̂ estimates) | overhead (CPU, cold start excluded) "
-        "| overhead (wall) | cold start (CPU s) | refreshes (CPU s) | estimates | final interval "
-        "| one refresh (s) | refreshes, long run | share the `auto` rule left them |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, r in data["results"].items():
         long_run = (
-            f"{r['refresh_s']:.2f} | {r['long_run_refresh_percent']:.2f} % | "
-            f"{r['estimate_share_percent']:.2f} %"
+            (
+                f"{r['refresh_s']:.2f}",
+                f"{r['long_run_refresh_percent']:.2f} %",
+                f"{r['estimate_share_percent']:.2f} %",
+            )
             if "long_run_refresh_percent" in r
-            else "— | — | —"
+            else ("—", "—", "—")
         )
-        lines.append(
-            f"| {name} | {r['cpu_overhead_percent']:+.1f} % | "
-            f"{r['cpu_overhead_no_cold_start_percent']:+.1f} % | {r['wall_overhead_percent']:+.1f} % "
-            f"| {r['cold_start_cpu_s']:.2f} | {r['refresh_cpu_s']:.2f} | {r['estimates']} | "
-            f"{r['final_interval']} | {long_run} |"
+        rows.append(
+            (
+                name,
+                f"{r['cpu_overhead_percent']:+.1f} %",
+                f"{r['cpu_overhead_no_cold_start_percent']:+.1f} %",
+                f"{r['wall_overhead_percent']:+.1f} %",
+                f"{r['cold_start_cpu_s']:.2f}",
+                f"{r['refresh_cpu_s']:.2f}",
+                r["estimates"],
+                r["final_interval"],
+                *long_run,
+            )
         )
+    header = (
+        "scheduler",
+        "overhead (CPU, all λ̂ estimates)",
+        "overhead (CPU, cold start excluded)",
+        "overhead (wall)",
+        "cold start (CPU s)",
+        "refreshes (CPU s)",
+        "estimates",
+        "final interval",
+        "one refresh (s)",
+        "refreshes, long run",
+        "share the `auto` rule left them",
+    )
+    lines += markdown_table(header, rows)
     return lines
 
 
@@ -345,11 +367,8 @@ def _table(data: dict[str, Any]) -> list[str]:
         f"{t['rank']}; {data['rounds']} rounds after {data['warmup']} warm-up rounds; one copy of "
         f"the trainable parameters = {data['trainable_bytes'] / 1024:.0f} KiB.",
         "",
-        "| scheduler | median step (ms) | overhead (wall) | overhead (CPU) | direct, per step "
-        "| λ̂ estimates, amortised | mean overhead (all steps) | worst step (× cosine median) "
-        "| held memory (KiB) | held / trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, r in sorted(data["results"].items(), key=lambda kv: kv[1]["ratio_to_cosine"]):
         direct = (
             f"{r['net_percent']:.2f} % ({r['net_us_per_step']:.0f} µs; gross "
@@ -357,14 +376,33 @@ def _table(data: dict[str, Any]) -> list[str]:
             if "net_percent" in r
             else "—"
         )
-        lam = f"{r['lambda_percent']:.1f} %" if r.get("lambda_seconds") else "—"
-        lines.append(
-            f"| {name} | {r['median_step_ms']:.1f} | "
-            f"{r['overhead_percent']:+.1f} % | {r['cpu_overhead_percent']:+.1f} % | {direct} | "
-            f"{lam} | {r['mean_overhead_percent']:+.1f} % | {r['worst_in_cosine_steps']:.1f} "
-            f"(step {r['worst_step']}) | {r['held_tensor_bytes'] / 1024:.1f} | "
-            f"{r['held_in_trainable_copies']:.2f} |"
+        rows.append(
+            (
+                name,
+                f"{r['median_step_ms']:.1f}",
+                f"{r['overhead_percent']:+.1f} %",
+                f"{r['cpu_overhead_percent']:+.1f} %",
+                direct,
+                f"{r['lambda_percent']:.1f} %" if r.get("lambda_seconds") else "—",
+                f"{r['mean_overhead_percent']:+.1f} %",
+                f"{r['worst_in_cosine_steps']:.1f} (step {r['worst_step']})",
+                f"{r['held_tensor_bytes'] / 1024:.1f}",
+                f"{r['held_in_trainable_copies']:.2f}",
+            )
         )
+    header = (
+        "scheduler",
+        "median step (ms)",
+        "overhead (wall)",
+        "overhead (CPU)",
+        "direct, per step",
+        "λ̂ estimates, amortised",
+        "mean overhead (all steps)",
+        "worst step (× cosine median)",
+        "held memory (KiB)",
+        "held / trainable",
+    )
+    lines += markdown_table(header, rows)
     graff = data["results"].get("graff", {}).get("direct_parts_us")
     if graff:
         parts = ", ".join(f"`{k}` {v:.0f} µs" for k, v in graff.items() if k != "LRScheduler.step")

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 import graff
+from benchmarks.markdown import markdown_table
 from benchmarks.meters import held_tensor_bytes
 from benchmarks.tasks import REPO, tiny_qwen3
 
@@ -292,23 +293,42 @@ def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Non
         "Time ratios are last-quarter median over first-quarter median; memory growth is from "
         "the second sample to the last (the first is taken before the probes allocate).",
         "",
-        "| scheduler | steps | NaN-loss / NaN-grad / grad-spike / LR-spike steps | skipped | "
-        "loss first → last 50 | step ms first → last quarter | ratio | scheduler.step() ms | "
-        "ratio | RSS growth | held tensor bytes growth | held items growth |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        inj = r["injected"]
-        lines.append(
-            f"| {r['scheduler']} | {r['steps']} | {inj['nan_loss']} / {inj['nan_grad']} / "
-            f"{inj['grad_spike']} / {inj['lr_spike']} | {r['skipped_steps']} | "
-            f"{r['first_loss']:.3f} → {r['final_loss']:.3f} | "
-            f"{r['step_ms']['first_quarter']:.2f} → {r['step_ms']['last_quarter']:.2f} | "
-            f"{r['step_time_ratio']:.2f} | {r['scheduler_step_ms']['first_quarter']:.3f} → "
-            f"{r['scheduler_step_ms']['last_quarter']:.3f} | {r['scheduler_step_time_ratio']:.2f} | "
-            f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB | {r['held_tensor_bytes_growth']:+d} | "
-            f"{r['held_items_growth']:+d} |"
+    rows = [
+        (
+            r["scheduler"],
+            r["steps"],
+            " / ".join(
+                str(r["injected"][k]) for k in ("nan_loss", "nan_grad", "grad_spike", "lr_spike")
+            ),
+            r["skipped_steps"],
+            f"{r['first_loss']:.3f} → {r['final_loss']:.3f}",
+            f"{r['step_ms']['first_quarter']:.2f} → {r['step_ms']['last_quarter']:.2f}",
+            f"{r['step_time_ratio']:.2f}",
+            f"{r['scheduler_step_ms']['first_quarter']:.3f} → "
+            f"{r['scheduler_step_ms']['last_quarter']:.3f}",
+            f"{r['scheduler_step_time_ratio']:.2f}",
+            f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB",
+            f"{r['held_tensor_bytes_growth']:+d}",
+            f"{r['held_items_growth']:+d}",
         )
+        for r in results
+    ]
+    header = (
+        "scheduler",
+        "steps",
+        "NaN-loss / NaN-grad / grad-spike / LR-spike steps",
+        "skipped",
+        "loss first → last 50",
+        "step ms first → last quarter",
+        "ratio",
+        "scheduler.step() ms",
+        "ratio",
+        "RSS growth",
+        "held tensor bytes growth",
+        "held items growth",
+    )
+    lines += markdown_table(header, rows)
     (out / "soak.md").write_text("\n".join(lines) + "\n")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from benchmarks.loop import advance, clock_budget, task_step, train_loop
+from benchmarks.markdown import markdown_table
 from benchmarks.schedulers import make
 from benchmarks.suites import SUITES, Suite, task_optimizer
 from graff import BudgetClock
@@ -237,29 +238,26 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "A slower scheduler (GRAFF's probes) completes fewer steps: that is the point of this table. "
         "Timing on shared CPUs is noisy; the step-budget tables are the quality reference.",
         "",
-        "| task | step budget | AdamW+cosine s/step (median) | budget B (s) |",
-        "|---|---|---|---|",
     ]
-    for task, b in meta["budgets"].items():
-        lines.append(
-            f"| {task} | {b['step_budget']} | {b['adamw_cosine_median_step_seconds'] * 1e3:.2f} ms "
-            f"| {b['budget_seconds']:.2f} |"
+    budgets = [
+        (
+            task,
+            b["step_budget"],
+            f"{b['adamw_cosine_median_step_seconds'] * 1e3:.2f} ms",
+            f"{b['budget_seconds']:.2f}",
         )
+        for task, b in meta["budgets"].items()
+    ]
+    header = ("task", "step budget", "AdamW+cosine s/step (median)", "budget B (s)")
+    lines += markdown_table(header, budgets)
     for task, cells in summary.items():
         best = cells.get("_best_baseline")
-        lines += [
-            "",
-            f"## {task}",
-            "",
-            "| scheduler | final val loss (mean ± std) | steps done (mean, min–max) | "
-            "vs best baseline | notes |",
-            "|---|---|---|---|---|",
-        ]
         ref = cells[best]["mean"] if best else float("nan")
+        rows = []
         for name in SCHEDULERS:
             c = cells.get(name)
             if c is None:
-                lines.append(f"| {name} | — | — | — | not run / skipped |")
+                rows.append((name, "—", "—", "—", "not run / skipped"))
                 continue
             notes = []
             if name == best:
@@ -269,10 +267,23 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
             if c["capped"]:
                 notes.append(f"{c['capped']} hit step cap")
             rel = f"{(c['mean'] / ref - 1) * 100:+.1f} %" if best and c["losses"] else "—"
-            lines.append(
-                f"| {name} | {c['mean']:.4f} ± {c['std']:.4f} | {c['steps_mean']:.0f} "
-                f"({min(c['steps'])}–{max(c['steps'])}) | {rel} | {', '.join(notes)} |"
+            rows.append(
+                (
+                    name,
+                    f"{c['mean']:.4f} ± {c['std']:.4f}",
+                    f"{c['steps_mean']:.0f} ({min(c['steps'])}–{max(c['steps'])})",
+                    rel,
+                    ", ".join(notes),
+                )
             )
+        header = (
+            "scheduler",
+            "final val loss (mean ± std)",
+            "steps done (mean, min–max)",
+            "vs best baseline",
+            "notes",
+        )
+        lines += ["", f"## {task}", "", *markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
