@@ -60,7 +60,7 @@ def _graff_kwargs(text: str | None) -> dict[str, Any]:
         raise SystemExit(f"--graff-kwargs must be a JSON object, got {text!r}.")
     import inspect
 
-    from graff.graff_scheduler import GraffScheduler
+    from graff import GraffScheduler
 
     known = set(inspect.signature(GraffScheduler).parameters)
     unknown = sorted(set(value) - known)

@@ -11,6 +11,7 @@ import math
 import statistics
 from typing import Any
 
+from benchmarks.markdown import markdown_table
 from benchmarks.suites import ROBUSTNESS_MULTS
 
 
@@ -71,27 +72,46 @@ def floor_markdown(floor: dict[str, Any]) -> str:
         "Median final held-out loss over seeds (per-seed values in seed order 0, 1, 2);"
         " the floor holds where GRAFF's median ≤ the prior's at the same base LR.",
         "",
-        "| task | LR × | GRAFF median | prior_only median | floor | GRAFF per seed | prior per seed |",
-        "|---|---|---|---|---|---|---|",
     ]
 
     def fmt(x: float | None) -> str:
         return "diverged" if x is None else f"{x:.4f}"
 
-    for task, entry in floor.items():
-        for r in entry["rows"]:
-            lines.append(
-                f"| {task} | {r['lr_mult']:g} | {fmt(r['graff_median'])} | "
-                f"{fmt(r['prior_median'])} | {'holds' if r['holds'] else '**fails**'} | "
-                f"{', '.join(fmt(v if math.isfinite(v) else None) for v in r['graff_seeds'])} | "
-                f"{', '.join(fmt(v if math.isfinite(v) else None) for v in r['prior_seeds'])} |"
-            )
-    lines += ["", "| task | GRAFF spread | prior_only spread | smaller |", "|---|---|---|---|"]
-    for task, entry in floor.items():
-        s = entry["spread"]
-        if s:
-            lines.append(
-                f"| {task} | {s['graff']:.4f} | {s['prior']:.4f} | "
-                f"{'yes' if s['holds'] else '**no**'} |"
-            )
+    def seeds(values: list[float]) -> str:
+        return ", ".join(fmt(v if math.isfinite(v) else None) for v in values)
+
+    rows = [
+        (
+            task,
+            f"{r['lr_mult']:g}",
+            fmt(r["graff_median"]),
+            fmt(r["prior_median"]),
+            "holds" if r["holds"] else "**fails**",
+            seeds(r["graff_seeds"]),
+            seeds(r["prior_seeds"]),
+        )
+        for task, entry in floor.items()
+        for r in entry["rows"]
+    ]
+    lines += markdown_table(
+        (
+            "task",
+            "LR ×",
+            "GRAFF median",
+            "prior_only median",
+            "floor",
+            "GRAFF per seed",
+            "prior per seed",
+        ),
+        rows,
+    )
+    spreads = [
+        (task, f"{s['graff']:.4f}", f"{s['prior']:.4f}", "yes" if s["holds"] else "**no**")
+        for task, entry in floor.items()
+        if (s := entry["spread"])
+    ]
+    lines += [
+        "",
+        *markdown_table(("task", "GRAFF spread", "prior_only spread", "smaller"), spreads),
+    ]
     return "\n".join(lines) + "\n"

@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 import graff
-from benchmarks.schedulers import current_lr, make
+from benchmarks.loop import clock_budget, train_loop
+from benchmarks.markdown import markdown_table
+from benchmarks.schedulers import make
 from benchmarks.tasks import REPO, _gsm8k_text, _read_jsonl, gsm8k_dir
 
 METHODS = ("graff", "wsd", "cosine", "schedule_free")
@@ -252,24 +254,14 @@ def _run_method(env: Env, name: str) -> dict[str, Any]:
         weight_decay=cfg.weight_decay,
     )
     gen = torch.Generator().manual_seed(1000 + env.seed)
-    losses, lrs = [], []
     model.train()
     clock.start()
-    while not clock.exhausted:
-        lrs.append(current_lr(setup))
-        total = _step(env, model, setup, gen)
-        setup.after_step()
-        if setup.scheduler is None:
-            clock.tick()
-        elif setup.steps_with_loss:  # GRAFF ticks the clock itself
-            setup.scheduler.step(total)
-        else:
-            setup.scheduler.step()
-            clock.tick()
-        losses.append(total)
+    trace = train_loop(
+        lambda: _step(env, model, setup, gen), setup, clock_budget(clock), clock=clock
+    )
     train_seconds = clock.elapsed_seconds
-    steps = len(losses)
-    train_losses = [float(v) for v in losses]
+    steps, lrs = trace.steps, trace.lrs
+    train_losses = trace.losses
     setup.eval_mode()
     val = evaluate(env, model)
     tokens = steps * cfg.accum * cfg.micro_batch * cfg.seq
@@ -338,21 +330,33 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{meta['machine'].get('gpu', meta['machine']['device'])}, torch {meta['machine']['torch']}; "
         f"{meta['parameters'] / 1e6:.1f}M parameters, {meta['config']['seconds']:g} s per method.",
         "",
-        "| method | held-out loss (nats/token) | steps | tokens/s | GRAFF overhead | peak memory |",
-        "|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in payload["runs"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | error: {r['error'][:80]} | | | | |")
+            rows.append((r["method"], f"error: {r['error'][:80]}", "", "", "", ""))
             continue
         share = r.get("graff_overhead_share")
         mem = r["peak_memory_bytes"]
-        lines.append(
-            f"| {r['method']} | {_num(r['val_loss'], '.4f')} | {r['steps']} | "
-            f"{_num(r['tokens_per_second'], ',.0f')} | "
-            f"{'—' if share is None else f'{100 * share:.2f} %'} | "
-            f"{'—' if mem is None else f'{mem / 2**30:.2f} GiB'} |"
+        rows.append(
+            (
+                r["method"],
+                _num(r["val_loss"], ".4f"),
+                r["steps"],
+                _num(r["tokens_per_second"], ",.0f"),
+                "—" if share is None else f"{100 * share:.2f} %",
+                "—" if mem is None else f"{mem / 2**30:.2f} GiB",
+            )
         )
+    header = (
+        "method",
+        "held-out loss (nats/token)",
+        "steps",
+        "tokens/s",
+        "GRAFF overhead",
+        "peak memory",
+    )
+    lines += markdown_table(header, rows)
     return "\n".join(lines) + "\n"
 
 

@@ -23,22 +23,20 @@ ratio with every estimate included, and with the cold start's estimates subtract
 
 from __future__ import annotations
 
-import gc
 import json
 import random
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from benchmarks.loop import advance
+from benchmarks.markdown import markdown_table
+from benchmarks.meters import ColdStartMeter, CpuMeter, held_tensor_bytes, user_tensor_ids
 from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, make
 from benchmarks.tasks import REPO, LoraTask
-from graff._scheduler_base import BudgetedScheduler
-from graff.probes.curvature import CurvatureProbe
-from graff.probes.entropy import EntropyProbe
 
 REFERENCE = "cosine"
 SCHEDULERS = (*BASELINES, "reactor", *GRAFF_VARIANTS)
@@ -47,139 +45,6 @@ LARGER_SCHEDULERS = ("cosine", "prior_only", "graff")
 AMORTISED = ("graff",)  # schedulers of the non-interleaved amortised measurement
 AMORTISED_STEPS = 150  # steps of each run alone (keeps the whole command under ~10 min)
 AMORTISED_REPEATS = 3  # runs of each scheduler, alternating with cosine
-
-
-class CpuMeter:
-    """Thread-CPU seconds spent inside graff's own per-step code, per object (``id``).
-
-    Wraps, before any scheduler is built (hooks bind the methods at registration), the
-    curvature probe's optimizer hooks and its λ̂ estimates, the entropy probe's forward hook,
-    the loss-capture hook and ``step()`` of graff's schedulers. ``per_step`` is what a step
-    spends there *outside* λ̂ estimates; ``estimate`` the estimates alone. This direct reading
-    is far less noisy than the difference of two step times on a shared machine; it misses
-    only torch's own hook dispatch and cache effects on the rest of the step.
-    """
-
-    TARGETS = (
-        (CurvatureProbe, "_pre_hook", "hooks"),
-        (CurvatureProbe, "_post_hook", "hooks"),
-        (CurvatureProbe, "_timed_estimate", "estimate"),
-        (EntropyProbe, "_observe", "hooks"),
-        (BudgetedScheduler, "_capture_loss", "hooks"),
-        (BudgetedScheduler, "step", "hooks"),
-        # the reference's own scheduler.step() (LambdaLR): GRAFF replaces it, so its cost is
-        # part of the reference step and is subtracted from GRAFF's direct cost ("net")
-        (torch.optim.lr_scheduler.LRScheduler, "step", "hooks"),
-    )
-
-    def __init__(self) -> None:
-        self.seconds: dict[tuple[int, str], float] = {}
-        #: per wrapped method, λ̂ estimates excluded: {(id(obj), "Class.method"): seconds}
-        self.parts: dict[tuple[int, str], float] = {}
-        self._saved: list[tuple[type, str, Any]] = []
-        self._active: list[tuple[int, str]] = []  # the wrapped calls running now, outermost first
-
-    def __enter__(self) -> CpuMeter:
-        for cls, name, kind in self.TARGETS:
-            original = cls.__dict__[name]
-            self._saved.append((cls, name, original))
-            setattr(cls, name, self._wrap(original, kind, f"{cls.__name__}.{name}"))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for cls, name, original in reversed(self._saved):
-            setattr(cls, name, original)
-        self._saved.clear()
-
-    def _wrap(self, fn: Any, kind: str, label: str) -> Any:
-        seconds, parts, active = self.seconds, self.parts, self._active
-
-        def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
-            t0 = time.thread_time()
-            active.append((id(obj), label))
-            try:
-                return fn(obj, *args, **kwargs)
-            finally:
-                active.pop()
-                spent = time.thread_time() - t0
-                key = (id(obj), kind)
-                seconds[key] = seconds.get(key, 0.0) + spent
-                if kind == "estimate":  # not a per-step cost of the part it ran inside
-                    for outer in active:
-                        parts[outer] = parts.get(outer, 0.0) - spent
-                else:
-                    parts[(id(obj), label)] = parts.get((id(obj), label), 0.0) + spent
-
-        return wrapper
-
-    def parts_of(self, scheduler: Any) -> dict[str, float]:
-        """Seconds per wrapped method of ``scheduler`` and its probes, estimates excluded.
-
-        Nested calls count in each enclosing method too (``step()`` includes what it calls).
-        """
-        ids = {id(o) for o in self._objects(scheduler)}
-        out: dict[str, float] = {}
-        for (obj, label), value in self.parts.items():
-            if obj in ids:
-                out[label] = out.get(label, 0.0) + value
-        return out
-
-    @staticmethod
-    def _objects(scheduler: Any) -> list[Any]:
-        objs = [scheduler]
-        for attr in ("curvature", "curvature_probe", "entropy_probe"):
-            if getattr(scheduler, attr, None) is not None:
-                objs.append(getattr(scheduler, attr))
-        return objs
-
-    def of(self, scheduler: Any) -> tuple[float, float]:
-        """(seconds in hooks and step() without estimates, seconds in λ̂ estimates)."""
-        objs = self._objects(scheduler)
-        hooks = sum(self.seconds.get((id(o), "hooks"), 0.0) for o in objs)
-        estimate = sum(self.seconds.get((id(o), "estimate"), 0.0) for o in objs)
-        return hooks - estimate, estimate  # estimates run inside the post-step hook
-
-
-def held_tensor_bytes(scheduler: Any, exclude: set[int]) -> int:
-    """Bytes of distinct tensor storages reachable from ``scheduler`` minus ``exclude`` ids."""
-    if scheduler is None:
-        return 0
-    seen, storages, total = set(), set(), 0
-    stack = [scheduler]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or id(obj) in exclude:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            ptr = obj.untyped_storage().data_ptr()
-            if ptr not in storages:
-                storages.add(ptr)
-                total += obj.untyped_storage().nbytes()
-            continue
-        if isinstance(obj, torch.nn.Module | torch.optim.Optimizer | type | types.ModuleType):
-            continue  # the model and optimizer are the user's, not the scheduler's
-        if isinstance(obj, types.FunctionType):  # closures, not the module's globals
-            stack.extend(c.cell_contents for c in obj.__closure__ or () if _filled(c))
-            stack.extend(obj.__defaults__ or ())
-            continue
-        stack.extend(gc.get_referents(obj))
-    return total
-
-
-def _filled(cell: types.CellType) -> bool:
-    try:
-        cell.cell_contents  # noqa: B018
-    except ValueError:
-        return False
-    return True
-
-
-def _exclusions(model: torch.nn.Module, opt: torch.optim.Optimizer) -> set[int]:
-    ids = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}
-    for state in opt.state.values():
-        ids |= {id(v) for v in state.values() if isinstance(v, torch.Tensor)}
-    return ids
 
 
 def measure(
@@ -244,7 +109,7 @@ def _interleave(
                 run["meter_start"] = meter.of(run["setup"].scheduler)
                 run["parts_start"] = meter.parts_of(run["setup"].scheduler)
             if r >= warmup and (r - warmup) % 10 == 0:
-                excl = _exclusions(run["model"], run["setup"].optimizer)
+                excl = user_tensor_ids(run["model"], run["setup"].optimizer)
                 run["bytes"] = max(run["bytes"], held_tensor_bytes(run["setup"].scheduler, excl))
 
 
@@ -323,38 +188,6 @@ def _add_net(results: dict[str, dict[str, Any]], ref_cpu_median: float) -> None:
             r["reference_step_us"] = ref_step  # cosine's own scheduler.step(), per step
             r["net_us_per_step"] = r["direct_us_per_step"] - ref_step
             r["net_percent"] = r["net_us_per_step"] / 1e6 / ref_cpu_median * 100
-
-
-class ColdStartMeter:
-    """Thread-CPU seconds of the λ̂ estimates that run before the first one is published.
-
-    Those are the cold start (``initial_iters`` products, spread over a few steps for adaptive
-    optimizers); refreshes are the estimates after it, including the ones a scheduler asks for
-    outside the ``auto`` interval.
-    """
-
-    def __init__(self) -> None:
-        self.cold: dict[int, float] = {}
-        self.refresh: dict[int, float] = {}
-        self._original: Any = None
-
-    def __enter__(self) -> ColdStartMeter:
-        original = self._original = CurvatureProbe.__dict__["_timed_estimate"]
-        cold, refresh = self.cold, self.refresh
-
-        def wrapper(probe: Any, *args: Any, **kwargs: Any) -> Any:
-            target = cold if probe.lambda_max is None else refresh
-            t0 = time.thread_time()
-            try:
-                return original(probe, *args, **kwargs)
-            finally:
-                target[id(probe)] = target.get(id(probe), 0.0) + time.thread_time() - t0
-
-        CurvatureProbe._timed_estimate = wrapper  # type: ignore[method-assign]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        CurvatureProbe._timed_estimate = self._original  # type: ignore[method-assign]
 
 
 def amortised(
@@ -462,24 +295,45 @@ def _amortised_table(data: dict[str, Any]) -> list[str]:
         f"{data['repeats']} repeats of {data['steps']} steps, each run alone (cosine's median "
         f"total: {data['reference_cpu_s']:.1f} s CPU).",
         "",
-        "| scheduler | overhead (CPU, all λ̂ estimates) | overhead (CPU, cold start excluded) "
-        "| overhead (wall) | cold start (CPU s) | refreshes (CPU s) | estimates | final interval "
-        "| one refresh (s) | refreshes, long run | share the `auto` rule left them |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, r in data["results"].items():
         long_run = (
-            f"{r['refresh_s']:.2f} | {r['long_run_refresh_percent']:.2f} % | "
-            f"{r['estimate_share_percent']:.2f} %"
+            (
+                f"{r['refresh_s']:.2f}",
+                f"{r['long_run_refresh_percent']:.2f} %",
+                f"{r['estimate_share_percent']:.2f} %",
+            )
             if "long_run_refresh_percent" in r
-            else "— | — | —"
+            else ("—", "—", "—")
         )
-        lines.append(
-            f"| {name} | {r['cpu_overhead_percent']:+.1f} % | "
-            f"{r['cpu_overhead_no_cold_start_percent']:+.1f} % | {r['wall_overhead_percent']:+.1f} % "
-            f"| {r['cold_start_cpu_s']:.2f} | {r['refresh_cpu_s']:.2f} | {r['estimates']} | "
-            f"{r['final_interval']} | {long_run} |"
+        rows.append(
+            (
+                name,
+                f"{r['cpu_overhead_percent']:+.1f} %",
+                f"{r['cpu_overhead_no_cold_start_percent']:+.1f} %",
+                f"{r['wall_overhead_percent']:+.1f} %",
+                f"{r['cold_start_cpu_s']:.2f}",
+                f"{r['refresh_cpu_s']:.2f}",
+                r["estimates"],
+                r["final_interval"],
+                *long_run,
+            )
         )
+    header = (
+        "scheduler",
+        "overhead (CPU, all λ̂ estimates)",
+        "overhead (CPU, cold start excluded)",
+        "overhead (wall)",
+        "cold start (CPU s)",
+        "refreshes (CPU s)",
+        "estimates",
+        "final interval",
+        "one refresh (s)",
+        "refreshes, long run",
+        "share the `auto` rule left them",
+    )
+    lines += markdown_table(header, rows)
     return lines
 
 
@@ -502,8 +356,7 @@ def _timed_step(task: LoraTask, run: dict[str, Any]) -> tuple[float, float]:
     loss = task.train_loss(model, run["gen"])
     loss.backward()
     setup.optimizer.step()
-    if setup.scheduler is not None:
-        setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
+    advance(setup, loss)
     return time.perf_counter() - start, time.thread_time() - cpu
 
 
@@ -514,11 +367,8 @@ def _table(data: dict[str, Any]) -> list[str]:
         f"{t['rank']}; {data['rounds']} rounds after {data['warmup']} warm-up rounds; one copy of "
         f"the trainable parameters = {data['trainable_bytes'] / 1024:.0f} KiB.",
         "",
-        "| scheduler | median step (ms) | overhead (wall) | overhead (CPU) | direct, per step "
-        "| λ̂ estimates, amortised | mean overhead (all steps) | worst step (× cosine median) "
-        "| held memory (KiB) | held / trainable |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for name, r in sorted(data["results"].items(), key=lambda kv: kv[1]["ratio_to_cosine"]):
         direct = (
             f"{r['net_percent']:.2f} % ({r['net_us_per_step']:.0f} µs; gross "
@@ -526,14 +376,33 @@ def _table(data: dict[str, Any]) -> list[str]:
             if "net_percent" in r
             else "—"
         )
-        lam = f"{r['lambda_percent']:.1f} %" if r.get("lambda_seconds") else "—"
-        lines.append(
-            f"| {name} | {r['median_step_ms']:.1f} | "
-            f"{r['overhead_percent']:+.1f} % | {r['cpu_overhead_percent']:+.1f} % | {direct} | "
-            f"{lam} | {r['mean_overhead_percent']:+.1f} % | {r['worst_in_cosine_steps']:.1f} "
-            f"(step {r['worst_step']}) | {r['held_tensor_bytes'] / 1024:.1f} | "
-            f"{r['held_in_trainable_copies']:.2f} |"
+        rows.append(
+            (
+                name,
+                f"{r['median_step_ms']:.1f}",
+                f"{r['overhead_percent']:+.1f} %",
+                f"{r['cpu_overhead_percent']:+.1f} %",
+                direct,
+                f"{r['lambda_percent']:.1f} %" if r.get("lambda_seconds") else "—",
+                f"{r['mean_overhead_percent']:+.1f} %",
+                f"{r['worst_in_cosine_steps']:.1f} (step {r['worst_step']})",
+                f"{r['held_tensor_bytes'] / 1024:.1f}",
+                f"{r['held_in_trainable_copies']:.2f}",
+            )
         )
+    header = (
+        "scheduler",
+        "median step (ms)",
+        "overhead (wall)",
+        "overhead (CPU)",
+        "direct, per step",
+        "λ̂ estimates, amortised",
+        "mean overhead (all steps)",
+        "worst step (× cosine median)",
+        "held memory (KiB)",
+        "held / trainable",
+    )
+    lines += markdown_table(header, rows)
     graff = data["results"].get("graff", {}).get("direct_parts_us")
     if graff:
         parts = ", ".join(f"`{k}` {v:.0f} µs" for k, v in graff.items() if k != "LRScheduler.step")

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.floor import floor_markdown, floor_summary
+from benchmarks.markdown import markdown_table
 from benchmarks.schedulers import ANCHORS, BASELINES
 from benchmarks.stats import paired_t_test, sign_flip_test
 from benchmarks.suites import ROBUSTNESS_MULTS
@@ -163,29 +164,29 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     for task, ts in summary["tasks"].items():
         cells = ts["cells"]
         ref = cells.get(ts["best_baseline"]) if ts["best_baseline"] else None
-        lines += [
-            f"## {task}",
-            "",
-            "| scheduler | LR × | val loss | Δ vs best tuned |",
-            "|---|---|---|---|",
-        ]
         order = [k for k in cells if k.rsplit("@", 1)[1] == "1"]
         order.sort(
             key=lambda k: (cells[k]["scheduler"] in ANCHORS, cells[k]["scheduler"] in BASELINES, k)
         )
+        rows = []
         for k in order:
             anchor = cells[k]["scheduler"] in ANCHORS
             label, mult = ("no LR taken", "—") if anchor else ("default LR", "1")
-            lines.append(
-                f"| {cells[k]['scheduler']} ({label}) | {mult} | {_fmt(cells[k])} | "
-                f"{_rel(cells[k], ref)} |"
+            rows.append(
+                (f"{cells[k]['scheduler']} ({label})", mult, _fmt(cells[k]), _rel(cells[k], ref))
             )
         for b, k in ts["best_per_baseline"].items():
             if k:
-                lines.append(
-                    f"| {b} (best tuned) | {cells[k]['lr_mult']:g} | {_fmt(cells[k])} | "
-                    f"{_rel(cells[k], ref)} |"
+                rows.append(
+                    (
+                        f"{b} (best tuned)",
+                        f"{cells[k]['lr_mult']:g}",
+                        _fmt(cells[k]),
+                        _rel(cells[k], ref),
+                    )
                 )
+        lines += [f"## {task}", ""]
+        lines += markdown_table(("scheduler", "LR ×", "val loss", "Δ vs best tuned"), rows)
         lines.append("")
         for name, t in ts["tests"].items():
             lines.append(
@@ -199,8 +200,6 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
                 "Robustness to the base LR (mean final val loss at LR × 0.1 / 1 / 10; "
                 "spread = max − min):",
                 "",
-                "| scheduler | ×0.1 | ×1 | ×10 | spread |",
-                "|---|---|---|---|---|",
             ]
             rob = sorted(
                 ts["robustness"].items(),
@@ -209,15 +208,18 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
                     math.inf if kv[1]["spread"] is None else kv[1]["spread"],
                 ),
             )
+            rows = []
             for sched, r in rob:
                 if r.get("no_lr_taken"):
                     v = r["means"]["1"]
-                    one = "diverged" if v is None else f"{v:.4f}"
-                    lines.append(f"| {sched} | — | {one} | — | no LR taken |")
+                    rows.append(
+                        (sched, "—", "diverged" if v is None else f"{v:.4f}", "—", "no LR taken")
+                    )
                     continue
                 vals = [("diverged" if v is None else f"{v:.4f}") for v in r["means"].values()]
                 spread = "∞ (diverged)" if r["spread"] is None else f"{r['spread']:.4f}"
-                lines.append(f"| {sched} | {' | '.join(vals)} | {spread} |")
+                rows.append((sched, *vals, spread))
+            lines += markdown_table(("scheduler", "×0.1", "×1", "×10", "spread"), rows)
         lines += ["", f"![{task} loss](./{task}_loss.png) ![{task} LR](./{task}_lr.png)", ""]
     if summary["skipped"] or summary["errors"]:
         lines += ["## Not run", ""]
@@ -427,14 +429,19 @@ def _spread_target(tasks: dict[str, Any]) -> tuple[str, str, bool]:
 
 
 def targets_markdown(summary: dict[str, Any], overhead: dict[str, Any] | None) -> str:
-    lines = ["## Targets (issue 5) on this run", "", "| target | evidence | met |", "|---|---|---|"]
-    for target, evidence, met in targets(summary):
-        verdict = "—" if evidence == "not run" else "yes" if met else "**no**"
-        lines.append(f"| {target} | {evidence} | {verdict} |")
+    rows = [
+        (target, evidence, "—" if evidence == "not run" else "yes" if met else "**no**")
+        for target, evidence, met in targets(summary)
+    ]
     if overhead and "graff" in overhead.get("results", {}):
         pct = overhead["results"]["graff"]["overhead_percent"]
-        lines.append(
-            f"| GRAFF overhead ≤ 1 % per step on the LoRA task | {pct:+.1f} % "
-            f"(benchmarks/results/overhead) | {'yes' if pct <= 1.0 else '**no**'} |"
+        rows.append(
+            (
+                "GRAFF overhead ≤ 1 % per step on the LoRA task",
+                f"{pct:+.1f} % (benchmarks/results/overhead)",
+                "yes" if pct <= 1.0 else "**no**",
+            )
         )
+    lines = ["## Targets (issue 5) on this run", ""]
+    lines += markdown_table(("target", "evidence", "met"), rows)
     return "\n".join(lines) + "\n"

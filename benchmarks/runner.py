@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.schedulers import ANCHORS, MissingAnchorPackage, current_lr, make
+from benchmarks.loop import step_budget, task_step, train_loop
+from benchmarks.schedulers import ANCHORS, MissingAnchorPackage, make
 from benchmarks.suites import Suite, task_optimizer
 
 _TASKS: dict[str, Any] = {}
@@ -98,26 +99,24 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
         lr = float(group.get("initial_lr", group["lr"]))
     evaluated = setup.eval_model or model  # DoG: its averaged iterate
     eval_every = max(1, steps // _EVAL_POINTS)
-    diverged = False
-    model.train()
-    for step in range(done, steps):
-        lrs.append(current_lr(setup))
-        setup.train_mode()
-        setup.optimizer.zero_grad(set_to_none=True)
-        loss = task.train_loss(model, gen)
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        loss.backward()
-        setup.optimizer.step()
-        setup.after_step()
-        if setup.scheduler is not None:
-            setup.scheduler.step(loss.detach()) if setup.steps_with_loss else setup.scheduler.step()
-        train_losses.append(loss.item())
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
+
+    def evaluate(done: int) -> None:
+        if done % eval_every == 0 or done == steps:
             setup.eval_mode()
-            val_curve.append([step + 1, task.val_loss(evaluated)])
+            val_curve.append([done, task.val_loss(evaluated)])
+
+    model.train()
+    trace = train_loop(
+        lambda: task_step(task, model, setup, gen),
+        setup,
+        step_budget(steps),
+        done=done,
+        after_step=evaluate,
+    )
     seconds = time.perf_counter() - start
+    train_losses += trace.losses
+    lrs += trace.lrs
+    diverged = trace.diverged
     final = (
         float("nan")
         if diverged

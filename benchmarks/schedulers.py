@@ -20,8 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from graff.clock import BudgetClock
-from graff.priors import BudgetPrior
+from graff import BudgetClock, BudgetPrior, GraffScheduler, ReactorScheduler
 
 WEIGHT_DECAY = 0.01
 WARMUP = 0.05  # warm-up fraction for every scheduler that has one (GRAFF's prior default too)
@@ -230,14 +229,10 @@ def make(
     if clock is None:
         clock = BudgetClock(steps=steps, measure_energy=False)
     if name == "reactor":
-        from graff.reactor import ReactorScheduler
-
         return Setup(
             opt, ReactorScheduler(opt, clock, model=model, seed=seed), steps_with_loss=True
         )
     if name in GRAFF_VARIANTS:
-        from graff.graff_scheduler import GraffScheduler
-
         kwargs = {**(graff_kwargs or {}), **GRAFF_VARIANTS[name]}  # the variant's switches win
         sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
         return Setup(opt, sched, steps_with_loss=True)

@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 import graff
-from benchmarks.overhead import held_tensor_bytes
+from benchmarks.markdown import markdown_table
+from benchmarks.meters import held_tensor_bytes
 from benchmarks.tasks import REPO, tiny_qwen3
-from graff._state_checks import check_finite_state
 
 SCHEDULERS = ("graff", "reactor", "budget")
 
@@ -207,6 +207,21 @@ def _user_ids(model: nn.Module, opt: torch.optim.Optimizer) -> set[int]:
     return ids
 
 
+def _check_finite(state: Any, path: str) -> None:
+    """Raise unless every float tensor and float in ``state`` (nested dicts/lists) is finite."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            _check_finite(value, f"{path}.{key}")
+    elif isinstance(state, list | tuple):
+        for i, value in enumerate(state):
+            _check_finite(value, f"{path}[{i}]")
+    elif isinstance(state, torch.Tensor) and state.is_floating_point():
+        if not bool(torch.isfinite(state).all()):
+            raise AssertionError(f"{path} holds NaN or infinite values")
+    elif isinstance(state, float) and math.isnan(state):
+        raise AssertionError(f"{path} is NaN")
+
+
 def _quarters(xs: list[float]) -> tuple[float, float]:
     q = max(1, len(xs) // 4)
     return statistics.median(xs[:q]), statistics.median(xs[-q:])
@@ -219,7 +234,7 @@ def _summary(kind, steps, model, sched, step_s, sched_s, losses, memory, injecte
         raise AssertionError(f"{kind}: NaN parameters at the end of the soak")
     if not math.isfinite(final_loss):
         raise AssertionError(f"{kind}: final loss {final_loss!r} is not finite")
-    check_finite_state(sched.state_dict()["extra"], f"{kind} state")
+    _check_finite(sched.state_dict()["extra"], f"{kind} state")
     skipped = injected["skipped_optimizer_steps"]
     if sched.skipped_steps != skipped or sched.budget.steps != steps - skipped:
         raise AssertionError(
@@ -278,23 +293,42 @@ def write(results: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> Non
         "Time ratios are last-quarter median over first-quarter median; memory growth is from "
         "the second sample to the last (the first is taken before the probes allocate).",
         "",
-        "| scheduler | steps | NaN-loss / NaN-grad / grad-spike / LR-spike steps | skipped | "
-        "loss first → last 50 | step ms first → last quarter | ratio | scheduler.step() ms | "
-        "ratio | RSS growth | held tensor bytes growth | held items growth |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        inj = r["injected"]
-        lines.append(
-            f"| {r['scheduler']} | {r['steps']} | {inj['nan_loss']} / {inj['nan_grad']} / "
-            f"{inj['grad_spike']} / {inj['lr_spike']} | {r['skipped_steps']} | "
-            f"{r['first_loss']:.3f} → {r['final_loss']:.3f} | "
-            f"{r['step_ms']['first_quarter']:.2f} → {r['step_ms']['last_quarter']:.2f} | "
-            f"{r['step_time_ratio']:.2f} | {r['scheduler_step_ms']['first_quarter']:.3f} → "
-            f"{r['scheduler_step_ms']['last_quarter']:.3f} | {r['scheduler_step_time_ratio']:.2f} | "
-            f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB | {r['held_tensor_bytes_growth']:+d} | "
-            f"{r['held_items_growth']:+d} |"
+    rows = [
+        (
+            r["scheduler"],
+            r["steps"],
+            " / ".join(
+                str(r["injected"][k]) for k in ("nan_loss", "nan_grad", "grad_spike", "lr_spike")
+            ),
+            r["skipped_steps"],
+            f"{r['first_loss']:.3f} → {r['final_loss']:.3f}",
+            f"{r['step_ms']['first_quarter']:.2f} → {r['step_ms']['last_quarter']:.2f}",
+            f"{r['step_time_ratio']:.2f}",
+            f"{r['scheduler_step_ms']['first_quarter']:.3f} → "
+            f"{r['scheduler_step_ms']['last_quarter']:.3f}",
+            f"{r['scheduler_step_time_ratio']:.2f}",
+            f"{r['rss_growth_bytes'] / 2**20:+.1f} MiB",
+            f"{r['held_tensor_bytes_growth']:+d}",
+            f"{r['held_items_growth']:+d}",
         )
+        for r in results
+    ]
+    header = (
+        "scheduler",
+        "steps",
+        "NaN-loss / NaN-grad / grad-spike / LR-spike steps",
+        "skipped",
+        "loss first → last 50",
+        "step ms first → last quarter",
+        "ratio",
+        "scheduler.step() ms",
+        "ratio",
+        "RSS growth",
+        "held tensor bytes growth",
+        "held items growth",
+    )
+    lines += markdown_table(header, rows)
     (out / "soak.md").write_text("\n".join(lines) + "\n")
 
 

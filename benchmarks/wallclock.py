@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.schedulers import current_lr, make
+from benchmarks.loop import advance, clock_budget, task_step, train_loop
+from benchmarks.markdown import markdown_table
+from benchmarks.schedulers import make
 from benchmarks.suites import SUITES, Suite, task_optimizer
-from graff.clock import BudgetClock
+from graff import BudgetClock
 
 SCHEDULERS = (
     "graff",
@@ -62,11 +64,10 @@ def _time_steps(task: Any, steps: int) -> float:
     times = []
     for i in range(min(steps, task.steps) + 5):
         t0 = time.perf_counter()
-        setup.optimizer.zero_grad(set_to_none=True)
-        loss = task.train_loss(model, gen)
-        loss.backward()
-        setup.optimizer.step()
-        setup.scheduler.step()
+        loss = task_step(task, model, setup, gen)
+        if loss is None:
+            raise RuntimeError(f"{task.name}: AdamW + cosine diverged while timing the budget")
+        advance(setup, loss)
         if i >= 5:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -88,35 +89,31 @@ def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
         optimizer=kind,
         weight_decay=weight_decay,
     )
-    ticks_itself = setup.steps_with_loss  # GRAFF / REACTOR tick the clock in scheduler.step
     gen = torch.Generator().manual_seed(1000 + seed)
-    train_losses, lrs, val_curve = [], [], []
-    diverged, done, next_eval = False, 0, 1.0 / EVAL_POINTS
-    model.train()
-    clock.start()
-    start = time.perf_counter()
-    while not clock.exhausted and done < STEP_CAP * steps:
-        lrs.append(current_lr(setup))
-        setup.train_mode()
-        setup.optimizer.zero_grad(set_to_none=True)
-        loss = task.train_loss(model, gen)
-        if not torch.isfinite(loss):
-            diverged = True
-            break
-        loss.backward()
-        setup.optimizer.step()
-        if setup.scheduler is not None:
-            setup.scheduler.step(loss.detach()) if ticks_itself else setup.scheduler.step()
-        if not ticks_itself:
-            clock.tick()
-        done += 1
-        train_losses.append(loss.item())
+    val_curve = []
+    next_eval = 1.0 / EVAL_POINTS
+
+    def evaluate(done: int) -> None:  # at every 1 / EVAL_POINTS of the clock, in paused time
+        nonlocal next_eval
         if clock.fraction_used >= next_eval and next_eval < 1.0:
             with clock.paused():
                 setup.eval_mode()
                 val_curve.append([done, clock.elapsed_seconds, task.val_loss(model)])
             next_eval += 1.0 / EVAL_POINTS
+
+    model.train()
+    clock.start()
+    start = time.perf_counter()
+    trace = train_loop(
+        lambda: task_step(task, model, setup, gen),
+        setup,
+        clock_budget(clock, STEP_CAP * steps),
+        clock=clock,
+        after_step=evaluate,
+    )
     train_seconds = clock.elapsed_seconds
+    done, diverged = trace.steps, trace.diverged
+    train_losses, lrs = trace.losses, trace.lrs
     with clock.paused():
         setup.eval_mode()
         final = float("nan") if diverged else task.val_loss(model)
@@ -241,29 +238,26 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "A slower scheduler (GRAFF's probes) completes fewer steps: that is the point of this table. "
         "Timing on shared CPUs is noisy; the step-budget tables are the quality reference.",
         "",
-        "| task | step budget | AdamW+cosine s/step (median) | budget B (s) |",
-        "|---|---|---|---|",
     ]
-    for task, b in meta["budgets"].items():
-        lines.append(
-            f"| {task} | {b['step_budget']} | {b['adamw_cosine_median_step_seconds'] * 1e3:.2f} ms "
-            f"| {b['budget_seconds']:.2f} |"
+    budgets = [
+        (
+            task,
+            b["step_budget"],
+            f"{b['adamw_cosine_median_step_seconds'] * 1e3:.2f} ms",
+            f"{b['budget_seconds']:.2f}",
         )
+        for task, b in meta["budgets"].items()
+    ]
+    header = ("task", "step budget", "AdamW+cosine s/step (median)", "budget B (s)")
+    lines += markdown_table(header, budgets)
     for task, cells in summary.items():
         best = cells.get("_best_baseline")
-        lines += [
-            "",
-            f"## {task}",
-            "",
-            "| scheduler | final val loss (mean ± std) | steps done (mean, min–max) | "
-            "vs best baseline | notes |",
-            "|---|---|---|---|---|",
-        ]
         ref = cells[best]["mean"] if best else float("nan")
+        rows = []
         for name in SCHEDULERS:
             c = cells.get(name)
             if c is None:
-                lines.append(f"| {name} | — | — | — | not run / skipped |")
+                rows.append((name, "—", "—", "—", "not run / skipped"))
                 continue
             notes = []
             if name == best:
@@ -273,10 +267,23 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
             if c["capped"]:
                 notes.append(f"{c['capped']} hit step cap")
             rel = f"{(c['mean'] / ref - 1) * 100:+.1f} %" if best and c["losses"] else "—"
-            lines.append(
-                f"| {name} | {c['mean']:.4f} ± {c['std']:.4f} | {c['steps_mean']:.0f} "
-                f"({min(c['steps'])}–{max(c['steps'])}) | {rel} | {', '.join(notes)} |"
+            rows.append(
+                (
+                    name,
+                    f"{c['mean']:.4f} ± {c['std']:.4f}",
+                    f"{c['steps_mean']:.0f} ({min(c['steps'])}–{max(c['steps'])})",
+                    rel,
+                    ", ".join(notes),
+                )
             )
+        header = (
+            "scheduler",
+            "final val loss (mean ± std)",
+            "steps done (mean, min–max)",
+            "vs best baseline",
+            "notes",
+        )
+        lines += ["", f"## {task}", "", *markdown_table(header, rows)]
     return "\n".join(lines) + "\n"
 
 
