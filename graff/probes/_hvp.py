@@ -34,11 +34,6 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(total)
 
 
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (elementwise)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
-
-
 def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     """Return ``v ↦ H v`` for the Hessian ``H`` of the scalar ``loss`` w.r.t. ``params``.
 

@@ -119,9 +119,9 @@ _STATE_KEYS = frozenset(
         "grad_dot_update",
         "window",
         "last",
+        "cold_iters_done",
     }
 )
-_OPTIONAL_KEYS = frozenset({"cold_iters_done"})  # absent in states saved by graff 0.1.0
 
 
 @dataclass(frozen=True)
@@ -149,23 +149,6 @@ class CurvatureStats:
     secant_ratio: Tensor
 
 
-def _dots(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    """``[⟨a_j, b_j⟩]_j`` (float32, CPU): float32 products, wider inputs kept as they are."""
-    return (
-        torch.stack(
-            [
-                torch.dot(x.reshape(-1), y)
-                if x.dtype in _WIDE and y.dtype == x.dtype
-                else torch.dot(x.reshape(-1).float(), y.float())
-                for x, y in zip(a, b, strict=True)
-            ]
-        )
-        .float()
-        .cpu()
-    )
-
-
-_WIDE = (torch.float32, torch.float64)
 _F32_LIMIT = 3.4028235677973366e38  # |x| below this rounds to a finite float32
 
 
@@ -461,7 +444,7 @@ class CurvatureProbe:
         # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
         self.update_dtype = _check_update_dtype(update_dtype)
         self._flat = FlatBlockBuffer(
-            self._loc(self._params), self._block_of.tolist(), len(self.blocks), dtype=update_dtype
+            self._loc(self._params), self._block_of.tolist(), dtype=update_dtype
         )
         # a narrower buffer than the parameters: θ_t waits in the parameters' dtype (step only)
         self._narrow = update_dtype is not None and any(
@@ -981,10 +964,10 @@ class CurvatureProbe:
             raise CheckpointError(
                 f"expected a CurvatureProbe state with format_version {FORMAT_VERSION}, got {got!r}."
             )
-        if not _STATE_KEYS <= set(state) <= _STATE_KEYS | _OPTIONAL_KEYS:
+        if set(state) != _STATE_KEYS:
             raise CheckpointError(
                 f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
-                f"unexpected {sorted(set(state) - _STATE_KEYS - _OPTIONAL_KEYS)}."
+                f"unexpected {sorted(set(state) - _STATE_KEYS)}."
             )
         if state["kind"] != self.kind:
             raise CheckpointError(
@@ -1014,7 +997,7 @@ class CurvatureProbe:
             )
         self.step, self._last_attempt = int(state["step"]), last_attempt
         self.interval = int(state["interval"])
-        self._cold_done = int(state.get("cold_iters_done", 0))
+        self._cold_done = int(state["cold_iters_done"])
         self.n_estimates, self.dropped_estimates = (
             int(state["n_estimates"]),
             int(state["dropped_estimates"]),
