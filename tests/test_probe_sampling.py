@@ -267,7 +267,7 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
     x, opt, probe = build()
     run(x, opt, 2)  # two of four chunks
     state, opt_state, x_saved = probe.state_dict(), opt.state_dict(), x.detach().clone()
-    assert state["cold_iters_done"] == 10
+    assert state["estimator"]["cold_iters_done"] == 10
     assert probe.lambda_max is None
     run(x, opt, 2)
     x2, opt2, probe2 = build()
@@ -277,7 +277,8 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
     probe2.load_state_dict(state)
     run(x2, opt2, 2)
     assert probe2.lambda_max == pytest.approx(probe.lambda_max, rel=1e-6)
-    incomplete = {k: v for k, v in state.items() if k != "cold_iters_done"}
+    estimator = {k: v for k, v in state["estimator"].items() if k != "cold_iters_done"}
+    incomplete = {**state, "estimator": estimator}
     with pytest.raises(CheckpointError, match="cold_iters_done"):
         probe2.load_state_dict(incomplete)
 

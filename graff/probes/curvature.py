@@ -15,34 +15,30 @@ so that any torch optimizer works:
 
   the hypergradient of Baydin et al. for a per-block LR multiplier :math:`m_{t,i}` (the update
   is linear in the LR), the secant curvature along the update, and its dimensionless ratio.
-* **Every few steps**: :math:`\\hat\\lambda_{\\max}` by warm-started power iteration with
-  Hessian-vector products on a fixed probe batch, of :math:`H` (SGD) or of the preconditioned
-  :math:`P^{-1/2} H P^{-1/2}` (adaptive optimizers, see :mod:`graff.probes.preconditioner`).
+* **Every few steps**: :math:`\\hat\\lambda_{\\max}`, estimated and scheduled by
+  :class:`graff.probes.lambda_max.LambdaMaxEstimator`, which the probe holds and drives from
+  its post-step hook.
 
-The secant is *not* a λ_max estimator (``feasibility.md``): without noise it measures the
-curvature along the update, 0.2–1.3 % of λ_max on quadratics; with minibatch noise it returns
-≈ 1/η whatever the curvature. Its windowed maximum :attr:`CurvatureProbe.tripwire` is a
-divergence alarm (q > 2 means the loss along the last update grew like an unstable mode), not a
-bound for the guard. The guard uses :attr:`CurvatureProbe.lambda_max_safe`.
+The secant is *not* a λ_max estimator: it measures the curvature along the update, or, under
+minibatch noise, ≈ 1/η whatever the curvature (measurements: ``docs/concepts/probes.md``). Its
+windowed maximum :attr:`CurvatureProbe.tripwire` is a divergence alarm (q > 2 means the loss
+along the last update grew like an unstable mode), not a bound for the guard. The guard uses
+:attr:`CurvatureProbe.lambda_max_safe`.
 
 Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype, in one flat
-parameter-padded tensor: :mod:`graff.probes._flat`) plus the warm-start eigenvector in int8 with
-a power-of-two scale per tensor (a quarter of a float32 copy); during a sampled step's hooks, a
-transient copy of the gradients in the buffer's layout; during an estimate, the double-backward
-graph of the probe batch and a few float32 vectors. Per sampled update the hooks run a fixed
-number of kernels whatever the number of parameters: a copy of θ_t and a subtraction (with a
-narrower buffer, θ_t and θ_{t+1} are gathered into the buffer's flat layout by one concatenation
-each, and Δθ is rounded into the buffer by one cast), two concatenations of the gradients, row
-reductions and ``index_add`` over the rows.
+parameter-padded tensor: :mod:`graff.probes._flat`) plus the estimator's int8 eigenvector (a
+quarter of a float32 copy); during a sampled step's hooks, a transient copy of the gradients in
+the buffer's layout. Per sampled update the hooks run a fixed number of kernels whatever the
+number of parameters: a copy of θ_t and a subtraction (with a narrower buffer, θ_t and θ_{t+1}
+are gathered into the buffer's flat layout by one concatenation each, and Δθ is rounded into the
+buffer by one cast), two concatenations of the gradients, row reductions and ``index_add`` over
+the rows.
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
     https://arxiv.org/abs/1703.04782.
     Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the Edge of
     Stability", ICLR 2021, https://arxiv.org/abs/2103.00065.
-    Cohen et al., "Adaptive Gradient Methods at the Edge of Stability", 2022,
-    https://arxiv.org/abs/2207.14484.
-    Pearlmutter, "Fast Exact Multiplication by the Hessian", Neural Computation, 1994.
 """
 
 from __future__ import annotations
@@ -58,68 +54,31 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from graff._hooks import HookSet, hook_state, restore_hooks
-from graff._validation import check_in_range, check_optimizer_and_model, check_positive_int
+from graff._validation import check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
-from graff.distributed import RankSync, is_sharded, local_shard, unwrap_data_parallel
+from graff.distributed import is_sharded, local_shard, unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
-from graff.probes._context import probing
 from graff.probes._flat import FlatBlockBuffer
-from graff.probes._hvp import (
-    InputCapture,
-    dequantize_int8,
-    make_hvp,
-    power_iteration,
-    quantize_int8,
-)
-from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
+from graff.probes._overhead import OverheadMeter
+from graff.probes.lambda_max import MIN_ESTIMATE_SHARE, LambdaMaxEstimator, estimate_cost_steps
 
-FORMAT_VERSION = 1
-#: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
-#: ``share_step_costs`` is on and the per-step costs take (nearly) all of it.
-MIN_ESTIMATE_SHARE = 0.25
-#: Cost of one Hessian-vector product in training steps (``cost_model="steps"``): one double
-#: backward through the probe batch's gradient graph, about two forward and backward passes.
-HVP_STEPS = 2.0
-#: Cost of building that graph (one forward and one backward of the probe batch with
-#: ``create_graph=True``) in training steps, paid once per estimate.
-GRAPH_STEPS = 1.0
-COST_MODELS = ("steps", "seconds")
+__all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_cost_steps"]
 
-
-def estimate_cost_steps(products: int) -> float:
-    """Cost of one λ̂ estimate of ``products`` Hessian-vector products, in training steps.
-
-    ``GRAPH_STEPS + HVP_STEPS · products``: a price from counts alone, so that decisions taken
-    from it (the ``auto`` interval under ``cost_model="steps"``, GraffScheduler's refresh
-    allowance under a step budget) are the same on every run, whatever the machine is doing.
-    It takes the probe batch to be about one training batch, as a captured one is (the inputs of
-    a training forward pass); a ``loss_fn`` on a larger batch costs proportionally more.
-    """
-    return GRAPH_STEPS + HVP_STEPS * products
-
-
+#: Version 2: the λ̂ estimator's entries moved under ``"estimator"``.
+FORMAT_VERSION = 2
 _STATE_KEYS = frozenset(
     {
         "format_version",
-        "kind",
-        "eigenvector",
-        "lambda_max",
         "step",
-        "last_attempt_step",
-        "interval",
-        "n_estimates",
-        "dropped_estimates",
         "dropped_samples",
         "overhead_seconds",
-        "probe_inputs",
         "update",
         "grad_dot_update",
         "window",
         "last",
-        "cold_iters_done",
+        "estimator",
     }
 )
 
@@ -180,14 +139,6 @@ def _check_update_dtype(dtype: Any) -> torch.dtype | None:
     return dtype
 
 
-def _check_cost_model(cost_model: Any) -> str | None:
-    if cost_model is not None and cost_model not in COST_MODELS:
-        raise GraffConfigError(
-            f"cost_model must be None, 'steps' or 'seconds', got {cost_model!r}."
-        )
-    return cost_model
-
-
 def _check_blocks(
     optimizer: torch.optim.Optimizer, model: nn.Module | None, blocks: Any
 ) -> list[Block]:
@@ -226,6 +177,18 @@ def _reject_sparse_grad(p: Tensor) -> None:
             f"a parameter of shape {tuple(p.shape)} has a sparse gradient ({p.grad.layout}): "
             + _SPARSE_HINT
         )
+
+
+def _forward(owner: str, name: str, doc: str) -> property:
+    """A property reading and writing ``self.<owner>.<name>`` (the probe's public surface)."""
+
+    def get(self: Any) -> Any:
+        return getattr(getattr(self, owner), name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(getattr(self, owner), name, value)
+
+    return property(get, set_, doc=doc)
 
 
 class CurvatureProbe:
@@ -352,79 +315,47 @@ class CurvatureProbe:
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
-        if loss_fn is not None and not callable(loss_fn):
-            raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
-        if every != "auto":
-            if isinstance(every, str):
-                raise GraffConfigError(
-                    f"every must be 'auto' or a positive integer, got {every!r}."
-                )
-            every = check_positive_int("every", every)
-        flags = (("preconditioned", preconditioned), ("hvp", hvp))
-        for name, value in (*flags, ("share_step_costs", share_step_costs)):
-            optional = name == "preconditioned"
-            if not (isinstance(value, bool) or (optional and value is None)):
-                raise GraffTypeError(
-                    f"{name} must be a bool{' or None' if optional else ''}, got {value!r}."
-                )
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise GraffConfigError(f"seed must be a non-negative integer, got {seed!r}.")
-        self.power_iters = check_positive_int("power_iters", power_iters)
-        self.initial_iters = check_positive_int("initial_iters", initial_iters)
-        self.min_every = check_positive_int("min_every", min_every)
-        self.margin = check_in_range("margin", margin, 1.0, 100.0)
-        self.overhead_target = check_in_range(
-            "overhead_target", overhead_target, 0.0, 1.0, low_open=True
-        )
+        if not isinstance(hvp, bool):
+            raise GraffTypeError(f"hvp must be a bool, got {hvp!r}.")
         secant_window = check_positive_int("secant_window", secant_window)
         self.stats_every = check_positive_int("stats_every", stats_every)
-        self.chunk_iters = (
-            None if chunk_iters is None else check_positive_int("chunk_iters", chunk_iters)
-        )
-        self._cold_done = 0  # products of a chunked cold start run so far
-        self.max_every = None if max_every is None else check_positive_int("max_every", max_every)
-        if self.max_every is not None and self.max_every < self.min_every:
-            raise GraffConfigError(f"max_every={max_every!r} must be >= min_every={min_every!r}.")
-        kind = preconditioner_kind(optimizer)
-        if preconditioned and kind is None:
-            raise GraffConfigError(
-                f"preconditioned=True, but graff reads no diagonal preconditioner from "
-                f"{type(optimizer).__name__}; use preconditioned=None or False."
-            )
-        self.kind = kind if preconditioned is not False else None
-        if start_step is None:
-            start_step = 10 if self.kind is not None else 0
-        elif isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
-            raise GraffConfigError(
-                f"start_step must be a non-negative integer, got {start_step!r}."
-            )
-        self.start_step = start_step
-        self.share_step_costs = share_step_costs
-        self._cost_model_given = _check_cost_model(cost_model) is not None
-        #: ``"steps"`` or ``"seconds"``: what prices a refresh for the ``auto`` interval.
-        self.cost_model: str = cost_model or "steps"
-        #: Moving average of the seconds per step spent in this probe's hooks (estimates
-        #: excluded) plus what :meth:`add_step_cost` reported; ``None`` before the first step.
-        self.step_cost_seconds: float | None = None
-        self._step_costs = 0.0  # accumulated since the last post-step hook
-        #: Seconds spent since construction in the per-step hooks (estimates excluded) and in
-        #: λ̂ estimates (timings, not state: not saved).
-        self.hook_seconds = self.estimate_seconds = 0.0
-        #: Projected seconds of one refresh (``power_iters`` products + the probe graph), from
-        #: the last estimate's time; ``None`` before the first estimate.
-        self.refresh_seconds: float | None = None
-        self.optimizer, self.model, self.loss_fn, self.every, self.seed = (
+        self.update_dtype = _check_update_dtype(update_dtype)
+        self.optimizer, self.model = optimizer, model
+        hvp = self._init_params(model, blocks, hvp)
+        self.meter = OverheadMeter()
+        self.estimator = LambdaMaxEstimator(
             optimizer,
-            model,
-            loss_fn,
-            every,
-            seed,
+            [p for p in self._params if p.requires_grad],
+            model=model,
+            loss_fn=loss_fn,
+            meter=self.meter,
+            enabled=hvp,
+            every=every,
+            power_iters=power_iters,
+            initial_iters=initial_iters,
+            margin=margin,
+            overhead_target=overhead_target,
+            min_every=min_every,
+            max_every=max_every,
+            chunk_iters=chunk_iters,
+            start_step=start_step,
+            preconditioned=preconditioned,
+            share_step_costs=share_step_costs,
+            cost_model=cost_model,
+            seed=seed,
         )
-        self.blocks = _check_blocks(optimizer, model, blocks)
+        self._init_update_buffer(secant_window)
+        self.step = 0
+        self.dropped_samples = 0
+        self._hooks = HookSet(self)
+        self._register_hooks()
+
+    def _init_params(self, model: nn.Module | None, blocks: Any, hvp: bool) -> bool:
+        """The probed blocks and parameters; returns ``hvp``, False under FSDP sharding."""
+        self.blocks = _check_blocks(self.optimizer, model, blocks)
         self._params = [p for b in self.blocks for p in b.params]
         _reject_sparse_modules(model, self._params)
         self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
-        self._hvp_params = [p for p in self._params if p.requires_grad]
         # FSDP2: per-step dot products run on local shards and are summed over the ranks.
         self._sharded = torch.tensor([is_sharded(p) for p in self._params], dtype=torch.bool)
         self._dtensor = any(hasattr(p, "to_local") for p in self._params)
@@ -434,21 +365,20 @@ class CurvatureProbe:
                 "and Hessian-vector products need gradients with respect to the full parameters; "
                 "the per-step statistics are summed over the shards. See docs/distributed.md.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-            hvp = False
-        self.hvp = hvp and bool(self._hvp_params)
-        self._capture = (
-            InputCapture(model) if (self.hvp and loss_fn is None and model is not None) else None
-        )
-        # Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩ per parameter.
-        self.update_dtype = _check_update_dtype(update_dtype)
+            return False
+        return hvp
+
+    def _init_update_buffer(self, secant_window: int) -> None:
+        """The Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩, ‖Δθ_t‖²."""
         self._flat = FlatBlockBuffer(
-            self._loc(self._params), self._block_of.tolist(), dtype=update_dtype
+            self._loc(self._params), self._block_of.tolist(), dtype=self.update_dtype
         )
         # a narrower buffer than the parameters: θ_t waits in the parameters' dtype (step only)
-        self._narrow = update_dtype is not None and any(
-            p.is_floating_point() and p.element_size() > update_dtype.itemsize for p in self._params
+        self._narrow = self.update_dtype is not None and any(
+            p.is_floating_point() and p.element_size() > self.update_dtype.itemsize
+            for p in self._params
         )
         self._theta: list[Tensor] | None = None
         self._all = list(range(len(self._params)))
@@ -463,20 +393,6 @@ class CurvatureProbe:
         self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
         self.last: CurvatureStats | None = None
-        self.lambda_max: float | None = None
-        self._v: list[tuple[Tensor, float]] | None = None  # int8 eigenvector, per-tensor scale
-        self.step = 0
-        self._last_attempt: int | None = None
-        self.interval = every if isinstance(every, int) else self.min_every
-        self.n_estimates = self.dropped_estimates = self.dropped_samples = 0
-        self.overhead_seconds = 0.0
-        #: Under torch.distributed (set by the schedulers): HVPs are averaged over this group.
-        self.sync: RankSync | None = None
-        self._step_time: float | None = None
-        self._t_post: float | None = None
-        self._probe_since_post = 0.0
-        self._hooks = HookSet(self)
-        self._register_hooks()
 
     def _register_hooks(self) -> None:
         """Hook the optimizer's steps (also on a copy: torch's ``Optimizer`` drops its hooks when
@@ -491,11 +407,54 @@ class CurvatureProbe:
         """A copy (``deepcopy``, pickle) hooks the optimizer it holds."""
         restore_hooks(self, state)
 
-    # ------------------------------------------------------------------ per-step statistics
+    # ------------------------------------------------------------------ public readings
+    lambda_max = _forward("estimator", "lambda_max", "The last λ̂ estimate (raw), None before one.")
+    interval = _forward("estimator", "interval", "The λ̂ refresh interval in optimizer steps.")
+    n_estimates = _forward("estimator", "n_estimates", "Published λ̂ estimates so far.")
+    dropped_estimates = _forward(
+        "estimator", "dropped_estimates", "Estimates dropped (a product was not finite)."
+    )
+    hvp = _forward("estimator", "hvp", "Whether λ̂ is estimated (False: per-step statistics only).")
+    sync = _forward(
+        "estimator", "sync", "Under torch.distributed (set by the schedulers): the rank group."
+    )
+    kind = _forward("estimator", "kind", "The preconditioner read (None: the plain Hessian).")
+    refresh_seconds = _forward(
+        "estimator", "refresh_seconds", "Projected seconds of one refresh; None before one."
+    )
+    loss_fn = _forward("estimator", "loss_fn", "The probe-batch closure, if one was given.")
+    every = _forward("estimator", "every", "The ``every`` argument.")
+    power_iters = _forward("estimator", "power_iters", "The ``power_iters`` argument.")
+    initial_iters = _forward("estimator", "initial_iters", "The ``initial_iters`` argument.")
+    margin = _forward("estimator", "margin", "The ``margin`` argument.")
+    overhead_target = _forward("estimator", "overhead_target", "The ``overhead_target`` argument.")
+    min_every = _forward("estimator", "min_every", "The ``min_every`` argument.")
+    max_every = _forward("estimator", "max_every", "The ``max_every`` argument.")
+    chunk_iters = _forward("estimator", "chunk_iters", "The ``chunk_iters`` argument.")
+    start_step = _forward("estimator", "start_step", "First step a scheduled estimate may run.")
+    seed = _forward("estimator", "seed", "The ``seed`` argument.")
+    share_step_costs = _forward(
+        "estimator", "share_step_costs", "The ``share_step_costs`` argument."
+    )
+    cost_model = _forward(
+        "estimator", "cost_model", '``"steps"`` or ``"seconds"``: what prices a refresh.'
+    )
+    overhead_seconds = _forward(
+        "meter", "overhead_seconds", "Seconds in the hooks and λ̂ estimates (saved in the state)."
+    )
+    hook_seconds = _forward("meter", "hook_seconds", "Seconds in the per-step hooks.")
+    estimate_seconds = _forward("meter", "estimate_seconds", "Seconds in λ̂ estimates.")
+    step_cost_seconds = _forward(
+        "meter",
+        "step_cost_seconds",
+        "Moving average of the per-step cost (hooks + add_step_cost); None before a step.",
+    )
+    _step_time = _forward("meter", "step_time", "Moving average of the step time.")
+
     @property
     def lambda_max_safe(self) -> float | None:
         """``margin × lambda_max`` (the value the guard should use), or None before an estimate."""
-        return None if self.lambda_max is None else self.margin * self.lambda_max
+        return self.estimator.lambda_max_safe
 
     @property
     def tripwire(self) -> float | None:
@@ -503,7 +462,7 @@ class CurvatureProbe:
 
         A divergence alarm, not a λ_max estimate: on a quadratic q = η·(curvature along the
         update), which exceeds 2 only when the update excites an unstable direction, and under
-        minibatch noise q ≈ 1 whatever λ_max is (feasibility.md).
+        minibatch noise q ≈ 1 whatever λ_max is (``docs/concepts/probes.md``).
         """
         return max(self._window) if self._window else None
 
@@ -516,12 +475,35 @@ class CurvatureProbe:
         """``ts``, or their local shards if the probed parameters are DTensors (FSDP2)."""
         return [local_shard(t) for t in ts] if self._dtensor else ts
 
+    # ------------------------------------------------------------------ per-step statistics
+    def _check_layouts(self, have: list[int]) -> None:
+        """Reject a sparse gradient the first time each parameter has a gradient."""
+        if self._all_checked:
+            return
+        for j in have:
+            if not self._checked[j]:
+                _reject_sparse_grad(self._params[j])
+                self._checked[j] = True
+        self._all_checked = all(self._checked)
+
+    def _hold_theta(self, have: list[int]) -> None:
+        """Copy θ_t (of the parameters in ``have``) for the post-step hook's Δθ."""
+        n = len(self._params)
+        if self._narrow:  # θ_t in the parameters' dtype, buffer layout, until post-step
+            self._theta = self._flat.gather(self._loc(self._params))
+            return
+        if len(have) < n:
+            self._flat.zero_()  # entries of parameters without a gradient stay 0
+        views = self._flat.views
+        params = self._loc([self._params[j] for j in have] if len(have) < n else self._params)
+        torch._foreach_copy_([views[j] for j in have] if len(have) < n else views, params)
+
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         sample = self.step % self.stats_every == 0
         if not (sample or self._valid or self._has_update):  # nothing buffered, nothing to take
             self._pending = []
-            self._count_hook(time.perf_counter() - t0)
+            self.meter.add_hook(time.perf_counter() - t0)
             return
         with torch.no_grad():
             grads = [p.grad for p in self._params]
@@ -542,25 +524,9 @@ class CurvatureProbe:
             self._incomplete = self._has_update = False
             self._pending = have if have and sample else []
             if self._pending:
-                if not self._all_checked:
-                    for j in have:
-                        if not self._checked[j]:  # first gradient of this parameter
-                            _reject_sparse_grad(self._params[j])
-                            self._checked[j] = True
-                    self._all_checked = all(self._checked)
-                if self._narrow:  # θ_t in the parameters' dtype, buffer layout, until post-step
-                    self._theta = self._flat.gather(self._loc(self._params))
-                else:
-                    if len(have) < n:
-                        self._flat.zero_()  # entries of parameters without a gradient stay 0
-                    views = self._flat.views
-                    params = self._loc(
-                        [self._params[j] for j in have] if len(have) < n else self._params
-                    )
-                    torch._foreach_copy_(
-                        [views[j] for j in have] if len(have) < n else views, params
-                    )
-        self._count_hook(time.perf_counter() - t0)
+                self._check_layouts(have)
+                self._hold_theta(have)
+        self.meter.add_hook(time.perf_counter() - t0)
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
         """Turn the buffered Δθ_t and the new gradients into one per-block sample.
@@ -616,179 +582,65 @@ class CurvatureProbe:
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
-        idx = self._pending
-        if idx:
-            with torch.no_grad():
-                flat = self._flat
-                full = len(idx) == len(self._params)
-                if self._theta is not None:  # D in the parameters' dtype, stored rounded
-                    now = flat.gather(self._loc(self._params))
-                    for buffer, before, after in zip(flat.flats, self._theta, now, strict=True):
-                        buffer.copy_(before.sub_(after))  # outside idx: ignored by the sums
-                    self._theta = None
-                else:
-                    views = flat.views if full else [flat.views[j] for j in idx]
-                    params = self._loc(self._params if full else [self._params[j] for j in idx])
-                    torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
-                # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
-                grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
-                if not full:  # entries outside idx are 0: any tensor of the shape will do
-                    for j, g in zip(
-                        idx, self._loc([self._params[j].grad for j in idx]), strict=True
-                    ):
-                        grads[j] = g
-                rows = flat.dots_with(grads, buffer_sq=True)
-                per_param = flat.param_totals(rows)
-                per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
-                # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from
-                # it. The sum is finite only if every term is (one host read in the usual case).
-                if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
-                    self._valid = set(idx)
-                else:
-                    finite = torch.isfinite(per_param[0]).tolist()
-                    self._valid = {j for j in idx if finite[j]}
-                    self._incomplete = True  # the next sample is then dropped
-                    per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
-                self._gdu, self._usq = per_param[0], per_param[1]
-                self._has_update = True
+        if self._pending:
+            self._buffer_update(self._pending)
         self.step += 1
-        self._count_hook(time.perf_counter() - t0)
-        self._time_step(t0)
-        if self._due():
-            try:
-                self._scheduled_estimate()
-            except ProbeError as err:  # e.g. the model's output has no .loss: never crash training
-                self.hvp = False
-                warnings.warn(
-                    f"CurvatureProbe turns its λ̂ estimates off: {err} Pass loss_fn= to enable them.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        self._t_post = time.perf_counter()
-        self._probe_since_post = 0.0  # this hook's estimates lie before _t_post already
+        self.meter.add_hook(time.perf_counter() - t0)
+        self.meter.close_step(t0)
+        if self.estimator.due(self.step):
+            self._scheduled_estimate()
+        self.meter.hooks_done()
 
-    def _count_hook(self, seconds: float) -> None:
-        """Book the time of one hook call (its estimates excluded) in every account it feeds."""
-        self.overhead_seconds += seconds
-        self.hook_seconds += seconds
-        self._step_costs += seconds
+    def _buffer_update(self, idx: list[int]) -> None:
+        """Δθ_t of the parameters in ``idx`` into the buffer (as D = −Δθ_t), with ⟨g_t, Δθ_t⟩, ‖Δθ_t‖²."""
+        with torch.no_grad():
+            flat = self._flat
+            full = len(idx) == len(self._params)
+            if self._theta is not None:  # D in the parameters' dtype, stored rounded
+                now = flat.gather(self._loc(self._params))
+                for buffer, before, after in zip(flat.flats, self._theta, now, strict=True):
+                    buffer.copy_(before.sub_(after))  # outside idx: ignored by the sums
+                self._theta = None
+            else:
+                views = flat.views if full else [flat.views[j] for j in idx]
+                params = self._loc(self._params if full else [self._params[j] for j in idx])
+                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
+            # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
+            grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
+            if not full:  # entries outside idx are 0: any tensor of the shape will do
+                for j, g in zip(idx, self._loc([self._params[j].grad for j in idx]), strict=True):
+                    grads[j] = g
+            rows = flat.dots_with(grads, buffer_sq=True)
+            per_param = flat.param_totals(rows)
+            per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
+            # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from
+            # it. The sum is finite only if every term is (one host read in the usual case).
+            if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
+                self._valid = set(idx)
+            else:
+                finite = torch.isfinite(per_param[0]).tolist()
+                self._valid = {j for j in idx if finite[j]}
+                self._incomplete = True  # the next sample is then dropped
+                per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
+            self._gdu, self._usq = per_param[0], per_param[1]
+            self._has_update = True
 
-    def _time_step(self, now: float) -> None:
-        if self._t_post is not None:
-            dt = max(now - self._t_post - self._probe_since_post, 1e-9)
-            self._step_time = dt if self._step_time is None else 0.9 * self._step_time + 0.1 * dt
-            cost, old = self._step_costs, self.step_cost_seconds
-            # a slow average: the sampled steps (one in ``stats_every``) cost far more than the rest
-            self.step_cost_seconds = cost if old is None else 0.98 * old + 0.02 * cost
-        self._step_costs = 0.0
-        self._probe_since_post = 0.0
-
+    # ------------------------------------------------------------------ λ̂_max
     def add_step_cost(self, seconds: float) -> None:
         """Count ``seconds`` of per-step work outside the probe (``share_step_costs``).
 
         A scheduler reports its own per-step time here, so the ``auto`` interval leaves the
         λ̂ estimates only what the per-step costs leave of ``overhead_target``.
         """
-        if seconds > 0:  # NaN and negative timings are dropped
-            self._step_costs += seconds
+        self.meter.add_step_cost(seconds)
 
     def _estimate_share(self) -> float:
-        """The fraction of the step time the ``auto`` interval gives the λ̂ estimates.
-
-        ``overhead_target``, less the per-step costs when ``share_step_costs`` is on (so the
-        probe, its owner and the estimates together keep to the target), but never less than
-        ``MIN_ESTIMATE_SHARE`` of it: the guard needs fresh estimates even when the per-step
-        costs alone exceed the target. Under ``cost_model="steps"`` no timing enters: with
-        ``share_step_costs`` it is that least share, else the whole target.
-        """
-        target = self.overhead_target
-        if self.share_step_costs and self.cost_model == "steps":
-            return MIN_ESTIMATE_SHARE * target
-        if not (self.share_step_costs and self.step_cost_seconds and self._step_time):
-            return target
-        return max(target - self.step_cost_seconds / self._step_time, MIN_ESTIMATE_SHARE * target)
-
-    # ------------------------------------------------------------------ λ̂_max
-    def _ready(self) -> bool:
-        source = self.loss_fn is not None or (self._capture is not None and self._capture.ready)
-        if not (self.hvp and source):
-            return False
-        return self.kind is None or any(self.optimizer.state.get(p) for p in self._hvp_params)
-
-    def _due(self) -> bool:
-        if self.step < self.start_step or not self.hvp:
-            return False
-        if not (
-            self._cold_done  # a cold start spread over steps continues on the next one
-            or self._last_attempt is None
-            or self.step - self._last_attempt >= self.interval
-        ):
-            return False
-        return self._ready()
-
-    def _scheduled_estimate(self) -> None:
-        """The estimate a hook runs: a refresh, the cold start, or one chunk of the cold start.
-
-        With ``chunk_iters`` the cold start's ``initial_iters`` products are spread over
-        consecutive steps, each chunk warm-started from the last one's iterate; ``lambda_max``
-        is published only when all of them have run (a partial power iteration underestimates).
-        """
-        if self.lambda_max is not None:
-            self._timed_estimate(self.power_iters)
-            return
-        if self.chunk_iters is None:
-            self._timed_estimate(self.initial_iters)
-            return
-        left = self.initial_iters - self._cold_done
-        iters = min(self.chunk_iters, left)
-        lam = self._timed_estimate(iters, publish=iters == left)
-        self._cold_done = 0 if (iters == left or lam is None) else self._cold_done + iters
-
-    def _timed_estimate(self, iters: int, publish: bool = True) -> float | None:
-        t0 = time.perf_counter()
-        try:
-            return self._estimate(iters, publish)
-        finally:
-            spent = time.perf_counter() - t0
-            self.overhead_seconds += spent
-            self.estimate_seconds += spent
-            self._probe_since_post += spent
-            self._last_attempt = self.step
-            per_refresh = spent * (self.power_iters + 1) / (iters + 1)
-            self.refresh_seconds = per_refresh  # cost of one refresh, from this estimate's time
-            if self.every == "auto":
-                self._set_auto_interval(per_refresh)
-
-    def _set_auto_interval(self, refresh_seconds: float) -> None:
-        """The ``auto`` interval after an estimate, priced by :attr:`cost_model`."""
-        need: float | None = None  # None: keep the interval (min_every before any refresh)
-        if self.cost_model == "steps":  # counts only: the same on every run
-            if self.step > 1:  # as below, where an estimate in the first step finds no timing
-                need = estimate_cost_steps(self.power_iters) / self._estimate_share()
-        elif self._step_time is not None:
-            need = refresh_seconds / (self._estimate_share() * self._step_time)
-        if need is not None:
-            self.interval = max(self.min_every, math.ceil(need))
-            if self.max_every is not None:
-                self.interval = min(self.interval, self.max_every)
-        if self.sync is not None and self.cost_model == "seconds":  # timings differ: rank 0's
-            self.interval = round(self.sync.from_rank0(self.interval))
+        """:meth:`LambdaMaxEstimator.estimate_share` (the ``auto`` interval's share of the step)."""
+        return self.estimator.estimate_share()
 
     def _follow_budget(self, kind: str) -> None:
-        """Price refreshes as the serving scheduler's budget counts (``"steps"``/``"seconds"``).
-
-        A probe built with ``cost_model=None`` takes ``kind``; an explicit ``"steps"`` is kept
-        under any budget. An explicit ``"seconds"`` under a step budget raises: measured times
-        would decide the interval, and the run would not be reproducible.
-        """
-        if not self._cost_model_given:
-            self.cost_model = kind
-        elif self.cost_model == "seconds" and kind == "steps":
-            raise GraffConfigError(
-                "this CurvatureProbe was built with cost_model='seconds', but the scheduler "
-                "has a step budget, under which no measured time may decide anything (runs "
-                "are reproducible); use cost_model=None or 'steps', or a wall-clock budget."
-            )
+        """:meth:`LambdaMaxEstimator.follow_budget`: price refreshes as the scheduler's budget."""
+        self.estimator.follow_budget(kind)
 
     def estimate_lambda_max(self, iters: int | None = None) -> float | None:
         """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
@@ -802,83 +654,23 @@ class CurvatureProbe:
                 ``hvp=False``), no probe batch has been captured yet, or an adaptive optimizer
                 has no state yet.
         """
-        if iters is not None:
-            iters = check_positive_int("iters", iters)
-        if not self.hvp:
-            raise ProbeError(
-                "this CurvatureProbe was built with hvp=False (or no trainable parameters)."
-            )
-        if self.loss_fn is None and self._capture is None:
-            raise ProbeError(
-                "CurvatureProbe needs a way to re-evaluate the loss: pass loss_fn= "
-                "(a closure returning the loss on a fixed batch) or model=."
-            )
-        if self.loss_fn is None and not self._capture.ready:
-            raise ProbeError(
-                "no probe batch captured yet: run a forward pass of the model with "
-                "gradients enabled first, or pass loss_fn=."
-            )
-        if not self._ready():
-            raise ProbeError(
-                f"{type(self.optimizer).__name__} has no state yet, so its "
-                "preconditioner is unknown: call after the first optimizer.step()."
-            )
-        default = self.initial_iters if self.lambda_max is None else self.power_iters
-        self._cold_done = 0
-        return self._timed_estimate(iters or default)
+        return self._timed_estimate(self.estimator.requested_iters(iters))
 
-    def _start_vector(self, fresh: bool = False) -> list[Tensor]:
-        if self._v is not None and not fresh:
-            return [
-                dequantize_int8(q.to(p.device), scale)
-                for (q, scale), p in zip(self._v, self._hvp_params, strict=True)
-            ]
-        gen = torch.Generator().manual_seed(self.seed)
-        return [torch.randn(p.shape, generator=gen).to(p.device) for p in self._hvp_params]
+    def _timed_estimate(self, iters: int, publish: bool = True) -> float | None:
+        """Every λ̂ estimate runs through here (one place to meter them, as benchmarks do)."""
+        return self.estimator.timed_estimate(iters, self.step, publish)
 
-    def _estimate(self, iters: int, publish: bool = True) -> float | None:
-        """``iters`` power iterations; ``publish=False`` keeps only the iterate (returns λ or None)."""
-        scale = None
-        if self.kind is not None:
-            scale = inverse_sqrt_preconditioner(self.optimizer, self._hvp_params, self.kind)
-            if scale is None:
-                return self.lambda_max if publish else None
-        modules = list(self.model.modules()) if self.model is not None else []
-        modes = [m.training for m in modules]
+    def _scheduled_estimate(self) -> None:
+        """The post-step hook's estimate; a ProbeError turns λ̂ off (never crash training)."""
         try:
-            # Fused attention kernels (flash, memory-efficient) have no double backward.
-            with probing(), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
-                if self.model is not None:
-                    self.model.eval()
-                loss = self.loss_fn() if self.loss_fn is not None else self._capture.loss()
-                if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-                    raise ProbeError(
-                        f"the probe loss must be a scalar tensor with a grad graph, got {loss!r}."
-                    )
-                hvp = make_hvp(loss.reshape(()), self._hvp_params)
-                if self.sync is not None:  # the Hessian of the mean of the ranks' probe losses
-                    hvp = self.sync.averaged_hvp(hvp)
-                start = self._start_vector()
-                lam, v, norm = power_iteration(hvp, start, iters, scale, return_norm=True)
-                if lam < 0.9 * norm:
-                    # v^T M v well below ‖Mv‖: not converged to the top eigenvalue. A negative
-                    # eigenvalue at least as large in size dominates, or the iterate swings
-                    # between ±λ and the quotient stays wherever the start put it (measured on a
-                    # char-level transformer under AdamW: 0.2 where 20 products from a fresh
-                    # start gave 5e2). Iterate on M + ‖Mv‖·I: spectrum ≥ ~0, top eigenvector M's.
-                    lam, v = power_iteration(hvp, v, iters, scale, shift=-norm)
-        finally:
-            for m, mode in zip(modules, modes, strict=True):
-                m.training = mode
-        if not math.isfinite(lam):
-            self.dropped_estimates += 1
-            return self.lambda_max if publish else None
-        self._v = [quantize_int8(x) for x in v]
-        if not publish:
-            return lam
-        self.lambda_max = lam
-        self.n_estimates += 1
-        return lam
+            self.estimator.run_scheduled(self._timed_estimate)
+        except ProbeError as err:  # e.g. the model's output has no .loss
+            self.hvp = False
+            warnings.warn(
+                f"CurvatureProbe turns its λ̂ estimates off: {err} Pass loss_fn= to enable them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def scale_last_update(self, scales: Tensor) -> None:
         """Rescale the update just applied, block by block: θ ← θ + (s_i − 1)·Δθ_i.
@@ -919,40 +711,24 @@ class CurvatureProbe:
     def remove(self) -> None:
         """Detach every hook this probe registered (idempotent; also done when it is collected)."""
         self._hooks.remove()
-        if self._capture is not None:
-            self._capture.remove()
+        self.estimator.remove()
 
     def state_dict(self) -> dict[str, Any]:
         """Named tensors and numbers, with ``format_version``; loadable with ``weights_only=True``.
 
-        The Δθ buffer is not saved (one step after a resume yields no per-step sample); the
-        eigenvector, estimate, counters, interval and captured probe batch are.
+        The last applied update Δθ (so the first step after a resume has statistics), counters,
+        and the estimator's state (eigenvector, estimate, interval, probe batch).
         """
-        eig = (
-            None
-            if self._v is None
-            else torch.cat(
-                [dequantize_int8(q, s, torch.bfloat16).reshape(-1).cpu() for q, s in self._v]
-            )
-        )  # exact: q · s with a power-of-two s is a bfloat16 number
         return {
             "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "eigenvector": eig,
-            "lambda_max": self.lambda_max,
             "step": self.step,
-            "last_attempt_step": self._last_attempt,
-            "interval": self.interval,
-            "cold_iters_done": self._cold_done,
-            "n_estimates": self.n_estimates,
-            "dropped_estimates": self.dropped_estimates,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
-            "probe_inputs": None if self._capture is None else self._capture.get(),
             "update": {j: self._flat.views[j].detach().neg().cpu() for j in sorted(self._valid)},
             "grad_dot_update": self._gdu.clone(),
             "window": list(self._window),
             "last": None if self.last is None else dataclasses.asdict(self.last),
+            "estimator": self.estimator.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -969,43 +745,10 @@ class CurvatureProbe:
                 f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
                 f"unexpected {sorted(set(state) - _STATE_KEYS)}."
             )
-        if state["kind"] != self.kind:
-            raise CheckpointError(
-                f"state was saved with preconditioner {state['kind']!r}, this probe uses {self.kind!r}."
-            )
-        eig = state["eigenvector"]
-        sizes = [p.numel() for p in self._hvp_params]
-        if eig is not None and eig.numel() != sum(sizes):
-            raise CheckpointError(
-                f"eigenvector has {eig.numel()} entries, the probed parameters {sum(sizes)}."
-            )
-        self._v = (
-            None
-            if eig is None
-            else [
-                quantize_int8(c.reshape(p.shape).to(p.device, torch.float32))
-                for c, p in zip(eig.split(sizes), self._hvp_params, strict=True)
-            ]
-        )
-        self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
-        last_attempt = state["last_attempt_step"]
-        if last_attempt is not None and (
-            isinstance(last_attempt, bool) or not isinstance(last_attempt, int)
-        ):
-            raise CheckpointError(
-                f"CurvatureProbe state has invalid last_attempt_step={last_attempt!r:.40}."
-            )
-        self.step, self._last_attempt = int(state["step"]), last_attempt
-        self.interval = int(state["interval"])
-        self._cold_done = int(state["cold_iters_done"])
-        self.n_estimates, self.dropped_estimates = (
-            int(state["n_estimates"]),
-            int(state["dropped_estimates"]),
-        )
+        self.estimator.load_state_dict(state["estimator"])
+        self.step = int(state["step"])
         self.dropped_samples = int(state["dropped_samples"])
         self.overhead_seconds = float(state["overhead_seconds"])
-        if self._capture is not None:
-            self._capture.set(state["probe_inputs"])
         self._load_update_state(state)
 
     def _load_update_state(self, state: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ Adagrad                     :math:`\\sqrt{\\textstyle\\sum g^2} + \\epsilon`
 ==========================  ================================================================
 
 SGD and unknown optimizers have no preconditioner (:func:`preconditioner_kind` returns None).
+Part of λ̂ estimation: :class:`graff.probes.lambda_max.LambdaMaxEstimator` reads ``P`` here.
 """
 
 from __future__ import annotations
