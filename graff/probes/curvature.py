@@ -179,7 +179,7 @@ def _reject_sparse_grad(p: Tensor) -> None:
         )
 
 
-def _forward(owner: str, name: str, doc: str) -> property:
+def _forward(owner: str, name: str) -> property:
     """A property reading and writing ``self.<owner>.<name>`` (the probe's public surface)."""
 
     def get(self: Any) -> Any:
@@ -188,23 +188,16 @@ def _forward(owner: str, name: str, doc: str) -> property:
     def set_(self: Any, value: Any) -> None:
         setattr(getattr(self, owner), name, value)
 
-    return property(get, set_, doc=doc)
+    return property(get, set_, doc=f"``{owner}.{name}``.")
 
 
 class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
-    The top eigenvalue is estimated by power iteration on the fixed probe batch, warm-started
-    from the previous eigenvector (stored in int8), with the Rayleigh quotient
-
-    .. math::
-
-        \\hat\\lambda_{\\max} = v^\\top M v,\\qquad M = H \\text{ (SGD, unknown)}\\ \\text{or}\\
-        M = P^{-1/2} H P^{-1/2} \\text{ (Adam-type, RMSprop, Adagrad)},
-
-    and the guard reads :math:`\\text{margin}\\cdot\\hat\\lambda_{\\max}` (``lambda_max_safe``):
-    power iteration approaches :math:`\\lambda_{\\max}` from below, so a margin (1.1–1.2) makes
-    the guard safe. See the module docstring for the per-step statistics and memory use.
+    The per-step statistics come from the optimizer's pre/post-step hooks (module docstring);
+    λ̂_max comes from a :class:`~graff.probes.lambda_max.LambdaMaxEstimator` the probe holds
+    (:attr:`estimator`), whose public readings it forwards. The guard reads
+    ``lambda_max_safe = margin × lambda_max``: power iteration approaches λ_max from below.
 
     Args:
         optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it. They hold the
@@ -215,63 +208,29 @@ class CurvatureProbe:
         blocks: None (:func:`graff.blocks.discover_blocks`), a list of ``Block`` or a mapping.
         loss_fn: Optional closure returning the scalar loss on a fixed batch (with grad graph).
             It must not call ``backward()``.
-        every: Refresh interval in optimizer steps, or ``"auto"`` (refresh cost / step cost
-            ≤ ``overhead_target``, never below ``min_every``; priced as ``cost_model`` says).
-        power_iters: Hessian-vector products per refresh.
-        initial_iters: Hessian-vector products for the first estimate (cold start).
-        margin: Safety factor ≥ 1 of ``lambda_max_safe``.
-        overhead_target: Target fraction of training time spent in estimates (``every="auto"``);
-            with ``share_step_costs``, in estimates and per-step work together.
-        min_every: Smallest interval ``every="auto"`` may choose.
-        preconditioned: None (auto from the optimizer class), True or False.
         hvp: False turns the λ̂ estimates off (per-step statistics only).
         secant_window: Number of steps the tripwire takes its maximum over.
-        seed: Seed of the random start vector.
         stats_every: Take a per-step sample (hypergradient, secant, tripwire) for every
             ``stats_every``-th update only; 1 samples every update. The other steps cost one
             hook call: the Δθ copy is skipped. Window sums of sampled steps estimate the sums
             over all steps without bias (a fixed stride), at ``1/stats_every`` of the cost.
-        max_every: Largest interval ``every="auto"`` may choose (``None``: no cap). On tiny
-            models the automatic interval can exceed the whole run; a cap keeps λ̂ fresh at the
-            price of more than ``overhead_target``.
-        chunk_iters: Most Hessian-vector products one step's hook runs for the cold start
-            (``None``: all ``initial_iters`` at once). Spreads the first estimate's one long
-            step over ``ceil(initial_iters / chunk_iters)`` consecutive steps (each rebuilds the
-            probe graph: one forward and backward more per chunk).
         update_dtype: Storage dtype of the buffered update Δθ (``None``: the parameters'
-            dtype, exact). ``torch.bfloat16`` halves the probe's one copy of the trainable
-            parameters: θ_t is then held in the parameters' dtype only from the pre-step to the
-            post-step hook, and Δθ_t = θ_t − θ_{t+1} is rounded once to bfloat16 (a relative
-            error of at most 2⁻⁹ per entry; the per-step statistics are sums over many entries,
-            so their error is far smaller: ``docs/concepts/probes.md``). :meth:`scale_last_update`
-            needs the exact update and raises with a lower-precision buffer.
-        share_step_costs: The ``auto`` interval gives the estimates only what the per-step costs
-            leave of ``overhead_target``: this probe's hooks plus what the owner reports with
-            :meth:`add_step_cost` (a moving average per step, ``step_cost_seconds``), but at
-            least ``MIN_ESTIMATE_SHARE`` (1/4) of it. GraffScheduler turns it on, so its whole
-            overhead — probes, planner, guard and λ̂ — keeps to one target. Under
-            ``cost_model="steps"`` the per-step costs are not measured into the decision: the
-            estimates get ``MIN_ESTIMATE_SHARE`` of the target (the per-step work is taken to
-            use the rest, as it does on small models).
-        cost_model: How the ``auto`` interval prices a refresh. ``"steps"``: in training steps,
-            from the number of Hessian-vector products (:func:`estimate_cost_steps`), so the
-            interval is a function of the settings alone and a run under a step budget is
-            bit-reproducible; the interval is
-            ``ceil(estimate_cost_steps(power_iters) / share)``, ``share`` the fraction of
-            ``overhead_target`` above (all of it without ``share_step_costs``), within
-            ``[min_every, max_every]``; an estimate in the first optimizer step (SGD's cold
-            start, at the initialization, whose sharpness moves fast) leaves it at
-            ``min_every``, as ``"seconds"`` does, having no step timed yet then.
-            ``"seconds"``: from measured times (the last estimate's
-            time over a moving average of the step time), which follows the real costs but
-            changes from run to run. ``None`` (default): the scheduler the probe serves picks
-            by its budget, ``"seconds"`` under a wall-clock budget and ``"steps"`` under a step
-            budget (an explicit ``"seconds"`` there is refused); a probe used on its own counts
-            steps. Timings are measured and reported (``overhead_seconds`` and the like) either way.
-        start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
-            preconditioned optimizers, whose first preconditioners are meaningless (measured on
-            a char-level transformer with AdamW: λ̂ = 2.6e5 after one step, 2.2e3 after ten),
-            0 otherwise. :meth:`estimate_lambda_max` can always be called directly.
+            dtype, exact). ``torch.bfloat16`` halves the probe's copy of the trainable
+            parameters: Δθ_t is rounded once to bfloat16 (at most 2⁻⁹ relative error per entry;
+            the sums over many entries err far less: ``docs/concepts/probes.md``).
+            :meth:`scale_last_update` needs the exact update and raises then.
+        every, power_iters, initial_iters, margin, overhead_target, min_every, max_every,
+            chunk_iters, start_step, preconditioned, share_step_costs, cost_model, seed: The
+            λ̂ estimate and its refresh schedule, documented at
+            :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
+
+    Attributes:
+        last: The :class:`CurvatureStats` of the last sampled update (None before one).
+        estimator: The λ̂ estimator. Its readings and settings are the probe's too (read and
+            write through): ``lambda_max``, ``interval``, ``n_estimates``, ``dropped_estimates``,
+            ``hvp``, ``sync``, ``kind``, ``refresh_seconds``, ``cost_model`` and the arguments.
+        meter: The :class:`~graff.probes._overhead.OverheadMeter`; ``overhead_seconds``,
+            ``hook_seconds``, ``estimate_seconds`` and ``step_cost_seconds`` read through.
 
     Raises:
         GraffTypeError, GraffConfigError: On a bad argument (the message names it).
@@ -408,49 +367,6 @@ class CurvatureProbe:
         restore_hooks(self, state)
 
     # ------------------------------------------------------------------ public readings
-    lambda_max = _forward("estimator", "lambda_max", "The last λ̂ estimate (raw), None before one.")
-    interval = _forward("estimator", "interval", "The λ̂ refresh interval in optimizer steps.")
-    n_estimates = _forward("estimator", "n_estimates", "Published λ̂ estimates so far.")
-    dropped_estimates = _forward(
-        "estimator", "dropped_estimates", "Estimates dropped (a product was not finite)."
-    )
-    hvp = _forward("estimator", "hvp", "Whether λ̂ is estimated (False: per-step statistics only).")
-    sync = _forward(
-        "estimator", "sync", "Under torch.distributed (set by the schedulers): the rank group."
-    )
-    kind = _forward("estimator", "kind", "The preconditioner read (None: the plain Hessian).")
-    refresh_seconds = _forward(
-        "estimator", "refresh_seconds", "Projected seconds of one refresh; None before one."
-    )
-    loss_fn = _forward("estimator", "loss_fn", "The probe-batch closure, if one was given.")
-    every = _forward("estimator", "every", "The ``every`` argument.")
-    power_iters = _forward("estimator", "power_iters", "The ``power_iters`` argument.")
-    initial_iters = _forward("estimator", "initial_iters", "The ``initial_iters`` argument.")
-    margin = _forward("estimator", "margin", "The ``margin`` argument.")
-    overhead_target = _forward("estimator", "overhead_target", "The ``overhead_target`` argument.")
-    min_every = _forward("estimator", "min_every", "The ``min_every`` argument.")
-    max_every = _forward("estimator", "max_every", "The ``max_every`` argument.")
-    chunk_iters = _forward("estimator", "chunk_iters", "The ``chunk_iters`` argument.")
-    start_step = _forward("estimator", "start_step", "First step a scheduled estimate may run.")
-    seed = _forward("estimator", "seed", "The ``seed`` argument.")
-    share_step_costs = _forward(
-        "estimator", "share_step_costs", "The ``share_step_costs`` argument."
-    )
-    cost_model = _forward(
-        "estimator", "cost_model", '``"steps"`` or ``"seconds"``: what prices a refresh.'
-    )
-    overhead_seconds = _forward(
-        "meter", "overhead_seconds", "Seconds in the hooks and λ̂ estimates (saved in the state)."
-    )
-    hook_seconds = _forward("meter", "hook_seconds", "Seconds in the per-step hooks.")
-    estimate_seconds = _forward("meter", "estimate_seconds", "Seconds in λ̂ estimates.")
-    step_cost_seconds = _forward(
-        "meter",
-        "step_cost_seconds",
-        "Moving average of the per-step cost (hooks + add_step_cost); None before a step.",
-    )
-    _step_time = _forward("meter", "step_time", "Moving average of the step time.")
-
     @property
     def lambda_max_safe(self) -> float | None:
         """``margin × lambda_max`` (the value the guard should use), or None before an estimate."""
@@ -778,3 +694,19 @@ class CurvatureProbe:
         self._window.extend(float(q) for q in state["window"])
         last = state["last"]
         self.last = None if last is None else CurvatureStats(**last)
+
+
+#: The estimator's and the meter's readings and settings, as attributes of the probe (read and
+#: write through): ``probe.lambda_max`` is ``probe.estimator.lambda_max``, and so on.
+_FORWARDED = {
+    "estimator": (
+        "lambda_max interval n_estimates dropped_estimates hvp sync kind refresh_seconds loss_fn "
+        "every power_iters initial_iters margin overhead_target min_every max_every chunk_iters "
+        "start_step seed share_step_costs cost_model"
+    ).split(),
+    "meter": "overhead_seconds hook_seconds estimate_seconds step_cost_seconds".split(),
+}
+for _owner, _names in _FORWARDED.items():
+    for _name in _names:
+        setattr(CurvatureProbe, _name, _forward(_owner, _name))
+CurvatureProbe._step_time = _forward("meter", "step_time")  # type: ignore[attr-defined]

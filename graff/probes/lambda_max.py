@@ -124,18 +124,50 @@ def _kind(optimizer: torch.optim.Optimizer, preconditioned: bool | None) -> str 
 class LambdaMaxEstimator:
     """λ̂_max by warm-started power iteration on a fixed probe batch, and its refresh schedule.
 
-    Built and driven by :class:`graff.probes.curvature.CurvatureProbe`, which documents the
-    arguments (it passes its own through) and calls :meth:`run_scheduled` from its post-step
-    hook when :meth:`due`.
+    Built and driven by :class:`graff.probes.curvature.CurvatureProbe` (which passes its
+    arguments through and forwards the readings): its post-step hook runs
+    :meth:`run_scheduled` when :meth:`due`.
 
     Args:
         optimizer: The optimizer (its state holds the preconditioner).
         params: The trainable parameters the Hessian is taken with respect to.
         model: Optional model: run in eval mode during an estimate, and the source of the probe
             batch when ``loss_fn`` is None.
+        loss_fn: Optional closure returning the scalar loss on a fixed batch (with grad graph).
         meter: The owner's overhead account: estimates are booked there, and the ``auto``
             interval reads the step time and per-step costs from it.
         enabled: False: no estimates (``hvp=False``).
+        every: Refresh interval in optimizer steps, or ``"auto"`` (refresh cost / step cost
+            ≤ ``overhead_target``, within ``[min_every, max_every]``, priced by ``cost_model``).
+        power_iters: Hessian-vector products per refresh.
+        initial_iters: Hessian-vector products for the first estimate (cold start).
+        margin: Safety factor ≥ 1 of ``lambda_max_safe``.
+        overhead_target: Target fraction of training time spent in estimates (``every="auto"``);
+            with ``share_step_costs``, in estimates and per-step work together.
+        min_every: Smallest interval ``every="auto"`` may choose.
+        max_every: Largest interval ``every="auto"`` may choose (``None``: no cap); keeps λ̂
+            fresh on tiny models, where the automatic interval can exceed the whole run.
+        chunk_iters: Most products one step's hook runs for the cold start (``None``: all
+            ``initial_iters`` at once): spreads the first estimate over
+            ``ceil(initial_iters / chunk_iters)`` steps (each rebuilds the probe graph).
+        start_step: No scheduled estimate before this many optimizer steps. ``None``: 10 for
+            preconditioned optimizers, whose first preconditioners are meaningless
+            (``docs/concepts/probes.md``), 0 otherwise. :meth:`requested_iters` ignores it.
+        preconditioned: None (auto from the optimizer class), True or False.
+        share_step_costs: The ``auto`` interval gives the estimates only what the per-step
+            costs (the probe's hooks plus what the owner reports with ``add_step_cost``) leave
+            of ``overhead_target``, at least ``MIN_ESTIMATE_SHARE`` of it
+            (:meth:`estimate_share`). GraffScheduler turns it on, so its whole overhead keeps to
+            one target.
+        cost_model: How the ``auto`` interval prices a refresh. ``"steps"``: from the number of
+            products (:func:`estimate_cost_steps`), ``ceil(estimate_cost_steps(power_iters) /
+            share)``, so a run under a step budget is bit-reproducible (an estimate in the first
+            step, having no step timed yet, leaves the interval at ``min_every``, as
+            ``"seconds"`` does). ``"seconds"``: the last estimate's time over a moving average
+            of the step time, which follows real costs but changes from run to run. ``None``:
+            the scheduler served picks by its budget (:meth:`follow_budget`); on its own,
+            ``"steps"``. Timings are measured and reported either way.
+        seed: Seed of the random start vector.
     """
 
     def __init__(
