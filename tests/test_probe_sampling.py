@@ -145,21 +145,26 @@ def _two_probe_run(steps: int = 12, stats_every: int = 1):
 
 def test_bfloat16_update_buffer_is_half_the_bytes_and_close_to_exact() -> None:
     exact, narrow, pairs = _two_probe_run()
-    nbytes = [sum(f.numel() * f.element_size() for f in p._flat.flats) for p in (exact, narrow)]
+    nbytes = [
+        sum(f.numel() * f.element_size() for f in p._update.flat.flats) for p in (exact, narrow)
+    ]
     assert nbytes[1] * 2 == nbytes[0]
-    assert all(f.dtype == torch.bfloat16 for f in narrow._flat.flats)
-    assert narrow._theta is None  # θ_t is held only between the pre- and post-step hooks
+    assert all(f.dtype == torch.bfloat16 for f in narrow._update.flat.flats)
+    assert narrow._update._theta is None  # θ_t is held only between the pre- and post-step hooks
     assert len(pairs) == 11
     for a, b in pairs:
         assert a.step == b.step
         for field in ("hypergrad", "grad_dot_update", "update_sq_norm", "grad_sq_norm"):
             torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-2, atol=1e-9)
         # the bf16 rounding is not nothing: the update itself differs entry by entry
-    delta = [v.float() - w for v, w in zip(narrow._flat.views, exact._flat.views, strict=True)]
+    delta = [
+        v.float() - w
+        for v, w in zip(narrow._update.flat.views, exact._update.flat.views, strict=True)
+    ]
     assert any(bool(d.abs().gt(0).any()) for d in delta)
     rel = max(
         float((d.abs() / w.abs().clamp_min(1e-12)).max())
-        for d, w in zip(delta, exact._flat.views, strict=True)
+        for d, w in zip(delta, exact._update.flat.views, strict=True)
         if w.numel()
     )
     assert rel <= 2.0**-8  # one rounding to bfloat16 (8 significant bits)
@@ -180,7 +185,7 @@ def test_bfloat16_update_buffer_state_round_trip() -> None:
     state = narrow.state_dict()
     assert all(t.dtype == torch.bfloat16 for t in state["update"].values())
     exact.load_state_dict(state)  # a float32 probe can resume from a bfloat16 one
-    for v, w in zip(exact._flat.views, narrow._flat.views, strict=True):
+    for v, w in zip(exact._update.flat.views, narrow._update.flat.views, strict=True):
         torch.testing.assert_close(v, w.float())
 
 

@@ -60,8 +60,8 @@ from graff._validation import check_optimizer_and_model, check_positive_int
 from graff.blocks import Block, discover_blocks
 from graff.distributed import is_sharded, local_shard, unwrap_data_parallel
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
-from graff.probes._flat import FlatBlockBuffer
 from graff.probes._overhead import OverheadMeter
+from graff.probes._update import UpdateBuffer
 from graff.probes.lambda_max import MIN_ESTIMATE_SHARE, LambdaMaxEstimator, estimate_cost_steps
 
 __all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_cost_steps"]
@@ -330,26 +330,14 @@ class CurvatureProbe:
         return hvp
 
     def _init_update_buffer(self, secant_window: int) -> None:
-        """The Δθ bookkeeping: one flat buffer; which entries hold Δθ_t; ⟨g_t, Δθ_t⟩, ‖Δθ_t‖²."""
-        self._flat = FlatBlockBuffer(
-            self._loc(self._params), self._block_of.tolist(), dtype=self.update_dtype
+        self._update = UpdateBuffer(
+            self._loc(self._params), self._block_of.tolist(), self.update_dtype
         )
-        # a narrower buffer than the parameters: θ_t waits in the parameters' dtype (step only)
-        self._narrow = self.update_dtype is not None and any(
-            p.is_floating_point() and p.element_size() > self.update_dtype.itemsize
-            for p in self._params
-        )
-        self._theta: list[Tensor] | None = None
         self._all = list(range(len(self._params)))
-        self._usq = torch.zeros(len(self._params))  # ‖Δθ_t‖² per parameter (post-step hook)
         self._blocks_of = self._block_of.tolist()
-        self._valid: set[int] = set()
-        self._incomplete = False  # the last update had non-finite entries (dropped)
-        self._has_update = False  # the post-step hook buffered an update (a sample is due)
         self._checked = [False] * len(self._params)  # gradient layout checked (sparse)
         self._all_checked = not self._params
         self._pending: list[int] = []
-        self._gdu = torch.zeros(len(self._params))
         self._window: deque[float] = deque(maxlen=secant_window)
         self.last: CurvatureStats | None = None
 
@@ -402,22 +390,11 @@ class CurvatureProbe:
                 self._checked[j] = True
         self._all_checked = all(self._checked)
 
-    def _hold_theta(self, have: list[int]) -> None:
-        """Copy θ_t (of the parameters in ``have``) for the post-step hook's Δθ."""
-        n = len(self._params)
-        if self._narrow:  # θ_t in the parameters' dtype, buffer layout, until post-step
-            self._theta = self._flat.gather(self._loc(self._params))
-            return
-        if len(have) < n:
-            self._flat.zero_()  # entries of parameters without a gradient stay 0
-        views = self._flat.views
-        params = self._loc([self._params[j] for j in have] if len(have) < n else self._params)
-        torch._foreach_copy_([views[j] for j in have] if len(have) < n else views, params)
-
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
+        update = self._update
         sample = self.step % self.stats_every == 0
-        if not (sample or self._valid or self._has_update):  # nothing buffered, nothing to take
+        if not (sample or update.valid or update.has_update):  # nothing buffered, nothing to take
             self._pending = []
             self.meter.add_hook(time.perf_counter() - t0)
             return
@@ -425,23 +402,23 @@ class CurvatureProbe:
             grads = [p.grad for p in self._params]
             n = len(grads)
             have = [j for j, g in enumerate(grads) if g is not None]
-            if self._collective and self._has_update:
+            if self._collective and update.has_update:
                 # FSDP: every rank must take part in the reduction of this sample, so the
                 # decision to drop it is made after the all-reduce, from the reduced data.
-                self._record(grads, [j for j in have if j in self._valid], False)
-            elif self._has_update and self._incomplete:
+                self._record(grads, [j for j in have if j in update.valid], False)
+            elif update.has_update and update.incomplete:
                 self.dropped_samples += 1  # the last update had non-finite entries
-            elif self._valid:
-                full = len(have) == n and len(self._valid) == n
-                both = self._all if full else [j for j in have if j in self._valid]
+            elif update.valid:
+                full = len(have) == n and len(update.valid) == n
+                both = self._all if full else [j for j in have if j in update.valid]
                 if both:
                     self._record(grads, both, full)
-            self._valid = set()
-            self._incomplete = self._has_update = False
+            update.valid = set()
+            update.incomplete = update.has_update = False
             self._pending = have if have and sample else []
             if self._pending:
                 self._check_layouts(have)
-                self._hold_theta(have)
+                self._update.hold(self._loc(self._params), have)
         self.meter.add_hook(time.perf_counter() - t0)
 
     def _record(self, grads: list[Tensor | None], idx: list[int], full: bool) -> None:
@@ -464,7 +441,7 @@ class CurvatureProbe:
         nb = len(self.blocks)
         raw = [[0.0] * nb for _ in range(4)]  # −hyper, usq, gsq, gdu per block
         if gs:
-            flat = self._flat
+            flat = self._update.flat
             # g_{t+1} in the buffer's layout (entries outside idx multiply zeros or are ignored)
             full_grads = gs if full else list(flat.views)
             if not full:
@@ -472,7 +449,9 @@ class CurvatureProbe:
                     full_grads[j] = g
             rows = flat.dots_with(full_grads, self_dot=True)
             per_param = flat.param_totals(rows)  # −⟨g_{t+1}, Δθ_t⟩, ‖g_{t+1}‖² per parameter
-            neg_h, gsq, usq, gdu = torch.cat([per_param, self._usq[None], self._gdu[None]]).tolist()
+            neg_h, gsq, usq, gdu = torch.cat(
+                [per_param, self._update.usq[None], self._update.gdu[None]]
+            ).tolist()
             block_of = self._blocks_of
             for j in idx:
                 b = block_of[j]
@@ -481,7 +460,7 @@ class CurvatureProbe:
                 raw[2][b] += gsq[j]
                 raw[3][b] += gdu[j]
         if self._collective and self.sync is not None:
-            flag = [[float(self._incomplete)] * nb]
+            flag = [[float(self._update.incomplete)] * nb]
             packed = torch.tensor(raw + flag, dtype=torch.float32).reshape(-1)
             packed = self.sync.sum_partials(packed, torch.ones(len(packed), dtype=torch.bool))
             reduced = packed.view(5, nb).tolist()
@@ -508,38 +487,10 @@ class CurvatureProbe:
         self.meter.hooks_done()
 
     def _buffer_update(self, idx: list[int]) -> None:
-        """Δθ_t of the parameters in ``idx`` into the buffer (as D = −Δθ_t), with ⟨g_t, Δθ_t⟩, ‖Δθ_t‖²."""
+        """Δθ_t of the parameters in ``idx`` into the buffer, with ⟨g_t, Δθ_t⟩ and ‖Δθ_t‖²."""
         with torch.no_grad():
-            flat = self._flat
-            full = len(idx) == len(self._params)
-            if self._theta is not None:  # D in the parameters' dtype, stored rounded
-                now = flat.gather(self._loc(self._params))
-                for buffer, before, after in zip(flat.flats, self._theta, now, strict=True):
-                    buffer.copy_(before.sub_(after))  # outside idx: ignored by the sums
-                self._theta = None
-            else:
-                views = flat.views if full else [flat.views[j] for j in idx]
-                params = self._loc(self._params if full else [self._params[j] for j in idx])
-                torch._foreach_sub_(views, params)  # D = θ_t − θ_{t+1} = −Δθ_t (0 elsewhere)
-            # ⟨g_t, D⟩ and ‖D‖² per parameter: row reductions while the buffer is in cache
-            grads = self._loc([p.grad for p in self._params]) if full else list(flat.views)
-            if not full:  # entries outside idx are 0: any tensor of the shape will do
-                for j, g in zip(idx, self._loc([self._params[j].grad for j in idx]), strict=True):
-                    grads[j] = g
-            rows = flat.dots_with(grads, buffer_sq=True)
-            per_param = flat.param_totals(rows)
-            per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
-            # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from
-            # it. The sum is finite only if every term is (one host read in the usual case).
-            if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
-                self._valid = set(idx)
-            else:
-                finite = torch.isfinite(per_param[0]).tolist()
-                self._valid = {j for j in idx if finite[j]}
-                self._incomplete = True  # the next sample is then dropped
-                per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
-            self._gdu, self._usq = per_param[0], per_param[1]
-            self._has_update = True
+            grads = self._loc([self._params[j].grad for j in idx])
+            self._update.take(self._loc(self._params), idx, grads)
 
     # ------------------------------------------------------------------ λ̂_max
     def add_step_cost(self, seconds: float) -> None:
@@ -599,7 +550,7 @@ class CurvatureProbe:
         Args:
             scales: Positive finite factors, one per block (shape ``[n_blocks]``).
         """
-        if self._narrow:
+        if self._update.narrow:
             raise GraffConfigError(
                 f"scale_last_update rescales the applied update exactly, but this probe stores "
                 f"it in {self.update_dtype}; build it with update_dtype=None."
@@ -612,16 +563,10 @@ class CurvatureProbe:
             raise GraffConfigError(
                 f"scales must hold {len(self.blocks)} finite positive factors, got {scales!r}."
             )
-        idx = sorted(self._valid)
+        idx = sorted(self._update.valid)
         factors = scales.double()[self._block_of[idx]].tolist() if idx else []
         with torch.no_grad():
-            params = self._loc([self._params[j] for j in idx])
-            for j, f, param in zip(idx, factors, params, strict=True):
-                if f != 1.0:
-                    param.add_(self._flat.views[j], alpha=1.0 - f)  # D = −Δθ
-                    self._flat.views[j].mul_(f)
-                    self._gdu[j] *= f
-                    self._usq[j] *= f * f
+            self._update.rescale(self._loc([self._params[j] for j in idx]), factors)
 
     # ------------------------------------------------------------------ lifecycle
     def remove(self) -> None:
@@ -640,8 +585,8 @@ class CurvatureProbe:
             "step": self.step,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
-            "update": {j: self._flat.views[j].detach().neg().cpu() for j in sorted(self._valid)},
-            "grad_dot_update": self._gdu.clone(),
+            "update": self._update.saved(),
+            "grad_dot_update": self._update.gdu.clone(),
             "window": list(self._window),
             "last": None if self.last is None else dataclasses.asdict(self.last),
             "estimator": self.estimator.state_dict(),
@@ -669,27 +614,7 @@ class CurvatureProbe:
 
     def _load_update_state(self, state: Mapping[str, Any]) -> None:
         """Restore the last applied update Δθ, so the first step after a resume has statistics."""
-        update, gdu = state["update"], state["grad_dot_update"]
-        if (
-            not isinstance(update, Mapping)
-            or not isinstance(gdu, Tensor)
-            or gdu.shape != self._gdu.shape
-            or not gdu.is_floating_point()
-        ):
-            raise CheckpointError("CurvatureProbe state has an invalid saved update.")
-        for j, delta in update.items():
-            if (
-                not (0 <= int(j) < len(self._params))
-                or delta.shape != self._loc([self._params[int(j)]])[0].shape
-            ):
-                raise CheckpointError(f"saved update {j} does not fit the probed parameters.")
-        self._flat.zero_()
-        with torch.no_grad():
-            for j, delta in update.items():
-                self._flat.views[int(j)].copy_(delta).neg_()  # the buffer holds −Δθ
-        self._usq = self._flat.param_totals(self._flat.row_sq_norms())[0]
-        self._valid = {int(j) for j in update}
-        self._gdu = gdu.clone()
+        self._update.load(state["update"], state["grad_dot_update"], self._loc(self._params))
         self._window.clear()
         self._window.extend(float(q) for q in state["window"])
         last = state["last"]
