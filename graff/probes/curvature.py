@@ -25,14 +25,9 @@ windowed maximum :attr:`CurvatureProbe.tripwire` is a divergence alarm (q > 2 me
 along the last update grew like an unstable mode), not a bound for the guard. The guard uses
 :attr:`CurvatureProbe.lambda_max_safe`.
 
-Memory: one copy of the trainable parameters (the Δθ buffer, parameter dtype, in one flat
-parameter-padded tensor: :mod:`graff.probes._flat`) plus the estimator's int8 eigenvector (a
-quarter of a float32 copy); during a sampled step's hooks, a transient copy of the gradients in
-the buffer's layout. Per sampled update the hooks run a fixed number of kernels whatever the
-number of parameters: a copy of θ_t and a subtraction (with a narrower buffer, θ_t and θ_{t+1}
-are gathered into the buffer's flat layout by one concatenation each, and Δθ is rounded into the
-buffer by one cast), two concatenations of the gradients, row reductions and ``index_add`` over
-the rows.
+Memory: one copy of the trainable parameters (the Δθ buffer, :mod:`graff.probes._update`) plus
+the estimator's int8 eigenvector; per sampled step the hooks run a fixed number of kernels
+whatever the number of parameters (``docs/concepts/probes.md``, "Memory and per-step cost").
 
 References:
     Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent", ICLR 2018,
