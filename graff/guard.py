@@ -55,8 +55,40 @@ from graff._validation import check_in_range
 from graff._warn import warn
 from graff.errors import GraffConfigError
 
-_ADAM_LIKE = ("Adam", "AdamW", "NAdam", "Adamax", "RAdam", "SparseAdam")
 _DEFAULT_FRACTION = 0.95
+
+#: The one classification of optimizers, read by :func:`stability_threshold` (which threshold)
+#: and by :mod:`graff.probes.preconditioner` (which ``P``): ``(kind, torch classes, names)``,
+#: tried in order. An optimizer is of a kind if it is an instance of one of the classes or its
+#: class has one of the names (third-party re-implementations of torch's adaptive methods).
+OPTIMIZER_KINDS: tuple[
+    tuple[str, tuple[type[torch.optim.Optimizer], ...], tuple[str, ...]], ...
+] = (
+    ("sgd", (torch.optim.SGD,), ()),
+    ("radam", (torch.optim.RAdam,), ("RAdam",)),
+    ("adamax", (torch.optim.Adamax,), ("Adamax",)),
+    (
+        "adam",
+        (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam),
+        ("Adam", "AdamW", "NAdam", "SparseAdam"),
+    ),
+    ("rmsprop", (torch.optim.RMSprop,), ()),
+    ("adagrad", (torch.optim.Adagrad,), ()),
+)
+#: Kinds whose update is Adam's (first moment β1, diagonal preconditioner).
+ADAM_KINDS = ("adam", "radam", "adamax")
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
+    """``"sgd"``, ``"adam"``, ``"radam"``, ``"adamax"``, ``"rmsprop"``, ``"adagrad"`` or None.
+
+    The first row of :data:`OPTIMIZER_KINDS` that ``optimizer`` matches; None if none does.
+    """
+    name = type(optimizer).__name__
+    for kind, classes, names in OPTIMIZER_KINDS:
+        if isinstance(optimizer, classes) or name in names:
+            return kind
+    return None
 
 
 def project_to_halfspace(
@@ -165,21 +197,21 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group_index: int = 0) 
     ):
         raise GraffConfigError(f"group_index must be an integer in [0, {n}), got {group_index!r}.")
     group = optimizer.param_groups[group_index]
-    name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.SGD):
+    kind = optimizer_kind(optimizer)
+    if kind == "sgd":
         beta = float(group.get("momentum", 0.0))
         return (
             (2.0 + 2.0 * beta) / (1.0 + 2.0 * beta) if group.get("nesterov") else 2.0 + 2.0 * beta
         )
-    if name in _ADAM_LIKE or isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    if kind in ADAM_KINDS:
         beta1 = float(group["betas"][0])
         return (2.0 + 2.0 * beta1) / (1.0 - beta1)
-    if isinstance(optimizer, torch.optim.RMSprop):
+    if kind == "rmsprop":
         return 2.0 + 2.0 * float(group.get("momentum", 0.0))
-    if isinstance(optimizer, torch.optim.Adagrad):
+    if kind == "adagrad":
         return 2.0
     warn(
-        f"graff does not know the stability threshold of {name}; using 2 (plain gradient "
+        f"graff does not know the stability threshold of {type(optimizer).__name__}; using 2 (plain gradient "
         "descent), which is conservative for momentum methods. Pass guard_c= to override "
         "(and to silence this warning)."
     )

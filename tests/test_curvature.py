@@ -179,13 +179,13 @@ def _auto_interval_with_fake_clock(monkeypatch, step_cost: float | None) -> Curv
         share_step_costs=step_cost is not None,
         cost_model="seconds",
     )
-    estimate = probe._estimate
+    estimate = probe.estimator._estimate
 
     def timed(iters: int, publish: bool = True):
         now[0] += 0.1 * (iters + 1)
         return estimate(iters, publish)
 
-    probe._estimate = timed
+    probe.estimator._estimate = timed
     for _ in range(12):
         opt.zero_grad()
         quadratic(a, x).backward()
@@ -456,8 +456,13 @@ def test_state_dict_round_trip_gives_the_same_next_estimate() -> None:
     assert probe_b.estimate_lambda_max() == probe_a.estimate_lambda_max()
     with pytest.raises(CheckpointError, match="format_version"):
         probe_b.load_state_dict({**state, "format_version": 99})
+    flat_v1 = {k: v for k, v in state.items() if k != "estimator"} | state["estimator"]
+    with pytest.raises(CheckpointError, match="format_version 2, got 1"):  # before the split
+        probe_b.load_state_dict({**flat_v1, "format_version": 1})
     with pytest.raises(CheckpointError, match="eigenvector"):
-        probe_b.load_state_dict({**state, "eigenvector": torch.zeros(3)})
+        probe_b.load_state_dict(
+            {**state, "estimator": {**state["estimator"], "eigenvector": torch.zeros(3)}}
+        )
 
 
 def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
@@ -477,7 +482,8 @@ def test_tiny_qwen3_lora_capture_path(tiny_lora_qwen3, token_batch) -> None:
     assert model.training
     assert all(m.training for m in model.modules())
     torch.testing.assert_close(
-        probe.state_dict()["probe_inputs"]["kwargs"]["input_ids"], token_batch["input_ids"]
+        probe.state_dict()["estimator"]["probe_inputs"]["kwargs"]["input_ids"],
+        token_batch["input_ids"],
     )
     buf = io.BytesIO()
     torch.save(probe.state_dict(), buf)

@@ -410,3 +410,42 @@ def test_stability_threshold_rejects_bad_group_index() -> None:
     opt = torch.optim.SGD([_param()], lr=0.1)
     with pytest.raises(GraffConfigError, match="group_index"):
         stability_threshold(opt, group_index=3)
+
+
+class _MyNAdam(torch.optim.NAdam):
+    """A user subclass with its own name: matched by class, not by name."""
+
+
+class Adam(_MysteryOptimizer):
+    """A third-party class named like torch's Adam (matched by name), with Adam's hyperparameters."""
+
+    def __init__(self, params) -> None:
+        torch.optim.Optimizer.__init__(self, params, {"lr": 0.1, "betas": (0.9, 0.999)})
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda: torch.optim.SGD([_param()], lr=0.1), "sgd"),
+        (lambda: torch.optim.Adam([_param()]), "adam"),
+        (lambda: torch.optim.AdamW([_param()]), "adam"),
+        (lambda: torch.optim.NAdam([_param()]), "adam"),
+        (lambda: torch.optim.RAdam([_param()]), "radam"),
+        (lambda: torch.optim.Adamax([_param()]), "adamax"),
+        (lambda: torch.optim.RMSprop([_param()]), "rmsprop"),
+        (lambda: torch.optim.Adagrad([_param()]), "adagrad"),
+        (lambda: _MyNAdam([_param()]), "adam"),
+        (lambda: Adam([_param()]), "adam"),
+        (lambda: _MysteryOptimizer([_param()]), None),
+    ],
+)
+def test_one_optimizer_table_decides_threshold_and_preconditioner(make, kind) -> None:
+    """The guard's threshold and the probe's preconditioner read the same classification."""
+    from graff.guard import optimizer_kind
+    from graff.probes.preconditioner import preconditioner_kind
+
+    opt = make()
+    assert optimizer_kind(opt) == kind
+    assert preconditioner_kind(opt) == (None if kind in (None, "sgd") else kind)
+    if kind in ("adam", "radam", "adamax"):  # the preconditioned sharpness, Adam's threshold
+        assert stability_threshold(opt) == pytest.approx(38.0)

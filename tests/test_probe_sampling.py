@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graff.blocks import Block
-from graff.errors import GraffConfigError, ProbeError
+from graff.errors import CheckpointError, GraffConfigError, ProbeError
 from graff.probes._flat import FlatBlockBuffer
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
@@ -34,40 +34,35 @@ def test_block_sums_equal_per_block_dot_products(shapes, blocks, chunk, seed, mi
         for j, s in enumerate(shapes)
     ]
     block_of = [int(torch.randint(0, blocks, (1,), generator=g)) for _ in params]
-    buf = FlatBlockBuffer(params, block_of, blocks, chunk=chunk)
+    buf = FlatBlockBuffer(params, block_of, chunk=chunk)
     assert len(buf.flats) == (2 if mixed and len(params) > 1 else 1)
     others = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
     for view, p in zip(buf.views, params, strict=True):
         assert view.shape == p.shape
         assert view.dtype == p.dtype
         view.copy_(p)
-    # the same layout for the second factor: copy it into a buffer of the same structure
-    buf2 = FlatBlockBuffer(params, block_of, blocks, chunk=chunk)
-    for view, o in zip(buf2.views, others, strict=True):
-        view.copy_(o)
     expect_dot = torch.zeros(blocks, dtype=torch.float64)
     expect_sq = torch.zeros(blocks, dtype=torch.float64)
     for p, o, b in zip(params, others, block_of, strict=True):
         expect_dot[b] += (p.double() * o.double()).sum()
         expect_sq[b] += p.double().pow(2).sum()
-    torch.testing.assert_close(
-        buf.block_sums(buf.flats, buf2.flats).double(), expect_dot, rtol=1e-4, atol=1e-4
-    )
-    torch.testing.assert_close(
-        buf.block_sums(buf.flats, buf.flats).double(), expect_sq, rtol=1e-4, atol=1e-4
-    )
-    torch.testing.assert_close(buf.block_sq_norms().double(), expect_sq, rtol=1e-4, atol=1e-4)
-    buf.neg_()
-    torch.testing.assert_close(
-        buf.block_sums(buf.flats, buf2.flats).double(), -expect_dot, rtol=1e-4, atol=1e-4
-    )
+    index = torch.tensor(block_of)
+
+    def to_blocks(per_param: torch.Tensor) -> torch.Tensor:  # what the probe's _record does
+        return torch.zeros(per_param.shape[0], blocks).index_add_(1, index, per_param).double()
+
+    per_param = buf.param_totals(buf.dots_with(others, buffer_sq=True))
+    torch.testing.assert_close(to_blocks(per_param)[0], expect_dot, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(to_blocks(per_param)[1], expect_sq, rtol=1e-4, atol=1e-4)
+    squares = buf.param_totals(buf.row_sq_norms())
+    torch.testing.assert_close(to_blocks(squares)[0], expect_sq, rtol=1e-4, atol=1e-4)
     buf.zero_()
     assert all(int(f.count_nonzero()) == 0 for f in buf.flats)
 
 
 def test_flat_buffer_memory_is_one_copy_plus_padding() -> None:
     params = [torch.zeros(300, 7), torch.zeros(5), torch.zeros(64, 64)]
-    buf = FlatBlockBuffer(params, [0, 0, 1], 2, chunk=256)
+    buf = FlatBlockBuffer(params, [0, 0, 1], chunk=256)
     n = sum(p.numel() for p in params)
     total = sum(f.numel() for f in buf.flats)
     assert n <= total < n + 3 * 256  # less than one chunk of padding per parameter tensor
@@ -83,7 +78,7 @@ def test_dots_with_gives_per_parameter_dot_products(shapes, chunk, seed) -> None
     g = torch.Generator().manual_seed(seed)
     params = [torch.randn(s, generator=g) for s in shapes]
     block_of = [j % 2 for j in range(len(params))]
-    buf = FlatBlockBuffer(params, block_of, 2, chunk=chunk)
+    buf = FlatBlockBuffer(params, block_of, chunk=chunk)
     for view, p in zip(buf.views, params, strict=True):
         view.copy_(p)
     others = [torch.randn(p.shape, generator=g) for p in params]
@@ -113,14 +108,13 @@ def test_gather_copies_tensors_into_the_buffer_layout(shapes, chunk, seed, narro
     buf = FlatBlockBuffer(
         params,
         [j % 3 for j in range(len(params))],
-        3,
         chunk=chunk,
         dtype=torch.bfloat16 if narrow else None,
     )
     (flat,) = buf.gather(params)
     assert flat.dtype == torch.float32  # the tensors' dtype, whatever the buffer stores
     assert flat.shape == buf.flats[0].shape
-    for p, v in zip(params, buf.flat_views, strict=True):
+    for p, v in zip(params, buf.views, strict=True):
         start = v.data_ptr() - buf.flats[0].data_ptr()
         offset = start // buf.flats[0].element_size()
         torch.testing.assert_close(flat[offset : offset + p.numel()], p.reshape(-1), rtol=0, atol=0)
@@ -151,21 +145,26 @@ def _two_probe_run(steps: int = 12, stats_every: int = 1):
 
 def test_bfloat16_update_buffer_is_half_the_bytes_and_close_to_exact() -> None:
     exact, narrow, pairs = _two_probe_run()
-    nbytes = [sum(f.numel() * f.element_size() for f in p._flat.flats) for p in (exact, narrow)]
+    nbytes = [
+        sum(f.numel() * f.element_size() for f in p._update.flat.flats) for p in (exact, narrow)
+    ]
     assert nbytes[1] * 2 == nbytes[0]
-    assert all(f.dtype == torch.bfloat16 for f in narrow._flat.flats)
-    assert narrow._theta is None  # θ_t is held only between the pre- and post-step hooks
+    assert all(f.dtype == torch.bfloat16 for f in narrow._update.flat.flats)
+    assert narrow._update._theta is None  # θ_t is held only between the pre- and post-step hooks
     assert len(pairs) == 11
     for a, b in pairs:
         assert a.step == b.step
         for field in ("hypergrad", "grad_dot_update", "update_sq_norm", "grad_sq_norm"):
             torch.testing.assert_close(getattr(b, field), getattr(a, field), rtol=1e-2, atol=1e-9)
         # the bf16 rounding is not nothing: the update itself differs entry by entry
-    delta = [v.float() - w for v, w in zip(narrow._flat.views, exact._flat.views, strict=True)]
+    delta = [
+        v.float() - w
+        for v, w in zip(narrow._update.flat.views, exact._update.flat.views, strict=True)
+    ]
     assert any(bool(d.abs().gt(0).any()) for d in delta)
     rel = max(
         float((d.abs() / w.abs().clamp_min(1e-12)).max())
-        for d, w in zip(delta, exact._flat.views, strict=True)
+        for d, w in zip(delta, exact._update.flat.views, strict=True)
         if w.numel()
     )
     assert rel <= 2.0**-8  # one rounding to bfloat16 (8 significant bits)
@@ -186,7 +185,7 @@ def test_bfloat16_update_buffer_state_round_trip() -> None:
     state = narrow.state_dict()
     assert all(t.dtype == torch.bfloat16 for t in state["update"].values())
     exact.load_state_dict(state)  # a float32 probe can resume from a bfloat16 one
-    for v, w in zip(exact._flat.views, narrow._flat.views, strict=True):
+    for v, w in zip(exact._update.flat.views, narrow._update.flat.views, strict=True):
         torch.testing.assert_close(v, w.float())
 
 
@@ -273,7 +272,7 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
     x, opt, probe = build()
     run(x, opt, 2)  # two of four chunks
     state, opt_state, x_saved = probe.state_dict(), opt.state_dict(), x.detach().clone()
-    assert state["cold_iters_done"] == 10
+    assert state["estimator"]["cold_iters_done"] == 10
     assert probe.lambda_max is None
     run(x, opt, 2)
     x2, opt2, probe2 = build()
@@ -283,8 +282,10 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
     probe2.load_state_dict(state)
     run(x2, opt2, 2)
     assert probe2.lambda_max == pytest.approx(probe.lambda_max, rel=1e-6)
-    legacy = {k: v for k, v in state.items() if k != "cold_iters_done"}  # graff 0.1.0 states
-    probe2.load_state_dict(legacy)
+    estimator = {k: v for k, v in state["estimator"].items() if k != "cold_iters_done"}
+    incomplete = {**state, "estimator": estimator}
+    with pytest.raises(CheckpointError, match="cold_iters_done"):
+        probe2.load_state_dict(incomplete)
 
 
 def test_max_every_caps_the_auto_interval() -> None:

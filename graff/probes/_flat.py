@@ -61,13 +61,11 @@ class FlatBlockBuffer:
     Args:
         params: The parameters, in any order.
         block_of: Block index of each parameter (same length).
-        num_blocks: Number of blocks.
         chunk: Row length of the reduction view; each parameter segment is padded to a multiple.
         dtype: Storage dtype of floating parameters (``None``: each parameter's own).
 
     Attributes:
         views: ``views[j]`` is a tensor shaped like ``params[j]`` inside the flat storage.
-        flat_views: ``views[j].view(-1)``.
         flats: One flat tensor per (device, dtype) group.
     """
 
@@ -75,11 +73,10 @@ class FlatBlockBuffer:
         self,
         params: Sequence[Tensor],
         block_of: Sequence[int],
-        num_blocks: int,
         chunk: int = CHUNK,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.num_blocks, self.chunk = num_blocks, chunk
+        self.chunk = chunk
         self.num_params = len(params)
         self.block_of = [int(b) for b in block_of]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -120,7 +117,6 @@ class FlatBlockBuffer:
             self._plans.append(plan)
             bounds.append(offset // chunk)
             self._segment_rows.append(list(itertools.pairwise(bounds)))
-        self.flat_views = [v.view(-1) for v in self.views]
         self._pads: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}  # gather()
         self._row_views = [flat.view(-1, chunk) for flat in self.flats]
 
@@ -144,8 +140,7 @@ class FlatBlockBuffer:
             start = view.storage_offset() - self.flats[g].storage_offset()
             places.append((g, start, tuple(view.shape)))
         state["views"] = places
-        for derived in ("flat_views", "_row_views"):
-            del state[derived]
+        del state["_row_views"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -158,7 +153,6 @@ class FlatBlockBuffer:
             g, start, shape = place
             views.append(self.flats[g][start : start + math.prod(shape)].view(shape))
         self.views = views
-        self.flat_views = [v.view(-1) for v in self.views]
         self._row_views = [flat.view(-1, self.chunk) for flat in self.flats]
 
     # ------------------------------------------------------------------ layout
@@ -256,37 +250,8 @@ class FlatBlockBuffer:
             return torch.zeros(1, self.num_params)
         return out
 
-    def to_blocks(self, per_param: Tensor) -> Tensor:
-        """``[..., n_params]`` per-parameter values summed into ``[..., n_blocks]`` blocks."""
-        out = torch.zeros(*per_param.shape[:-1], self.num_blocks, dtype=per_param.dtype)
-        index = torch.tensor(self.block_of, dtype=torch.long)
-        return out.index_add_(-1, index, per_param) if self.num_params else out
-
-    def block_sums(self, *factors: Sequence[Tensor]) -> Tensor:
-        """``[S_b(a ⊙ b ⊙ …)]_b`` (float32, CPU) for flat tensors given group by group.
-
-        Each argument is a list with one flat tensor per group (``self.flats`` or tensors of the
-        same layout); one argument gives plain block sums, two give per-block dot products.
-        """
-        parts = []
-        for g in range(len(self.flats)):
-            x = factors[0][g]
-            for other in factors[1:]:
-                x = x * other[g]
-            parts.append(x.view(-1, self.chunk).sum(1, dtype=torch.float32))
-        return self.to_blocks(self.param_totals(parts)[0])
-
-    def block_sq_norms(self) -> Tensor:
-        """``[‖x_b‖²]_b`` of the buffer itself (float32, CPU), without a temporary copy."""
-        return self.to_blocks(self.param_totals(self.row_sq_norms())[0])
-
     # ------------------------------------------------------------------ in place
     def zero_(self) -> None:
         """Zero every element (parameters and padding)."""
         for flat in self.flats:
             flat.zero_()
-
-    def neg_(self) -> None:
-        """Negate every element in place (padding stays zero)."""
-        for flat in self.flats:
-            flat.neg_()

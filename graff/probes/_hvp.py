@@ -1,4 +1,4 @@
-"""Hessian-vector products, power iteration, and the probe batch they are evaluated on.
+"""Hessian-vector products, power iteration, and the int8 storage of the eigenvector.
 
 A Hessian-vector product :math:`Hv = \\nabla_\\theta\\langle\\nabla_\\theta L(\\theta), v\\rangle`
 costs one extra backward pass through the graph of the gradient (double backward; Pearlmutter,
@@ -12,16 +12,10 @@ Vectors are lists of tensors shaped like the parameters (no flattening copies).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
-
-from graff._hooks import HookSet, hook_state, restore_hooks
-from graff._warn import warn
-from graff.errors import ProbeError, ProbeWarning
-from graff.probes._context import probing_active
+from torch import Tensor
 
 HVP = Callable[[list[Tensor]], list[Tensor]]
 
@@ -32,11 +26,6 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     for x, y in zip(a, b, strict=True):
         total += torch.dot(x.reshape(-1).double(), y.reshape(-1).double())
     return float(total)
-
-
-def safe_div(num: Tensor, den: Tensor) -> Tensor:
-    """``num / den`` where ``den != 0``, else 0 (elementwise)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), 0.0)
 
 
 def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
@@ -127,108 +116,6 @@ def power_iteration(
             return (lam, v, norm) if return_norm else (lam, v)
         v = torch._foreach_div(w, norm)
     return (lam, v, norm) if return_norm else (lam, v)
-
-
-def _detach(obj: Any) -> Any:
-    """Detached clones of every tensor in a nest of dicts, lists and tuples."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, Mapping):
-        return {k: _detach(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_detach(v) for v in obj)
-    return obj
-
-
-def _plain(obj: Any) -> bool:
-    """Whether ``obj`` is made of tensors, numbers, strings, None, lists, tuples and dicts."""
-    if obj is None or isinstance(obj, (Tensor, bool, int, float, str)):
-        return True
-    if isinstance(obj, Mapping):
-        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return all(_plain(v) for v in obj)
-    return False
-
-
-class InputCapture:
-    """Keeps (detached clones of) the inputs of the first gradient-enabled forward pass.
-
-    The hook ignores passes made while :func:`graff.probes._context.probing_active` (the probe's
-    own re-evaluations) and under ``torch.no_grad()`` (evaluation loops), and removes itself
-    once it has captured a batch. The hook holds the capture weakly (:mod:`graff._hooks`): the
-    model never keeps a dropped probe alive, and a copy of a capture that is still waiting for
-    a batch hooks the copied model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.args: tuple[Any, ...] | None = None
-        self.kwargs: dict[str, Any] | None = None
-        self._hooks = HookSet(self)
-        self._register_hooks()
-
-    def _register_hooks(self) -> None:
-        self._hooks.add_module_hook(self.model, "forward_pre", "_hook", with_kwargs=True)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return hook_state(self)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        restore_hooks(self, state)
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.args is not None or probing_active() or not torch.is_grad_enabled():
-            return
-        self.args, self.kwargs = _detach(tuple(args)), _detach(dict(kwargs))
-        self.remove()
-
-    @property
-    def ready(self) -> bool:
-        """Whether a probe batch is available."""
-        return self.args is not None
-
-    def set(self, inputs: Mapping[str, Any] | None) -> None:
-        """Restore ``{"args": [...], "kwargs": {...}}`` (from a state dict) or keep capturing."""
-        if inputs is not None:
-            self.args, self.kwargs = tuple(inputs["args"]), dict(inputs["kwargs"])
-            self.remove()
-
-    def get(self) -> dict[str, Any] | None:
-        """The captured inputs as ``{"args": [...], "kwargs": {...}}``, or None.
-
-        None (with a warning) also when an input is not a tensor, number, string, bool or None
-        (e.g. a cache object): ``torch.load(weights_only=True)`` could not read it back, and a
-        resumed run then captures a new probe batch.
-        """
-        if self.args is None:
-            return None
-        out = {"args": list(self.args), "kwargs": dict(self.kwargs or {})}
-        if not _plain(out):
-            warn(
-                "the captured probe batch holds objects weights_only loading cannot restore; it "
-                "is not saved, so a resumed run captures a new probe batch. Pass loss_fn= (a "
-                "closure on a fixed batch you keep) to avoid this. To silence: "
-                "warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning).",
-                ProbeWarning,
-            )
-            return None
-        return out
-
-    def loss(self) -> Tensor:
-        """Re-run the model on the captured inputs and return ``output.loss``."""
-        out = self.model(*(self.args or ()), **(self.kwargs or {}))
-        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if not isinstance(loss, Tensor):
-            raise ProbeError(
-                f"the model output ({type(out).__name__}) has no .loss: include labels in the "
-                "batch the model is called with, or pass loss_fn= (a closure returning the loss)."
-            )
-        return loss
-
-    def remove(self) -> None:
-        """Detach the forward pre-hook (idempotent)."""
-        self._hooks.remove()
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, float]:

@@ -544,18 +544,7 @@ class EntropyProbe:
             ProbeError: before the first forward, or if the probe samples (``max_tokens`` set).
             GraffConfigError: if ``labels`` does not have the ``[batch, seq]`` shape of the forward.
         """
-        if self.every != 1:
-            raise ProbeError(
-                f"token_weights needs the entropies of this very forward pass, but every={self.every}; "
-                "construct the probe with every=1."
-            )
-        if self.max_tokens is not None:
-            raise ProbeError(
-                f"token_weights needs the entropy of every token, but max_tokens={self.max_tokens}; "
-                "construct the probe with max_tokens=None."
-            )
-        if self.entropies is None or self._shape is None or len(self._shape) != 2:
-            raise ProbeError("token_weights needs a forward pass on a [batch, seq] input first.")
+        self._check_every_token_seen()
         n, device = math.prod(self._shape), self.entropies.device
         ent = torch.zeros(n, dtype=torch.float32, device=device)
         ent[self.token_index] = self.entropies
@@ -577,6 +566,21 @@ class EntropyProbe:
         )
         weights[dropped & target] = 1.0
         return weights.reshape(self._shape)
+
+    def _check_every_token_seen(self) -> None:
+        """Raise ProbeError unless the last forward's entropies cover every token of a 2-d input."""
+        if self.every != 1:
+            raise ProbeError(
+                f"token_weights needs the entropies of this very forward pass, but every={self.every}; "
+                "construct the probe with every=1."
+            )
+        if self.max_tokens is not None:
+            raise ProbeError(
+                f"token_weights needs the entropy of every token, but max_tokens={self.max_tokens}; "
+                "construct the probe with max_tokens=None."
+            )
+        if self.entropies is None or self._shape is None or len(self._shape) != 2:
+            raise ProbeError("token_weights needs a forward pass on a [batch, seq] input first.")
 
     def state_dict(self) -> dict[str, Any]:
         """Sampling state: ``format_version``, ``seed``, ``calls``, ``dropped_samples`` (ints)."""

@@ -17,6 +17,7 @@ Adagrad                     :math:`\\sqrt{\\textstyle\\sum g^2} + \\epsilon`
 ==========================  ================================================================
 
 SGD and unknown optimizers have no preconditioner (:func:`preconditioner_kind` returns None).
+Part of λ̂ estimation: :class:`graff.probes.lambda_max.LambdaMaxEstimator` reads ``P`` here.
 """
 
 from __future__ import annotations
@@ -27,29 +28,16 @@ import torch
 from torch import Tensor
 
 from graff.errors import ProbeError
-
-_ADAM_NAMES = ("Adam", "AdamW", "NAdam", "SparseAdam")
+from graff.guard import optimizer_kind
 
 
 def preconditioner_kind(optimizer: torch.optim.Optimizer) -> str | None:
     """``"adam"``, ``"radam"``, ``"adamax"``, ``"rmsprop"``, ``"adagrad"`` or None (plain ``H``).
 
-    Matches the classes of :func:`graff.guard.stability_threshold`'s table.
+    :func:`graff.guard.optimizer_kind` (the one optimizer table), None for SGD.
     """
-    name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.RAdam) or name == "RAdam":
-        return "radam"
-    if isinstance(optimizer, torch.optim.Adamax) or name == "Adamax":
-        return "adamax"
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam)):
-        return "adam"
-    if name in _ADAM_NAMES:
-        return "adam"
-    if isinstance(optimizer, torch.optim.RMSprop):
-        return "rmsprop"
-    if isinstance(optimizer, torch.optim.Adagrad):
-        return "adagrad"
-    return None
+    kind = optimizer_kind(optimizer)
+    return None if kind == "sgd" else kind
 
 
 def _step(state: dict) -> float:
