@@ -20,16 +20,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graff import _policy as P
 from graff._scheduler_base import BudgetedScheduler
+from graff._seeding import component_seed
 from graff._validation import check_in_range, check_non_negative, check_positive, check_positive_int
 from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
-from graff.guard import guard_constant, max_stable_lr
+from graff.guard import factor_caps, guard_constant
 from graff.priors import BudgetPrior, make_prior
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
+from graff.reactor_policy import (
+    STATE_FEATURES,
+    EmaBaseline,
+    GaussianTanhPolicy,
+    StateFeatures,
+    interval_reward,
+    reinforce_loss,
+    standard_normal,
+)
+from graff.reactor_state import (
+    OPTIONAL_FLOAT_KEYS,
+    check_probe_state,
+    invalid_controller_entries,
+    load_controller,
+)
 
 __all__ = ["ReactorConfig", "ReactorDecision", "ReactorScheduler"]
 
@@ -55,7 +70,7 @@ class ReactorDecision:
     Attributes:
         index: Decision number :math:`k` (0-based).
         step: Optimizer step at which it was taken.
-        state: The state vector :math:`s_k` (float64, names in ``graff._policy.STATE_FEATURES``).
+        state: The state vector :math:`s_k` (float64, names in ``graff.reactor_policy.STATE_FEATURES``).
         mean: Policy mean :math:`\\mu_\\phi(s_k)` (pre-squash), after this decision's update.
         std: Policy standard deviation :math:`\\sigma_\\phi`.
         action: :math:`a_k = a_{\\max}\\tanh(u_k)`, the change of the log-LR factor.
@@ -269,11 +284,11 @@ class ReactorScheduler(BudgetedScheduler):
     # ------------------------------------------------------------------ setup
     def _reset_controller(self) -> None:
         cfg = self.config
-        self.policy = P.GaussianTanhPolicy(
-            len(P.STATE_FEATURES), cfg.hidden_size, cfg.init_std, self.seed
+        self.policy = GaussianTanhPolicy(
+            len(STATE_FEATURES), cfg.hidden_size, cfg.init_std, self.seed
         )
         self._policy_opt = torch.optim.Adam(self.policy.parameters(), lr=cfg.controller_lr)
-        self.baseline = P.EmaBaseline(cfg.baseline_decay)
+        self.baseline = EmaBaseline(cfg.baseline_decay)
         self.decisions = 0  # number of decisions taken
         self.updates = 0  # policy-gradient steps taken
         self.skipped_updates = 0  # decisions whose reward was missing or not finite
@@ -284,14 +299,18 @@ class ReactorScheduler(BudgetedScheduler):
         self._losses: list[float] = []
         self._prev_mean: float | None = None
         self._prev_fraction = 0.0
-        self._state_features = P.StateFeatures()
+        self._state_features = StateFeatures()
         self._pending: tuple[Tensor, float] | None = None  # (s_{k-1}, u_{k-1})
 
     def _setup_probes(self, model, loss_fn, token_aware, curvature_probe, entropy_probe) -> None:
         self._owns_curvature = curvature_probe is None
         if curvature_probe is None:
             curvature_probe = CurvatureProbe(
-                self.optimizer, model=model, loss_fn=loss_fn, hvp=self.guard, seed=self.seed % 2**31
+                self.optimizer,
+                model=model,
+                loss_fn=loss_fn,
+                hvp=self.guard,
+                seed=component_seed(self.seed),
             )
         # the probe's auto λ̂ interval is priced in steps under a step budget (no timing
         # decides anything there), in seconds under a wall-clock one
@@ -303,7 +322,7 @@ class ReactorScheduler(BudgetedScheduler):
         self.entropy_probe = entropy_probe
         if self._owns_entropy:
             try:
-                self.entropy_probe = EntropyProbe(model, seed=self.seed % 2**31)
+                self.entropy_probe = EntropyProbe(model, seed=component_seed(self.seed))
             except ProbeError:
                 if token_aware:
                     raise
@@ -337,10 +356,8 @@ class ReactorScheduler(BudgetedScheduler):
         probe = self.curvature_probe
         if not self.guard or probe is None or probe.lambda_max_safe is None:
             return None
-        return [
-            max_stable_lr(probe.lambda_max_safe, c) / float(g["initial_lr"])
-            for c, g in zip(self._guard_cs, self.optimizer.param_groups, strict=True)
-        ]
+        initial = [g["initial_lr"] for g in self.optimizer.param_groups]
+        return factor_caps(probe.lambda_max_safe, self._guard_cs, initial)
 
     def _prior_value(self) -> float:
         return 1.0 if self.prior is None else self.prior(self.budget.fraction_used)
@@ -388,7 +405,7 @@ class ReactorScheduler(BudgetedScheduler):
         reward = advantage = None
         if self._pending is not None:
             if mean is not None and self._prev_mean is not None:
-                reward = P.interval_reward(
+                reward = interval_reward(
                     self._prev_mean, mean, fraction - self._prev_fraction, cfg.reward_clip
                 )
             if reward is None:
@@ -403,7 +420,7 @@ class ReactorScheduler(BudgetedScheduler):
         self._anti_windup()
         with torch.no_grad():
             mu, log_std = self.policy(state)
-        u = float(mu) + math.exp(float(log_std)) * P.standard_normal(self.seed, self.decisions)
+        u = float(mu) + math.exp(float(log_std)) * standard_normal(self.seed, self.decisions)
         action = cfg.max_log_step * math.tanh(u)
         lo, hi = math.log(self.lr_min_factor), math.log(self.lr_max_factor)
         self._log_factor = min(hi, max(lo, self._log_factor + action))
@@ -433,7 +450,7 @@ class ReactorScheduler(BudgetedScheduler):
         """One REINFORCE step on the pending decision; returns the advantage (None if skipped)."""
         advantage = reward - self.baseline.value
         mu, log_std = self.policy(state)
-        loss = P.reinforce_loss(mu, log_std, u, advantage, self.config.entropy_bonus)
+        loss = reinforce_loss(mu, log_std, u, advantage, self.config.entropy_bonus)
         self._policy_opt.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
@@ -475,65 +492,35 @@ class ReactorScheduler(BudgetedScheduler):
         }
 
     def _check_extra_state(self, extra: dict[str, Any]) -> None:
+        """Raise CheckpointError unless ``extra`` loads; builds and drops test copies only."""
         super()._check_extra_state(extra)
-        bad = P.invalid_controller_entries(extra)
+        bad = invalid_controller_entries(extra)
         if bad:
             raise CheckpointError(f"ReactorScheduler state has missing or invalid entries {bad}.")
-        self._scratch = self._scratch_controller(extra)
-        self._try_probe_state(
+        self._load_controller(extra)  # raises if the policy or its Adam state does not fit
+        check_probe_state(
             self.curvature_probe if self._owns_curvature else None,
             extra["curvature_probe"],
             "curvature_probe",
         )
-        self._try_probe_state(
+        check_probe_state(
             self.entropy_probe if self._owns_entropy else None,
             extra["entropy_probe"],
             "entropy_probe",
         )
 
-    def _scratch_controller(self, extra: dict[str, Any]) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Policy and its Adam loaded from ``extra`` (raises CheckpointError, changes nothing)."""
-        policy = copy.deepcopy(self.policy)
-        opt = torch.optim.Adam(policy.parameters(), lr=self.config.controller_lr)
-        try:
-            policy.load_state_dict(extra["policy"])
-            opt.load_state_dict(extra["policy_optimizer"])
-        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(
-                f"ReactorScheduler state has a policy that does not fit this one "
-                f"(hidden_size={self.config.hidden_size}): {err}"
-            ) from err
-        if not all(bool(torch.isfinite(t).all()) for t in policy.state_dict().values()):
-            raise CheckpointError("ReactorScheduler state has non-finite policy weights.")
-        return policy, opt
-
-    @staticmethod
-    def _try_probe_state(probe: Any, state: Any, name: str) -> None:
-        """Check that ``probe`` accepts ``state`` by loading it and restoring the old state."""
-        if (probe is None) != (state is None):
-            raise CheckpointError(
-                f"ReactorScheduler state {'has' if state is not None else 'lacks'} a {name} state, "
-                f"but this scheduler {'owns' if probe is not None else 'does not own'} one; build it "
-                "with the same model=/probe arguments."
-            )
-        if probe is None:
-            return
-        old = probe.state_dict()
-        try:
-            probe.load_state_dict(state)
-        except (CheckpointError, ValueError, TypeError, KeyError, RuntimeError) as err:
-            raise CheckpointError(
-                f"ReactorScheduler state has an invalid {name} state: {err}"
-            ) from err
-        finally:
-            probe.load_state_dict(old)
+    def _load_controller(self, extra: dict[str, Any]) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """A new policy and Adam loaded from ``extra``; the live ones are not touched."""
+        cfg = self.config
+        return load_controller(
+            self.policy, extra, controller_lr=cfg.controller_lr, hidden_size=cfg.hidden_size
+        )
 
     def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         return {"policy_optimizer": self._policy_opt}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.policy, self._policy_opt = self._scratch
-        del self._scratch
+        self.policy, self._policy_opt = self._load_controller(extra)
         self.seed = extra["seed"]
         self.decisions, self.updates = extra["decisions"], extra["updates"]
         self.skipped_updates, self._in_interval = extra["skipped_updates"], extra["in_interval"]
@@ -543,7 +530,7 @@ class ReactorScheduler(BudgetedScheduler):
         )
         self._log_factor = float(extra["log_factor"])
         self._prev_fraction = float(extra["prev_fraction"])
-        opt = {k: None if extra[k] is None else float(extra[k]) for k in P.OPTIONAL_FLOAT_KEYS}
+        opt = {k: None if extra[k] is None else float(extra[k]) for k in OPTIONAL_FLOAT_KEYS}
         self._prev_mean = opt["prev_mean"]
         feats = self._state_features
         feats.ref_loss, feats.ref_grad = opt["ref_loss"], opt["ref_grad"]

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from graff import BudgetClock
-from graff import _policy as P
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.reactor import ReactorScheduler
+from graff.reactor_policy import STATE_FEATURES, EmaBaseline, interval_reward, reinforce_loss
 
 
 def _dummy_opt(lrs=(0.1,), cls=torch.optim.SGD, **kw):
@@ -46,18 +46,18 @@ def test_reinforce_loss_gradient_matches_formula():
     mean = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     log_std = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
     u, adv, beta = 1.1, -0.7, 0.05
-    P.reinforce_loss(mean, log_std, u, adv, beta).backward()
+    reinforce_loss(mean, log_std, u, adv, beta).backward()
     var = math.exp(-0.8)
     assert mean.grad.item() == pytest.approx(-adv * (u - 0.3) / var, rel=1e-12)
     assert log_std.grad.item() == pytest.approx(-adv * ((u - 0.3) ** 2 / var - 1) - beta, rel=1e-12)
 
 
 def test_reward_and_baseline_closed_forms():
-    assert P.interval_reward(2.0, 1.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
-    assert P.interval_reward(-2.0, -2.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
-    assert P.interval_reward(2.0, 0.0, 1e-3, 10.0) == 10.0
-    assert P.interval_reward(2.0, 1.0, 0.0, 10.0) is None
-    b = P.EmaBaseline(0.9)
+    assert interval_reward(2.0, 1.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
+    assert interval_reward(-2.0, -2.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
+    assert interval_reward(2.0, 0.0, 1e-3, 10.0) == 10.0
+    assert interval_reward(2.0, 1.0, 0.0, 10.0) is None
+    b = EmaBaseline(0.9)
     assert b.value is None
     b.update(3.0)
     assert b.value == pytest.approx(3.0)
@@ -239,8 +239,8 @@ def test_any_optimizer_groups_keep_ratios(cls, kw):
         assert lr_a / lr_b == pytest.approx(5.0, rel=1e-9)
     assert sched.updates > 0
     state = sched.last_decision.state
-    assert state[P.STATE_FEATURES.index("log_grad_norm")] != 0.0
-    assert state[P.STATE_FEATURES.index("secant_ratio")] != 0.0
+    assert state[STATE_FEATURES.index("log_grad_norm")] != 0.0
+    assert state[STATE_FEATURES.index("secant_ratio")] != 0.0
 
 
 def test_is_an_lr_scheduler():
@@ -289,7 +289,7 @@ def test_tiny_lora_qwen3_with_model_has_entropy_features(tiny_lora_qwen3, token_
         opt.step()
         opt.zero_grad()
         sched.step()  # loss captured from the forward
-    state = dict(zip(P.STATE_FEATURES, sched.last_decision.state.tolist(), strict=True))
+    state = dict(zip(STATE_FEATURES, sched.last_decision.state.tolist(), strict=True))
     assert 0.0 < state["entropy_mean"] <= 1.0
     assert state["entropy_std"] > 0.0
     assert state["loss_level"] != 0.0
@@ -394,6 +394,19 @@ def test_bad_checkpoint_changes_nothing():
     assert after["extra"]["seed"] == before["extra"]["seed"] == 6
     for k, v in before["extra"]["policy"].items():
         assert torch.equal(v, after["extra"]["policy"][k])
+
+
+def test_checking_a_state_leaves_no_trace_on_the_scheduler():
+    """Validation builds its test copies and drops them: no scratch attribute for the base to clean."""
+    model, opt, sched = _regression_setup(0, 5, 0.05, guard=True)
+    _train(model, opt, sched, range(12))
+    state = sched.state_dict()
+    _, _, other = _regression_setup(0, 6, 0.05, guard=True)
+    before = dict(vars(other))
+    other._check_extra_state(state["extra"])
+    assert dict(vars(other)) == before
+    other.load_state_dict(state)
+    assert set(vars(other)) == set(before)
 
 
 # ------------------------------------------------------------------------- bad arguments
