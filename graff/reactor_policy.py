@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -201,6 +201,14 @@ class EmaBaseline:
         self.raw = self.decay * self.raw + (1.0 - self.decay) * reward
         self.count += 1
 
+    def state_dict(self) -> dict[str, float | int]:
+        """``baseline_raw`` (:math:`m_k`) and ``baseline_count`` (:math:`k`); the decay is config."""
+        return {"baseline_raw": self.raw, "baseline_count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        self.raw, self.count = float(state["baseline_raw"]), state["baseline_count"]
+
 
 class StateFeatures:
     """Builds the normalised state :math:`s_k` and keeps the references it is normalised by.
@@ -227,6 +235,23 @@ class StateFeatures:
         self.ref_loss: float | None = None
         self.ref_grad: float | None = None
         self.prev_entropy: float | None = None
+
+    def state_dict(self) -> dict[str, float | None]:
+        """The normalisation references: ``ref_loss``, ``ref_grad``, ``prev_entropy``."""
+        return {
+            "ref_loss": self.ref_loss,
+            "ref_grad": self.ref_grad,
+            "prev_entropy": self.prev_entropy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        ref = {k: None if state[k] is None else float(state[k]) for k in self.state_dict()}
+        self.ref_loss, self.ref_grad, self.prev_entropy = (
+            ref["ref_loss"],
+            ref["ref_grad"],
+            ref["prev_entropy"],
+        )
 
     def __call__(
         self,
