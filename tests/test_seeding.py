@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from graff._seeding import GOLDEN_GAMMA, component_seed, splitmix64, stream_seed
+from graff.reactor_policy import standard_normal
 
 # The reference sequence of splitmix64 seeded with 1234567 (Rosetta Code, "Pseudo-random
 # numbers/Splitmix64"), i.e. the outputs of Vigna's splitmix64.c.
@@ -33,3 +34,13 @@ def test_derived_seeds_fit_a_torch_generator():
         torch.Generator().manual_seed(splitmix64(seed, 3))
         assert 0 <= component_seed(seed) < 2**31
     assert stream_seed(3, 5) == (3 * GOLDEN_GAMMA + 5) % 2**63
+
+
+def test_reactor_draws_depend_only_on_seed_and_decision():
+    """A draw is reproducible from (seed, k) alone: neither the call order nor global RNG matter."""
+    first = [standard_normal(7, k) for k in range(4)]
+    torch.manual_seed(123)
+    backwards = [standard_normal(7, k) for k in reversed(range(4))][::-1]
+    assert first == backwards
+    assert len(set(first)) == 4
+    assert standard_normal(8, 0) != first[0]
