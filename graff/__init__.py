@@ -26,7 +26,7 @@ from graff.planner_io import load_planner, save_planner
 from graff.priors import BudgetPrior
 from graff.probes.curvature import CurvatureProbe, CurvatureStats
 from graff.probes.entropy import EntropyProbe, EntropyStats, entropy_from_logits
-from graff.reactor import ReactorScheduler
+from graff.reactor import ReactorConfig, ReactorScheduler
 from graff.tokens import token_weights_from_entropy, weighted_causal_lm_loss
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "GraffTypeError",
     "PlanRecord",
     "ProbeError",
+    "ReactorConfig",
     "ReactorScheduler",
     "__version__",
     "clamp_lr",

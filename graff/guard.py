@@ -47,6 +47,7 @@ the optimizer is finite, positive and inside ``[lr_min, lr_max]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -174,6 +175,40 @@ def max_stable_lr(lambda_hat: float, c: float) -> float:
     if math.isnan(lam) or lam <= 0.0:
         return math.inf
     return c / lam
+
+
+def factor_caps(
+    lambda_hat: float, constants: Sequence[float], initial_lrs: Sequence[float]
+) -> list[float]:
+    """Per-group caps on an LR *factor* (LR over initial LR) from one sharpness estimate.
+
+    A scheduler that writes :math:`\\eta_g = \\eta^0_g f_g` keeps every group under the guard,
+    :math:`\\eta_g\\hat\\lambda \\le c_g`, iff
+
+    .. math::
+
+        f_g \\le \\frac{\\texttt{max\\_stable\\_lr}(\\hat\\lambda, c_g)}{\\eta^0_g}
+        = \\frac{c_g}{\\hat\\lambda\\,\\eta^0_g},
+
+    with :math:`c_g` = ``constants[g]`` (e.g. :func:`guard_constant` of group :math:`g`) and
+    :math:`\\eta^0_g` = ``initial_lrs[g]``. Groups keep their own constants (an optimizer's
+    groups may use different momenta), so the caps differ by more than the LR ratios.
+    ``lambda_hat`` ≤ 0 or NaN gives ``inf`` (no bound), ``+inf`` gives 0, as
+    :func:`max_stable_lr` does.
+
+    Examples:
+        >>> factor_caps(10.0, [1.9, 1.9], [0.1, 0.01])
+        [1.9, 19.0]
+    """
+    if len(constants) != len(initial_lrs):
+        raise GraffConfigError(
+            f"factor_caps needs one guard constant per group: got {len(constants)} constants "
+            f"for {len(initial_lrs)} initial LRs."
+        )
+    return [
+        max_stable_lr(lambda_hat, c) / float(lr0)
+        for c, lr0 in zip(constants, initial_lrs, strict=True)
+    ]
 
 
 def log_lr_bound(lambda_hat: float, c: float, offset: float = 0.0) -> float:

@@ -80,7 +80,9 @@ def build(
     if kind == "graff":
         sched = graff.GraffScheduler(opt, budget=budget, model=model, curvature_every=4)
     elif kind == "reactor":
-        sched = graff.ReactorScheduler(opt, budget=budget, model=model, seed=0, decision_interval=3)
+        sched = graff.ReactorScheduler(
+            opt, budget=budget, model=model, seed=0, config=graff.ReactorConfig(decision_interval=3)
+        )
     else:
         sched = graff.BudgetScheduler(opt, budget=budget, prior="cosine", model=model)
     return model, opt, sched

@@ -119,9 +119,8 @@ def reactor_scheduler(opt, model, rank, extra):
         graff.BudgetClock(steps=STEPS),
         model=model,
         guard=True,
-        decision_interval=5,
         prior="cosine",
-        controller_lr=1e-2,
+        config=graff.ReactorConfig(decision_interval=5, controller_lr=1e-2),
         **kwargs,
     )
 

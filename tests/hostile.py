@@ -138,8 +138,10 @@ def setups(draw: st.DrawFn, kinds: tuple[str, ...] = SCHEDULERS) -> Setup:
             budget,
             loss_fn=loss_fn if kind == "reactor-guarded" else None,
             guard=kind == "reactor-guarded",
-            decision_interval=draw(st.sampled_from([1, 2])),
-            controller_lr=draw(st.sampled_from([1e-4, 1.0])),
+            config=graff.ReactorConfig(  # draws in the same order as before
+                decision_interval=draw(st.sampled_from([1, 2])),
+                controller_lr=draw(st.sampled_from([1e-4, 1.0])),
+            ),
             prior=draw(st.sampled_from([None, "cosine"])),
             seed=3,
             **common,

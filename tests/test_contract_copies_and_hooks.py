@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
 import graff
-from graff import BudgetScheduler, GraffScheduler, ReactorScheduler
+from graff import BudgetScheduler, GraffScheduler, ReactorConfig, ReactorScheduler
 from graff._scheduler_base import BudgetedScheduler
 
 GRAFF_KINDS = ["graff", "reactor", "budget"]
@@ -57,7 +57,8 @@ def _build(kind: str, model: nn.Module, opt: torch.optim.Optimizer, wiring: str 
             opt, budget, plan_every=2, probe_every=1, curvature_every=3, seed=0, **kw
         )
     if kind == "reactor":
-        return ReactorScheduler(opt, budget, guard=probing, decision_interval=2, seed=0, **kw)
+        config = ReactorConfig(decision_interval=2)
+        return ReactorScheduler(opt, budget, guard=probing, seed=0, config=config, **kw)
     if kind == "budget":
         return BudgetScheduler(opt, budget, warmup=0.1, model=kw.get("model"))
     if kind == "lambda":

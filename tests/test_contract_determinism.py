@@ -123,7 +123,12 @@ def _graff(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
 def _reactor(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
     opt = torch.optim.SGD(_trainable(model), lr=2.0, momentum=0.9)
     sched = graff.ReactorScheduler(
-        opt, graff.BudgetClock(steps=BUDGET), model=model, guard=True, decision_interval=5, seed=0
+        opt,
+        graff.BudgetClock(steps=BUDGET),
+        model=model,
+        guard=True,
+        seed=0,
+        config=graff.ReactorConfig(decision_interval=5),
     )
     return opt, sched
 
@@ -139,8 +144,8 @@ def _reactor_given_probe(model: nn.Module) -> tuple[torch.optim.Optimizer, objec
         model=model,
         guard=True,
         curvature_probe=probe,
-        decision_interval=5,
         seed=0,
+        config=graff.ReactorConfig(decision_interval=5),
     )
     return opt, sched
 

@@ -54,7 +54,11 @@ SECOND: dict[str, Callable[[torch.optim.Optimizer, nn.Module], Any]] = {
         opt, budget=graff.BudgetClock(steps=STEPS), model=model, plan_every=2, probe_every=2
     ),
     "ReactorScheduler": lambda opt, model: graff.ReactorScheduler(
-        opt, budget=graff.BudgetClock(steps=STEPS), model=model, decision_interval=3, seed=0
+        opt,
+        budget=graff.BudgetClock(steps=STEPS),
+        model=model,
+        seed=0,
+        config=graff.ReactorConfig(decision_interval=3),
     ),
     "BudgetScheduler": lambda opt, model: graff.BudgetScheduler(
         opt, budget=graff.BudgetClock(steps=STEPS)

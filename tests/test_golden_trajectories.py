@@ -47,6 +47,17 @@ def _graff(opt: torch.optim.Optimizer, steps: int, **kwargs: Any) -> graff.Graff
     return graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=steps), **kwargs)
 
 
+def _reactor(opt: torch.optim.Optimizer, steps: int, **kwargs: Any) -> graff.ReactorScheduler:
+    """A ReactorScheduler; its REINFORCE knobs go through ``graff.ReactorConfig`` where it exists."""
+    config_type = getattr(graff, "ReactorConfig", None)
+    if config_type is not None:
+        fields = set(getattr(config_type, "__dataclass_fields__", {}))
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
+        if knobs:
+            kwargs["config"] = config_type(**knobs)
+    return graff.ReactorScheduler(opt, budget=graff.BudgetClock(steps=steps), **kwargs)
+
+
 def _lora_batches(n: int, seed: int = 3) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -201,14 +212,7 @@ def reactor_guarded() -> dict[str, Any]:
     def probe_loss() -> torch.Tensor:
         return nn.functional.mse_loss(model(xs[-1]), ys[-1])
 
-    sched = graff.ReactorScheduler(
-        opt,
-        budget=graff.BudgetClock(steps=STEPS),
-        loss_fn=probe_loss,
-        guard=True,
-        decision_interval=4,
-        seed=0,
-    )
+    sched = _reactor(opt, STEPS, loss_fn=probe_loss, guard=True, decision_interval=4, seed=0)
     trace = []
     for i in range(STEPS):
         loss = nn.functional.mse_loss(model(xs[i]), ys[i])

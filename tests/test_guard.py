@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from graff.errors import GraffConfigError
 from graff.guard import (
     clamp_lr,
+    factor_caps,
     guard_constant,
     log_lr_bound,
     max_stable_lr,
@@ -302,6 +303,39 @@ def test_max_stable_lr_rejects_bad_c(c: float) -> None:
 )
 def test_log_lr_bound(lambda_hat: float, offset: float, expected: float) -> None:
     assert log_lr_bound(lambda_hat, 1.9, offset) == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- factor caps
+@settings(max_examples=60, deadline=None)
+@given(
+    lambda_hat=st.floats(min_value=1e-6, max_value=1e6),
+    groups=st.lists(
+        st.tuples(
+            st.floats(min_value=0.1, max_value=40.0), st.floats(min_value=1e-6, max_value=1.0)
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+)
+def test_factor_caps_keep_every_group_at_the_guard(lambda_hat: float, groups: list) -> None:
+    """The capped LR of each group, cap × initial LR, sits on its own bound η·λ̂ = c_g."""
+    constants, initial = [c for c, _ in groups], [lr for _, lr in groups]
+    caps = factor_caps(lambda_hat, constants, initial)
+    for cap, c, lr0 in zip(caps, constants, initial, strict=True):
+        assert cap * lr0 * lambda_hat == pytest.approx(c, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("lambda_hat", "expected"),
+    [(0.0, math.inf), (-1.0, math.inf), (math.nan, math.inf), (math.inf, 0.0)],
+)
+def test_factor_caps_without_usable_curvature(lambda_hat: float, expected: float) -> None:
+    assert factor_caps(lambda_hat, [1.9, 36.1], [0.1, 1e-3]) == [expected, expected]
+
+
+def test_factor_caps_need_one_constant_per_group() -> None:
+    with pytest.raises(GraffConfigError, match="one guard constant per group"):
+        factor_caps(1.0, [1.9], [0.1, 0.2])
 
 
 # ----------------------------------------------------------------------------- thresholds

@@ -403,7 +403,11 @@ def test_lora_model_with_probes_keeps_every_invariant(kind, stream) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     cls = graff.GraffScheduler if kind == "graff" else graff.ReactorScheduler
-    kw = {"curvature_every": 2, "plan_every": 2} if kind == "graff" else {"decision_interval": 2}
+    kw = (
+        {"curvature_every": 2, "plan_every": 2}
+        if kind == "graff"
+        else {"config": graff.ReactorConfig(decision_interval=2)}
+    )
     sched = cls(opt, graff.BudgetClock(steps=10), model=model, **kw)
     setup = Setup(params, opt, sched, [0.0], [1e-3], kind)
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))

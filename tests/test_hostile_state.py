@@ -64,7 +64,12 @@ def make_setup(kind: str, seed: int = 0, groups: int = 1) -> Setup:
         )
     elif kind == "reactor":
         sched = graff.ReactorScheduler(
-            opt, budget, loss_fn=loss_fn, guard=True, decision_interval=2, seed=seed
+            opt,
+            budget,
+            loss_fn=loss_fn,
+            guard=True,
+            seed=seed,
+            config=graff.ReactorConfig(decision_interval=2),
         )
     else:
         sched = graff.BudgetScheduler(opt, budget, prior="wsd")

@@ -43,7 +43,9 @@ def _make(kind: str, budget_steps: int = 100):
     if kind == "graff":
         sched = graff.GraffScheduler(opt, budget=budget, model=model)
     elif kind == "reactor":
-        sched = graff.ReactorScheduler(opt, budget=budget, model=model, seed=0, decision_interval=2)
+        sched = graff.ReactorScheduler(
+            opt, budget=budget, model=model, seed=0, config=graff.ReactorConfig(decision_interval=2)
+        )
     else:
         sched = graff.BudgetScheduler(opt, budget=budget, model=model)
     return model, opt, sched

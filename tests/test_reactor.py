@@ -13,10 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from graff import BudgetClock
-from graff import _policy as P
+from graff import BudgetClock, ReactorConfig
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.reactor import ReactorScheduler
+from graff.reactor_policy import (
+    STATE_FEATURES,
+    EmaBaseline,
+    interval_reward,
+    reinforce_loss,
+)
 
 
 def _dummy_opt(lrs=(0.1,), cls=torch.optim.SGD, **kw):
@@ -25,12 +30,11 @@ def _dummy_opt(lrs=(0.1,), cls=torch.optim.SGD, **kw):
     return params, cls(groups, **kw)
 
 
-def _run_stream(losses, *, seed=0, interval=2, lrs=(0.1,), **kw):
+def _run_stream(losses, *, seed=0, interval=2, lrs=(0.1,), **knobs):
     """Feed a fixed loss stream (independent of the LR); return the LRs after every step."""
     params, opt = _dummy_opt(lrs)
-    sched = ReactorScheduler(
-        opt, budget=BudgetClock(steps=len(losses)), decision_interval=interval, seed=seed, **kw
-    )
+    config = ReactorConfig(decision_interval=interval, **knobs)
+    sched = ReactorScheduler(opt, budget=BudgetClock(steps=len(losses)), seed=seed, config=config)
     out = []
     for loss in losses:
         for p in params:
@@ -46,18 +50,18 @@ def test_reinforce_loss_gradient_matches_formula():
     mean = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     log_std = torch.tensor(-0.4, dtype=torch.float64, requires_grad=True)
     u, adv, beta = 1.1, -0.7, 0.05
-    P.reinforce_loss(mean, log_std, u, adv, beta).backward()
+    reinforce_loss(mean, log_std, u, adv, beta).backward()
     var = math.exp(-0.8)
     assert mean.grad.item() == pytest.approx(-adv * (u - 0.3) / var, rel=1e-12)
     assert log_std.grad.item() == pytest.approx(-adv * ((u - 0.3) ** 2 / var - 1) - beta, rel=1e-12)
 
 
 def test_reward_and_baseline_closed_forms():
-    assert P.interval_reward(2.0, 1.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
-    assert P.interval_reward(-2.0, -2.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
-    assert P.interval_reward(2.0, 0.0, 1e-3, 10.0) == 10.0
-    assert P.interval_reward(2.0, 1.0, 0.0, 10.0) is None
-    b = P.EmaBaseline(0.9)
+    assert interval_reward(2.0, 1.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
+    assert interval_reward(-2.0, -2.5, 0.1, 100.0) == pytest.approx(0.5 / (2.0 * 0.1), rel=1e-6)
+    assert interval_reward(2.0, 0.0, 1e-3, 10.0) == 10.0
+    assert interval_reward(2.0, 1.0, 0.0, 10.0) is None
+    b = EmaBaseline(0.9)
     assert b.value is None
     b.update(3.0)
     assert b.value == pytest.approx(3.0)
@@ -73,10 +77,8 @@ def test_policy_update_on_fixed_trajectory_matches_hand_computation():
     sched = ReactorScheduler(
         opt,
         budget=BudgetClock(steps=total),
-        decision_interval=interval,
-        controller_lr=lr_c,
-        entropy_bonus=beta,
         seed=3,
+        config=ReactorConfig(decision_interval=interval, controller_lr=lr_c, entropy_bonus=beta),
     )
     for t in range(6):
         if t == 4:  # just before the update: snapshot the policy and the pending draw
@@ -116,7 +118,8 @@ def test_reward_is_normalised_by_wall_clock_budget_used(fake_time):
     for dt in (1.0, 2.0):
         _, opt = _dummy_opt()
         clock = BudgetClock(seconds=1000, time_fn=fake_time)
-        sched = ReactorScheduler(opt, budget=clock, decision_interval=2, reward_clip=1e3, seed=0)
+        config = ReactorConfig(decision_interval=2, reward_clip=1e3)
+        sched = ReactorScheduler(opt, budget=clock, seed=0, config=config)
         for loss in (2.0, 2.0, 1.5, 1.5):
             fake_time.advance(dt)
             opt.step()
@@ -147,9 +150,7 @@ def _feedback_run(better: str, decisions: int = 400, seed: int = 0) -> list[floa
     sched = ReactorScheduler(
         opt,
         budget=BudgetClock(steps=interval * decisions),
-        decision_interval=interval,
-        controller_lr=1e-2,
-        reward_clip=1e3,
+        config=ReactorConfig(decision_interval=interval, controller_lr=1e-2, reward_clip=1e3),
         lr_min_factor=1e-6,
         lr_max_factor=1e6,
         seed=seed,
@@ -225,7 +226,10 @@ def test_any_optimizer_groups_keep_ratios(cls, kw):
         **kw,
     )
     sched = ReactorScheduler(
-        opt, budget=BudgetClock(steps=40), decision_interval=3, controller_lr=0.1, seed=1
+        opt,
+        budget=BudgetClock(steps=40),
+        seed=1,
+        config=ReactorConfig(decision_interval=3, controller_lr=0.1),
     )
     x, y = torch.randn(32, 4), torch.randn(32, 1)
     for _ in range(30):
@@ -239,8 +243,8 @@ def test_any_optimizer_groups_keep_ratios(cls, kw):
         assert lr_a / lr_b == pytest.approx(5.0, rel=1e-9)
     assert sched.updates > 0
     state = sched.last_decision.state
-    assert state[P.STATE_FEATURES.index("log_grad_norm")] != 0.0
-    assert state[P.STATE_FEATURES.index("secant_ratio")] != 0.0
+    assert state[STATE_FEATURES.index("log_grad_norm")] != 0.0
+    assert state[STATE_FEATURES.index("secant_ratio")] != 0.0
 
 
 def test_is_an_lr_scheduler():
@@ -259,7 +263,12 @@ def test_guard_caps_lr_at_max_stable_lr():
         return 0.5 * (h * p * p).sum()
 
     sched = ReactorScheduler(
-        opt, budget=BudgetClock(steps=50), loss_fn=loss_fn, guard=True, decision_interval=2, seed=0
+        opt,
+        budget=BudgetClock(steps=50),
+        loss_fn=loss_fn,
+        guard=True,
+        seed=0,
+        config=ReactorConfig(decision_interval=2),
     )
     for _ in range(25):
         opt.zero_grad()
@@ -280,7 +289,11 @@ def test_tiny_lora_qwen3_with_model_has_entropy_features(tiny_lora_qwen3, token_
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = ReactorScheduler(
-        opt, budget=BudgetClock(steps=20), model=model, decision_interval=2, seed=0
+        opt,
+        budget=BudgetClock(steps=20),
+        model=model,
+        seed=0,
+        config=ReactorConfig(decision_interval=2),
     )
     assert sched.entropy_probe is not None
     for _ in range(6):
@@ -289,7 +302,7 @@ def test_tiny_lora_qwen3_with_model_has_entropy_features(tiny_lora_qwen3, token_
         opt.step()
         opt.zero_grad()
         sched.step()  # loss captured from the forward
-    state = dict(zip(P.STATE_FEATURES, sched.last_decision.state.tolist(), strict=True))
+    state = dict(zip(STATE_FEATURES, sched.last_decision.state.tolist(), strict=True))
     assert 0.0 < state["entropy_mean"] <= 1.0
     assert state["entropy_std"] > 0.0
     assert state["loss_level"] != 0.0
@@ -312,8 +325,7 @@ def _regression_setup(model_seed: int, sched_seed: int, controller_lr: float, gu
     sched = ReactorScheduler(
         opt,
         budget=BudgetClock(steps=60),
-        decision_interval=5,
-        controller_lr=controller_lr,
+        config=ReactorConfig(decision_interval=5, controller_lr=controller_lr),
         seed=sched_seed,
         guard=guard,
         loss_fn=probe_loss if guard else None,
@@ -396,6 +408,19 @@ def test_bad_checkpoint_changes_nothing():
         assert torch.equal(v, after["extra"]["policy"][k])
 
 
+def test_checking_a_state_leaves_no_trace_on_the_scheduler():
+    """Validation builds its test copies and drops them: no scratch attribute for the base to clean."""
+    model, opt, sched = _regression_setup(0, 5, 0.05, guard=True)
+    _train(model, opt, sched, range(12))
+    state = sched.state_dict()
+    _, _, other = _regression_setup(0, 6, 0.05, guard=True)
+    before = dict(vars(other))
+    other._check_extra_state(state["extra"])
+    assert dict(vars(other)) == before
+    other.load_state_dict(state)
+    assert set(vars(other)) == set(before)
+
+
 # ------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
@@ -415,7 +440,12 @@ def test_bad_checkpoint_changes_nothing():
         ({"guard": "yes"}, GraffTypeError, "guard must be a bool"),
         ({"guard": True}, GraffConfigError, "guard=True needs"),
         ({"guard_c": 0.0}, GraffConfigError, "guard_c must be > 0"),
-        ({"token_aware": True}, GraffConfigError, "token_aware=True needs model="),
+        (
+            {"token_aware": True},
+            GraffConfigError,
+            r"ReactorConfig\(token_aware=True\) needs model=",
+        ),
+        ({"token_aware": 1}, GraffTypeError, "token_aware must be a bool or None"),
         ({"prior": "bogus"}, GraffConfigError, "prior must be one of"),
         ({"curvature_probe": "probe"}, GraffTypeError, "curvature_probe must be a CurvatureProbe"),
         ({"entropy_probe": 1}, GraffTypeError, "entropy_probe must be an EntropyProbe"),
@@ -425,10 +455,36 @@ def test_bad_checkpoint_changes_nothing():
     ],
 )
 def test_bad_arguments_raise(kwargs, error, match):
+    """Scheduler arguments fail in the constructor, ReactorConfig fields in ReactorConfig."""
     _, opt = _dummy_opt()
-    kwargs = {"budget": BudgetClock(steps=10), **kwargs}
+    knobs = {k: v for k, v in kwargs.items() if k in ReactorConfig.__dataclass_fields__}
+    kwargs = {"budget": BudgetClock(steps=10), **{k: kwargs[k] for k in kwargs.keys() - knobs}}
     with pytest.raises(error, match=match):
-        ReactorScheduler(opt, **kwargs)
+        ReactorScheduler(opt, **kwargs, config=ReactorConfig(**knobs))
+
+
+@pytest.mark.parametrize("field", sorted(ReactorConfig.__dataclass_fields__))
+def test_a_config_field_passed_to_the_scheduler_names_reactor_config(field):
+    _, opt = _dummy_opt()
+    value = getattr(ReactorConfig(), field)
+    with pytest.raises(GraffTypeError, match=rf"{field}=.*graff\.ReactorConfig\({field}="):
+        ReactorScheduler(opt, budget=BudgetClock(steps=10), **{field: value})
+
+
+def test_unknown_argument_and_config_of_the_wrong_type_raise():
+    _, opt = _dummy_opt()
+    with pytest.raises(GraffTypeError, match="unexpected keyword argument 'warmup'"):
+        ReactorScheduler(opt, budget=BudgetClock(steps=10), warmup=0.1)
+    with pytest.raises(GraffTypeError, match=r"config must be a graff\.ReactorConfig"):
+        ReactorScheduler(opt, budget=BudgetClock(steps=10), config={"decision_interval": 2})
+    assert not opt._optimizer_step_pre_hooks  # nothing was registered
+
+
+def test_config_is_frozen_and_normalised():
+    config = ReactorConfig(init_std=1, decision_interval=4.0)
+    assert (type(config.init_std), type(config.decision_interval)) == (float, int)
+    with pytest.raises(AttributeError):
+        config.controller_lr = 1.0
 
 
 def test_bad_optimizer_and_non_lm_token_aware():
@@ -437,7 +493,7 @@ def test_bad_optimizer_and_non_lm_token_aware():
     model = nn.Linear(2, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ProbeError, match="found no decoder layers"):
-        ReactorScheduler(opt, budget=10, model=model, token_aware=True)
+        ReactorScheduler(opt, budget=10, model=model, config=ReactorConfig(token_aware=True))
     # a failed constructor leaves no hooks behind
     assert not opt._optimizer_step_pre_hooks
     assert not opt._optimizer_step_post_hooks

@@ -99,10 +99,13 @@ def make_scheduler(cfg: dict[str, Any], optimizer: Any, clock: BudgetClock, mode
 
         return GraffScheduler(optimizer, clock, model=model, **kwargs)
     if method == "reactor":
-        from graff.reactor import ReactorScheduler
+        from graff import ReactorConfig, ReactorScheduler
 
         kwargs.setdefault("seed", int(cfg.get("seed", 0)))
-        return ReactorScheduler(optimizer, clock, model=model, **kwargs)
+        knobs = {k: kwargs.pop(k) for k in list(kwargs) if k in ReactorConfig.__dataclass_fields__}
+        return ReactorScheduler(
+            optimizer, clock, model=model, config=ReactorConfig(**knobs), **kwargs
+        )
     if method == "fixed":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
     prior = BudgetPrior("cosine", warmup=float(kwargs.get("warmup", 0.05)), final=0.0)

@@ -1,6 +1,9 @@
-"""REACTOR's numerical kernel: the Gaussian-tanh policy, the REINFORCE loss, reward and baseline.
+"""REACTOR's numerical kernel: the Gaussian-tanh policy, the REINFORCE loss, reward, baseline
+and state features.
 
-Pure functions and one tiny module; :class:`graff.reactor.ReactorScheduler` does the bookkeeping.
+Maths only, no scheduler bookkeeping: :class:`graff.reactor.ReactorScheduler` counts steps,
+keeps the interval's losses, reads the probes and saves the state; this module turns those
+numbers into a state vector, a draw, a reward and a policy-gradient loss.
 
 The policy maps a normalised state :math:`s \\in \\mathbb{R}^d` to a Gaussian over a pre-squash
 action :math:`u`, and the LR change is its bounded squashing:
@@ -34,10 +37,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from graff._seeding import splitmix64
+
+if TYPE_CHECKING:
+    from graff.probes.curvature import CurvatureStats
+    from graff.probes.entropy import EntropyStats
 
 #: Names of the state features, in order (see :class:`graff.reactor.ReactorScheduler`).
 STATE_FEATURES: tuple[str, ...] = (
@@ -54,24 +63,15 @@ STATE_FEATURES: tuple[str, ...] = (
 FEATURE_CLIP = 5.0
 LOG_STD_MIN, LOG_STD_MAX = math.log(0.05), math.log(2.0)
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-_MASK64 = (1 << 64) - 1
-_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, decision) pairs
-
-
-def decision_seed(seed: int, index: int) -> int:
-    """Seed of the generator that draws decision ``index`` (splitmix64 of ``seed + index·φ``).
-
-    Draws depend only on ``(seed, index)``, so a resumed run replays them exactly.
-    """
-    z = (seed + (index + 1) * _MIX) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 def standard_normal(seed: int, index: int) -> float:
-    """One :math:`\\varepsilon \\sim \\mathcal N(0, 1)` from a generator seeded by ``(seed, index)``."""
-    gen = torch.Generator().manual_seed(decision_seed(seed, index))
+    """One :math:`\\varepsilon \\sim \\mathcal N(0, 1)` for decision ``index`` of the stream ``seed``.
+
+    The generator is seeded by :func:`graff._seeding.splitmix64` of ``(seed, index)``: the draw
+    depends on nothing else, so a resumed run replays it exactly.
+    """
+    gen = torch.Generator().manual_seed(splitmix64(seed, index))
     return float(torch.randn((), generator=gen, dtype=torch.float64))
 
 
@@ -93,7 +93,7 @@ class GaussianTanhPolicy(nn.Module):
         self.hidden = nn.Linear(state_dim, hidden_size, dtype=torch.float64)
         self.mean_head = nn.Linear(hidden_size, 1, dtype=torch.float64)
         self.log_std = nn.Parameter(torch.tensor(math.log(init_std), dtype=torch.float64))
-        gen = torch.Generator().manual_seed(decision_seed(seed, -1))
+        gen = torch.Generator().manual_seed(splitmix64(seed, -1))
         bound = 1.0 / math.sqrt(state_dim)
         with torch.no_grad():
             for p in (self.hidden.weight, self.hidden.bias):
@@ -129,14 +129,6 @@ def reinforce_loss(
     return -advantage * gaussian_log_prob(u, mean, log_std) - entropy_bonus * gaussian_entropy(
         log_std
     )
-
-
-def squashed_log_prob(u: float, mean: float, log_std: float, max_log_step: float) -> float:
-    """:math:`\\log\\pi(a\\mid s)` of :math:`a = a_{\\max}\\tanh u` (Gaussian minus tanh Jacobian)."""
-    log_n = float(gaussian_log_prob(torch.tensor(u), torch.tensor(mean), torch.tensor(log_std)))
-    # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
-    log_jac = 2.0 * (math.log(2.0) - u - float(nn.functional.softplus(torch.tensor(-2.0 * u))))
-    return log_n - math.log(max_log_step) - log_jac
 
 
 def interval_reward(
@@ -209,6 +201,14 @@ class EmaBaseline:
         self.raw = self.decay * self.raw + (1.0 - self.decay) * reward
         self.count += 1
 
+    def state_dict(self) -> dict[str, float | int]:
+        """``baseline_raw`` (:math:`m_k`) and ``baseline_count`` (:math:`k`); the decay is config."""
+        return {"baseline_raw": self.raw, "baseline_count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        self.raw, self.count = float(state["baseline_raw"]), state["baseline_count"]
+
 
 class StateFeatures:
     """Builds the normalised state :math:`s_k` and keeps the references it is normalised by.
@@ -236,6 +236,23 @@ class StateFeatures:
         self.ref_grad: float | None = None
         self.prev_entropy: float | None = None
 
+    def state_dict(self) -> dict[str, float | None]:
+        """The normalisation references: ``ref_loss``, ``ref_grad``, ``prev_entropy``."""
+        return {
+            "ref_loss": self.ref_loss,
+            "ref_grad": self.ref_grad,
+            "prev_entropy": self.prev_entropy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        ref = {k: None if state[k] is None else float(state[k]) for k in self.state_dict()}
+        self.ref_loss, self.ref_grad, self.prev_entropy = (
+            ref["ref_loss"],
+            ref["ref_grad"],
+            ref["prev_entropy"],
+        )
+
     def __call__(
         self,
         *,
@@ -245,8 +262,8 @@ class StateFeatures:
         interval: int,
         log_lr_factor: float,
         remaining_budget: float,
-        curvature: Any = None,
-        entropy: Any = None,
+        curvature: CurvatureStats | None = None,
+        entropy: EntropyStats | None = None,
     ) -> Tensor:
         """The state vector, float64, shape ``[len(STATE_FEATURES)]``."""
         f = dict.fromkeys(STATE_FEATURES, 0.0)
@@ -264,7 +281,7 @@ class StateFeatures:
             self._entropy(f, entropy)
         return torch.tensor([clip_feature(f[k]) for k in STATE_FEATURES], dtype=torch.float64)
 
-    def _curvature(self, f: dict[str, float], last: Any) -> None:
+    def _curvature(self, f: dict[str, float], last: CurvatureStats) -> None:
         gsq = float(last.grad_sq_norm.double().sum())
         if math.isfinite(gsq) and gsq > 0:
             log_g = 0.5 * math.log(gsq)
@@ -276,59 +293,10 @@ class StateFeatures:
         if gdu != 0 and math.isfinite(curv / -gdu):
             f["secant_ratio"] = signed_log1p(curv / -gdu)
 
-    def _entropy(self, f: dict[str, float], stats: Any) -> None:
+    def _entropy(self, f: dict[str, float], stats: EntropyStats) -> None:
         f["entropy_mean"] = stats.normalized_mean
         if self.prev_entropy is not None:
             f["entropy_change"] = stats.normalized_mean - self.prev_entropy
         self.prev_entropy = stats.normalized_mean
         if stats.mean > 0:
             f["entropy_std"] = stats.std * stats.normalized_mean / stats.mean
-
-
-#: Keys of the controller's checkpoint (``state_dict()["extra"]``) and their kinds.
-INT_KEYS = ("seed", "decisions", "updates", "skipped_updates", "in_interval", "baseline_count")
-FLOAT_KEYS = ("log_factor", "prev_fraction", "baseline_raw")
-OPTIONAL_FLOAT_KEYS = ("prev_mean", "ref_loss", "ref_grad", "prev_entropy", "pending_u")
-OTHER_KEYS = ("positions", "losses", "pending_state", "policy", "policy_optimizer")
-
-
-def _finite_number(x: Any) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    return abs(x) < 1e300 if isinstance(x, int) else math.isfinite(x)  # no int overflow
-
-
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
-
-
-def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
-    """Names of the entries of a controller checkpoint that are missing or malformed."""
-    keys = (*INT_KEYS, *FLOAT_KEYS, *OPTIONAL_FLOAT_KEYS, *OTHER_KEYS)
-    missing = [k for k in keys if k not in extra]
-    if missing:
-        return missing
-    bad = [k for k in INT_KEYS if not _count(extra[k])]
-    bad += [k for k in FLOAT_KEYS if not _finite_number(extra[k])]
-    bad += [k for k in OPTIONAL_FLOAT_KEYS if extra[k] is not None and not _finite_number(extra[k])]
-    pos, losses = extra["positions"], extra["losses"]
-    if not (
-        isinstance(pos, list)
-        and isinstance(losses, list)
-        and len(pos) == len(losses)
-        and all(_count(p) for p in pos)
-        and all(_finite_number(x) for x in losses)
-    ):
-        bad.append("positions/losses")
-    pending = extra["pending_state"]
-    if (pending is None) != (extra["pending_u"] is None) or (
-        pending is not None
-        and (
-            not isinstance(pending, Tensor)
-            or tuple(pending.shape) != (len(STATE_FEATURES),)
-            or not pending.is_floating_point()
-            or not bool(pending.isfinite().all())
-        )
-    ):
-        bad.append("pending_state/pending_u")
-    return bad
