@@ -464,7 +464,6 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         try:
             self._load_checked(state, prechecked=True)
         except Exception as err:
-            vars(self).pop("_scratch", None)  # scratch objects a subclass made from ``state``
             self._load_checked(previous)
             _set_lrs(self.optimizer, lrs_before)  # a not-started previous state writes none
             if isinstance(err, CheckpointError):

@@ -46,8 +46,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "graff._graff_state",
             "graff._refresh_budget",
             "graff._planner_update",
-            "graff._policy",
             "graff.reactor_policy",
+            "graff.reactor_state",
+            "graff.reactor_config",
         ),
     ),
     (

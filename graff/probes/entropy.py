@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from graff._hooks import HookSet, hook_state, restore_hooks
+from graff._seeding import stream_seed
 from graff._validation import check_positive_int
 from graff._warn import warn
 from graff.distributed import unwrap_data_parallel
@@ -50,7 +51,6 @@ __all__ = ["EntropyProbe", "EntropyStats", "entropy_from_logits"]
 
 _FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 24  # at most this many float32 logits alive at once (64 MiB)
-_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates (seed, call) pairs
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -372,7 +372,7 @@ class EntropyProbe:
     def _sample(self, valid: Tensor) -> Tensor:
         if self.max_tokens is None or valid.numel() <= self.max_tokens:
             return valid
-        gen = self._generator.manual_seed((self.seed * _SEED_MIX + self._calls) % (1 << 63))
+        gen = self._generator.manual_seed(stream_seed(self.seed, self._calls))
         pick = torch.randperm(valid.numel(), generator=gen)[: self.max_tokens].sort().values
         return pick if valid is self._positions else valid[pick]
 
