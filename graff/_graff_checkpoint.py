@@ -18,7 +18,7 @@ from torch import Tensor
 from graff._graff_state import ExplosionWatch
 from graff._refresh_budget import RefreshBudget
 from graff.errors import CheckpointError
-from graff.planner_net import FEATURE_NAMES, PlannerNet
+from graff.planner.net import FEATURE_NAMES, PlannerNet
 
 
 class GraffCheckpointMixin:

@@ -24,7 +24,7 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   (the biggest lever measured in the feasibility study), and why decreases come from the guard
   and instability, not from a greedy signal;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
-  ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner_net`;
+  ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner.net`;
 - :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
   scales block :math:`i`'s applied update after ``optimizer.step()`` (exactly a per-block LR for
   any optimizer whose update is linear in the LR); :math:`m_{\\max} = \\max_i m_{t,i}`;
@@ -93,8 +93,7 @@ from graff.blocks import block_edges
 from graff.clock import BudgetClock
 from graff.errors import GraffConfigError, ProbeError, ProbeWarning
 from graff.guard import guard_constant, log_lr_bound, project_to_halfspace
-from graff.planner_io import load_planner, save_planner
-from graff.planner_net import PlannerNet, mean_adjacency
+from graff.planner.net import PlannerNet, load_planner, mean_adjacency, save_planner
 from graff.priors import BudgetPrior, make_prior
 from graff.probes.curvature import CurvatureProbe, estimate_cost_steps
 from graff.probes.entropy import EntropyProbe

@@ -19,7 +19,7 @@ character-level language models on GSM8K text (``--data-dir``, default ``../shar
 
 Reproduce the shipped planner with one command (about 10 minutes on 2 CPU cores)::
 
-    python -m graff.pretrain --out graff/planners/default.safetensors
+    python -m graff.pretrain --out graff/planner/default.safetensors
 
 Requires the ``hf`` extra (transformers).
 """
@@ -41,8 +41,7 @@ import torch
 
 from graff.clock import BudgetClock
 from graff.graff_scheduler import GraffScheduler
-from graff.planner_io import save_planner
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet, save_planner
 
 
 @dataclass(frozen=True)
@@ -198,7 +197,7 @@ def _git_commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("graff/planners/default.safetensors"))
+    parser.add_argument("--out", type=Path, default=Path("graff/planner/default.safetensors"))
     parser.add_argument(
         "--data-dir",
         type=Path,

@@ -16,7 +16,7 @@ import graff
 from graff.errors import CheckpointError, GraffConfigError
 from graff.graff_scheduler import GraffScheduler
 from graff.guard import guard_constant
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet
 
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.05),

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 import graff
 from graff.errors import CheckpointError
-from graff.planner_io import _metadata, save_planner
-from graff.planner_net import PlannerNet
+from graff.planner.net import _metadata, save_planner
+from graff.planner.net import PlannerNet
 
 EXHAUSTIVE = int(os.environ.get("GRAFF_HOSTILE_SCALE", "1")) > 1
 STEP = {"loss": 1.0, "grad": "ok", "dt": 0.0, "lr_spike": False, "as_tensor": False}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from graff._planner_update import PlannerUpdate
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet
 
 
 def _objective(planner: PlannerNet, seed: int, scale: float = 1.0) -> torch.Tensor:

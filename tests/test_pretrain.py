@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from graff._graff_state import StatsWindow
-from graff.planner_io import default_planner_path, load_planner
-from graff.planner_net import PlannerNet
+from graff.planner.net import default_planner_path, load_planner
+from graff.planner.net import PlannerNet
 from graff.pretrain import CharCorpus, Task, main, run_task
 
 
