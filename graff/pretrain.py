@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+import graff
 from graff.clock import BudgetClock
 from graff.graff_scheduler import GraffScheduler
 from graff.planner.net import PlannerNet, save_planner
@@ -102,7 +103,11 @@ def run_task(task: Task, corpus: CharCorpus, planner: PlannerNet | None) -> floa
     clock = BudgetClock(steps=task.steps)
     if planner is None:
         sched = GraffScheduler(
-            opt, clock, online=False, calibrate=False, guard=False, warm_start=None
+            opt,
+            clock,
+            guard=False,
+            warm_start=None,
+            config=graff.GraffConfig(online=False, peak_search=False),
         )
     else:
         sched = GraffScheduler(opt, clock, model=model, warm_start=None)

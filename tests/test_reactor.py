@@ -81,7 +81,7 @@ def test_policy_update_on_fixed_trajectory_matches_hand_computation():
     for t in range(6):
         if t == 4:  # just before the update: snapshot the policy and the pending draw
             before = copy.deepcopy(sched.policy)
-            state, u = sched._pending
+            state, u = sched.runtime._pending
         params[0].grad = torch.ones(2)
         opt.step()
         sched.step(loss=losses[t])
