@@ -49,7 +49,8 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _graff_kwargs(text: str | None) -> dict[str, Any]:
-    """``--graff-kwargs``: a JSON object of GraffScheduler keyword arguments (checked here)."""
+    """``--graff-kwargs``: a JSON object of GraffScheduler keyword arguments and GraffConfig
+    fields (checked here)."""
     if not text:
         return {}
     try:
@@ -60,12 +61,15 @@ def _graff_kwargs(text: str | None) -> dict[str, Any]:
         raise SystemExit(f"--graff-kwargs must be a JSON object, got {text!r}.")
     import inspect
 
-    from graff import GraffScheduler
+    from graff import GraffConfig, GraffScheduler
 
-    known = set(inspect.signature(GraffScheduler).parameters)
-    unknown = sorted(set(value) - known)
+    params = inspect.signature(GraffScheduler).parameters
+    known = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"config"}
+    unknown = sorted(set(value) - known - GraffConfig.field_names())
     if unknown:
-        raise SystemExit(f"--graff-kwargs: GraffScheduler has no argument(s) {unknown}.")
+        raise SystemExit(
+            f"--graff-kwargs: neither GraffScheduler nor GraffConfig has argument(s) {unknown}."
+        )
     return value
 
 

@@ -33,9 +33,11 @@ GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
     "graff_no_budget_feature": {"budget_feature": False},
     "graff_frozen": {"online": False},
     "graff_no_prior": {"prior": None},
-    "graff_no_calibrate": {"calibrate": False},
+    "graff_no_calibrate": {"peak_search": False},
+    # the prior, the peak search and the guard alone: no planner forward, no online update
+    "graff_planner_off": {"planner": False},
     # GRAFF's own budget prior alone: zero decoder, no search, no learning, no guard
-    "prior_only": {"online": False, "calibrate": False, "guard": False, "warm_start": None},
+    "prior_only": {"online": False, "peak_search": False, "guard": False, "warm_start": None},
 }
 BASELINES = ("fixed", "cosine", "linear", "wsd", "schedule_free")
 # Tuning-free anchors, each at its authors' recommended settings; none takes the user's LR.
@@ -194,7 +196,8 @@ def make(
     With ``clock`` (a wall-clock budget), cosine/linear/WSD follow ``clock.fraction_used`` and
     GRAFF/REACTOR plan against it; without, everything plans against a ``steps`` step budget.
     Fixed LR and schedule-free (step warm-up estimate) ignore the clock. ``graff_kwargs`` are
-    extra keyword arguments for every GRAFF variant (``--graff-kwargs`` of ``benchmarks run``);
+    extra arguments for every GRAFF variant (``--graff-kwargs`` of ``benchmarks run``): keyword
+    arguments of GraffScheduler or fields of ``GraffConfig`` (:func:`graff_arguments`);
     a variant's own switches win (``prior_only`` and ``graff_fresh`` keep ``warm_start=None``,
     ``graff_frozen`` keeps ``online=False``, ...), so each stays the ablation it names.
     ``optimizer`` (``"adamw"`` or ``"sgd"``) and ``weight_decay`` are the task's; anchors
@@ -234,9 +237,22 @@ def make(
         )
     if name in GRAFF_VARIANTS:
         kwargs = {**(graff_kwargs or {}), **GRAFF_VARIANTS[name]}  # the variant's switches win
-        sched = GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **kwargs)
+        sched = GraffScheduler(
+            opt, clock, model=model, loss_fn=loss_fn, seed=seed, **graff_arguments(kwargs)
+        )
         return Setup(opt, sched, steps_with_loss=True)
     raise KeyError(f"unknown scheduler {name!r}")
+
+
+def graff_arguments(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """GraffScheduler keyword arguments from a flat dict: the ``GraffConfig`` fields among them
+    go into ``config=``."""
+    from graff import GraffConfig
+
+    fields = GraffConfig.field_names()
+    knobs = {k: v for k, v in kwargs.items() if k in fields}
+    rest = {k: v for k, v in kwargs.items() if k not in fields}
+    return rest | ({"config": GraffConfig(**knobs)} if knobs else {})
 
 
 def current_lr(setup: Setup) -> float:

@@ -22,7 +22,8 @@ from graff.guard import (
     project_to_halfspace,
     stability_threshold,
 )
-from graff.planner_io import load_planner, save_planner
+from graff.planner.config import GraffConfig
+from graff.planner.net import load_planner, save_planner
 from graff.priors import BudgetPrior
 from graff.probes.curvature import CurvatureProbe, CurvatureStats
 from graff.probes.entropy import EntropyProbe, EntropyStats, entropy_from_logits
@@ -38,6 +39,7 @@ __all__ = [
     "CurvatureStats",
     "EntropyProbe",
     "EntropyStats",
+    "GraffConfig",
     "GraffConfigError",
     "GraffError",
     "GraffScheduler",

@@ -19,7 +19,7 @@ character-level language models on GSM8K text (``--data-dir``, default ``../shar
 
 Reproduce the shipped planner with one command (about 10 minutes on 2 CPU cores)::
 
-    python -m graff.pretrain --out graff/planners/default.safetensors
+    python -m graff.pretrain --out graff/planner/default.safetensors
 
 Requires the ``hf`` extra (transformers).
 """
@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
+import graff
 from graff.clock import BudgetClock
 from graff.graff_scheduler import GraffScheduler
-from graff.planner_io import save_planner
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet, save_planner
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,11 @@ def run_task(task: Task, corpus: CharCorpus, planner: PlannerNet | None) -> floa
     clock = BudgetClock(steps=task.steps)
     if planner is None:
         sched = GraffScheduler(
-            opt, clock, online=False, calibrate=False, guard=False, warm_start=None
+            opt,
+            clock,
+            guard=False,
+            warm_start=None,
+            config=graff.GraffConfig(online=False, peak_search=False),
         )
     else:
         sched = GraffScheduler(opt, clock, model=model, warm_start=None)
@@ -198,7 +202,7 @@ def _git_commit() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("graff/planners/default.safetensors"))
+    parser.add_argument("--out", type=Path, default=Path("graff/planner/default.safetensors"))
     parser.add_argument(
         "--data-dir",
         type=Path,

@@ -78,7 +78,9 @@ def build(
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     budget = graff.BudgetClock(steps=steps)
     if kind == "graff":
-        sched = graff.GraffScheduler(opt, budget=budget, model=model, curvature_every=4)
+        sched = graff.GraffScheduler(
+            opt, budget=budget, model=model, config=graff.GraffConfig(curvature_every=4)
+        )
     elif kind == "reactor":
         sched = graff.ReactorScheduler(
             opt, budget=budget, model=model, seed=0, config=graff.ReactorConfig(decision_interval=3)

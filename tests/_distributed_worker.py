@@ -109,7 +109,12 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 
 def graff_scheduler(opt, model, rank, extra):
-    return graff.GraffScheduler(opt, graff.BudgetClock(steps=STEPS), model=model, **extra)
+    fields = graff.GraffConfig.field_names()
+    knobs = {k: v for k, v in extra.items() if k in fields}
+    kwargs = {k: v for k, v in extra.items() if k not in fields}
+    if knobs:
+        kwargs["config"] = graff.GraffConfig(**knobs)
+    return graff.GraffScheduler(opt, graff.BudgetClock(steps=STEPS), model=model, **kwargs)
 
 
 def reactor_scheduler(opt, model, rank, extra):

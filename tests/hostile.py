@@ -125,12 +125,14 @@ def setups(draw: st.DrawFn, kinds: tuple[str, ...] = SCHEDULERS) -> Setup:
             optimizer,
             budget,
             loss_fn=loss_fn if kind == "graff-guarded" else None,
-            plan_every=draw(st.sampled_from([1, 3])),
-            curvature_every=draw(st.sampled_from([1, 4])),
-            block_multipliers=draw(st.booleans()),
-            planner_lr=draw(st.sampled_from([1e-3, 1.0])),
             warm_start=draw(st.sampled_from(["default", None])),
             **common,
+            config=graff.GraffConfig(
+                plan_every=draw(st.sampled_from([1, 3])),
+                curvature_every=draw(st.sampled_from([1, 4])),
+                block_multipliers=draw(st.booleans()),
+                planner_lr=draw(st.sampled_from([1e-3, 1.0])),
+            ),
         )
     elif kind.startswith("reactor"):
         scheduler = graff.ReactorScheduler(

@@ -37,15 +37,20 @@ def test_make_passes_graff_kwargs_to_graff_variants_only() -> None:
     extra = {"plan_every": 3, "probe_every": 2}
     for name in ("graff", "graff_frozen", "prior_only"):
         setup = make(name, nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs=extra)
-        assert (setup.scheduler.plan_every, setup.scheduler.probe_every) == (3, 2)
-        assert setup.scheduler.online is (name == "graff")  # the variant's own switch is kept
+        assert (setup.scheduler.config.plan_every, setup.scheduler.config.probe_every) == (3, 2)
+        assert setup.scheduler.config.online is (
+            name == "graff"
+        )  # the variant's own switch is kept
     default = make("graff", nn.Linear(4, 2), 1e-3, 20, seed=0)
-    assert (default.scheduler.plan_every, default.scheduler.probe_every) == (10, 10)
+    assert (default.scheduler.config.plan_every, default.scheduler.config.probe_interval) == (
+        10,
+        10,
+    )
     # a variant's own switches win over the extra arguments: each stays its ablation
     frozen = make("graff_frozen", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs={"online": True})
-    assert frozen.scheduler.online is False
+    assert frozen.scheduler.config.online is False
     graff = make("graff", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs={"online": False})
-    assert graff.scheduler.online is False
+    assert graff.scheduler.config.online is False
     cosine = make("cosine", nn.Linear(4, 2), 1e-3, 20, seed=0, graff_kwargs=extra)
     assert isinstance(cosine.scheduler, torch.optim.lr_scheduler.LambdaLR)
 
@@ -59,7 +64,7 @@ def test_a_run_records_and_uses_its_graff_kwargs(monkeypatch) -> None:
 
     def spy(*args, **kwargs):
         setup = original(*args, **kwargs)
-        seen["plan_every"] = setup.scheduler.plan_every
+        seen["plan_every"] = setup.scheduler.config.plan_every
         return setup
 
     monkeypatch.setattr(runner, "make", spy)

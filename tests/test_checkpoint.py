@@ -162,14 +162,19 @@ def test_schedule_free_optimizer_round_trips(tmp_path, one_torch_thread) -> None
     model = worker.TinyLM()
     opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-3)
     opt.train()
-    sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=10), model=model, guard_c=2.0)
+    sched = graff.GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=10), model=model, config=graff.GraffConfig(guard_c=2.0)
+    )
     _steps(model, opt, sched, torch.Generator().manual_seed(0), 3)
     path = graff.save_checkpoint(tmp_path / "c.pt", model=model, optimizer=opt, scheduler=sched)
     model2 = worker.TinyLM(seed=3)
     opt2 = schedulefree.AdamWScheduleFree(model2.parameters(), lr=1e-3)
     opt2.train()
     sched2 = graff.GraffScheduler(
-        opt2, budget=graff.BudgetClock(steps=10), model=model2, guard_c=2.0
+        opt2,
+        budget=graff.BudgetClock(steps=10),
+        model=model2,
+        config=graff.GraffConfig(guard_c=2.0),
     )
     graff.load_checkpoint(path, model=model2, optimizer=opt2, scheduler=sched2)
     assert _fingerprint(model2, opt2, sched2) == _fingerprint(model, opt, sched)
@@ -322,7 +327,10 @@ def test_other_number_of_param_groups_is_refused(saved, one_torch_thread) -> Non
         [{"params": model.model.parameters()}, {"params": model.lm_head.parameters()}], lr=3e-3
     )
     sched = graff.GraffScheduler(
-        opt, budget=graff.BudgetClock(steps=STEPS), model=model, curvature_every=4
+        opt,
+        budget=graff.BudgetClock(steps=STEPS),
+        model=model,
+        config=graff.GraffConfig(curvature_every=4),
     )
     _assert_refused(saved, (model, opt, sched), r"1 parameter group\(s\), this AdamW has 2")
 
@@ -362,7 +370,7 @@ def test_scheduler_refusing_midway_is_rolled_back(saved, victim, tmp_path) -> No
     changes part of itself before it fails; graff restores it and the optimizer."""
 
     def break_planner_optimizer(payload) -> None:
-        payload["scheduler"]["extra"]["planner_optimizer"] = {"state": {}, "param_groups": []}
+        payload["scheduler"]["extra"]["planner"]["optimizer"] = {"state": {}, "param_groups": []}
 
     path = _rewrite(saved, tmp_path / "midway.pt", break_planner_optimizer)
     _assert_refused(path, victim, "does not fit|parameter groups")

@@ -54,7 +54,11 @@ def _build(kind: str, model: nn.Module, opt: torch.optim.Optimizer, wiring: str 
     probing = bool(kw)
     if kind == "graff":
         return GraffScheduler(
-            opt, budget, plan_every=2, probe_every=1, curvature_every=3, seed=0, **kw
+            opt,
+            budget,
+            seed=0,
+            **kw,
+            config=graff.GraffConfig(plan_every=2, probe_every=1, curvature_every=3),
         )
     if kind == "reactor":
         config = ReactorConfig(decision_interval=2)

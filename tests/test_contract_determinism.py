@@ -111,11 +111,13 @@ def _graff(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
         opt,
         graff.BudgetClock(steps=BUDGET),
         model=model,
-        curvature_every="auto",
-        block_multipliers=True,
-        refresh_budget=0.5,
-        search_fraction=0.5,
         seed=0,
+        config=graff.GraffConfig(
+            curvature_every="auto",
+            block_multipliers=True,
+            refresh_allowance=0.5,
+            search_fraction=0.5,
+        ),
     )
     return opt, sched
 
@@ -260,7 +262,7 @@ def test_step_budget_runs_are_bit_identical_whatever_the_clocks(
     # the runs did exercise what used to follow the clock
     if name == "graff":
         assert sched.curvature.n_estimates >= 2
-        assert sched.refreshes.count >= 1  # extra λ̂ refreshes of the peak search
+        assert sched.peak_search.allowance.count >= 1  # extra λ̂ refreshes of the peak search
         assert sched.guard_activations > 0
     elif name.startswith("reactor"):
         probe = sched.curvature_probe

@@ -51,7 +51,10 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 SECOND: dict[str, Callable[[torch.optim.Optimizer, nn.Module], Any]] = {
     "GraffScheduler": lambda opt, model: graff.GraffScheduler(
-        opt, budget=graff.BudgetClock(steps=STEPS), model=model, plan_every=2, probe_every=2
+        opt,
+        budget=graff.BudgetClock(steps=STEPS),
+        model=model,
+        config=graff.GraffConfig(plan_every=2, probe_every=2),
     ),
     "ReactorScheduler": lambda opt, model: graff.ReactorScheduler(
         opt,
@@ -181,7 +184,9 @@ def test_the_epoch_that_old_sequential_lr_passes_is_not_read_as_a_loss() -> None
         sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=STEPS), model=model)
         seq = cls(opt, [warm, sched], milestones=[MILESTONE])
         lrs = _steps(model, opt, seq, 0, STEPS)
-        runs.append((lrs, sched.losses.count, sched.losses.best, sched.last_epoch))
+        runs.append(
+            (lrs, sched.peak_search.losses.count, sched.peak_search.losses.best, sched.last_epoch)
+        )
     assert runs[1] == runs[0]
     assert runs[0][1] == STEPS - MILESTONE  # one loss per graff step, none from the epoch
 
@@ -195,7 +200,7 @@ def test_a_real_loss_of_zero_is_still_a_loss() -> None:
         p.sum().backward()
         opt.step()
         sched.step(0)
-    assert sched.losses.count == 6
+    assert sched.peak_search.losses.count == 6
 
 
 @pytest.mark.parametrize("name", ["GraffScheduler", "ReactorScheduler", "BudgetScheduler"])
@@ -248,7 +253,7 @@ def _quadratic_run(
         sched.step(loss.detach())
         losses.append(float(loss.detach()))
         lrs.append(opt.param_groups[0]["lr"])
-        cuts.append(sched.calibrator.cuts)
+        cuts.append(sched.peak_search.cuts)
     losses.append(float(0.5 * (LAMBDAS * x.detach() ** 2).sum()))
     return losses, lrs, sched, x, cuts
 
@@ -284,13 +289,13 @@ def test_every_exploding_step_halves_the_lr_and_slow_noise_does_not() -> None:
     peak to its best level), regardless of the 20-step cool-down; the steps after it, once
     the loss falls, cut nothing more."""
     losses, lrs, sched, _, _ = _quadratic_run(DIVERGING["SGD"], 0, steps=60, prior=None)
-    assert sched.calibrator.cuts >= 2
+    assert sched.peak_search.cuts >= 2
     fired = [
         t
         for t in range(1, len(lrs))
         if lrs[t] <= 0.5 * lrs[t - 1] * (1 + 1e-9)  # prior=None: only a cut lowers the LR
     ]
-    assert len(fired) >= sched.calibrator.cuts
+    assert len(fired) >= sched.peak_search.cuts
     run = [t for t in range(fired[0], fired[-1] + 1)]
     assert fired == run  # consecutive steps: a cut on every step of the explosion
     assert all(losses[t] > losses[t - 1] for t in fired)  # only while the loss grows
@@ -321,9 +326,9 @@ def test_healthy_noisy_runs_are_never_cut(name: str, seed: int) -> None:
         loss.backward()
         opt.step()
         sched.step(loss)
-    assert sched.calibrator.cuts == 0
+    assert sched.peak_search.cuts == 0
     _, _, quad, _, _ = _quadratic_run(lambda p: torch.optim.Adam(p, lr=0.1), seed, steps=200)
-    assert quad.calibrator.cuts == 0  # Adam's bounces around a minimum near 0
+    assert quad.peak_search.cuts == 0  # Adam's bounces around a minimum near 0
 
 
 # ----------------------------------------------------------------- 3. warnings that help
@@ -344,11 +349,17 @@ def test_entropy_warning_names_an_argument_graff_scheduler_takes_and_points_at_t
     assert issubclass(w.category, graff.errors.GraffWarning)
     assert w.filename == __file__
     named = _named_arguments(str(w.message))
-    assert named == {"entropy"}
-    assert named <= set(inspect.signature(graff.GraffScheduler).parameters)
+    assert named == {"config", "entropy"}  # config=graff.GraffConfig(entropy=False)
+    assert "config" in inspect.signature(graff.GraffScheduler).parameters
+    assert "entropy" in graff.GraffConfig.field_names()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model, entropy=False)
+        graff.GraffScheduler(
+            opt,
+            budget=graff.BudgetClock(steps=5),
+            model=model,
+            config=graff.GraffConfig(entropy=False),
+        )
     assert not [w for w in caught if "entropy probe" in str(w.message)]
 
 

@@ -16,7 +16,7 @@ import graff
 from graff.errors import CheckpointError, GraffConfigError
 from graff.graff_scheduler import GraffScheduler
 from graff.guard import guard_constant
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet
 
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.05),
@@ -89,11 +89,11 @@ def test_budget_accepts_seconds_and_rejects_junk() -> None:
     with pytest.raises(TypeError, match="budget"):
         GraffScheduler(opt, budget="an hour")
     with pytest.raises(ValueError, match="planner_lr"):
-        GraffScheduler(opt, budget=60, planner_lr=-1.0)
+        GraffScheduler(opt, budget=60, config=graff.GraffConfig(planner_lr=-1.0))
     with pytest.raises(ValueError, match="prior"):
         GraffScheduler(opt, budget=60, prior="exponential")
     with pytest.raises(ValueError, match="multiplier_max"):
-        GraffScheduler(opt, budget=60, multiplier_max=0.5)
+        GraffScheduler(opt, budget=60, config=graff.GraffConfig(multiplier_max=0.5))
     zero = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(ValueError, match="lr"):
         GraffScheduler(zero, budget=60)
@@ -104,10 +104,10 @@ def test_step_without_optimizer_step_is_not_counted() -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=10))
     _train(sched, model, x, y, 2)
-    before = (sched.budget.steps, sched.get_last_lr(), sched.planner_updates)
+    before = (sched.budget.steps, sched.get_last_lr(), sched.runtime.updates)
     sched.step(torch.tensor(1.0))  # as when GradScaler skipped optimizer.step()
     assert sched.skipped_steps == 1
-    assert (sched.budget.steps, sched.get_last_lr(), sched.planner_updates) == before
+    assert (sched.budget.steps, sched.get_last_lr(), sched.runtime.updates) == before
 
 
 # -------------------------------------------------------------------- guard
@@ -127,11 +127,8 @@ def test_guard_keeps_sgd_stable_on_a_quadratic_where_the_user_lr_diverges() -> N
         opt,
         budget=graff.BudgetClock(steps=200),
         loss_fn=loss_fn,
-        prior="constant",
-        warmup=0.0,
-        curvature_every=5,
-        calibrate=False,
-        block_multipliers=False,
+        prior=graff.BudgetPrior("constant", warmup=0.0),
+        config=graff.GraffConfig(curvature_every=5, peak_search=False, block_multipliers=False),
     )
     losses = []
     for _ in range(200):
@@ -160,11 +157,8 @@ def test_guard_projection_makes_the_decoder_feasible() -> None:
         opt,
         budget=graff.BudgetClock(steps=30),
         loss_fn=lambda: 0.5 * theta @ a @ theta,
-        prior="constant",
-        warmup=0.0,
-        curvature_every=1,
-        calibrate=False,
-        block_multipliers=False,
+        prior=graff.BudgetPrior("constant", warmup=0.0),
+        config=graff.GraffConfig(curvature_every=1, peak_search=False, block_multipliers=False),
     )
     with torch.no_grad():
         sched.planner.lr_b.fill_(3.0)  # a decoder that asks for e^3 = 20x the LR
@@ -175,8 +169,8 @@ def test_guard_projection_makes_the_decoder_feasible() -> None:
         opt.step()
         sched.step(loss)
     plan = sched.last_plan
-    assert sched.guard_projections > 0
-    h_bar = sched.h.mean(0)
+    assert sched.runtime.projections > 0
+    h_bar = sched.runtime.h.mean(0)
     decoded = float((sched.planner.lr_w @ h_bar + sched.planner.lr_b).detach())
     # after projection the decoder's own output respects the bound for the state it was projected at
     assert plan.guard_bound is not None
@@ -189,14 +183,16 @@ def test_guard_projection_makes_the_decoder_feasible() -> None:
 def test_peak_search_raises_a_too_small_lr_and_stops() -> None:
     model, x, y = _regression()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)  # 100x too small for this problem
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=200), online=False)
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=200), config=graff.GraffConfig(online=False)
+    )
     _train(sched, model, x, y, 60)
-    assert sched.calibrator.log_peak > math.log(3.0)
-    assert not sched.calibrator.searching
+    assert sched.peak_search.log_peak > math.log(3.0)
+    assert not sched.peak_search.searching
 
 
 def test_peak_search_backs_off_when_the_loss_blows_up() -> None:
-    cal = graff.graff_scheduler.PeakCalibrator(
+    cal = graff.planner.peak_search.PeakSearch(
         enabled=True, search_fraction=0.5, peak_max=10.0, backoff=3.0
     )
     for i in range(1, 6):
@@ -217,11 +213,9 @@ def test_calibrate_false_is_the_prior_alone() -> None:
     sched = GraffScheduler(
         opt,
         budget=graff.BudgetClock(steps=50),
-        online=False,
-        calibrate=False,
-        block_multipliers=False,
         guard=False,
-        warm_start=None,  # a zero decoder: no residual
+        warm_start=None,
+        config=graff.GraffConfig(online=False, peak_search=False, block_multipliers=False),
     )
     lrs = _train(sched, model, x, y, 50)
     expected = [0.05 * max(sched.prior(k / 50), 1e-3) for k in range(1, 51)]
@@ -238,20 +232,23 @@ def test_online_update_through_the_kept_graph_equals_re_running_the_encoder() ->
         model, x, y = _regression()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         sched = GraffScheduler(
-            opt, budget=graff.BudgetClock(steps=40), plan_every=3, probe_every=1, seed=1
+            opt,
+            budget=graff.BudgetClock(steps=40),
+            seed=1,
+            config=graff.GraffConfig(plan_every=3, probe_every=1),
         )
         if forget:
-            original = sched._learn
+            original = sched.runtime._learn
 
             def learn(stats, _original=original, _sched=sched):
-                _sched._pending_graph = None  # force the re-run
+                _sched.runtime._pending_graph = None  # force the re-run
                 return _original(stats)
 
-            sched._learn = learn
+            sched.runtime._learn = learn
         lrs = _train(sched, model, x, y, 40)
         runs.append((lrs, [p.detach().clone() for p in sched.planner.parameters()], sched))
     (lrs_kept, w_kept, kept), (lrs_rerun, w_rerun, _) = runs
-    assert kept.planner_updates >= 10
+    assert kept.runtime.updates >= 10
     assert lrs_kept == lrs_rerun
     assert all(torch.equal(a, b) for a, b in zip(w_kept, w_rerun, strict=True))
 
@@ -264,13 +261,17 @@ def test_deep_copying_does_not_fail_on_or_disturb_the_kept_graph() -> None:
     for copy_it in (False, True):
         model, x, y = _regression()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), plan_every=2, probe_every=1)
+        sched = GraffScheduler(
+            opt,
+            budget=graff.BudgetClock(steps=30),
+            config=graff.GraffConfig(plan_every=2, probe_every=1),
+        )
         _train(sched, model, x, y, 5)
-        assert sched._pending_graph is not None
+        assert sched.runtime._pending_graph is not None
         if copy_it:
             twin = copy.deepcopy(sched)
-            assert twin._pending_graph is None
-            assert sched._pending_graph is not None
+            assert twin.runtime._pending_graph is None
+            assert sched.runtime._pending_graph is not None
         runs.append(_train(sched, model, x, y, 6))
     assert runs[0] == runs[1]
 
@@ -278,13 +279,17 @@ def test_deep_copying_does_not_fail_on_or_disturb_the_kept_graph() -> None:
 def test_an_edit_of_the_encoder_weights_drops_the_kept_graph() -> None:
     model, x, y = _regression()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), plan_every=2, probe_every=1)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=20),
+        config=graff.GraffConfig(plan_every=2, probe_every=1),
+    )
     _train(sched, model, x, y, 5)
-    assert sched._pending_graph is not None
+    assert sched.runtime._pending_graph is not None
     with torch.no_grad():
         sched.planner.encode.weight.mul_(0.5)  # e.g. a user loading other weights in place
     _train(sched, model, x, y, 5)  # no "modified by an inplace operation" error from autograd
-    assert sched.planner_updates > 0
+    assert sched.runtime.updates > 0
     assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
 
 
@@ -292,14 +297,16 @@ def test_online_learning_updates_the_planner_and_frozen_does_not() -> None:
     model, x, y = _regression()
     for online in (True, False):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=30), online=online)
+        sched = GraffScheduler(
+            opt, budget=graff.BudgetClock(steps=30), config=graff.GraffConfig(online=online)
+        )
         before = [p.detach().clone() for p in sched.planner.parameters()]
         _train(sched, model, x, y, 30)
         changed = any(
             not torch.equal(a, b) for a, b in zip(before, sched.planner.parameters(), strict=True)
         )
         assert changed is online
-        assert (sched.planner_updates > 0) is online
+        assert (sched.runtime.updates > 0) is online
 
 
 def test_block_multipliers_rescale_the_applied_update() -> None:
@@ -309,11 +316,10 @@ def test_block_multipliers_rescale_the_applied_update() -> None:
         opt,
         budget=graff.BudgetClock(steps=20),
         guard=False,
-        calibrate=False,
-        block_multipliers=True,
+        config=graff.GraffConfig(peak_search=False, block_multipliers=True),
     )
     _train(sched, model, x, y, 3)
-    sched._multipliers = torch.full((len(sched.blocks),), 2.0)
+    sched.runtime.multipliers = torch.full((len(sched.blocks),), 2.0)
     snapshot = [p.detach().clone() for p in model.parameters()]
     loss = (model(x[:8]) - y[:8]).pow(2).mean()
     opt.zero_grad()
@@ -341,7 +347,7 @@ def test_nonfinite_losses_never_reach_the_planner(bad: float) -> None:
         sched.step(torch.tensor(bad))
     assert sched.nonfinite_losses == 5
     assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
-    assert torch.isfinite(sched.h).all()
+    assert torch.isfinite(sched.runtime.h).all()
     assert all(math.isfinite(lr) and lr > 0 for lr in sched.get_last_lr())
 
 
@@ -369,7 +375,10 @@ def _lora_run(steps: int, *, resume_at: int | None = None, tmp_path=None) -> lis
     model = make_tiny_lora(make_tiny_qwen3(seed=0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = GraffScheduler(
-        opt, budget=graff.BudgetClock(steps=steps), model=model, curvature_every=4
+        opt,
+        budget=graff.BudgetClock(steps=steps),
+        model=model,
+        config=graff.GraffConfig(curvature_every=4),
     )
     g = torch.Generator().manual_seed(3)
     batches = [torch.randint(0, 96, (2, 12), generator=g) for _ in range(steps)]
@@ -390,8 +399,7 @@ def _lora_run(steps: int, *, resume_at: int | None = None, tmp_path=None) -> lis
                 opt,
                 budget=graff.BudgetClock(steps=steps),
                 model=model,
-                curvature_every=4,
-                planner_lr=5e-3,
+                config=graff.GraffConfig(curvature_every=4, planner_lr=5e-3),
             )
             sched.load_state_dict(state["sched"])
         out = model(input_ids=ids, labels=ids)
@@ -412,7 +420,12 @@ def test_resume_reproduces_the_uninterrupted_lr_trajectory(tmp_path) -> None:
 def test_lora_end_to_end_uses_blocks_edges_and_probes(tiny_lora_qwen3, token_batch) -> None:
     model = tiny_lora_qwen3
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=12), model=model, curvature_every=2)
+    sched = GraffScheduler(
+        opt,
+        budget=graff.BudgetClock(steps=12),
+        model=model,
+        config=graff.GraffConfig(curvature_every=2),
+    )
     assert len(sched.blocks) == 12
     assert sched.edge_index.shape[1] > 0
     for _ in range(12):
@@ -424,10 +437,10 @@ def test_lora_end_to_end_uses_blocks_edges_and_probes(tiny_lora_qwen3, token_bat
     assert sched.entropy_probe is not None
     assert sched.entropy_probe.calls == 12  # every forward observed
     # calls 0, k, 2k, ... are decoded; each decoded pass is averaged once
-    assert sched.entropies.count == math.ceil(12 / sched.probe_every)
+    assert sched.entropies.tracker.count == math.ceil(12 / sched.config.probe_interval)
     assert sched.curvature.start_step == 10  # AdamW: no estimate before the preconditioner settles
     assert sched.curvature.lambda_max is not None
-    assert sched.losses.count == 12
+    assert sched.peak_search.losses.count == 12
     sched.remove()
     assert not model._forward_hooks
 
@@ -471,7 +484,7 @@ def test_warm_start_transfers_to_a_model_with_other_blocks(tmp_path) -> None:
     warm = GraffScheduler(opt2, budget=graff.BudgetClock(steps=5), model=lora, warm_start=path)
     for a, b in zip(sched.planner.parameters(), warm.planner.parameters(), strict=True):
         torch.testing.assert_close(a, b)
-    assert warm.h.shape == (12, sched.planner.hidden)
+    assert warm.runtime.h.shape == (12, sched.planner.hidden)
 
 
 def test_warm_start_rejects_files_that_are_not_planners(tmp_path) -> None:
@@ -509,7 +522,9 @@ def test_no_edges_ablation_ignores_the_graph() -> None:
     torch.testing.assert_close(net(x, h, a), net(x, h, torch.zeros(4, 4)))
     with pytest.raises(GraffConfigError):
         GraffScheduler(
-            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), budget=10, backoff=0.5
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+            budget=10,
+            config=graff.GraffConfig(backoff=0.5),
         )
 
 
@@ -551,7 +566,9 @@ def test_model_without_loss_output_degrades_to_the_secant_guard(
 def test_hostile_loss_streams_keep_the_lr_finite_and_clamped(losses: list[float]) -> None:
     theta = nn.Parameter(torch.ones(4))
     opt = torch.optim.Adam([theta], lr=1e-2)
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=20), plan_every=2)
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=20), config=graff.GraffConfig(plan_every=2)
+    )
     for value in losses:
         opt.zero_grad()
         (theta**2).sum().backward()
@@ -561,7 +578,7 @@ def test_hostile_loss_streams_keep_the_lr_finite_and_clamped(losses: list[float]
         assert math.isfinite(lr)
         assert 1e-2 * sched.lr_min_factor <= lr <= 1e-2 * sched.lr_max_factor
     assert all(torch.isfinite(p).all() for p in sched.planner.parameters())
-    assert torch.isfinite(sched.h).all()
+    assert torch.isfinite(sched.runtime.h).all()
 
 
 class _DictLossModel(nn.Module):
@@ -581,7 +598,11 @@ def test_the_forward_hook_keeps_no_loss_while_step_is_given_one() -> None:
     x, y = torch.randn(8, 3), torch.randn(8, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     sched = GraffScheduler(
-        opt, budget=graff.BudgetClock(steps=20), model=model, guard=False, entropy=False
+        opt,
+        budget=graff.BudgetClock(steps=20),
+        model=model,
+        guard=False,
+        config=graff.GraffConfig(entropy=False),
     )
 
     def one(explicit: bool) -> None:
@@ -593,16 +614,16 @@ def test_the_forward_hook_keeps_no_loss_while_step_is_given_one() -> None:
 
     one(explicit=False)
     one(explicit=False)
-    assert sched.losses.count == 2  # captured from the forward pass
+    assert sched.peak_search.losses.count == 2  # captured from the forward pass
     one(explicit=True)  # from now on the hook keeps nothing ...
     model(x, y)
     assert sched._captured_sum is None
     one(explicit=True)
-    assert sched.losses.count == 4  # ... and the passed losses are used
+    assert sched.peak_search.losses.count == 4  # ... and the passed losses are used
     one(explicit=False)  # a switch back: this step's forward ran while the hook kept nothing
-    assert sched.losses.count == 4
+    assert sched.peak_search.losses.count == 4
     one(explicit=False)  # the hook captures again
-    assert sched.losses.count == 5
+    assert sched.peak_search.losses.count == 5
     one(explicit=True)
     sched.step(None)  # a skipped step (no optimizer step) with no loss turns capture back on
     model(x, y)
@@ -679,7 +700,10 @@ def _learn_every_run(learn_every: int, steps: int = 60, resume_at: int | None = 
     def build(m: nn.Module) -> GraffScheduler:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         return GraffScheduler(
-            opt, budget=graff.BudgetClock(steps=steps), guard=False, learn_every=learn_every
+            opt,
+            budget=graff.BudgetClock(steps=steps),
+            guard=False,
+            config=graff.GraffConfig(learn_every=learn_every),
         )
 
     sched = build(model)
@@ -715,11 +739,15 @@ def test_learn_every_updates_the_planner_at_every_kth_plan_only() -> None:
     # multiple of learn_every: plans 2-6 (the first has no feedback yet), 3 and 5, or 4
     for learn_every, updates in ((1, 5), (2, 2), (3, 1)):
         lrs, sched = _learn_every_run(learn_every)
-        assert sched.planner_updates + sched.skipped_planner_updates == updates, learn_every
-        assert sched._plans == 6
+        assert sched.runtime.updates + sched.runtime.skipped_updates == updates, learn_every
+        assert sched.runtime.plans == 6
     assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
     with pytest.raises(GraffConfigError, match="learn_every"):
-        GraffScheduler(torch.optim.SGD(_regression()[0].parameters(), lr=0.1), 10, learn_every=0)
+        GraffScheduler(
+            torch.optim.SGD(_regression()[0].parameters(), lr=0.1),
+            10,
+            config=graff.GraffConfig(learn_every=0),
+        )
 
 
 @pytest.mark.parametrize("resume_at", [15, 25, 31])
@@ -729,4 +757,4 @@ def test_learn_every_resumes_on_the_same_trajectory(resume_at: int) -> None:
     assert resumed == straight
     for pa, pb in zip(a.planner.parameters(), b.planner.parameters(), strict=True):
         assert torch.equal(pa, pb)
-    assert a._plans == b._plans == 6
+    assert a.runtime.plans == b.runtime.plans == 6

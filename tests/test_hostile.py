@@ -361,8 +361,8 @@ def test_numpy_losses_are_read_like_numbers_and_tensors(loss, expect) -> None:
     sched = graff.GraffScheduler(opt, graff.BudgetClock(steps=5))
     opt.step()
     sched.step(loss)
-    assert sched.losses.count == 1
-    assert sched.losses.fast == pytest.approx(expect)
+    assert sched.peak_search.losses.count == 1
+    assert sched.peak_search.losses.fast == pytest.approx(expect)
 
 
 @pytest.mark.parametrize("loss", [np.bool_(True), np.array(["1.0"])], ids=repr)
@@ -404,7 +404,7 @@ def test_lora_model_with_probes_keeps_every_invariant(kind, stream) -> None:
     opt = torch.optim.AdamW(params, lr=1e-3)
     cls = graff.GraffScheduler if kind == "graff" else graff.ReactorScheduler
     kw = (
-        {"curvature_every": 2, "plan_every": 2}
+        {"config": graff.GraffConfig(curvature_every=2, plan_every=2)}
         if kind == "graff"
         else {"config": graff.ReactorConfig(decision_interval=2)}
     )

@@ -29,8 +29,7 @@ from torch import Tensor, nn
 
 import graff
 from graff.errors import CheckpointError
-from graff.planner_io import _metadata, save_planner
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet, _metadata, save_planner
 
 EXHAUSTIVE = int(os.environ.get("GRAFF_HOSTILE_SCALE", "1")) > 1
 STEP = {"loss": 1.0, "grad": "ok", "dt": 0.0, "lr_spike": False, "as_tensor": False}
@@ -60,7 +59,10 @@ def make_setup(kind: str, seed: int = 0, groups: int = 1) -> Setup:
     budget = graff.BudgetClock(steps=50, time_fn=lambda: now[0])  # time stands still: exact states
     if kind == "graff":
         sched = graff.GraffScheduler(
-            opt, budget, loss_fn=loss_fn, plan_every=2, curvature_every=2, block_multipliers=True
+            opt,
+            budget,
+            loss_fn=loss_fn,
+            config=graff.GraffConfig(plan_every=2, curvature_every=2, block_multipliers=True),
         )
     elif kind == "reactor":
         sched = graff.ReactorScheduler(

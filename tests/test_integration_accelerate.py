@@ -89,7 +89,7 @@ def test_prepare_steps_scheduler_once_per_optimizer_step(kind, accum):
     assert len(lrs) == steps
     assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
     if kind == "graff":
-        assert sched.losses.count > 0
+        assert sched.peak_search.losses.count > 0
     sched.remove()
 
 
@@ -165,7 +165,7 @@ def test_plain_loop_with_gradscaler_and_autocast_counts_skips():
             opt.zero_grad(set_to_none=True)
     assert sched.budget.steps == 3
     assert sched.skipped_steps == 1
-    assert sched.losses.count > 0
+    assert sched.peak_search.losses.count > 0
     assert all(math.isfinite(g["lr"]) and g["lr"] > 0 for g in opt.param_groups)
     sched.remove()
 
@@ -216,7 +216,7 @@ def test_prepare_with_bf16_autocast_captures_the_loss():
     model, opt, sched = _make("graff")
     lrs = _train(accelerator, model, opt, sched, _loader(8))
     assert sched.budget.steps == 4
-    assert sched.losses.count == 4
+    assert sched.peak_search.losses.count == 4
     assert all(math.isfinite(lr) and lr > 0 for lr in lrs)
     sched.remove()
 

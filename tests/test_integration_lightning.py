@@ -51,7 +51,9 @@ class TinyModule(pl.LightningModule):
         opt = torch.optim.AdamW(self.parameters(), lr=LR)
         budget = graff.BudgetClock(steps=self.budget_steps)
         if self.kind == "graff":
-            sched = graff.GraffScheduler(opt, budget=budget, model=self.net, curvature_every=4)
+            sched = graff.GraffScheduler(
+                opt, budget=budget, model=self.net, config=graff.GraffConfig(curvature_every=4)
+            )
         elif self.kind == "reactor":
             sched = graff.ReactorScheduler(opt, budget=budget, model=self.net, seed=0)
         else:

@@ -1,4 +1,4 @@
-"""The peak-LR search (PeakCalibrator) and its call site in GraffScheduler.
+"""The peak-LR search (PeakSearch) and its call site in GraffScheduler.
 
 Closed-form checks of the three rules (ceiling, ceiling only removes what the search added,
 back-off to the best level), scripted loss streams through a real GraffScheduler (a loss that
@@ -17,15 +17,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graff
-from graff._graff_state import PeakCalibrator
 from graff.graff_scheduler import GraffScheduler
+from graff.planner.peak_search import PeakSearch
 
 LOG10 = math.log(10.0)
 
 
-def _calibrator(**kw: float) -> PeakCalibrator:
+def _calibrator(**kw: float) -> PeakSearch:
     args = {"enabled": True, "search_fraction": 0.5, "peak_max": 10.0, "backoff": 3.0} | kw
-    return PeakCalibrator(**args)
+    return PeakSearch(**args)
 
 
 # ------------------------------------------------------------------ closed form
@@ -156,8 +156,11 @@ def _scripted(
     """GraffScheduler without λ̂ (no model, no loss_fn) fed a loss that depends on its LR."""
     p = nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([p], lr=lr0)
-    args = {"online": False, "warm_start": None, "search_fraction": 0.25} | kw
-    sched = GraffScheduler(opt, budget=graff.BudgetClock(steps=steps), **args)
+    warm_start = kw.pop("warm_start", None)
+    config = graff.GraffConfig(**({"online": False, "search_fraction": 0.25} | kw))
+    sched = GraffScheduler(
+        opt, budget=graff.BudgetClock(steps=steps), warm_start=warm_start, config=config
+    )
     gen = torch.Generator().manual_seed(seed)
     loss, lrs = 3.0, []
     for _ in range(steps):
@@ -184,7 +187,7 @@ def _rises_above(x: float):
 def test_a_loss_rising_above_x_ends_the_search_at_or_below_x(seed: int) -> None:
     lr0, x = 1e-3, 4e-3  # the user's LR is 4x too small, raising above 4e-3 hurts
     sched, lrs = _scripted(lr0, _rises_above(x), seed=seed)
-    assert sched.calibrator.backoffs >= 1
+    assert sched.peak_search.backoffs >= 1
     assert max(lrs) > x  # the search did look above x ...
     stable = [lr for lr, k in zip(lrs, range(len(lrs)), strict=True) if 60 <= k < 160]
     assert max(stable) <= x * (1 + 1e-9)  # ... and the stable phase runs at or below it
@@ -196,14 +199,14 @@ def test_when_raising_never_helps_the_search_ends_at_the_prior(seed: int) -> Non
     lr0 = 1e-3
     sched, lrs = _scripted(lr0, _rises_above(lr0), seed=seed)
     prior = [lr0 * max(sched.prior(k / 200), 1e-3) for k in range(200)]
-    assert sched.calibrator.log_peak == 0.0
+    assert sched.peak_search.log_peak == 0.0
     assert lrs[60:] == pytest.approx(prior[60:], rel=1e-9)  # the prior alone from then on
 
 
 def test_a_user_lr_above_the_limit_is_lowered() -> None:
     lr0, x = 1e-2, 2e-3  # the user's LR is 5x above where the loss starts to rise
     sched, lrs = _scripted(lr0, _rises_above(x))
-    assert sched.calibrator.log_peak < 0.0
+    assert sched.peak_search.log_peak < 0.0
     assert max(lrs[60:]) < lr0 * 0.5
 
 
@@ -224,12 +227,11 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -
         opt,
         budget=graff.BudgetClock(steps=100),
         loss_fn=loss_fn,
-        online=False,
         warm_start=None,
-        peak_max=1e3,
-        search_headroom=4.0,
-        curvature_every=5,
         guard=True,
+        config=graff.GraffConfig(
+            online=False, peak_max=1e3, search_headroom=4.0, curvature_every=5
+        ),
     )
     with torch.no_grad():
         sched.planner.lr_b.fill_(bias)
@@ -241,28 +243,28 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -
         sched.step(loss)
         lam = sched.curvature.lambda_max_safe
         if lam is not None:
-            assert sched.get_last_lr()[0] * lam <= sched._guard_c / 4.0 * (1 + 1e-6)
-    assert sched.calibrator.log_peak > math.log(5.0)  # it did rise, up to the ceiling
+            assert sched.get_last_lr()[0] * lam <= sched.guard_c / 4.0 * (1 + 1e-6)
+    assert sched.peak_search.log_peak > math.log(5.0)  # it did rise, up to the ceiling
 
 
 def test_default_headroom_is_optimizer_aware() -> None:
-    from graff.graff_scheduler import default_headroom
+    from graff.planner.peak_search import default_headroom
 
     p = nn.Parameter(torch.zeros(2))
     assert default_headroom(torch.optim.AdamW([p])) == 4.0
     assert default_headroom(torch.optim.RMSprop([p])) == 4.0
     assert default_headroom(torch.optim.SGD([p], lr=0.1)) == 8.0
     sched = GraffScheduler(torch.optim.AdamW([p]), budget=10, warm_start=None)
-    assert sched.calibrator.log_headroom == pytest.approx(math.log(4.0))
+    assert sched.peak_search.log_headroom == pytest.approx(math.log(4.0))
 
 
-def test_refresh_budget_allows_a_fraction_of_the_projected_run(monkeypatch) -> None:
+def test_refresh_allowance_allows_a_fraction_of_the_projected_run(monkeypatch) -> None:
     """S + c ≤ f · (T − T_probe) / u, closed form on a fake clock."""
-    from graff import _refresh_budget
+    from graff.planner import peak_search as _allowance
 
     now = [100.0]
-    monkeypatch.setattr(_refresh_budget.time, "perf_counter", lambda: now[0])
-    budget = _refresh_budget.RefreshBudget(0.1)
+    monkeypatch.setattr(_allowance.time, "perf_counter", lambda: now[0])
+    budget = _allowance.RefreshAllowance(0.1)
     budget.tick()  # starts at t = 100
     now[0] = 110.0
     budget.tick()  # 10 s elapsed, 4 of them in the probe: 6 s training at u = 0.2 -> 30 s run
@@ -273,13 +275,13 @@ def test_refresh_budget_allows_a_fraction_of_the_projected_run(monkeypatch) -> N
     assert budget.affordable(first_cost=0.0, probe_seconds=4.0, fraction_used=0.1)  # 60 s run
     assert not budget.affordable(first_cost=0.0, probe_seconds=4.0, fraction_used=0.0)
     state = budget.state_dict()
-    resumed = _refresh_budget.RefreshBudget(0.1)
+    resumed = _allowance.RefreshAllowance(0.1)
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
     now[0] = 500.0
     resumed.tick()  # the clock restarts at the first tick after a resume: no time lost or added
     assert resumed.elapsed == pytest.approx(10.0)
-    assert _refresh_budget.RefreshBudget(0.0).affordable(0.0, 0.0, 0.5) is False
+    assert _allowance.RefreshAllowance(0.0).affordable(0.0, 0.0, 0.5) is False
 
 
 @pytest.mark.parametrize(
@@ -292,27 +294,27 @@ def test_refresh_budget_allows_a_fraction_of_the_projected_run(monkeypatch) -> N
         {"spent": "x", "count": 0, "last_cost": None, "elapsed": 1.0},
     ],
 )
-def test_refresh_budget_rejects_bad_state(state: dict) -> None:
-    from graff._refresh_budget import RefreshBudget
+def test_refresh_allowance_rejects_bad_state(state: dict) -> None:
     from graff.errors import CheckpointError
+    from graff.planner.peak_search import RefreshAllowance
 
-    budget = RefreshBudget(0.1)
-    with pytest.raises(CheckpointError, match="refresh-budget"):
+    budget = RefreshAllowance(0.1)
+    with pytest.raises(CheckpointError, match="refresh-allowance"):
         budget.load_state_dict(state)
 
 
-def test_refresh_budget_in_steps_reads_no_clock(monkeypatch) -> None:
+def test_refresh_allowance_in_steps_reads_no_clock(monkeypatch) -> None:
     """Under a step budget: (count + 1) · c ≤ f · total steps, whatever the clock reads."""
-    from graff import _refresh_budget
+    from graff.planner import peak_search as _allowance
 
     def no_clock() -> float:
         raise AssertionError("the step-priced allowance must not read a clock")
 
-    monkeypatch.setattr(_refresh_budget.time, "perf_counter", no_clock)
-    budget = _refresh_budget.RefreshBudget(0.1)
+    monkeypatch.setattr(_allowance.time, "perf_counter", no_clock)
+    budget = _allowance.RefreshAllowance(0.1)
     assert budget.affordable_steps(cost_steps=13.0, total_steps=130)  # 13 <= 13
     assert not budget.affordable_steps(cost_steps=13.0, total_steps=129)
     budget.charge(123.0)  # the measured seconds are recorded, but only the count prices it
     assert budget.affordable_steps(cost_steps=13.0, total_steps=260)  # 2 · 13 <= 26
     assert not budget.affordable_steps(cost_steps=13.0, total_steps=259)
-    assert not _refresh_budget.RefreshBudget(0.0).affordable_steps(1.0, 1e9)
+    assert not _allowance.RefreshAllowance(0.0).affordable_steps(1.0, 1e9)

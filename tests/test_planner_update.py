@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from graff._planner_update import PlannerUpdate
-from graff.planner_net import PlannerNet
+from graff.planner.net import PlannerNet
+from graff.planner.online import PlannerUpdate
 
 
 def _objective(planner: PlannerNet, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_the_encoder_version_moves_with_an_in_place_edit_of_the_encoder_only() -
 
 
 def test_without_a_usable_functional_adam_every_step_is_adam_step(monkeypatch) -> None:
-    import graff._planner_update as module
+    import graff.planner.online as module
 
     monkeypatch.setattr(module, "_FUNCTIONAL", False)  # an older torch's signature
     a, opt_a, b, opt_b, update = _pair(fused=True)

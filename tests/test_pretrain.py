@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from graff._graff_state import StatsWindow
-from graff.planner_io import default_planner_path, load_planner
-from graff.planner_net import PlannerNet
+from graff.planner.features import StatsWindow
+from graff.planner.net import PlannerNet, default_planner_path, load_planner
 from graff.pretrain import CharCorpus, Task, main, run_task
 
 

@@ -24,7 +24,7 @@ from train import MODES, load_config, run_training
 
 SEARCH_SPACE = {
     "optimizer.lr": ("log", 5e-5, 1e-3),
-    "scheduler.planner_lr": ("log", 1e-4, 1e-2),  # GRAFF
+    "scheduler.config.planner_lr": ("log", 1e-4, 1e-2),  # GRAFF
     "scheduler.controller_lr": ("log", 1e-5, 1e-3),  # REACTOR
     "model.lora.r": ("choice", [16, 32, 64]),
 }
@@ -34,7 +34,7 @@ def suggest(trial: Any, cfg: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``cfg`` with the trial's values (scheduler keys only for their method)."""
     out = copy.deepcopy(cfg)
     for key, spec in SEARCH_SPACE.items():
-        if key == "scheduler.planner_lr" and cfg["method"] != "graff":
+        if key == "scheduler.config.planner_lr" and cfg["method"] != "graff":
             continue
         if key == "scheduler.controller_lr" and cfg["method"] != "reactor":
             continue

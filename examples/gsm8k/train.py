@@ -95,9 +95,13 @@ def make_scheduler(cfg: dict[str, Any], optimizer: Any, clock: BudgetClock, mode
     """GRAFF, REACTOR, or a baseline (fixed LR; warm-up + cosine over the wall-clock budget)."""
     method, kwargs = cfg["method"], dict(cfg.get("scheduler") or {})
     if method == "graff":
-        from graff.graff_scheduler import GraffScheduler
+        from graff import GraffConfig, GraffScheduler
 
-        return GraffScheduler(optimizer, clock, model=model, **kwargs)
+        warmup = kwargs.pop("warmup", None)  # the prior's warm-up fraction
+        if warmup is not None:
+            kwargs["prior"] = BudgetPrior(kwargs.get("prior", "wsd"), warmup=float(warmup))
+        config = GraffConfig(**(kwargs.pop("config", None) or {}))
+        return GraffScheduler(optimizer, clock, model=model, config=config, **kwargs)
     if method == "reactor":
         from graff import ReactorConfig, ReactorScheduler
 

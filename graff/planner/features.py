@@ -1,16 +1,29 @@
-"""Small running statistics behind GraffScheduler: loss/entropy trends and the peak-LR search."""
+"""The planner's inputs: the probes GRAFF builds, running loss/entropy averages, the explosion
+watch, the planning window's curvature statistics, their hypergradient cosines, and the
+node-feature matrix (:data:`~graff.planner.net.FEATURE_NAMES`).
+
+Everything here is a function of the signals handed in; nothing reads a scheduler.
+"""
 
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from graff.errors import CheckpointError
+from graff._warn import warn
+from graff.errors import CheckpointError, GraffConfigError, ProbeError, ProbeWarning
+from graff.probes.curvature import CurvatureProbe
+from graff.probes.entropy import EntropyProbe
+from graff.probes.preconditioner import preconditioner_kind
+
+if TYPE_CHECKING:
+    from graff.planner.config import GraffConfig
+    from graff.probes.curvature import CurvatureStats
 
 
 class LossTracker:
@@ -74,6 +87,7 @@ class LossTracker:
         return math.tanh(10.0 * (self.fast - self.slow) / max(abs(self.slow), 1e-12))
 
     def state_dict(self) -> dict[str, Any]:
+        """The averages, their count and the best value (plain numbers)."""
         return {
             "fast": self._fast,
             "slow": self._slow,
@@ -83,19 +97,15 @@ class LossTracker:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; :class:`CheckpointError` (nothing changed) if invalid."""
         try:
-            self._fast, self._slow, self._var = (
-                float(state["fast"]),
-                float(state["slow"]),
-                float(state["var"]),
-            )
-            self.count, self.best = int(state["count"]), float(state["best"])
+            fast, slow, var = float(state["fast"]), float(state["slow"]), float(state["var"])
+            count, best = int(state["count"]), float(state["best"])
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid running-average state: {err}") from err
-        if self._var < 0 or not 0 <= self.count < 2**63:
-            raise CheckpointError(
-                f"invalid running-average state: var={self._var}, count={self.count}."
-            )
+        if var < 0 or not 0 <= count < 2**63:
+            raise CheckpointError(f"invalid running-average state: var={var}, count={count}.")
+        self._fast, self._slow, self._var, self.count, self.best = fast, slow, var, count, best
 
 
 class ExplosionWatch:
@@ -115,7 +125,7 @@ class ExplosionWatch:
     A sustained growth by a factor :math:`g` per step keeps :math:`L_t/\bar L_{t-1} \approx
     10g - 9`, so it explodes as long as :math:`g \gtrsim 1.3`. A non-finite loss right after an
     exploding or high step explodes too (the growth went past the float range). Slower rises
-    are left to the loss back-off of :class:`PeakCalibrator`.
+    are left to the loss back-off of :class:`PeakSearch`.
     """
 
     high, min_count = 4.0, 3
@@ -166,6 +176,7 @@ class ExplosionWatch:
         return fired
 
     def state_dict(self) -> dict[str, Any]:
+        """The average, its count and the last step's loss and flags."""
         return {
             "ema": self._ema,
             "count": self.count,
@@ -176,6 +187,7 @@ class ExplosionWatch:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; :class:`CheckpointError` (nothing changed) if invalid."""
         try:
             ema, count = float(state["ema"]), int(state["count"])
             start = None if state["start"] is None else float(state["start"])
@@ -195,180 +207,42 @@ class ExplosionWatch:
         self.prev_high, self.active = flags
 
 
-class PeakCalibrator:
-    r"""The peak-LR search of GraffScheduler: a log peak factor :math:`\sigma` over the user's LR.
+class EntropyTrend:
+    """Running averages of the entropy probe's normalised mean entropy, one value per decoded pass.
 
-    The LR at the peak of the prior is :math:`\eta^0 e^{\sigma}`; :math:`\sigma = 0` is the user's
-    LR, i.e. the budget prior alone, which is the fallback of every rule below.
-
-    1. **Rise only with slack.** While searching (the first ``search_fraction`` of the budget),
-       :math:`\sigma` grows by ``log(peak_max) / max(10, n/2)`` per step (``n`` the estimated
-       number of steps of the search phase), but never above the *ceiling*
-       :math:`\log\bigl(c / (\rho\,\hat\lambda\,\eta^0)\bigr)` passed as ``log_ceiling``: a raised
-       peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
-       limit, because the sharpness measured early grows during training (progressive
-       sharpening) and an LR at the limit becomes unstable later. ``log_ceiling=None`` (no
-       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still.
-    2. **The ceiling only removes what the search added.** Whenever the ceiling falls below a
-       raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
-       but never below 0 on this account: the user's own LR is cut only by the guard itself
-       (:math:`\eta\hat\lambda \le c`) and by observed instability.
-    3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
-       the search ends; if :math:`\sigma` is above the *best level* — the smallest
-       :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
-       average lags the LR by about ``lag`` steps) — it returns to that level; otherwise the
-       user's LR itself is too high, and the peak LR becomes the LR just reached divided by
-       ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
-       halved (later).
-    4. **Cut an exploding loss every step.** A step whose loss explodes
-       (:class:`ExplosionWatch`) halves the peak LR at once, after first returning a raised
-       :math:`\sigma` to the best level — every such step, regardless of the cool-down and of
-       ``enabled``: a loss growing geometrically needs an answer as fast as the growth, not
-       one per ``cooldown`` steps. The search ends and the cool-down restarts, so the slower
-       back-off of rule 3 does not cut again on the excursion's aftermath; :math:`\sigma` is not
-       raised again afterwards (the LR stays at most a few halvings below the first stable one).
+    ``mean / log(vocab)`` of the sampled early-layer entropies (``EntropyStats.normalized_mean``)
+    is folded into a :class:`LossTracker` once per forward pass the probe decoded, so a step that
+    ran no new pass adds nothing.
     """
 
-    def __init__(
-        self,
-        *,
-        enabled: bool,
-        search_fraction: float,
-        peak_max: float,
-        backoff: float,
-        headroom: float = 8.0,
-        lag: int = 10,
-        cooldown: int = 20,
-    ) -> None:
-        self.enabled, self.search_fraction = enabled, search_fraction
-        self.log_peak_max, self.log_backoff = math.log(peak_max), math.log(backoff)
-        self.log_headroom = math.log(headroom)
-        self.lag, self.cooldown_steps = lag, cooldown
-        self.log_peak = 0.0
-        self.searching = enabled
-        self.steps = 0
-        self.cooldown = 0
-        self.backoffs = 0
-        self.cuts = 0  # rule 4: steps whose exploding loss halved the peak LR
-        self.best_level = 0.0
-        self.capped = False  # the ceiling stopped the last rise (GraffScheduler refreshes λ̂)
-        self.last_refresh = -(10**9)  # step of the last λ̂ refresh the search asked for
-        self._history: deque[float] = deque(maxlen=lag)
+    def __init__(self) -> None:
+        self.tracker = LossTracker()
+        self._pass: int | None = None  # the probe's pass last folded in
 
-    def watching(self, fraction_used: float) -> bool:
-        """Whether the search or its aftermath (up to twice ``search_fraction``) is running.
+    def observe(self, probe: EntropyProbe | None) -> None:
+        """Fold in the probe's last decoded pass if it is new."""
+        if probe is None or probe.decoded_pass in (None, self._pass):
+            return
+        self._pass = probe.decoded_pass
+        mean, vocab = probe.mean_entropy(), probe.vocab_size
+        if mean is None:
+            self.tracker.update(None)
+            return
+        value = mean / math.log(vocab) if vocab and vocab > 1 else 0.0
+        self.tracker.update(value if math.isfinite(value) else None)
 
-        While watching, GraffScheduler uses a tight loss-rise test: the harm of a raise shows in
-        the loss average only with a lag, so the test outlives the rise itself.
-        """
-        return self.enabled and fraction_used < 2.0 * self.search_fraction
-
-    def refresh_due(self, every: int = 10) -> bool:
-        """True (and recorded) if no λ̂ refresh was requested in the last ``every`` steps."""
-        if self.steps - self.last_refresh < every:
-            return False
-        self.last_refresh = self.steps
-        return True
-
-    def ceiling(self, log_bound: float | None) -> float | None:
-        """The search ceiling ``log_bound − log(headroom)`` for a guard bound (factor units)."""
-        return None if log_bound is None else log_bound - self.log_headroom
-
-    def update(
-        self,
-        fraction_used: float,
-        log_prior: float,
-        unstable: bool,
-        hold: bool = False,
-        *,
-        log_ceiling: float | None = None,
-        at_best: bool = False,
-        exploding: bool = False,
-    ) -> bool:
-        """Advance one step; returns True when it backed off.
-
-        Args:
-            fraction_used: Fraction of the budget used.
-            log_prior: Log of the budget prior now (the LR reached is prior × e^σ).
-            unstable: A sign of instability this step (loss rising, non-finite loss, tripwire).
-            hold: Keep σ where it is this step (no λ̂ yet, but one will come).
-            log_ceiling: Largest σ the search may reach (rule 1), or None (no ceiling).
-            at_best: The loss average is at its best so far this step (rule 3).
-            exploding: The loss explodes this step (rule 4; also when not ``enabled``).
-        """
-        self.steps += 1
-        self.cooldown = max(0, self.cooldown - 1)
-        if exploding:  # rule 4
-            level = min(self.log_peak, self.best_level) - math.log(2.0)
-            self.log_peak = max(level, -math.log(1e3))
-            self.best_level = min(self.best_level, self.log_peak)
-            self._history.clear()
-            self.searching = False
-            self.cooldown = self.cooldown_steps
-            self.cuts += 1
-            return True
-        if not self.enabled:
-            return False
-        has_ceiling = log_ceiling is not None and not math.isnan(log_ceiling)
-        if has_ceiling and self.log_peak > 0.0:
-            self.log_peak = min(self.log_peak, max(0.0, log_ceiling))  # rule 2
-        self._history.append(self.log_peak)
-        if at_best:
-            self.best_level = min(self._history)
-        if unstable and self.cooldown == 0:
-            if self.log_peak > self.best_level:
-                self.log_peak = self.best_level
-            elif self.watching(fraction_used):
-                self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
-            else:
-                self.log_peak -= math.log(2.0)
-            self.log_peak = max(self.log_peak, -math.log(1e3))
-            self.best_level = min(self.best_level, self.log_peak)
-            self._history.clear()
-            self.searching = False
-            self.cooldown = self.cooldown_steps
-            self.backoffs += 1
-            return True
-        self.capped = False
-        if self.searching:
-            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max - 1e-9:
-                self.searching = False
-            elif not hold:
-                est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
-                target = self.log_peak + self.log_peak_max / max(10.0, 0.5 * est)
-                top = self.log_peak_max
-                if has_ceiling:
-                    top = min(top, log_ceiling)
-                    self.capped = target > top
-                self.log_peak = max(self.log_peak, min(target, top))
-        return False
+    @property
+    def level(self) -> float:
+        """The fast average (0 before any value)."""
+        return self.tracker.fast if self.tracker.count else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "log_peak": self.log_peak,
-            "searching": self.searching,
-            "steps": self.steps,
-            "cooldown": self.cooldown,
-            "backoffs": self.backoffs,
-            "cuts": self.cuts,
-            "best_level": self.best_level,
-            "capped": self.capped,
-            "history": list(self._history),
-            "last_refresh": self.last_refresh,
-        }
+        """The averages (the pass index is not kept: the probe's passes restart on a resume)."""
+        return self.tracker.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        try:
-            self.log_peak, self.searching = float(state["log_peak"]), bool(state["searching"])
-            self.steps, self.cooldown = int(state["steps"]), int(state["cooldown"])
-            self.backoffs = int(state["backoffs"])
-            self.cuts = int(state.get("cuts", 0))  # absent from states of graff <= 0.2
-            self.best_level, self.capped = float(state["best_level"]), bool(state["capped"])
-            history = [float(v) for v in state["history"]]
-            self.last_refresh = int(state["last_refresh"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"invalid calibration state: {err}") from err
-        self._history = deque(history[-self.lag :], maxlen=self.lag)
+        """Restore :meth:`state_dict` (validated by :class:`LossTracker`)."""
+        self.tracker.load_state_dict(state)
 
 
 @dataclass(frozen=True)
@@ -397,7 +271,7 @@ class StatsWindow:
         self.count = 0
         self._last_step: int | None = None
 
-    def add(self, stats: Any) -> None:
+    def add(self, stats: CurvatureStats | None) -> None:
         """Fold in the probe's latest sample if it is new (``None`` is ignored)."""
         if stats is None or stats.step == self._last_step:
             return
@@ -423,9 +297,11 @@ class StatsWindow:
         self.count = 0
 
     def state_dict(self) -> dict[str, Any]:
+        """The window's sums, sample count and last sampled step."""
         return {"sums": self._sums.clone(), "count": self.count, "last_step": self._last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; :class:`CheckpointError` (nothing changed) if invalid."""
         try:
             sums, count, last = state["sums"], int(state["count"]), state["last_step"]
         except (KeyError, TypeError, ValueError, OverflowError) as err:
@@ -436,3 +312,141 @@ class StatsWindow:
             raise CheckpointError("planning-window state does not fit this number of blocks.")
         self._sums, self.count = sums.clone().float(), count
         self._last_step = None if last is None else int(last)
+
+
+def window_cosines(stats: WindowStats) -> Tensor:
+    """``κ = cos(g_{s+1}, Δθ_s)`` over a window: the whole model's (sums over blocks) first,
+    then one per block, as one ``[blocks + 1]`` vector."""
+    cols = torch.stack([stats.hypergrad, stats.grad_sq_norm, stats.update_sq_norm])
+    cols = torch.cat([cols.sum(1, keepdim=True), cols], dim=1)
+    return cosine(*cols.unbind(0))
+
+
+def cosine(dot: Tensor, a_sq: Tensor, b_sq: Tensor) -> Tensor:
+    """``dot / sqrt(a_sq · b_sq)`` clipped to [-1, 1]; 0 where a norm vanishes."""
+    den = torch.sqrt(a_sq.clamp_min(0) * b_sq.clamp_min(0))
+    out = torch.where(den > 0, dot / den.clamp_min(1e-30), torch.zeros_like(dot))
+    return out.clamp(-1.0, 1.0)
+
+
+def stability_usage(log_factor: float, log_bound: float | None, tripwire: float | None) -> float:
+    """How close the LR is to the stability limit, in [0, 2].
+
+    ``η / η_max = exp(log_factor − log_bound)`` where λ̂ gives a bound; else half the secant
+    tripwire (2 is its alarm level); 0 before either exists.
+    """
+    if log_bound is not None and math.isfinite(log_bound):
+        return min(2.0, math.exp(log_factor - log_bound))
+    return min(2.0, tripwire / 2.0) if tripwire is not None else 0.0
+
+
+@dataclass(frozen=True)
+class SharedSignals:
+    """The features every node shares (one value each), in :data:`FEATURE_NAMES` order."""
+
+    budget_remaining: float
+    log_lr_factor: float
+    loss_trend: float
+    entropy: float
+    entropy_trend: float
+    stability_usage: float
+    calibrating: bool
+
+
+def node_features(
+    num_blocks: int,
+    shared: SharedSignals,
+    stats: WindowStats | None,
+    kappa: Tensor | None,
+) -> Tensor:
+    """The planner's input ``[num_blocks, len(FEATURE_NAMES)]`` (float32, finite).
+
+    Every row holds the shared signals; the per-block columns (hypergradient cosine, secant
+    ratio, relative update size) come from the window's statistics when it has any (else 0).
+    """
+    row = [
+        shared.budget_remaining,
+        shared.log_lr_factor / math.log(10.0),
+        shared.loss_trend,
+        0.0,
+        0.0,
+        0.0,
+        shared.entropy,
+        shared.entropy_trend,
+        shared.stability_usage,
+        1.0 if shared.calibrating else 0.0,
+    ]
+    x = torch.tensor(row, dtype=torch.float32).repeat(num_blocks, 1)
+    if stats is not None and kappa is not None:
+        usq = stats.update_sq_norm.clamp_min(1e-30)
+        x[:, 3:6] = torch.stack(
+            [
+                kappa[1:],  # the per-block hypergradient cosines
+                torch.tanh(stats.secant_ratio / 2.0),
+                torch.tanh(0.25 * torch.log(usq / usq.mean())),
+            ],
+            dim=1,
+        )
+    return torch.nan_to_num(x, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+# ------------------------------------------------------------------- the probes
+def _cold_start(optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """CurvatureProbe settings of the first λ̂ estimate under GraffScheduler.
+
+    Adaptive optimizers spread the first estimate's 20 Hessian-vector products over three steps
+    (7, 7, 6), a third of the spike; SGD-type optimizers keep one 20-product estimate in their
+    first step, because their guard must bind at once (``docs/concepts/graff.md``).
+    """
+    if preconditioner_kind(optimizer) is None:
+        return {}
+    return {"chunk_iters": 7}
+
+
+def make_curvature_probe(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module | None,
+    blocks: Mapping[str, Iterable[nn.Parameter]] | None,
+    loss_fn: Callable[[], Tensor] | None,
+    config: GraffConfig,
+    guard: bool,
+    seed: int,
+) -> CurvatureProbe:
+    """The curvature probe as GRAFF uses it (λ̂ only with the guard and a loss to re-evaluate)."""
+    return CurvatureProbe(
+        optimizer,
+        model=model,
+        blocks=blocks,
+        loss_fn=loss_fn,
+        every=config.curvature_every,
+        hvp=guard and (model is not None or loss_fn is not None),
+        seed=seed,
+        # block multipliers rescale the applied update Δθ, so they need it every step and
+        # exactly; the statistics alone are sums that one bfloat16 rounding barely moves
+        stats_every=1 if config.block_multipliers else config.probe_interval,
+        update_dtype=None if config.block_multipliers else torch.bfloat16,
+        # the λ̂ refresh interval leaves the estimates what the per-step costs leave of the
+        # 1 % overhead target
+        share_step_costs=True,
+        **_cold_start(optimizer),
+    )
+
+
+def make_entropy_probe(model: nn.Module | None, seed: int, every: int) -> EntropyProbe | None:
+    if model is None:
+        return None
+    try:
+        return EntropyProbe(model, seed=seed, every=every)
+    except ProbeError as err:
+        # EntropyProbe's own advice (layer=/head=) is for building one by hand; GraffScheduler
+        # takes neither, so the warning keeps the reason and names what GraffScheduler accepts.
+        reason = str(err).split(" Pass ", 1)[0]
+        warn(
+            f"GraffScheduler runs without the entropy probe (its entropy features stay 0): "
+            f"{reason} The other signals are unaffected. Pass "
+            "config=graff.GraffConfig(entropy=False) to GraffScheduler to silence this warning.",
+            ProbeWarning,
+        )
+        return None
+    except GraffConfigError:
+        raise

@@ -1,0 +1,499 @@
+"""GRAFF's peak-LR search: the rules, their triggers, and the allowance for extra λ̂ refreshes.
+
+:class:`PeakSearch` finds the peak LR the user did not tune (``docs/concepts/graff.md``). It owns
+everything that moves it: the loss average and its back-off test (:class:`LossTracker`), the
+explosion watch (:class:`ExplosionWatch`), the ceiling below the guard, the stop at the guard,
+and the extra λ̂ refreshes it asks for, kept within a :class:`RefreshAllowance`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from graff.errors import CheckpointError, ProbeError
+from graff.planner.features import ExplosionWatch, LossTracker
+from graff.probes.curvature import estimate_cost_steps
+from graff.probes.preconditioner import preconditioner_kind
+
+if TYPE_CHECKING:
+    from graff.clock import BudgetClock
+    from graff.planner.config import GraffConfig
+    from graff.probes.curvature import CurvatureProbe
+
+#: Hessian-vector products of a λ̂ refresh the search asks for: warm-started from the last
+#: eigenvector, a third of a fresh estimate's cost (``docs/concepts/graff.md``).
+REFRESH_ITERS = 6
+_COUNTS = ("steps", "cooldown", "backoffs", "cuts", "nonfinite_seen")
+
+
+def default_headroom(optimizer: torch.optim.Optimizer) -> float:
+    r"""The peak search's default ``search_headroom``: 4 for adaptive optimizers, else 8.
+
+    The search rises only while :math:`\eta\hat\lambda \le c/\text{headroom}`, leaving room for
+    the sharpness to grow: under plain (momentum) SGD :math:`\lambda_{\max}(H)` grows during
+    training (progressive sharpening), so the margin is wide; under Adam-type optimizers the
+    preconditioned sharpness adapts to the LR (adaptive edge of stability), so a narrower one
+    suffices. The values were chosen on the benchmark's quality floor
+    (``docs/concepts/graff.md``).
+    """
+    return 4.0 if preconditioner_kind(optimizer) is not None else 8.0
+
+
+class RefreshAllowance:
+    r"""Keeps the peak search's extra λ̂ refreshes within a fraction of the training time.
+
+    The probe's scheduled refreshes already keep to its ``overhead_target``; the search asks for
+    extra ones (:meth:`PeakSearch.refresh_wanted`) while a stale λ̂ may hold the LR
+    down. Each costs as much as the first estimate (20 Hessian-vector products: on a tiny model
+    several training steps), so they are allowed only while
+
+    .. math:: S + \hat c \le f \cdot (T - T_\text{probe}) / u,
+
+    :math:`S` the seconds spent in such refreshes so far, :math:`\hat c` the cost of the last one
+    (before any: ``first_cost``, the time of the first estimate), :math:`T` the wall time since
+    the scheduler's first step, :math:`T_\text{probe}` the probe's time in all its estimates,
+    :math:`u` the fraction of the budget used (so the right side is :math:`f` times the projected
+    training time of the whole run) and :math:`f` = ``fraction``. ``fraction=0`` turns them off.
+
+    Under a step budget the same rule is kept in units of training steps, from counts alone
+    (:meth:`affordable_steps`): the run is exactly the budget's steps, and every extra refresh
+    costs the same number of step-equivalents.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.spent = 0.0
+        self.count = 0
+        self.last_cost: float | None = None
+        self.elapsed = 0.0  # wall time since the first step, at the last tick
+        self._elapsed_before = 0.0  # wall time of the run before a resume
+        self._t0: float | None = None
+
+    def tick(self) -> None:
+        """Advance the wall clock to now (once per scheduler step; the first call starts it).
+
+        ``elapsed`` moves only here, so a state saved between two steps is the same each time.
+        """
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now
+        self.elapsed = self._elapsed_before + (now - self._t0)
+
+    def affordable(self, first_cost: float, probe_seconds: float, fraction_used: float) -> bool:
+        """Whether one more refresh keeps the total within ``fraction`` of the projected run.
+
+        Args:
+            first_cost: Cost guess before any refresh was charged (the first estimate's time).
+            probe_seconds: Seconds the curvature probe has spent so far (all its estimates),
+                left out of the training time the run is projected from.
+            fraction_used: Fraction of the budget used (the projection's denominator).
+        """
+        if self.fraction <= 0 or not fraction_used > 0:
+            return False
+        cost = self.last_cost if self.last_cost is not None else first_cost
+        projected = max(self.elapsed - probe_seconds, 0.0) / min(fraction_used, 1.0)
+        return self.spent + cost <= self.fraction * projected
+
+    def affordable_steps(self, cost_steps: float, total_steps: float) -> bool:
+        """Whether one more refresh of ``cost_steps`` keeps all of them (``count`` so far, each
+        of the same cost) within ``fraction`` of a ``total_steps`` run. Reads no clock."""
+        if self.fraction <= 0:
+            return False
+        return (self.count + 1) * cost_steps <= self.fraction * total_steps
+
+    def charge(self, seconds: float) -> None:
+        """Record a refresh that took ``seconds``."""
+        seconds = max(0.0, float(seconds))
+        self.spent += seconds
+        self.last_cost = seconds
+        self.count += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seconds spent, refreshes counted, the last one's cost and the run's wall time."""
+        return {
+            "spent": self.spent,
+            "count": self.count,
+            "last_cost": self.last_cost,
+            "elapsed": self.elapsed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; :class:`CheckpointError` (nothing changed) if invalid."""
+        try:
+            spent, count = float(state["spent"]), int(state["count"])
+            last = None if state["last_cost"] is None else float(state["last_cost"])
+            elapsed = float(state["elapsed"])
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise CheckpointError(f"invalid refresh-allowance state: {err}") from err
+        values = (spent, elapsed) if last is None else (spent, elapsed, last)
+        if not all(math.isfinite(v) and v >= 0 for v in values) or not 0 <= count < 2**63:
+            raise CheckpointError(
+                f"invalid refresh-allowance state: spent={spent}, elapsed={elapsed}, "
+                f"last_cost={last}, count={count}."
+            )
+        self.spent, self.count, self.last_cost = spent, count, last
+        self.elapsed = self._elapsed_before = elapsed
+        self._t0 = None
+
+
+class PeakSearch:
+    r"""The peak-LR search of GraffScheduler: a log peak factor :math:`\sigma` over the user's LR.
+
+    The LR at the peak of the prior is :math:`\eta^0 e^{\sigma}`; :math:`\sigma = 0` is the user's
+    LR, i.e. the budget prior alone, which is the fallback of every rule below.
+
+    1. **Rise only with slack.** While searching (the first ``search_fraction`` of the budget),
+       :math:`\sigma` grows by ``log(peak_max) / max(10, n/2)`` per step (``n`` the estimated
+       number of steps of the search phase), but never above the *ceiling*
+       :math:`\log\bigl(c / (\rho\,\hat\lambda\,\eta^0)\bigr)` passed as ``log_ceiling``: a raised
+       peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
+       limit, because the sharpness measured early grows during training (progressive
+       sharpening) and an LR at the limit becomes unstable later. ``log_ceiling=None`` (no
+       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still.
+    2. **The ceiling only removes what the search added.** Whenever the ceiling falls below a
+       raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
+       but never below 0 on this account: the user's own LR is cut only by the guard itself
+       (:math:`\eta\hat\lambda \le c`) and by observed instability.
+    3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
+       the search ends; if :math:`\sigma` is above the *best level* — the smallest
+       :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
+       average lags the LR by about ``lag`` steps) — it returns to that level; otherwise the
+       user's LR itself is too high, and the peak LR becomes the LR just reached divided by
+       ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
+       halved (later).
+    4. **Cut an exploding loss every step.** A step whose loss explodes
+       (:class:`ExplosionWatch`) halves the peak LR at once, after first returning a raised
+       :math:`\sigma` to the best level — every such step, regardless of the cool-down and of
+       ``enabled``: a loss growing geometrically needs an answer as fast as the growth, not
+       one per ``cooldown`` steps. The search ends and the cool-down restarts, so the slower
+       back-off of rule 3 does not cut again on the excursion's aftermath; :math:`\sigma` is not
+       raised again afterwards (the LR stays at most a few halvings below the first stable one).
+    """
+
+    def __init__(
+        self,
+        *,
+        enabled: bool,
+        search_fraction: float,
+        peak_max: float,
+        backoff: float,
+        headroom: float = 8.0,
+        refresh_fraction: float = 0.1,
+        guard: bool = True,
+        lag: int = 10,
+        cooldown: int = 20,
+    ) -> None:
+        self.guard = guard
+        self.losses = LossTracker()
+        self.explosion = ExplosionWatch()
+        self.allowance = RefreshAllowance(refresh_fraction)
+        self.nonfinite_seen = 0  # the scheduler's non-finite-loss count already answered
+        self.log_ceiling: float | None = None  # this step's ceiling (set by step(), not saved)
+        self.enabled, self.search_fraction = enabled, search_fraction
+        self.log_peak_max, self.log_backoff = math.log(peak_max), math.log(backoff)
+        self.log_headroom = math.log(headroom)
+        self.lag, self.cooldown_steps = lag, cooldown
+        self.log_peak = 0.0
+        self.searching = enabled
+        self.steps = 0
+        self.cooldown = 0
+        self.backoffs = 0
+        self.cuts = 0  # rule 4: steps whose exploding loss halved the peak LR
+        self.best_level = 0.0
+        self.capped = False  # the ceiling stopped the last rise (a λ̂ refresh may lift it)
+        self.last_refresh = -(10**9)  # step of the last λ̂ refresh the search asked for
+        self._history: deque[float] = deque(maxlen=lag)
+
+    def watching(self, fraction_used: float) -> bool:
+        """Whether the search or its aftermath (up to twice ``search_fraction``) is running.
+
+        While watching, the loss-rise test is tight: the harm of a raise shows in
+        the loss average only with a lag, so the test outlives the rise itself.
+        """
+        return self.enabled and fraction_used < 2.0 * self.search_fraction
+
+    def refresh_due(self, every: int = 10) -> bool:
+        """True (and recorded) if no λ̂ refresh was requested in the last ``every`` steps."""
+        if self.steps - self.last_refresh < every:
+            return False
+        self.last_refresh = self.steps
+        return True
+
+    def ceiling(self, log_bound: float | None) -> float | None:
+        """The search ceiling ``log_bound − log(headroom)`` for a guard bound (factor units)."""
+        return None if log_bound is None else log_bound - self.log_headroom
+
+    @classmethod
+    def from_config(
+        cls, config: GraffConfig, optimizer: torch.optim.Optimizer, *, guard: bool
+    ) -> PeakSearch:
+        """The search a :class:`~graff.GraffConfig` asks for (optimizer-aware headroom)."""
+        return cls(
+            enabled=config.peak_search,
+            search_fraction=config.search_fraction,
+            peak_max=config.peak_max,
+            backoff=config.backoff,
+            headroom=config.search_headroom or default_headroom(optimizer),
+            refresh_fraction=config.refresh_allowance,
+            guard=guard,
+        )
+
+    # ------------------------------------------------------------- triggers
+    def tick(self) -> None:
+        """Start of a scheduler step: advance the refresh allowance's wall clock."""
+        self.allowance.tick()
+
+    def observe(self, loss: float | None) -> None:
+        """Fold the step's finite loss (or None) into the loss average the back-off watches."""
+        self.losses.update(loss)
+
+    def refresh_wanted(
+        self, log_bound: float | None, log_prior: float, probe: CurvatureProbe, budget: BudgetClock
+    ) -> bool:
+        """Whether to re-measure λ̂ now, because a stale estimate may be holding the LR down.
+
+        Asked (at most every 10 steps, within the :class:`RefreshAllowance`) when the search is
+        stopped by its ceiling, or when the guard cuts the LR below the prior alone (the user's
+        LR): an early estimate of Adam's preconditioned sharpness can be far too large while the
+        second-moment estimates are young, and the scheduled refresh may be hundreds of steps
+        away.
+        """
+        if log_bound is None or not (self.guard and probe.hvp and self.enabled):
+            return False
+        stale = (self.capped and self.searching) or log_bound < log_prior
+        return stale and self.refresh_due() and self._affordable(probe, budget)
+
+    def refresh(self, probe: CurvatureProbe) -> bool:
+        """Re-measure λ̂ (a short, warm-started estimate); False if the probe could not."""
+        t0 = time.perf_counter()
+        try:
+            probe.estimate_lambda_max(REFRESH_ITERS)
+        except ProbeError:
+            return False
+        finally:
+            self.allowance.charge(time.perf_counter() - t0)
+        return True
+
+    def _affordable(self, probe: CurvatureProbe, budget: BudgetClock) -> bool:
+        """Whether the allowance takes one more refresh: from counts alone under a step budget
+        (the same decision on every run), from measured times otherwise (rank 0 decides)."""
+        if probe.cost_model == "steps":
+            cost = estimate_cost_steps(REFRESH_ITERS)
+            return self.allowance.affordable_steps(cost, budget.total)
+        spent = probe.overhead_seconds
+        ok = self.allowance.affordable(spent, spent, budget.fraction_used)
+        if probe.sync is not None:  # timings differ between ranks; every rank must agree
+            ok = probe.sync.from_rank0(1.0 if ok else 0.0) > 0.5
+        return ok
+
+    def step(
+        self,
+        fraction_used: float,
+        log_prior: float,
+        log_bound: float | None,
+        *,
+        loss: float | None,
+        nonfinite_losses: int,
+        probe: CurvatureProbe,
+    ) -> None:
+        """One step of the search from this step's signals: the explosion watch, the loss
+        back-off, the guard's ceiling (rules 1-4).
+
+        Args:
+            fraction_used: Fraction of the budget used.
+            log_prior: Log of the budget prior now.
+            log_bound: The guard's log LR-factor bound (None without λ̂).
+            loss: The step's finite loss, or None.
+            nonfinite_losses: The scheduler's count of non-finite losses so far (a new one is a
+                sign of instability).
+            probe: The curvature probe (its ``hvp`` and secant ``tripwire``).
+        """
+        nonfinite = loss is None and nonfinite_losses > self.nonfinite_seen
+        exploding = self.explosion.update(loss, nonfinite)
+        unstable = self._unstable(loss, log_bound, fraction_used, nonfinite_losses, probe)
+        # Rise toward the stability limit only once the guard can see it (when it can at all),
+        # and only up to a fraction 1/headroom of it (rules 1-3).
+        hold = self.guard and probe.hvp and log_bound is None
+        self.log_ceiling = self.ceiling(log_bound) if self.guard else None
+        losses = self.losses
+        at_best = losses.count >= losses.min_count and losses.fast <= losses.best
+        backed_off = self.update(
+            fraction_used,
+            log_prior,
+            unstable,
+            hold=hold,
+            log_ceiling=self.log_ceiling,
+            at_best=at_best,
+            exploding=exploding,
+        )
+        if backed_off or self.cooldown > 0:
+            # Re-baseline the loss average through the cool-down: it is still catching up with
+            # the excursion that caused the back-off, which is not a new instability.
+            losses.reset_best()
+
+    def _unstable(
+        self,
+        loss: float | None,
+        log_bound: float | None,
+        fraction_used: float,
+        nonfinite_losses: int,
+        probe: CurvatureProbe,
+    ) -> bool:
+        """Loss- or secant-based sign of instability (drives the back-off).
+
+        The guard itself caps the LR where λ̂ is known and ends the search when it binds; it does
+        not also back off the peak (early Adam preconditioners make λ̂ noisy).
+        """
+        if loss is None and nonfinite_losses > self.nonfinite_seen:
+            self.nonfinite_seen = nonfinite_losses
+            return True  # a non-finite loss: back off
+        if self.losses.rising(tolerance=0.05 if self.watching(fraction_used) else 0.5):
+            return True
+        if log_bound is not None:  # λ̂ is known: the guard, not the secant, watches stability
+            return False
+        tripwire = probe.tripwire
+        if tripwire is not None and tripwire > 2.0:
+            return self.losses.rising(tolerance=0.05)  # q > 2 alone is common under momentum
+        return False
+
+    def limit(self, log_factor: float, log_prior: float) -> float:
+        """What GRAFF adds above the prior alone (search and residual) obeys this step's ceiling
+        too; a negative residual is always allowed."""
+        ceiling = self.log_ceiling
+        if ceiling is not None and not math.isnan(ceiling):
+            return min(log_factor, log_prior + max(0.0, ceiling))
+        return log_factor
+
+    def stop_at_guard(self) -> None:
+        """The guard bound the LR: the search stops at the stability limit."""
+        self.searching = False
+
+    # ---------------------------------------------------------------- rules
+    def update(
+        self,
+        fraction_used: float,
+        log_prior: float,
+        unstable: bool,
+        hold: bool = False,
+        *,
+        log_ceiling: float | None = None,
+        at_best: bool = False,
+        exploding: bool = False,
+    ) -> bool:
+        """Advance one step; returns True when it backed off.
+
+        Args:
+            fraction_used: Fraction of the budget used.
+            log_prior: Log of the budget prior now (the LR reached is prior × e^σ).
+            unstable: A sign of instability this step (loss rising, non-finite loss, tripwire).
+            hold: Keep σ where it is this step (no λ̂ yet, but one will come).
+            log_ceiling: Largest σ the search may reach (rule 1), or None (no ceiling).
+            at_best: The loss average is at its best so far this step (rule 3).
+            exploding: The loss explodes this step (rule 4; also when not ``enabled``).
+        """
+        self.steps += 1
+        self.cooldown = max(0, self.cooldown - 1)
+        if exploding:  # rule 4
+            level = min(self.log_peak, self.best_level) - math.log(2.0)
+            self.log_peak = max(level, -math.log(1e3))
+            self.best_level = min(self.best_level, self.log_peak)
+            self._history.clear()
+            self.searching = False
+            self.cooldown = self.cooldown_steps
+            self.cuts += 1
+            return True
+        if not self.enabled:
+            return False
+        has_ceiling = log_ceiling is not None and not math.isnan(log_ceiling)
+        if has_ceiling and self.log_peak > 0.0:
+            self.log_peak = min(self.log_peak, max(0.0, log_ceiling))  # rule 2
+        self._history.append(self.log_peak)
+        if at_best:
+            self.best_level = min(self._history)
+        if unstable and self.cooldown == 0:
+            if self.log_peak > self.best_level:
+                self.log_peak = self.best_level
+            elif self.watching(fraction_used):
+                self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
+            else:
+                self.log_peak -= math.log(2.0)
+            self.log_peak = max(self.log_peak, -math.log(1e3))
+            self.best_level = min(self.best_level, self.log_peak)
+            self._history.clear()
+            self.searching = False
+            self.cooldown = self.cooldown_steps
+            self.backoffs += 1
+            return True
+        self.capped = False
+        if self.searching:
+            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max - 1e-9:
+                self.searching = False
+            elif not hold:
+                est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
+                target = self.log_peak + self.log_peak_max / max(10.0, 0.5 * est)
+                top = self.log_peak_max
+                if has_ceiling:
+                    top = min(top, log_ceiling)
+                    self.capped = target > top
+                self.log_peak = max(self.log_peak, min(target, top))
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The search's numbers, its loss watchers and its refresh allowance (a tree)."""
+        return {
+            "log_peak": self.log_peak,
+            "searching": self.searching,
+            "steps": self.steps,
+            "cooldown": self.cooldown,
+            "backoffs": self.backoffs,
+            "cuts": self.cuts,
+            "best_level": self.best_level,
+            "capped": self.capped,
+            "history": list(self._history),
+            "last_refresh": self.last_refresh,
+            "nonfinite_seen": self.nonfinite_seen,
+            "losses": self.losses.state_dict(),
+            "explosion": self.explosion.state_dict(),
+            "allowance": self.allowance.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; :class:`CheckpointError` if invalid.
+
+        The numbers are checked before anything changes; the children then validate their own
+        state (a failing child leaves the ones before it loaded: the scheduler rolls back).
+        """
+        try:
+            log_peak, best_level = float(state["log_peak"]), float(state["best_level"])
+            searching, capped = state["searching"], state["capped"]
+            counts = [int(state[k]) for k in _COUNTS]
+            history = [float(v) for v in state["history"]]
+            last_refresh = int(state["last_refresh"])
+            children = (state["losses"], state["explosion"], state["allowance"])
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise CheckpointError(f"invalid peak-search state: {err!r}") from err
+        numbers = (log_peak, best_level, *history)
+        if not (
+            all(math.isfinite(v) for v in numbers)
+            and all(0 <= c < 2**63 for c in counts)
+            and isinstance(searching, bool)
+            and isinstance(capped, bool)
+        ):
+            raise CheckpointError("invalid peak-search state.")
+        self.losses.load_state_dict(children[0])
+        self.explosion.load_state_dict(children[1])
+        self.allowance.load_state_dict(children[2])
+        self.log_peak, self.best_level, self.searching, self.capped = (
+            log_peak,
+            best_level,
+            searching,
+            capped,
+        )
+        self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = counts
+        self.last_refresh = last_refresh
+        self._history = deque(history[-self.lag :], maxlen=self.lag)
