@@ -32,9 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from graff.clock import BudgetClock
-from graff.graff_scheduler import GraffScheduler
-from graff.priors import BudgetPrior
+from graff import BudgetClock, BudgetPrior, GraffScheduler
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
 SEQ_LEN, BATCH, LR = 64, 16, 1e-3

@@ -28,28 +28,13 @@ from typing import Any, Literal
 
 import torch
 
-from graff._validation import check_positive
+from graff._checks import check_positive, is_count, is_finite_real
 from graff.energy import EnergyMeter
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 
 BudgetKind = Literal["seconds", "steps"]
 _FORMAT_VERSION = 1
 _FLOAT_MAX = sys.float_info.max
-
-
-def _finite_real(x: Any) -> bool:
-    """Whether ``x`` is a real number (not a bool) with a finite float value."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
-def _count(x: Any) -> bool:
-    """Whether ``x`` is a non-negative int (not a bool) that a float holds."""
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
 def _cuda_synchronize() -> None:
@@ -310,10 +295,10 @@ class BudgetClock:
         bad = [
             name
             for name, ok in (
-                ("elapsed_seconds", _finite_real(elapsed) and elapsed >= 0),
-                ("steps", _count(steps)),
-                ("total", _finite_real(total) and total > 0),
-                ("energy_joules", energy is None or (_finite_real(energy) and energy >= 0)),
+                ("elapsed_seconds", is_finite_real(elapsed) and elapsed >= 0),
+                ("steps", is_count(steps)),
+                ("total", is_finite_real(total) and total > 0),
+                ("energy_joules", energy is None or (is_finite_real(energy) and energy >= 0)),
                 ("started", isinstance(started, bool)),
             )
             if not ok

@@ -52,7 +52,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from graff._validation import check_in_range
+from graff._checks import check_in_range
 from graff._warn import warn
 from graff.errors import GraffConfigError
 

@@ -41,8 +41,8 @@ import torch
 
 import graff
 from graff.clock import BudgetClock
-from graff.graff_scheduler import GraffScheduler
 from graff.planner.net import PlannerNet, save_planner
+from graff.schedulers.graff import GraffScheduler
 
 
 @dataclass(frozen=True)

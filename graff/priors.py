@@ -24,7 +24,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from graff._validation import check_choice, check_in_range
+from graff._checks import check_choice, check_in_range
 
 PriorName = Literal["linear", "cosine", "wsd", "constant"]
 PRIOR_NAMES: tuple[str, ...] = ("linear", "cosine", "wsd", "constant")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graff._validation import check_finite, check_positive
+from graff._checks import check_finite, check_positive
 from graff.errors import GraffConfigError, GraffTypeError
 
 __all__ = ["token_weights_from_entropy", "weighted_causal_lm_loss"]

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graff
-from graff import CheckpointError, GraffTypeError
-from graff._checksum import payload_digest
 from graff.checkpoint import _timeless, read_checkpoint
+from graff.checkpoint._checksum import payload_digest
+from graff.errors import CheckpointError, GraffTypeError
 from tests import _ckpt_worker as worker
 
 REPO = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR
 
 import graff
 from graff import BudgetScheduler, GraffScheduler, ReactorConfig, ReactorScheduler
-from graff._scheduler_base import BudgetedScheduler
+from graff.schedulers.base import BudgetedScheduler
 
 GRAFF_KINDS = ["graff", "reactor", "budget"]
 

@@ -331,7 +331,7 @@ def test_an_explicit_seconds_cost_model_under_a_step_budget_is_refused() -> None
     opt = torch.optim.SGD(_trainable(model), lr=0.1)
     probe = CurvatureProbe(opt, model=model, cost_model="seconds")
     hooks = len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)
-    with pytest.raises(graff.GraffConfigError, match="cost_model='seconds'"):
+    with pytest.raises(graff.errors.GraffConfigError, match="cost_model='seconds'"):
         graff.ReactorScheduler(
             opt, graff.BudgetClock(steps=10), curvature_probe=probe, guard=True, seed=0
         )
@@ -341,5 +341,5 @@ def test_an_explicit_seconds_cost_model_under_a_step_budget_is_refused() -> None
         opt, graff.BudgetClock(seconds=60), curvature_probe=probe, guard=True, seed=0
     ).remove()
     assert probe.cost_model == "seconds"
-    with pytest.raises(graff.GraffConfigError, match="cost_model"):
+    with pytest.raises(graff.errors.GraffConfigError, match="cost_model"):
         CurvatureProbe(opt, model=model, cost_model="minutes")

@@ -89,7 +89,7 @@ def test_notebook_has_no_control_characters() -> None:
 def test_graff_docstrings_have_no_control_characters() -> None:
     docs = _graff_docstrings()
     assert "graff.guard" in docs
-    assert "graff.graff_scheduler.GraffScheduler.step" in docs
+    assert "graff.schedulers.graff.GraffScheduler.step" in docs
     bad = {name: _controls(doc) for name, doc in docs.items() if CONTROL.search(doc)}
     assert bad == {}
 

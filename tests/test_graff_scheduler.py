@@ -14,9 +14,9 @@ from torch import nn
 
 import graff
 from graff.errors import CheckpointError, GraffConfigError
-from graff.graff_scheduler import GraffScheduler
 from graff.guard import guard_constant
 from graff.planner.net import PlannerNet
+from graff.schedulers.graff import GraffScheduler
 
 OPTIMIZERS = {
     "SGD": lambda p: torch.optim.SGD(p, lr=0.05),

@@ -4,7 +4,7 @@ Every leaf of a real ``state_dict()`` of each scheduler is, in turn, deleted or 
 value of the wrong type, NaN, inf, a negative or enormous number, or a tensor of the wrong shape
 or full of NaN. Each corrupted state must either load into a scheduler that still keeps every
 invariant (``tests/hostile.py::check_invariants``, and one more step keeps them) or raise
-:class:`graff.CheckpointError` leaving the scheduler exactly as it was (its ``state_dict()`` is
+:class:`graff.errors.CheckpointError` leaving the scheduler exactly as it was (its ``state_dict()`` is
 unchanged: never half-loaded). Planner files that are truncated, random bytes, valid
 safetensors of something else, planners of the wrong shapes, or pickles that would run code
 must raise ``CheckpointError`` and never execute anything.

@@ -19,7 +19,7 @@ ROOT = Path(graff.__file__).resolve().parent
 # ``graff.probes.curvature``); the longest match wins
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("graff.errors", "graff._version")),
-    ("checks", ("graff._validation", "graff._state_checks", "graff._warn", "graff._seeding")),
+    ("checks", ("graff._checks", "graff._warn", "graff._seeding")),
     (
         "leaves",
         (
@@ -31,37 +31,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "graff.blocks",
             "graff.distributed",
             "graff.tokens",
-            "graff._checksum",
-            "graff._checkpoint_fit",
             "graff.checkpoint",
         ),
     ),
     ("probes", ("graff.probes",)),
-    (
-        "planner",
-        (
-            "graff.planner",
-            "graff.planner_net",
-            "graff.planner_io",
-            "graff._graff_state",
-            "graff._refresh_budget",
-            "graff._planner_update",
-            "graff.reactor_policy",
-            "graff.reactor_state",
-            "graff.reactor_config",
-        ),
-    ),
-    (
-        "schedulers",
-        (
-            "graff.schedulers",
-            "graff._scheduler_base",
-            "graff.budget_scheduler",
-            "graff.graff_scheduler",
-            "graff._graff_checkpoint",
-            "graff.reactor",
-        ),
-    ),
+    ("planner", ("graff.planner",)),
+    ("schedulers", ("graff.schedulers",)),
     ("tools", ("graff.pretrain",)),
     ("front door", ("graff.__init__",)),
 ]
@@ -165,9 +140,9 @@ def test_the_checker_sees_a_lazy_upward_import(tmp_path: Path) -> None:
     src.write_text(
         "from typing import TYPE_CHECKING\n"
         "if TYPE_CHECKING:\n    from graff.probes.entropy import EntropyProbe\n"
-        "def f():\n    from graff.reactor import ReactorScheduler\n"
+        "def f():\n    from graff.schedulers.reactor import ReactorScheduler\n"
     )
-    known = {"graff.probes.entropy", "graff.reactor", "graff.probes", "graff"}
+    known = {"graff.probes.entropy", "graff.schedulers.reactor", "graff.probes", "graff"}
     found = _imports("graff.distributed", src, known)
-    assert found == {"graff.probes.entropy", "graff.reactor"}
-    assert _layer("graff.reactor") > _layer("graff.distributed")
+    assert found == {"graff.probes.entropy", "graff.schedulers.reactor"}
+    assert _layer("graff.schedulers.reactor") > _layer("graff.distributed")

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graff
-from graff.graff_scheduler import GraffScheduler
 from graff.planner.peak_search import PeakSearch
+from graff.schedulers.graff import GraffScheduler
 
 LOG10 = math.log(10.0)
 

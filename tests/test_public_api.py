@@ -50,6 +50,52 @@ def test_public_names_are_not_private() -> None:
     assert [n for n in graff.__all__ if n.startswith("_") and n != "__version__"] == []
 
 
+FRONT_DOOR = {
+    "BudgetClock",
+    "BudgetPrior",
+    "BudgetScheduler",
+    "CurvatureProbe",
+    "EntropyProbe",
+    "GraffConfig",
+    "GraffError",
+    "GraffScheduler",
+    "ReactorConfig",
+    "ReactorScheduler",
+    "__version__",
+    "load_checkpoint",
+    "load_planner",
+    "save_checkpoint",
+    "save_planner",
+}
+
+
+def test_the_front_door_is_small_and_pinned() -> None:
+    """What a run is built from; everything else lives in its namespace (a change is deliberate)."""
+    assert set(graff.__all__) == FRONT_DOOR
+
+
+def test_the_namespaces_hold_the_rest() -> None:
+    from graff.checkpoint import read_checkpoint
+    from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
+    from graff.guard import clamp_lr, project_to_halfspace, stability_threshold
+    from graff.probes import CurvatureStats, EntropyStats
+    from graff.schedulers import PlanRecord
+    from graff.tokens import weighted_causal_lm_loss
+
+    assert issubclass(CheckpointError, graff.GraffError)
+    assert all(issubclass(e, graff.GraffError) for e in (GraffConfigError, GraffTypeError))
+    assert issubclass(ProbeError, graff.GraffError)
+    assert all(
+        callable(f) for f in (read_checkpoint, clamp_lr, project_to_halfspace, stability_threshold)
+    )
+    assert callable(weighted_causal_lm_loss)
+    assert {CurvatureStats.__name__, EntropyStats.__name__, PlanRecord.__name__} == {
+        "CurvatureStats",
+        "EntropyStats",
+        "PlanRecord",
+    }
+
+
 def test_version_is_a_pep440_string() -> None:
     assert isinstance(graff.__version__, str)
     assert PEP440.match(graff.__version__), graff.__version__

@@ -15,8 +15,8 @@ from torch import nn
 
 from graff import BudgetClock, ReactorConfig
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
-from graff.reactor import ReactorScheduler
-from graff.reactor_policy import (
+from graff.schedulers.reactor import ReactorScheduler
+from graff.schedulers.reactor_policy import (
     STATE_FEATURES,
     EmaBaseline,
     interval_reward,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from graff._seeding import GOLDEN_GAMMA, component_seed, splitmix64, stream_seed
-from graff.reactor_policy import standard_normal
+from graff.schedulers.reactor_policy import standard_normal
 
 # The reference sequence of splitmix64 seeded with 1234567 (Rosetta Code, "Pseudo-random
 # numbers/Splitmix64"), i.e. the outputs of Vigna's splitmix64.c.

@@ -45,7 +45,7 @@ def test_peft_on_transformers_5_deprecation_is_filtered() -> None:
         ("some other deprecation", FutureWarning, "transformers.modeling_utils"),
         (PEFT_ON_TRANSFORMERS_5, FutureWarning, "graff.blocks"),
         (PEFT_ON_TRANSFORMERS_5, UserWarning, "transformers.modeling_utils"),
-        ("lr went non-finite", UserWarning, "graff.graff_scheduler"),
+        ("lr went non-finite", UserWarning, "graff.schedulers.graff"),
     ],
 )
 def test_other_warnings_still_show(message: str, category: type[Warning], module: str) -> None:

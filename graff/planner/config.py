@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from graff._validation import check_in_range, check_positive, check_positive_int
+from graff._checks import check_in_range, check_positive, check_positive_int
 from graff.errors import GraffConfigError, GraffTypeError
 
 _SWITCHES = (
@@ -64,7 +64,7 @@ class GraffConfig:
         multiplier_max: Multipliers lie in ``[1/multiplier_max, multiplier_max]``, in [1, 10].
         residual_max: The learned residual lies in ``[1/residual_max, residual_max]``, in
             [1, 100].
-        guard_c: Guard constant ``c``; ``None``: optimizer-aware (:func:`graff.guard_constant`).
+        guard_c: Guard constant ``c``; ``None``: optimizer-aware (:func:`graff.guard.guard_constant`).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from graff._checks import MAX_COUNT
 from graff._warn import warn
 from graff.errors import CheckpointError, GraffConfigError, ProbeError, ProbeWarning
 from graff.probes.curvature import CurvatureProbe
@@ -103,7 +104,7 @@ class LossTracker:
             count, best = int(state["count"]), float(state["best"])
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid running-average state: {err}") from err
-        if var < 0 or not 0 <= count < 2**63:
+        if var < 0 or not 0 <= count < MAX_COUNT:
             raise CheckpointError(f"invalid running-average state: var={var}, count={count}.")
         self._fast, self._slow, self._var, self.count, self.best = fast, slow, var, count, best
 
@@ -197,7 +198,7 @@ class ExplosionWatch:
             raise CheckpointError(f"invalid explosion-watch state: {err}") from err
         if not (
             math.isfinite(ema)
-            and 0 <= count < 2**63
+            and 0 <= count < MAX_COUNT
             and (start is None or math.isfinite(start))
             and (prev is None or not math.isnan(prev))
             and all(isinstance(f, bool) for f in flags)
@@ -306,7 +307,7 @@ class StatsWindow:
             sums, count, last = state["sums"], int(state["count"]), state["last_step"]
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid planning-window state: {err}") from err
-        if not 0 <= count < 2**63:
+        if not 0 <= count < MAX_COUNT:
             raise CheckpointError(f"invalid planning-window state: count={count}.")
         if not isinstance(sums, Tensor) or sums.shape != self._sums.shape:
             raise CheckpointError("planning-window state does not fit this number of blocks.")

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adam import adam
 
+from graff._checks import is_count
 from graff.errors import CheckpointError
 from graff.guard import project_to_halfspace
 from graff.planner.net import FEATURE_NAMES, PlannerNet, load_planner
@@ -369,7 +370,7 @@ class OnlinePlanner:
         if not (
             isinstance(counts, list)
             and len(counts) == len(_COUNTS)
-            and all(type(c) is int and 0 <= c < 2**63 for c in counts)
+            and all(is_count(c) for c in counts)
         ):
             raise CheckpointError(
                 f"GraffScheduler planner state has invalid counts {counts!r:.80}."

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from graff._checks import MAX_COUNT
 from graff.errors import CheckpointError, ProbeError
 from graff.planner.features import ExplosionWatch, LossTracker
 from graff.probes.curvature import estimate_cost_steps
@@ -131,7 +132,7 @@ class RefreshAllowance:
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid refresh-allowance state: {err}") from err
         values = (spent, elapsed) if last is None else (spent, elapsed, last)
-        if not all(math.isfinite(v) and v >= 0 for v in values) or not 0 <= count < 2**63:
+        if not all(math.isfinite(v) and v >= 0 for v in values) or not 0 <= count < MAX_COUNT:
             raise CheckpointError(
                 f"invalid refresh-allowance state: spent={spent}, elapsed={elapsed}, "
                 f"last_cost={last}, count={count}."
@@ -480,7 +481,7 @@ class PeakSearch:
         numbers = (log_peak, best_level, *history)
         if not (
             all(math.isfinite(v) for v in numbers)
-            and all(0 <= c < 2**63 for c in counts)
+            and all(0 <= c < MAX_COUNT for c in counts)
             and isinstance(searching, bool)
             and isinstance(capped, bool)
         ):

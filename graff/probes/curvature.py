@@ -49,8 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graff._checks import check_optimizer_and_model, check_positive_int
 from graff._hooks import HookSet, hook_state, restore_hooks
-from graff._validation import check_optimizer_and_model, check_positive_int
 from graff._warn import warn
 from graff.blocks import Block, discover_blocks
 from graff.distributed import is_sharded, local_shard, unwrap_data_parallel

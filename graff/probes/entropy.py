@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from graff._checks import check_positive_int
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._seeding import stream_seed
-from graff._validation import check_positive_int
 from graff._warn import warn
 from graff.distributed import unwrap_data_parallel
 from graff.errors import (

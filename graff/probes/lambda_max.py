@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from graff._validation import check_in_range, check_positive_int
+from graff._checks import check_in_range, check_positive_int
 from graff.distributed import RankSync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._capture import InputCapture

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graff._scheduler_base import BudgetedScheduler
 from graff._seeding import component_seed
 from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
@@ -29,8 +28,9 @@ from graff.guard import factor_caps, guard_constant
 from graff.priors import BudgetPrior, make_prior
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
-from graff.reactor_config import ReactorConfig, reject_unexpected
-from graff.reactor_policy import (
+from graff.schedulers.base import BudgetedScheduler
+from graff.schedulers.reactor_config import ReactorConfig, reject_unexpected
+from graff.schedulers.reactor_policy import (
     STATE_FEATURES,
     EmaBaseline,
     GaussianTanhPolicy,
@@ -39,7 +39,7 @@ from graff.reactor_policy import (
     reinforce_loss,
     standard_normal,
 )
-from graff.reactor_state import (
+from graff.schedulers.reactor_state import (
     check_probe_state,
     invalid_controller_entries,
     load_controller,
@@ -55,7 +55,7 @@ class ReactorDecision:
     Attributes:
         index: Decision number :math:`k` (0-based).
         step: Optimizer step at which it was taken.
-        state: The state vector :math:`s_k` (float64, names in ``graff.reactor_policy.STATE_FEATURES``).
+        state: The state vector :math:`s_k` (float64, names in ``graff.schedulers.reactor_policy.STATE_FEATURES``).
         mean: Policy mean :math:`\\mu_\\phi(s_k)` (pre-squash), after this decision's update.
         std: Policy standard deviation :math:`\\sigma_\\phi`.
         action: :math:`a_k = a_{\\max}\\tanh(u_k)`, the change of the log-LR factor.
@@ -96,7 +96,7 @@ class ReactorScheduler(BudgetedScheduler):
     in the interval that followed.
 
     **Policy.** :math:`u_k \\sim \\mathcal N(\\mu_\\phi(s_k), \\sigma_\\phi^2)`,
-    :math:`a_k = a_{\\max}\\tanh u_k` (:class:`~graff.reactor_policy.GaussianTanhPolicy`). The
+    :math:`a_k = a_{\\max}\\tanh u_k` (:class:`~graff.schedulers.reactor_policy.GaussianTanhPolicy`). The
     noise of decision :math:`k` comes from a generator seeded by ``(seed, k)``, so a resumed run
     replays it.
 
@@ -115,15 +115,15 @@ class ReactorScheduler(BudgetedScheduler):
     is pulled down to the cap so the integrator does not wind up above it; the final clamp
     always applies last.
 
-    **State** (:class:`~graff.reactor_policy.StateFeatures`): loss level and slope, the
+    **State** (:class:`~graff.schedulers.reactor_policy.StateFeatures`): loss level and slope, the
     log-LR factor, gradient norm and secant ratio from a
     :class:`~graff.probes.curvature.CurvatureProbe`, the remaining budget and, for a causal
     LM, the logit-lens entropy of an :class:`~graff.probes.entropy.EntropyProbe`.
 
     **Reward and learning.** :math:`r_k` is the relative drop of the mean loss over interval
-    :math:`k` per unit of budget (:func:`~graff.reactor_policy.interval_reward`); with
+    :math:`k` per unit of budget (:func:`~graff.schedulers.reactor_policy.interval_reward`); with
     :math:`A_k = r_k - b_{k-1}`, :math:`b` the bias-corrected EMA of the rewards, one Adam
-    step on :func:`~graff.reactor_policy.reinforce_loss`. An interval without a finite loss or
+    step on :func:`~graff.schedulers.reactor_policy.reinforce_loss`. An interval without a finite loss or
     budget progress gives no reward: the update is skipped and counted in
     :attr:`skipped_updates`; the policy and baseline never see NaN. The full derivation is in
     ``docs/concepts/reactor.md``.

@@ -62,8 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from graff._scheduler_base import BudgetedScheduler
-from graff._validation import check_optimizer_and_model
+from graff._checks import check_optimizer_and_model, is_count
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
 from graff.errors import CheckpointError, GraffTypeError
@@ -84,6 +83,7 @@ from graff.planner.online import OnlinePlanner, make_planner
 from graff.planner.peak_search import PeakSearch
 from graff.priors import BudgetPrior, make_prior
 from graff.probes.entropy import EntropyProbe
+from graff.schedulers.base import BudgetedScheduler
 
 #: Version of what GraffScheduler adds to the scheduler state (``state["extra"]``).
 STATE_VERSION = 2
@@ -390,7 +390,7 @@ class GraffScheduler(BudgetedScheduler):
                 f"{len(self.blocks)}."
             )
         count = extra["guard_activations"]
-        if type(count) is not int or not 0 <= count < 2**63:
+        if not is_count(count):
             raise CheckpointError(f"GraffScheduler state has guard_activations={count!r:.40}.")
 
     def _inner_optimizers(self) -> dict[str, torch.optim.Optimizer]:

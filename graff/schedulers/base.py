@@ -32,9 +32,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler, SequentialLR
 
+from graff._checks import (
+    check_adam,
+    check_finite_state,
+    check_optimizer_and_model,
+    check_positive,
+    is_count,
+    is_finite_real,
+)
 from graff._hooks import HookSet, hook_state, restore_hooks
-from graff._state_checks import check_adam, check_finite_state
-from graff._validation import check_optimizer_and_model, check_positive
 from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
@@ -79,10 +85,6 @@ def loss_value(loss: Any) -> float | None:
     raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
 
 
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
-
-
 def _called_by_sequential_lr(scheduler: Any) -> bool:
     """Whether the running ``step()`` of ``scheduler`` was called by a ``SequentialLR.step``.
 
@@ -103,12 +105,7 @@ def _called_by_sequential_lr(scheduler: Any) -> bool:
 
 
 def _is_positive_finite(x: Any) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(x) and x > 0
-    except OverflowError:
-        return False
+    return is_finite_real(x) and x > 0
 
 
 def _not_started(state: dict[str, Any]) -> bool:
@@ -125,7 +122,7 @@ def _not_started(state: dict[str, Any]) -> bool:
 
 def _check_counters(state: dict[str, Any]) -> None:
     counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
-    bad = [k for k in counters if not _is_count(state[k])]
+    bad = [k for k in counters if not is_count(state[k])]
     if bad == ["last_epoch"] and _not_started(state):
         return
     if bad:

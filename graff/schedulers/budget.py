@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from graff._scheduler_base import BudgetedScheduler
 from graff.clock import BudgetClock
 from graff.priors import BudgetPrior, make_prior
+from graff.schedulers.base import BudgetedScheduler
 
 
 class BudgetScheduler(BudgetedScheduler):

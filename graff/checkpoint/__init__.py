@@ -49,9 +49,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from graff._checkpoint_fit import check_model_state, check_optimizer_state
-from graff._checksum import payload_digest
 from graff._version import __version__
+from graff.checkpoint._checksum import payload_digest
+from graff.checkpoint._fit import check_model_state, check_optimizer_state
 from graff.errors import CheckpointError, GraffTypeError
 
 __all__ = [

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from graff._validation import check_in_range, check_non_negative, check_positive, check_positive_int
+from graff._checks import check_in_range, check_non_negative, check_positive, check_positive_int
 from graff.errors import GraffTypeError
 
 __all__ = ["ReactorConfig"]

@@ -1,7 +1,7 @@
 """REACTOR's numerical kernel: the Gaussian-tanh policy, the REINFORCE loss, reward, baseline
 and state features.
 
-Maths only, no scheduler bookkeeping: :class:`graff.reactor.ReactorScheduler` counts steps,
+Maths only, no scheduler bookkeeping: :class:`graff.schedulers.reactor.ReactorScheduler` counts steps,
 keeps the interval's losses, reads the probes and saves the state; this module turns those
 numbers into a state vector, a draw, a reward and a policy-gradient loss.
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from graff.probes.curvature import CurvatureStats
     from graff.probes.entropy import EntropyStats
 
-#: Names of the state features, in order (see :class:`graff.reactor.ReactorScheduler`).
+#: Names of the state features, in order (see :class:`graff.schedulers.reactor.ReactorScheduler`).
 STATE_FEATURES: tuple[str, ...] = (
     "loss_level",
     "loss_slope",
@@ -206,7 +206,7 @@ class EmaBaseline:
         return {"baseline_raw": self.raw, "baseline_count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        """Restore :meth:`state_dict` (checked by :mod:`graff.schedulers.reactor_state` beforehand)."""
         self.raw, self.count = float(state["baseline_raw"]), state["baseline_count"]
 
 
@@ -245,7 +245,7 @@ class StateFeatures:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked by :mod:`graff.reactor_state` beforehand)."""
+        """Restore :meth:`state_dict` (checked by :mod:`graff.schedulers.reactor_state` beforehand)."""
         ref = {k: None if state[k] is None else float(state[k]) for k in self.state_dict()}
         self.ref_loss, self.ref_grad, self.prev_entropy = (
             ref["ref_loss"],

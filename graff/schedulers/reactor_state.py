@@ -1,6 +1,6 @@
 """REACTOR's checkpoint schema and the checks that run before anything is loaded.
 
-:meth:`graff.reactor.ReactorScheduler.state_dict` stores its controller as flat entries of
+:meth:`graff.schedulers.reactor.ReactorScheduler.state_dict` stores its controller as flat entries of
 ``state_dict()["extra"]``; this module lists them once, says which are malformed, and builds
 (or test-loads) the components a state describes without touching the live scheduler, so a
 bad state raises :class:`~graff.errors.CheckpointError` and changes nothing.
@@ -9,14 +9,14 @@ bad state raises :class:`~graff.errors.CheckpointError` and changes nothing.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from graff._checks import is_count, is_finite_real
 from graff.errors import CheckpointError
-from graff.reactor_policy import STATE_FEATURES
+from graff.schedulers.reactor_policy import STATE_FEATURES
 
 #: Keys of the controller's checkpoint (``state_dict()["extra"]``) and their kinds.
 INT_KEYS = ("seed", "decisions", "updates", "skipped_updates", "in_interval", "baseline_count")
@@ -25,32 +25,22 @@ OPTIONAL_FLOAT_KEYS = ("prev_mean", "ref_loss", "ref_grad", "prev_entropy", "pen
 OTHER_KEYS = ("positions", "losses", "pending_state", "policy", "policy_optimizer")
 
 
-def _finite_number(x: Any) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    return abs(x) < 1e300 if isinstance(x, int) else math.isfinite(x)  # no int overflow
-
-
-def _count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**64
-
-
 def invalid_controller_entries(extra: dict[str, Any]) -> list[str]:
     """Names of the entries of a controller checkpoint that are missing or malformed."""
     keys = (*INT_KEYS, *FLOAT_KEYS, *OPTIONAL_FLOAT_KEYS, *OTHER_KEYS)
     missing = [k for k in keys if k not in extra]
     if missing:
         return missing
-    bad = [k for k in INT_KEYS if not _count(extra[k])]
-    bad += [k for k in FLOAT_KEYS if not _finite_number(extra[k])]
-    bad += [k for k in OPTIONAL_FLOAT_KEYS if extra[k] is not None and not _finite_number(extra[k])]
+    bad = [k for k in INT_KEYS if not is_count(extra[k])]
+    bad += [k for k in FLOAT_KEYS if not is_finite_real(extra[k])]
+    bad += [k for k in OPTIONAL_FLOAT_KEYS if extra[k] is not None and not is_finite_real(extra[k])]
     pos, losses = extra["positions"], extra["losses"]
     if not (
         isinstance(pos, list)
         and isinstance(losses, list)
         and len(pos) == len(losses)
-        and all(_count(p) for p in pos)
-        and all(_finite_number(x) for x in losses)
+        and all(is_count(p) for p in pos)
+        and all(is_finite_real(x) for x in losses)
     ):
         bad.append("positions/losses")
     pending = extra["pending_state"]
