@@ -214,6 +214,11 @@ class CurvatureProbe:
     (:attr:`estimator`), whose public readings it forwards. The guard reads
     ``lambda_max_safe = margin × lambda_max``: power iteration approaches λ_max from below.
 
+    The arguments of the λ̂ estimate and its refresh schedule (``every``, ``power_iters``,
+    ``initial_iters``, ``margin``, ``overhead_target``, ``min_every``, ``max_every``,
+    ``chunk_iters``, ``start_step``, ``preconditioned``, ``share_step_costs``, ``cost_model``,
+    ``seed``) are documented at :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
+
     Args:
         optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it. They hold the
             probe weakly and go when it is collected: keep a reference while it should probe.
@@ -234,10 +239,6 @@ class CurvatureProbe:
             parameters: Δθ_t is rounded once to bfloat16 (at most 2⁻⁹ relative error per entry;
             the sums over many entries err far less: ``docs/concepts/probes.md``).
             :meth:`scale_last_update` needs the exact update and raises then.
-        every, power_iters, initial_iters, margin, overhead_target, min_every, max_every,
-            chunk_iters, start_step, preconditioned, share_step_costs, cost_model, seed: The
-            λ̂ estimate and its refresh schedule, documented at
-            :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
 
     Attributes:
         last: The :class:`CurvatureStats` of the last sampled update (None before one).
