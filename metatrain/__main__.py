@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=int, default=None, help="total ES updates (default 100)")
     run.add_argument("--pairs", type=int, default=None, help="antithetic pairs per iteration (8)")
     run.add_argument("--sigma", type=float, default=None, help="perturbation scale (0.05)")
-    run.add_argument("--lr", type=float, default=None, help="Adam LR on the planner weights (0.02)")
+    run.add_argument("--lr", type=float, default=None, help="Adam LR on the planner weights (0.01)")
     run.add_argument("--val-every", type=int, default=None, help="meta-validate every k (5)")
     run.add_argument("--fitness", choices=("rank", "z"), default=None, help="shaping (rank)")
     run.add_argument("--seed", type=int, default=None)
@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--init", default=None, help="fresh (default), default, or a planner file")
     run.add_argument("--workers", type=int, default=1, help="worker processes, 1 thread each")
     run.add_argument("--export", type=Path, default=None, help="export the best planner at the end")
+    tk = sub.add_parser("tasks", help="list the task family; --time N: ms per step under GRAFF")
+    tk.add_argument("--time", type=int, default=0, metavar="STEPS")
     ex = sub.add_parser("export", help="save the best-on-meta-validation planner + JSON sidecar")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--to", type=Path, required=True)
@@ -99,11 +101,39 @@ def _run(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
+def _tasks(steps: int) -> int:
+    """Print (family, arch, optimizers, split); with ``steps``, time each under GRAFF (1 thread)."""
+    import torch
+
+    from metatrain.graff_api import fresh_vector
+    from metatrain.runner import run_task
+    from metatrain.sampler import HELD_OUT_FAMILIES, TaskSpec
+    from metatrain.tasks import ARCHS, DEFAULT_LR, lora_base_state
+
+    torch.set_num_threads(1)
+    if steps:
+        lora_base_state()  # once per process, not part of any step
+    for family, archs in ARCHS.items():
+        split = "meta-val only" if family in HELD_OUT_FAMILIES else "meta-train + meta-val"
+        for arch in archs:
+            line = (
+                f"{family:12s} {arch:12s} AdamW {DEFAULT_LR[(arch, 'adamw')]:g} / "
+                f"SGD(m 0.9) {DEFAULT_LR[(arch, 'sgd')]:g}   {split}"
+            )
+            if steps:
+                res = run_task(TaskSpec(family, arch, "adamw", steps, 1.0, 1), fresh_vector())
+                line += f"   {1000 * res.seconds / steps:.1f} ms/step"
+            print(line, flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command = _command(argv)
     if args.cmd == "run":
         return _run(args, command)
+    if args.cmd == "tasks":
+        return _tasks(args.time)
     state = load_state(args.out)
     if state is None:
         raise SystemExit(f"no meta-training state in {args.out}")

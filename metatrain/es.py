@@ -45,7 +45,7 @@ class ESConfig:
     iterations: int = 100
     pairs: int = 8
     sigma: float = 0.05
-    lr: float = 0.02
+    lr: float = 0.01
     val_every: int = 5
     fitness: str = "rank"  # "rank" (centred ranks) or "z" (z-scores)
     seed: int = 0

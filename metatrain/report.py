@@ -71,11 +71,12 @@ def plot_curve(log: list[dict[str, Any]], path: Path) -> None:
         xs, ys = zip(*train, strict=True)
         a.plot(xs, ys, "o-", color="tab:blue", alpha=0.5, ms=3, label="iteration mean")
         window = max(1, len(ys) // 10)
-        smooth = [
-            sum(ys[max(0, i - window + 1) : i + 1]) / len(ys[max(0, i - window + 1) : i + 1])
-            for i in range(len(ys))
-        ]
-        a.plot(xs, smooth, "-", color="tab:blue", lw=2, label=f"running mean ({window})")
+        if window > 1:
+            smooth = [
+                sum(ys[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+                for i in range(len(ys))
+            ]
+            a.plot(xs, smooth, "-", color="tab:blue", lw=2, label=f"running mean ({window})")
         a.legend(fontsize=8)
     a.set_title("meta-train (perturbed pairs, fresh tasks)")
     if val:
@@ -85,7 +86,8 @@ def plot_curve(log: list[dict[str, Any]], path: Path) -> None:
     for ax in (a, b):
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xlabel("ES iteration")
-        ax.set_ylabel("mean log(L / L_planner-off)")
+        ax.set_ylabel("normalised loss, mean log(L / L_off)\n(< 0: better than planner-off)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
