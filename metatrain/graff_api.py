@@ -3,10 +3,8 @@
 metatrain sees a planner only as a flat float32 vector (what ES perturbs); this module turns such
 a vector into a scheduler, a planner file, and back.
 
-Written against today's API: ``GraffScheduler(**kwargs)``, ``graff.planner_net.PlannerNet``,
-``graff.planner_io.save_planner/load_planner``. For the ``graff.GraffConfig`` API the lead
-changes :func:`build_scheduler` (kwargs -> ``config=GraffConfig(...)``; the planner-off baseline
--> ``GraffConfig(planner=False)``) and the two imports below (``graff.planner.net``).
+Public graff names only (``graff.GraffScheduler``, ``graff.GraffConfig``, ``graff.save_planner``,
+``graff.load_planner``), plus :class:`graff.planner.net.PlannerNet` for the weights' layout.
 """
 
 from __future__ import annotations
@@ -19,10 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from graff.clock import BudgetClock
-from graff.graff_scheduler import GraffScheduler
-from graff.planner_io import load_planner, save_planner  # TODO(GraffConfig): graff.planner.io
-from graff.planner_net import PlannerNet  # TODO(GraffConfig): graff.planner.net
+from graff import BudgetClock, GraffConfig, GraffScheduler, load_planner, save_planner
+from graff.errors import ProbeWarning
+from graff.planner.net import PlannerNet
 
 
 def _to_planner(vector: Tensor) -> PlannerNet:
@@ -70,19 +67,16 @@ def build_scheduler(
     """GRAFF with the planner ``planner`` (a vector), or planner-off when ``planner`` is None.
 
     With a planner: the scheduler's defaults (online learning on), warm-started from the vector
-    exactly as a user's ``warm_start=path`` would load it. Planner-off: ``warm_start=None,
-    online=False`` — a zero decoder that never learns, so the residual is 0 and the multipliers
-    1: peak search + prior + guard, the same LRs as planner-off (it still pays the planner's
-    forward cost, which changes no LR under a step budget).
+    exactly as a user's ``warm_start=path`` would load it. Planner-off:
+    ``GraffConfig(planner=False)`` — peak search + prior + guard, no planner at all.
     """
     clock = BudgetClock(steps=steps)
     common = {"model": model, "loss_fn": loss_fn, "seed": seed}
     with warnings.catch_warnings():
-        # small non-HF models have no early decoder layer: GRAFF runs without the entropy probe
-        warnings.simplefilter("ignore")
+        # MLPs and CNNs have no early decoder layer: GRAFF runs without the entropy probe
+        warnings.simplefilter("ignore", ProbeWarning)
         if planner is None:
-            # TODO(GraffConfig): GraffScheduler(optimizer, clock, config=GraffConfig(planner=False))
-            return GraffScheduler(optimizer, clock, warm_start=None, online=False, **common)
+            return GraffScheduler(optimizer, clock, config=GraffConfig(planner=False), **common)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_vector(planner, Path(tmp) / "planner.safetensors")
             return GraffScheduler(optimizer, clock, warm_start=path, **common)
