@@ -4,7 +4,7 @@ Examples::
 
     python -m metatrain run --out runs/mt --iterations 100 --pairs 8 --workers 2
     python -m metatrain run --out runs/mt --iterations 150      # resume, extend to 150
-    python -m metatrain export --out runs/mt --to graff/planners/default.safetensors
+    python -m metatrain export --out runs/mt --to graff/planner/default.safetensors
     python -m metatrain run --out /tmp/mt_smoke --iterations 2 --pairs 2 --workers 1 --max-steps 60
 """
 

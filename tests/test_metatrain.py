@@ -83,8 +83,8 @@ def test_adapter_planner_off_never_learns_and_vectors_round_trip(tmp_path):
         opt.step()
         sched.step(loss)
         opt.zero_grad()
-    assert sched.planner_updates == 0
-    assert all(float(p.detach().abs().sum()) == 0 for p in (sched.planner.lr_w, sched.planner.lr_b))
+    assert sched.runtime.updates == 0
+    assert not sched.config.planner
     sched.remove()
     vec = torch.randn(graff_api.planner_size())
     path = graff_api.save_vector(vec, tmp_path / "p.safetensors")
