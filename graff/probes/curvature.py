@@ -58,7 +58,6 @@ from graff.errors import (
     ProbeError,
     ProbeWarning,
 )
-from graff.probes._curvature_state import FORMAT_VERSION, check_state
 from graff.probes._inputs import (
     SHARDED_LAMBDA_OFF,
     SparseGradCheck,
@@ -68,6 +67,7 @@ from graff.probes._inputs import (
     reject_sparse_modules,
 )
 from graff.probes._overhead import OverheadMeter
+from graff.probes._state import CURVATURE_FORMAT_VERSION, check_curvature_state
 from graff.probes._update import UpdateBuffer
 from graff.probes.lambda_max import MIN_ESTIMATE_SHARE, LambdaMaxEstimator, estimate_cost_steps
 from graff.probes.stats import CurvatureStats, _derived_stats
@@ -457,7 +457,7 @@ class CurvatureProbe:
         and the estimator's state (eigenvector, estimate, interval, probe batch).
         """
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": CURVATURE_FORMAT_VERSION,
             "step": self.step,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
@@ -470,7 +470,7 @@ class CurvatureProbe:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; checks version, keys and the eigenvector size."""
-        check_state(state)
+        check_curvature_state(state)
         self.estimator.load_state_dict(state["estimator"])
         self.step = int(state["step"])
         self.dropped_samples = int(state["dropped_samples"])
