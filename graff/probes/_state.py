@@ -1,7 +1,7 @@
 """The probes' checkpoint schemas: format versions, keys, and the checks of both.
 
-``CurvatureProbe.load_state_dict`` and ``EntropyProbe.load_state_dict`` run their check before
-they load anything, so a state of another version or with other keys raises
+``CurvatureProbe.load_state_dict`` (with its λ̂ estimator's entries) and
+``EntropyProbe.load_state_dict`` run their check before they load anything, so a state of another version or with other keys raises
 :class:`~graff.errors.CheckpointError` and leaves the probe as it was.
 """
 
@@ -17,6 +17,7 @@ __all__ = [
     "ENTROPY_FORMAT_VERSION",
     "check_curvature_state",
     "check_entropy_state",
+    "check_estimator_state",
 ]
 
 #: CurvatureProbe, version 2: the λ̂ estimator's entries moved under ``"estimator"``.
@@ -47,6 +48,32 @@ def check_curvature_state(state: Any) -> None:
         raise CheckpointError(
             f"CurvatureProbe state keys differ: missing {sorted(CURVATURE_STATE_KEYS - set(state))}, "
             f"unexpected {sorted(set(state) - CURVATURE_STATE_KEYS)}."
+        )
+
+
+#: The λ̂ estimator's entries (``state["estimator"]`` of a CurvatureProbe state).
+_ESTIMATOR_KEYS = frozenset(
+    {
+        "kind",
+        "eigenvector",
+        "lambda_max",
+        "last_attempt_step",
+        "interval",
+        "cold_iters_done",
+        "n_estimates",
+        "dropped_estimates",
+        "probe_inputs",
+    }
+)
+
+
+def check_estimator_state(state: Any) -> None:
+    """Raise :class:`~graff.errors.CheckpointError` unless ``state`` has the estimator's keys."""
+    if not isinstance(state, Mapping) or set(state) != _ESTIMATOR_KEYS:
+        got = set(state) if isinstance(state, Mapping) else set()
+        raise CheckpointError(
+            f"CurvatureProbe λ̂ state keys differ: missing {sorted(_ESTIMATOR_KEYS - got)}, "
+            f"unexpected {sorted(got - _ESTIMATOR_KEYS)}."
         )
 
 
