@@ -24,6 +24,7 @@ the entropy of the hidden state at position :math:`j`, i.e. of the prediction ma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,7 +34,7 @@ from torch import Tensor
 from graff._checks import check_finite, check_positive
 from graff.errors import GraffConfigError, GraffTypeError
 
-__all__ = ["token_weights_from_entropy", "weighted_causal_lm_loss"]
+__all__ = ["batch_token_weights", "token_weights_from_entropy", "weighted_causal_lm_loss"]
 
 
 def _check_clip(clip: Sequence[float] | None) -> tuple[float, float] | None:
@@ -131,6 +132,65 @@ def token_weights_from_entropy(
         r = r.clamp(bounds[0], bounds[1])
     out[mask] = (r / r.mean()).to(torch.float32)
     return out
+
+
+def batch_token_weights(
+    entropies: Tensor,
+    token_index: Tensor,
+    dropped_index: Tensor,
+    shape: tuple[int, ...],
+    labels: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    power: float = 1.0,
+    clip: tuple[float, float] | None = (0.25, 4.0),
+    eps: float = 1e-6,
+) -> Tensor:
+    """``[batch, seq]`` loss weights from the entropies of a batch's tokens at flat positions.
+
+    What :meth:`graff.probes.entropy.EntropyProbe.token_weights` returns. Weights follow
+    :func:`token_weights_from_entropy` on the positions that carry loss: positions ``j`` in
+    ``token_index`` whose target ``labels[:, j + 1]`` is not ``ignore_index`` (all of them but
+    the last of each row if ``labels`` is ``None``). On those they average 1; the positions in
+    ``dropped_index`` (entropy NaN/inf) get weight 1; the others (padding) and positions without
+    a target get 0.
+
+    Args:
+        entropies: Float32 ``[k]`` finite entropies of the tokens at ``token_index``.
+        token_index: Long ``[k]`` flat positions in ``batch * seq``.
+        dropped_index: Long flat positions whose entropy was dropped.
+        shape: ``(batch, seq)`` of the forward.
+        labels: ``[batch, seq]`` labels of the forward (unshifted), or ``None``.
+        ignore_index: Label value without loss.
+        power: Exponent of the entropy, see :func:`token_weights_from_entropy`.
+        clip: Bounds relative to the mean weight, or ``None``.
+        eps: Added to the entropy before the power.
+
+    Returns:
+        Float32 weights of shape ``shape`` on the device of ``entropies``.
+
+    Raises:
+        GraffConfigError: if ``labels`` does not have the shape ``shape``.
+    """
+    n, device = math.prod(shape), entropies.device
+    ent = torch.zeros(n, dtype=torch.float32, device=device)
+    ent[token_index] = entropies
+    seen = torch.zeros(n, dtype=torch.bool, device=device)
+    seen[token_index] = True
+    dropped = torch.zeros_like(seen)
+    dropped[dropped_index] = True
+    target = torch.ones(shape, dtype=torch.bool, device=device)
+    if labels is not None:
+        if tuple(labels.shape) != shape:
+            raise GraffConfigError(
+                f"labels must have the shape {shape} of the last forward, got {tuple(labels.shape)}."
+            )
+        target[:, :-1] = labels[:, 1:].to(device) != ignore_index
+    target[:, -1] = False
+    target = target.reshape(-1)
+    weights = token_weights_from_entropy(ent, power=power, clip=clip, mask=seen & target, eps=eps)
+    weights[dropped & target] = 1.0
+    return weights.reshape(shape)
 
 
 def weighted_causal_lm_loss(

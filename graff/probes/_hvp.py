@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from graff.errors import CheckpointError
+
 HVP = Callable[[list[Tensor]], list[Tensor]]
 
 
@@ -136,3 +138,35 @@ def quantize_int8(x: Tensor) -> tuple[Tensor, float]:
 def dequantize_int8(q: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> Tensor:
     """``q · scale`` in ``dtype`` (the inverse of :func:`quantize_int8` up to its rounding)."""
     return q.to(dtype) * scale
+
+
+def save_eigenvector(v: Sequence[tuple[Tensor, float]] | None) -> Tensor | None:
+    """The int8 eigenvector as one flat bfloat16 CPU tensor (exact), or None without one.
+
+    Exact: ``q · s`` with a power-of-two ``s`` is a bfloat16 number, and :func:`load_eigenvector`
+    quantizes it back to the same ``(q, s)``.
+    """
+    if v is None:
+        return None
+    return torch.cat([dequantize_int8(q, s, torch.bfloat16).reshape(-1).cpu() for q, s in v])
+
+
+def load_eigenvector(
+    eig: Tensor | None, params: Sequence[Tensor]
+) -> list[tuple[Tensor, float]] | None:
+    """:func:`save_eigenvector` output back into int8 pieces shaped like ``params``.
+
+    Raises:
+        CheckpointError: if ``eig`` does not have one entry per parameter entry.
+    """
+    sizes = [p.numel() for p in params]
+    if eig is None:
+        return None
+    if eig.numel() != sum(sizes):
+        raise CheckpointError(
+            f"eigenvector has {eig.numel()} entries, the probed parameters {sum(sizes)}."
+        )
+    return [
+        quantize_int8(c.reshape(p.shape).to(p.device, torch.float32))
+        for c, p in zip(eig.split(sizes), params, strict=True)
+    ]

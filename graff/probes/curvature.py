@@ -39,11 +39,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,132 +50,29 @@ from torch import Tensor, nn
 from graff._checks import check_optimizer_and_model, check_positive_int
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._warn import warn
-from graff.blocks import Block, discover_blocks
+from graff.blocks import Block
 from graff.distributed import is_sharded, local_shard, unwrap_data_parallel
 from graff.errors import (
-    CheckpointError,
     GraffConfigError,
     GraffTypeError,
     ProbeError,
     ProbeWarning,
 )
+from graff.probes._inputs import (
+    SHARDED_LAMBDA_OFF,
+    SparseGradCheck,
+    check_blocks,
+    check_update_dtype,
+    lambda_off_message,
+    reject_sparse_modules,
+)
 from graff.probes._overhead import OverheadMeter
+from graff.probes._state import CURVATURE_FORMAT_VERSION, check_curvature_state
 from graff.probes._update import UpdateBuffer
 from graff.probes.lambda_max import MIN_ESTIMATE_SHARE, LambdaMaxEstimator, estimate_cost_steps
+from graff.probes.stats import CurvatureStats, _derived_stats
 
 __all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_cost_steps"]
-
-#: Version 2: the λ̂ estimator's entries moved under ``"estimator"``.
-FORMAT_VERSION = 2
-_STATE_KEYS = frozenset(
-    {
-        "format_version",
-        "step",
-        "dropped_samples",
-        "overhead_seconds",
-        "update",
-        "grad_dot_update",
-        "window",
-        "last",
-        "estimator",
-    }
-)
-
-
-@dataclass(frozen=True)
-class CurvatureStats:
-    """Per-block statistics of one update, tensors of shape ``[n_blocks]`` (float32, CPU).
-
-    Attributes:
-        step: Index ``t`` of the optimizer step whose update :math:`\\Delta\\theta_t` is described.
-        hypergrad: :math:`\\langle g_{t+1,i}, \\Delta\\theta_{t,i}\\rangle = \\partial L_{t+1}/\\partial\\log m_{t,i}`.
-        grad_dot_update: :math:`\\langle g_{t,i}, \\Delta\\theta_{t,i}\\rangle`.
-        update_sq_norm: :math:`\\lVert\\Delta\\theta_{t,i}\\rVert^2`.
-        grad_sq_norm: :math:`\\lVert g_{t+1,i}\\rVert^2`.
-        secant: :math:`\\langle g_{t+1,i}-g_{t,i}, \\Delta\\theta_{t,i}\\rangle/\\lVert\\Delta\\theta_{t,i}\\rVert^2`
-            (0 where the block did not move).
-        secant_ratio: :math:`q_i = \\langle g_{t+1,i}-g_{t,i}, \\Delta\\theta_{t,i}\\rangle/(-\\langle g_{t,i}, \\Delta\\theta_{t,i}\\rangle)`
-            (0 where the denominator is 0).
-    """
-
-    step: int
-    hypergrad: Tensor
-    grad_dot_update: Tensor
-    update_sq_norm: Tensor
-    grad_sq_norm: Tensor
-    secant: Tensor
-    secant_ratio: Tensor
-
-
-_F32_LIMIT = 3.4028235677973366e38  # |x| below this rounds to a finite float32
-
-
-def _derived_stats(raw: list[list[float]]) -> tuple[Tensor | None, float]:
-    """``([6, n_blocks] float32 statistics, q of the whole update)``, or ``(None, nan)``.
-
-    ``raw`` holds the block sums ``[−hyper, usq, gsq, gdu]`` (lists of ``n_blocks`` floats). Rows
-    of the result: hypergrad, ⟨g_t, Δθ_t⟩, ‖Δθ‖², ‖g‖², secant, ratio; the whole update's values
-    are the sums over blocks. The handful of divisions are done on the host in float64 (a ratio
-    is 0 where its denominator is 0), then rounded to float32 once; ``None`` if any value
-    (blocks or whole update) is not finite in float32.
-    """
-    neg_hyper, usq, gsq, gdu = ([*row, sum(row)] for row in raw)
-    hyper = [-x for x in neg_hyper]
-    curv = [h - d for h, d in zip(hyper, gdu, strict=True)]
-    secant = [c / u if u != 0 else 0.0 for c, u in zip(curv, usq, strict=True)]
-    ratio = [c / -d if d != 0 else 0.0 for c, d in zip(curv, gdu, strict=True)]
-    rows = (hyper, gdu, usq, gsq, secant, ratio)
-    if not all(-_F32_LIMIT < x < _F32_LIMIT for row in rows for x in row):  # NaN fails too
-        return None, math.nan
-    return torch.tensor([row[:-1] for row in rows], dtype=torch.float32), ratio[-1]
-
-
-def _check_update_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise GraffConfigError(
-            f"update_dtype must be None or a floating torch.dtype, got {dtype!r}."
-        )
-    return dtype
-
-
-def _check_blocks(
-    optimizer: torch.optim.Optimizer, model: nn.Module | None, blocks: Any
-) -> list[Block]:
-    if blocks is None or isinstance(blocks, Mapping):
-        return discover_blocks(optimizer, model, blocks)
-    blocks = list(blocks)
-    if not blocks or not all(isinstance(b, Block) for b in blocks):
-        raise GraffTypeError(
-            f"blocks must be None, a mapping {{name: parameters}} or a non-empty list of "
-            f"graff.blocks.Block, got {blocks!r}."
-        )
-    return blocks
-
-
-_SPARSE_HINT = (
-    "graff's curvature probe (used by GraffScheduler and ReactorScheduler) reads dense "
-    "gradients only; build the module with sparse=False, or use graff.BudgetScheduler, "
-    "which reads no gradients."
-)
-
-
-def _reject_sparse_modules(model: nn.Module | None, params: Sequence[Tensor]) -> None:
-    """Raise if ``model`` has an embedding with ``sparse=True`` whose weight is probed."""
-    if model is None:
-        return
-    ids = {id(p) for p in params}
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and id(m.weight) in ids:
-            raise GraffConfigError(f"{name or type(m).__name__} has sparse=True: {_SPARSE_HINT}")
-
-
-def _reject_sparse_grad(p: Tensor) -> None:
-    """Raise (before the optimizer step runs) if ``p`` has a sparse gradient."""
-    if p.grad is not None and p.grad.layout != torch.strided:
-        raise GraffConfigError(
-            f"a parameter of shape {tuple(p.shape)} has a sparse gradient ({p.grad.layout}): "
-            + _SPARSE_HINT
-        )
 
 
 def _forward(owner: str, name: str) -> property:
@@ -190,20 +85,6 @@ def _forward(owner: str, name: str) -> property:
         setattr(getattr(self, owner), name, value)
 
     return property(get, set_, doc=f"``{owner}.{name}``.")
-
-
-def lambda_off_message(err: Exception) -> str:
-    """The warning when λ̂ is turned off because the loss cannot be re-evaluated."""
-    message = f"CurvatureProbe turns its λ̂ estimates off: {err}"
-    if "loss_fn=" not in message:
-        message += " Pass loss_fn= to enable them."
-    return (
-        message + " loss_fn must return the loss on one fixed probe batch (the same tensors at "
-        "every call, e.g. the first training batch): on the current batch λ̂ follows the batch "
-        "noise and two identical runs differ. Without λ̂ the LR is guarded by the loss alone "
-        "(docs/concepts/graff.md). To silence: "
-        "warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning)."
-    )
 
 
 class CurvatureProbe:
@@ -294,7 +175,7 @@ class CurvatureProbe:
             raise GraffTypeError(f"hvp must be a bool, got {hvp!r}.")
         secant_window = check_positive_int("secant_window", secant_window)
         self.stats_every = check_positive_int("stats_every", stats_every)
-        self.update_dtype = _check_update_dtype(update_dtype)
+        self.update_dtype = check_update_dtype(update_dtype)
         self.optimizer, self.model = optimizer, model
         hvp = self._init_params(model, blocks, hvp)
         self.meter = OverheadMeter()
@@ -327,21 +208,15 @@ class CurvatureProbe:
 
     def _init_params(self, model: nn.Module | None, blocks: Any, hvp: bool) -> bool:
         """The probed blocks and parameters; returns ``hvp``, False under FSDP sharding."""
-        self.blocks = _check_blocks(self.optimizer, model, blocks)
+        self.blocks = check_blocks(self.optimizer, model, blocks)
         self._params = [p for b in self.blocks for p in b.params]
-        _reject_sparse_modules(model, self._params)
+        reject_sparse_modules(model, self._params)
         self._block_of = torch.tensor([i for i, b in enumerate(self.blocks) for _ in b.params])
         # FSDP2: per-step dot products run on local shards and are summed over the ranks.
         self._sharded = torch.tensor([is_sharded(p) for p in self._params], dtype=torch.bool)
         self._dtensor = any(hasattr(p, "to_local") for p in self._params)
         if hvp and bool(self._sharded.any()):
-            warn(
-                "CurvatureProbe turns its λ̂ estimates off: the parameters are sharded (FSDP), "
-                "and Hessian-vector products need gradients with respect to the full parameters; "
-                "the per-step statistics are summed over the shards. See docs/distributed.md. "
-                "To silence: warnings.filterwarnings('ignore', category=graff.errors.ProbeWarning).",
-                ProbeWarning,
-            )
+            warn(SHARDED_LAMBDA_OFF, ProbeWarning)
             return False
         return hvp
 
@@ -351,8 +226,7 @@ class CurvatureProbe:
         )
         self._all = list(range(len(self._params)))
         self._blocks_of = self._block_of.tolist()
-        self._checked = [False] * len(self._params)  # gradient layout checked (sparse)
-        self._all_checked = not self._params
+        self._sparse_check = SparseGradCheck(self._params)
         self._pending: list[int] = []
         self._window: deque[float] = deque(maxlen=secant_window)
         self.last: CurvatureStats | None = None
@@ -396,16 +270,6 @@ class CurvatureProbe:
         return [local_shard(t) for t in ts] if self._dtensor else ts
 
     # ------------------------------------------------------------------ per-step statistics
-    def _check_layouts(self, have: list[int]) -> None:
-        """Reject a sparse gradient the first time each parameter has a gradient."""
-        if self._all_checked:
-            return
-        for j in have:
-            if not self._checked[j]:
-                _reject_sparse_grad(self._params[j])
-                self._checked[j] = True
-        self._all_checked = all(self._checked)
-
     def _pre_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         t0 = time.perf_counter()
         update = self._update
@@ -433,7 +297,7 @@ class CurvatureProbe:
             update.incomplete = update.has_update = False
             self._pending = have if have and sample else []
             if self._pending:
-                self._check_layouts(have)
+                self._sparse_check.check(have)
                 self._update.hold(self._loc(self._params), have)
         self.meter.add_hook(time.perf_counter() - t0)
 
@@ -593,7 +457,7 @@ class CurvatureProbe:
         and the estimator's state (eigenvector, estimate, interval, probe batch).
         """
         return {
-            "format_version": FORMAT_VERSION,
+            "format_version": CURVATURE_FORMAT_VERSION,
             "step": self.step,
             "dropped_samples": self.dropped_samples,
             "overhead_seconds": self.overhead_seconds,
@@ -606,18 +470,7 @@ class CurvatureProbe:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; checks version, keys and the eigenvector size."""
-        if not isinstance(state, Mapping) or state.get("format_version") != FORMAT_VERSION:
-            got = (
-                state.get("format_version") if isinstance(state, Mapping) else type(state).__name__
-            )
-            raise CheckpointError(
-                f"expected a CurvatureProbe state with format_version {FORMAT_VERSION}, got {got!r}."
-            )
-        if set(state) != _STATE_KEYS:
-            raise CheckpointError(
-                f"CurvatureProbe state keys differ: missing {sorted(_STATE_KEYS - set(state))}, "
-                f"unexpected {sorted(set(state) - _STATE_KEYS)}."
-            )
+        check_curvature_state(state)
         self.estimator.load_state_dict(state["estimator"])
         self.step = int(state["step"])
         self.dropped_samples = int(state["dropped_samples"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,18 +37,19 @@ from graff._seeding import stream_seed
 from graff._warn import warn
 from graff.distributed import unwrap_data_parallel
 from graff.errors import (
-    CheckpointError,
     GraffConfigError,
     GraffTypeError,
     ProbeError,
     ProbeWarning,
 )
 from graff.probes._context import probing, probing_active
-from graff.tokens import token_weights_from_entropy
+from graff.probes._lens import resolve_layer_and_head
+from graff.probes._state import ENTROPY_FORMAT_VERSION, check_entropy_state
+from graff.probes.stats import EntropyStats
+from graff.tokens import batch_token_weights
 
 __all__ = ["EntropyProbe", "EntropyStats", "entropy_from_logits"]
 
-_FORMAT_VERSION = 1
 _CHUNK_ELEMENTS = 1 << 24  # at most this many float32 logits alive at once (64 MiB)
 
 
@@ -72,70 +72,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     p = logits.float().softmax(dim=-1)
     # xlogy(0, 0) = 0: entries with p = 0 contribute 0; a NaN p (NaN or +inf logits) propagates
     return torch.special.xlogy(p, p).sum(-1).neg_()
-
-
-@dataclass(frozen=True)
-class EntropyStats:
-    """Summary of the sampled entropies of the last forward pass (nats).
-
-    ``std`` is the population standard deviation. ``normalized_mean = mean / log(vocab)`` lies
-    in ``[0, 1]``. With no finite sample (before the first forward, or all dropped) every field
-    is 0 and ``count`` is 0: check ``count`` before using the values.
-    """
-
-    mean: float
-    std: float
-    min: float
-    max: float
-    count: int
-    normalized_mean: float
-
-
-class _LogitLens:
-    """``hidden -> lm_head(norm(hidden))`` without referencing the whole model."""
-
-    def __init__(
-        self, norm: Callable[[Tensor], Tensor], lm_head: Callable[[Tensor], Tensor]
-    ) -> None:
-        self.norm, self.lm_head = norm, lm_head
-
-    def __call__(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.norm(hidden))
-
-
-def _candidates(model: nn.Module) -> list[nn.Module]:
-    """``model`` and what it wraps (peft: PeftModel -> LoraModel -> the causal LM)."""
-    seen, out, todo = set(), [], [model]
-    while todo and len(out) < 8:
-        m = todo.pop(0)
-        if not isinstance(m, nn.Module) or id(m) in seen:
-            continue
-        seen.add(id(m))
-        out.append(m)
-        get_base = getattr(m, "get_base_model", None)
-        if callable(get_base):
-            todo.append(get_base())
-        todo.extend(m._modules.get(k) for k in ("base_model", "model") if k in m._modules)
-    return out
-
-
-def _detect(model: nn.Module) -> tuple[nn.ModuleList | None, Callable[[Tensor], Tensor] | None]:
-    """Decoder layers and logit lens of a Llama/Qwen/Mistral- or GPT-2-style causal LM."""
-    for m in _candidates(model):
-        lm_head = m._modules.get("lm_head")
-        for trunk_name, layers_name, norm_name in (
-            ("model", "layers", "norm"),
-            ("transformer", "h", "ln_f"),
-        ):
-            trunk = m._modules.get(trunk_name)
-            layers = trunk._modules.get(layers_name) if trunk is not None else None
-            if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-                norm = trunk._modules.get(norm_name)
-                lens = (
-                    _LogitLens(norm, lm_head) if norm is not None and lm_head is not None else None
-                )
-                return layers, lens
-    return None, None
 
 
 def _in_backward() -> bool:
@@ -240,7 +176,7 @@ class EntropyProbe:
         )
         self.every = check_positive_int("every", every)
         self.seed = seed
-        layer, self._head = self._resolve(model, layer, head, layer_index)
+        layer, self._head = resolve_layer_and_head(model, layer, head, layer_index)
         self.entropies: Tensor | None = None
         self.token_index: Tensor | None = None
         self._dropped_index: Tensor | None = None
@@ -289,36 +225,6 @@ class EntropyProbe:
     def _on_layer(self, module: nn.Module, args: Any, output: Any) -> None:
         if not probing_active() and not _in_backward():
             self._observe(output)
-
-    @staticmethod
-    def _resolve(
-        model: nn.Module,
-        layer: nn.Module | None,
-        head: Callable[[Tensor], Tensor] | None,
-        index: int,
-    ) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
-        layers, lens = _detect(model) if layer is None or head is None else (None, None)
-        if layer is None:
-            if layers is None:
-                raise ProbeError(
-                    f"EntropyProbe found no decoder layers in {type(model).__name__}: it looks for "
-                    "model.layers (Llama/Qwen/Mistral) and transformer.h (GPT-2), also inside peft "
-                    "wrappers. Pass layer=<the nn.Module whose output is the hidden state>."
-                )
-            if index >= len(layers):
-                raise GraffConfigError(
-                    f"layer_index must be in [0, {len(layers) - 1}] for this model with "
-                    f"{len(layers)} decoder layers, got {index!r}."
-                )
-            layer = layers[index]
-        if head is None:
-            if lens is None:
-                raise ProbeError(
-                    f"EntropyProbe found no final norm and lm_head in {type(model).__name__}. "
-                    "Pass head=<callable mapping hidden states [k, hidden] to logits [k, vocab]>."
-                )
-            head = lens
-        return layer, head
 
     @property
     def calls(self) -> int:
@@ -523,12 +429,10 @@ class EntropyProbe:
         """``[batch, seq]`` loss weights from the last forward's entropies, for the same batch.
 
         Call after the forward and before ``backward()``, then pass the result to
-        :func:`graff.tokens.weighted_causal_lm_loss`. Weights follow
-        :func:`graff.tokens.token_weights_from_entropy` on the positions that carry loss:
-        non-padding positions ``j`` whose target ``labels[:, j + 1]`` is not ``ignore_index``
-        (all non-padding positions but the last if ``labels`` is ``None``). On those they average
-        1; tokens whose entropy was dropped (NaN/inf) get weight 1; padding and positions without
-        a target get 0.
+        :func:`graff.tokens.weighted_causal_lm_loss`. The weights are those of
+        :func:`graff.tokens.batch_token_weights`: they average 1 on the non-padding positions
+        whose target is not ``ignore_index``; dropped entropies (NaN/inf) get weight 1; padding
+        and positions without a target get 0.
 
         Args:
             labels: ``[batch, seq]`` labels of the forward (unshifted), or ``None``.
@@ -545,27 +449,17 @@ class EntropyProbe:
             GraffConfigError: if ``labels`` does not have the ``[batch, seq]`` shape of the forward.
         """
         self._check_every_token_seen()
-        n, device = math.prod(self._shape), self.entropies.device
-        ent = torch.zeros(n, dtype=torch.float32, device=device)
-        ent[self.token_index] = self.entropies
-        seen = torch.zeros(n, dtype=torch.bool, device=device)
-        seen[self.token_index] = True
-        dropped = torch.zeros_like(seen)
-        dropped[self._dropped_index] = True
-        target = torch.ones(self._shape, dtype=torch.bool, device=device)
-        if labels is not None:
-            if tuple(labels.shape) != self._shape:
-                raise GraffConfigError(
-                    f"labels must have the shape {self._shape} of the last forward, got {tuple(labels.shape)}."
-                )
-            target[:, :-1] = labels[:, 1:].to(device) != ignore_index
-        target[:, -1] = False
-        target = target.reshape(-1)
-        weights = token_weights_from_entropy(
-            ent, power=power, clip=clip, mask=seen & target, eps=eps
+        return batch_token_weights(
+            self.entropies,
+            self.token_index,
+            self._dropped_index,
+            self._shape,
+            labels,
+            ignore_index=ignore_index,
+            power=power,
+            clip=clip,
+            eps=eps,
         )
-        weights[dropped & target] = 1.0
-        return weights.reshape(self._shape)
 
     def _check_every_token_seen(self) -> None:
         """Raise ProbeError unless the last forward's entropies cover every token of a 2-d input."""
@@ -585,7 +479,7 @@ class EntropyProbe:
     def state_dict(self) -> dict[str, Any]:
         """Sampling state: ``format_version``, ``seed``, ``calls``, ``dropped_samples`` (ints)."""
         return {
-            "format_version": _FORMAT_VERSION,
+            "format_version": ENTROPY_FORMAT_VERSION,
             "seed": self.seed,
             "calls": self._calls,
             "dropped_samples": self._dropped,
@@ -597,18 +491,7 @@ class EntropyProbe:
         Raises:
             CheckpointError: if ``state`` is not an EntropyProbe state of this version.
         """
-        version = state.get("format_version") if isinstance(state, dict) else None
-        if version != _FORMAT_VERSION:
-            raise CheckpointError(
-                f"Not an EntropyProbe state of format_version {_FORMAT_VERSION}: got {version!r}."
-            )
-        missing = {"seed", "calls", "dropped_samples"} - state.keys()
-        if missing:
-            raise CheckpointError(f"EntropyProbe state is missing keys {sorted(missing)}.")
-        for key in ("seed", "calls", "dropped_samples"):
-            value = state[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise CheckpointError(f"EntropyProbe state has invalid {key}={value!r}.")
+        check_entropy_state(state)
         self.seed, self._calls, self._dropped = (
             state["seed"],
             state["calls"],

@@ -36,8 +36,16 @@ from graff.distributed import RankSync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._capture import InputCapture
 from graff.probes._context import probing
-from graff.probes._hvp import dequantize_int8, make_hvp, power_iteration, quantize_int8
+from graff.probes._hvp import (
+    dequantize_int8,
+    load_eigenvector,
+    make_hvp,
+    power_iteration,
+    quantize_int8,
+    save_eigenvector,
+)
 from graff.probes._overhead import OverheadMeter
+from graff.probes._state import check_estimator_state
 from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
 
 #: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
@@ -50,19 +58,6 @@ HVP_STEPS = 2.0
 #: ``create_graph=True``) in training steps, paid once per estimate.
 GRAPH_STEPS = 1.0
 COST_MODELS = ("steps", "seconds")
-_STATE_KEYS = frozenset(
-    {
-        "kind",
-        "eigenvector",
-        "lambda_max",
-        "last_attempt_step",
-        "interval",
-        "cold_iters_done",
-        "n_estimates",
-        "dropped_estimates",
-        "probe_inputs",
-    }
-)
 #: Runs one estimate of ``iters`` products (``publish``: make it the new λ̂); returns λ or None.
 Runner = Callable[[int, bool], "float | None"]
 
@@ -461,16 +456,9 @@ class LambdaMaxEstimator:
 
     def state_dict(self) -> dict[str, Any]:
         """The eigenvector (bfloat16, exact), estimate, counters, interval and probe batch."""
-        eig = (
-            None
-            if self._v is None
-            else torch.cat(
-                [dequantize_int8(q, s, torch.bfloat16).reshape(-1).cpu() for q, s in self._v]
-            )
-        )  # exact: q · s with a power-of-two s is a bfloat16 number
         return {
             "kind": self.kind,
-            "eigenvector": eig,
+            "eigenvector": save_eigenvector(self._v),
             "lambda_max": self.lambda_max,
             "last_attempt_step": self._last_attempt,
             "interval": self.interval,
@@ -482,17 +470,12 @@ class LambdaMaxEstimator:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; checks keys, preconditioner and eigenvector size."""
-        if not isinstance(state, Mapping) or set(state) != _STATE_KEYS:
-            got = set(state) if isinstance(state, Mapping) else set()
-            raise CheckpointError(
-                f"CurvatureProbe λ̂ state keys differ: missing {sorted(_STATE_KEYS - got)}, "
-                f"unexpected {sorted(got - _STATE_KEYS)}."
-            )
+        check_estimator_state(state)
         if state["kind"] != self.kind:
             raise CheckpointError(
                 f"state was saved with preconditioner {state['kind']!r}, this probe uses {self.kind!r}."
             )
-        self._v = self._load_eigenvector(state["eigenvector"])
+        self._v = load_eigenvector(state["eigenvector"], self.params)
         self.lambda_max = None if state["lambda_max"] is None else float(state["lambda_max"])
         last_attempt = state["last_attempt_step"]
         if last_attempt is not None and (
@@ -508,16 +491,3 @@ class LambdaMaxEstimator:
         self.dropped_estimates = int(state["dropped_estimates"])
         if self._capture is not None:
             self._capture.set(state["probe_inputs"])
-
-    def _load_eigenvector(self, eig: Tensor | None) -> list[tuple[Tensor, float]] | None:
-        sizes = [p.numel() for p in self.params]
-        if eig is None:
-            return None
-        if eig.numel() != sum(sizes):
-            raise CheckpointError(
-                f"eigenvector has {eig.numel()} entries, the probed parameters {sum(sizes)}."
-            )
-        return [
-            quantize_int8(c.reshape(p.shape).to(p.device, torch.float32))
-            for c, p in zip(eig.split(sizes), self.params, strict=True)
-        ]
