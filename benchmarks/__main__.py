@@ -1,9 +1,10 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|budgets|wallclock``, ``overhead``, ``soak`` and ``gpu``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|budgets|wallclock``, ``overhead``, ``soak``, ``gpu`` and ``heldout``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,12 @@ def _gpu(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["heldout"]:  # its own parser (benchmarks/heldout.py)
+        from benchmarks.heldout import main as heldout
+
+        heldout(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every scheduler on every task of a suite")
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
             "budgets",
             "wallclock",
             "wallclock-quick",
+            "wallclock-60",
         ],
         default="quick",
     )
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_arguments(gpu)
     gpu.set_defaults(func=_gpu)
+    sub.add_parser("heldout", help="GRAFF with and without λ̂ on tasks the benchmark never uses")
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -80,6 +80,8 @@ def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
         ("best_baseline", best),
         ("prior_only", cells.get("prior_only@1")),
         ("best_anchor", best_anchor),
+        ("graff_planner_off", cells.get("graff_planner_off@1")),
+        ("graff_fresh", cells.get("graff_fresh@1")),
     ):
         if graff and other:
             common = sorted(set(graff["seeds"]) & set(other["seeds"]))
@@ -308,7 +310,17 @@ def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> di
         for ts in summary["tasks"].values()
         for cell in ts["cells"].values()
     )  # issue 5's targets compare against baselines: not shown for the floor/ablation suites
-    issue5 = "\n" + targets_markdown(summary, overhead) if has_baselines else ""
+    has_anchors = any(
+        cell["scheduler"] in ANCHORS
+        for ts in summary["tasks"].values()
+        for cell in ts["cells"].values()
+    )  # the tuning-free suites (issue 18) have their own targets
+    if has_anchors and has_baselines:
+        from benchmarks.targets import targets_markdown as tuning_free_markdown
+
+        issue5 = "\n" + tuning_free_markdown(summary)
+    else:
+        issue5 = "\n" + targets_markdown(summary, overhead) if has_baselines else ""
     (out / "results.md").write_text(head + issue5 + floor + sep + rest)
     plots(runs, summary, out)
     return payload

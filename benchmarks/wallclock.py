@@ -47,7 +47,12 @@ EVAL_POINTS = 5
 WALLCLOCK_SUITES: dict[str, tuple[str, int]] = {
     "wallclock": ("full", 3),
     "wallclock-quick": ("quick", 1),
+    "wallclock-60": ("full", 1),
 }
+#: Realistic budgets (issue 18): every run gets at least this many seconds, no step cap, and
+#: only the schedulers the overhead question needs (GRAFF against the two plain schedules).
+LONG_SUITES = {"wallclock-60": 60.0}
+LONG_SCHEDULERS = ("graff", "cosine", "wsd")
 
 
 def _suite(name: str) -> Suite:
@@ -73,7 +78,9 @@ def _time_steps(task: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
+def _train(
+    task: Any, name: str, seed: int, budget: float, step_cap: float = STEP_CAP
+) -> dict[str, Any]:
     kind, lr, weight_decay = task_optimizer(task)
     steps = task.steps
     model = task.build(seed)
@@ -107,11 +114,12 @@ def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
     trace = train_loop(
         lambda: task_step(task, model, setup, gen),
         setup,
-        clock_budget(clock, STEP_CAP * steps),
+        clock_budget(clock, step_cap * steps),
         clock=clock,
         after_step=evaluate,
     )
     train_seconds = clock.elapsed_seconds
+    own = setup.scheduler.overhead_seconds() if hasattr(setup.scheduler, "overhead_seconds") else {}
     done, diverged = trace.steps, trace.diverged
     train_losses, lrs = trace.losses, trace.lrs
     with clock.paused():
@@ -126,7 +134,9 @@ def _train(task: Any, name: str, seed: int, budget: float) -> dict[str, Any]:
         "budget_seconds": budget,
         "steps_done": done,
         "step_budget": steps,
-        "hit_step_cap": done >= STEP_CAP * steps,
+        "hit_step_cap": done >= step_cap * steps,
+        # GRAFF's own seconds (probe hooks, planner, guard; every λ̂ estimate incl. the cold start)
+        "scheduler_seconds": {k: round(v, 4) for k, v in own.items()},
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - start,
         "final_val_loss": None if diverged else final,
@@ -159,7 +169,7 @@ def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, worker
         budgets[task.name] = {
             "step_budget": task.steps,
             "adamw_cosine_median_step_seconds": per_step,
-            "budget_seconds": task.steps * per_step,
+            "budget_seconds": max(task.steps * per_step, LONG_SUITES.get(name, 0.0)),
         }
         tasks.append(task)
     meta["budgets"] = budgets
@@ -167,12 +177,15 @@ def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, worker
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
     log.write_text("")
-    specs = [(t, s, seed) for t in tasks for seed in range(seeds) for s in SCHEDULERS]
+    names = LONG_SCHEDULERS if name in LONG_SUITES else SCHEDULERS
+    cap = math.inf if name in LONG_SUITES else STEP_CAP
+    specs = [(t, s, seed) for t in tasks for seed in range(seeds) for s in names]
     runs = []
     for task, sched, seed in tqdm(specs, desc=f"{name} suite"):
         result: dict[str, Any] = {"task": task.name, "scheduler": sched, "seed": seed}
         try:
-            result.update(_train(task, sched, seed, budgets[task.name]["budget_seconds"]))
+            budget = budgets[task.name]["budget_seconds"]
+            result.update(_train(task, sched, seed, budget, cap))
             result["status"] = "ok"
         except Exception as err:
             result.update(status="error", error=f"{type(err).__name__}: {err}")
@@ -197,8 +210,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if r.get("status") != "ok":
             continue
         cell = summary.setdefault(r["task"], {}).setdefault(
-            r["scheduler"], {"losses": [], "steps": [], "diverged": 0, "capped": 0}
+            r["scheduler"],
+            {"losses": [], "steps": [], "diverged": 0, "capped": 0, "overhead_shares": []},
         )
+        own = r.get("scheduler_seconds") or {}
+        if own:
+            cell["overhead_shares"].append(sum(own.values()) / r["budget_seconds"])
         if r["final_val_loss"] is None:
             cell["diverged"] += 1
         else:
@@ -210,6 +227,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             cell["mean"], cell["std"] = _ms(cell["losses"])
             cell["steps_mean"] = statistics.fmean(cell["steps"])
             cell["seeds"] = len(cell["steps"])
+            shares = cell.pop("overhead_shares")
+            cell["overhead_share"] = statistics.median(shares) if shares else None
         best = min(
             (s for s in BASELINES if s in cells and cells[s]["losses"]),
             key=lambda s: cells[s]["mean"],
@@ -230,9 +249,14 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{meta.get('wall_seconds', float('nan')) / 60:.1f} min.",
         "",
         "Every scheduler gets the same wall-clock budget per task, B = step budget × median "
-        "per-step time of plain AdamW + cosine measured at set-up in the same process. Runs train "
-        f"until `BudgetClock(seconds=B)` is exhausted (capped at {STEP_CAP}× the step budget); "
-        "evaluation is paused time. Time-based cosine/linear/WSD follow `clock.fraction_used`; "
+        "per-step time of plain AdamW + cosine measured at set-up in the same process"
+        + (
+            f", at least {LONG_SUITES[meta['suite']]:.0f} s, no step cap. "
+            if meta.get("suite") in LONG_SUITES
+            else f". Runs train until `BudgetClock(seconds=B)` is exhausted (capped at {STEP_CAP}× "
+            "the step budget); "
+        )
+        + "evaluation is paused time. Time-based cosine/linear/WSD follow `clock.fraction_used`; "
         "GRAFF, prior only and REACTOR get the clock; schedule-free keeps a step warm-up "
         "(5 % of the step budget); fixed is constant. The task's default LR (1e-3 for AdamW) only, no sweep. "
         "A slower scheduler (GRAFF's probes) completes fewer steps: that is the point of this table. "
@@ -256,6 +280,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         rows = []
         for name in SCHEDULERS:
             c = cells.get(name)
+            if c is None and meta.get("suite") in LONG_SUITES and name not in LONG_SCHEDULERS:
+                continue
             if c is None:
                 rows.append((name, "—", "—", "—", "not run / skipped"))
                 continue
@@ -266,6 +292,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
                 notes.append(f"{c['diverged']} diverged")
             if c["capped"]:
                 notes.append(f"{c['capped']} hit step cap")
+            if c.get("overhead_share") is not None:
+                notes.append(f"own time {c['overhead_share'] * 100:.2f} % of B (median)")
             rel = f"{(c['mean'] / ref - 1) * 100:+.1f} %" if best and c["losses"] else "—"
             rows.append(
                 (

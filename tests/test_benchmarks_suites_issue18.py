@@ -25,22 +25,33 @@ def test_tasks_declare_their_optimizer() -> None:
     assert task_optimizer(build_task("digits_mlp", {"steps": 5})) == ("adamw", 1e-3, 0.01)
 
 
-def test_anchors_suite_has_five_tasks_with_sgd_and_a_long_horizon() -> None:
-    suite = SUITES["anchors"]
-    tasks = suite.build_tasks()
-    assert len(tasks) >= 5
-    names = [t.name for t in tasks]
-    assert {"digits_mlp", "gsm8k_qwen3", "gsm8k_lora"} <= set(names)
+def test_the_two_suites_cover_five_tasks_with_sgd_and_a_long_horizon() -> None:
+    """``anchors`` (four tasks) and ``budgets`` (the char transformer at 200/800/2,000 steps)
+    meet every tuning-free anchor and the swept baselines on five distinct tasks."""
+    suites = (SUITES["anchors"], SUITES["budgets"])
+    tasks = [t for suite in suites for t in suite.build_tasks()]
+    names = {t.name for t in tasks}
+    assert len(names) >= 5
+    assert {"digits_mlp", "gsm8k_qwen3", "gsm8k_lora"} <= names
     assert any(task_optimizer(t)[0] == "sgd" for t in tasks)
     assert any(t.name.startswith("gsm8k_qwen3") and t.steps >= 1000 for t in tasks)
-    assert set(suite.anchors) == set(ANCHORS)
-    specs = suite.specs()
-    for task in names:  # each anchor once per seed, at multiplier 1 (no LR taken)
-        for anchor in ANCHORS:
-            runs = [s for s in specs if s["task"] == task and s["scheduler"] == anchor]
-            assert sorted(s["seed"] for s in runs) == list(range(suite.seeds))
-            assert {s["lr_mult"] for s in runs} == {1.0}
-    assert {s["scheduler"] for s in specs} >= {"graff", "wsd", "cosine", "schedule_free"}
+    for suite in suites:
+        assert set(suite.anchors) == set(ANCHORS)
+        specs = suite.specs()
+        for task in {t.name for t in suite.build_tasks()}:  # each anchor once per seed, at ×1
+            for anchor in ANCHORS:
+                runs = [s for s in specs if s["task"] == task and s["scheduler"] == anchor]
+                assert sorted(s["seed"] for s in runs) == list(range(suite.seeds))
+                assert {s["lr_mult"] for s in runs} == {1.0}
+        assert {s["scheduler"] for s in specs} >= {"graff", "wsd", "cosine", "schedule_free"}
+
+
+def test_the_anchors_suite_runs_the_planner_ablations_at_the_users_lr() -> None:
+    """Issue 17's evidence: shipped planner vs planner-off vs fresh, same seeds, ×1."""
+    specs = SUITES["anchors"].specs()
+    for variant in ("graff", "graff_planner_off", "graff_fresh"):
+        runs = [s for s in specs if s["scheduler"] == variant and s["lr_mult"] == 1.0]
+        assert len(runs) == 4 * SUITES["anchors"].seeds
 
 
 def test_budgets_suite_is_one_task_at_three_lengths() -> None:

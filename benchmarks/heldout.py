@@ -1,0 +1,249 @@
+"""Does a measured λ̂ ever make GRAFF worse than no λ̂ at all? (issue 18's held-out finding)
+
+``python -m benchmarks heldout`` trains GRAFF twice on every cell — once with ``model=`` and
+``loss_fn=`` (the guard has a real λ̂: "λ̂ on") and once with neither (no way to measure λ̂:
+"λ̂ off") — on tasks the benchmark never uses: the task family of ``metatrain/`` (random Markov
+and grammar languages, algorithmic sequences, tabular and synthetic-image data; tiny Llama,
+LoRA, MLP, CNN), AdamW and SGD with momentum, at the family's default LR × {0.1, 1, 10}, plus the
+benchmark's char transformer (``gsm8k_qwen3``, 300 steps) where the finding was reproduced.
+
+Each run appends one compact JSON line to ``OUT/runs.jsonl`` (resumable: a rerun skips the cells
+already there); ``OUT/summary.md`` counts, per optimizer and data family, the cells where λ̂ on
+is better / worse / level (1 % of the final validation loss) than λ̂ off, with the median and the
+worst log ratio. ``--graff-kwargs`` (``GraffConfig`` fields) tries another rule without editing
+graff; its value is recorded in every line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import statistics
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+COMBOS = (
+    ("markov", "transformer"),
+    ("markov", "lora"),
+    ("algorithmic", "transformer"),
+    ("algorithmic", "lora"),
+    ("pcfg", "transformer"),
+    ("pcfg", "lora"),
+    ("tabular", "mlp"),
+    ("shapes", "cnn"),
+)
+FACTORS = (0.1, 1.0, 10.0)
+STEPS = 200
+CHAR_STEPS = 300
+TIE = 0.01  # |log ratio| below this is a tie (1 %)
+MAX_BAD_STEPS = 20
+
+
+def _scheduler(opt: Any, steps: int, model: Any, loss_fn: Any, seed: int, kwargs: dict) -> Any:
+    from benchmarks.schedulers import graff_arguments
+    from graff import BudgetClock, GraffScheduler
+    from graff.errors import ProbeWarning
+
+    clock = BudgetClock(steps=steps, measure_energy=False)
+    extra = graff_arguments(kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeWarning)
+        if loss_fn is None:
+            return GraffScheduler(opt, clock, seed=seed, **extra)
+        return GraffScheduler(opt, clock, model=model, loss_fn=loss_fn, seed=seed, **extra)
+
+
+def _train(task: Any, model: Any, opt: Any, sched: Any, steps: int, gen: Any) -> dict[str, Any]:
+    lrs, bad = [], 0
+    try:
+        for _ in range(steps):
+            loss = task.train_loss(model, gen)
+            if not torch.isfinite(loss):
+                bad += 1
+                if bad >= MAX_BAD_STEPS:
+                    return {"final": math.inf, "lr_max": max(lrs, default=0.0)}
+                opt.zero_grad(set_to_none=True)
+                continue
+            bad = 0
+            loss.backward()
+            opt.step()
+            sched.step(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            lrs.append(opt.param_groups[0]["lr"])
+    finally:
+        sched.remove()
+    return {
+        "final": task.val_loss(model),
+        "lr_max": max(lrs),
+        "lr_end_search": lrs[int(0.15 * len(lrs))] if lrs else 0.0,
+    }
+
+
+def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
+    """One training run of a cell (``lam`` True: λ̂ on); never raises."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    out = dict(cell)
+    try:
+        kwargs = cell.get("graff_kwargs") or {}
+        if cell["family"] == "char":
+            out.update(_run_char(cell, kwargs))
+        else:
+            from metatrain.tasks import DEFAULT_LR, make_optimizer, make_task
+
+            task = make_task(cell["family"], cell["arch"], cell["seed"])
+            model = task.build(cell["seed"])
+            lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
+            opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
+            loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
+            sched = _scheduler(opt, STEPS, model, loss_fn, cell["seed"], kwargs)
+            gen = torch.Generator().manual_seed(cell["seed"])
+            out.update(_train(task, model, opt, sched, STEPS, gen))
+        out["status"] = "ok"
+    except Exception as err:  # recorded, never raised: one bad cell must not stop the sweep
+        out.update(status="error", error=f"{type(err).__name__}: {err}")
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
+
+
+_CHAR: dict[str, Any] = {}
+
+
+def _run_char(cell: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.schedulers import build_optimizer
+    from benchmarks.suites import DEFAULT_LR, WEIGHT_DECAY, build_task
+
+    if "task" not in _CHAR:
+        task = build_task("gsm8k_qwen3", {"steps": CHAR_STEPS})
+        task.setup(Path(cell["data_dir"]) if cell.get("data_dir") else None)
+        _CHAR["task"] = task
+    task = _CHAR["task"]
+    model = task.build(cell["seed"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer("adamw", params, DEFAULT_LR * cell["factor"], WEIGHT_DECAY)
+    loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
+    sched = _scheduler(opt, CHAR_STEPS, model, loss_fn, cell["seed"], kwargs)
+    gen = torch.Generator().manual_seed(1000 + cell["seed"])
+    return _train(task, model, opt, sched, CHAR_STEPS, gen)
+
+
+def cells(
+    seeds: list[int], optimizers: list[str], char_seeds: list[int], kwargs: dict, data_dir: Any
+) -> list[dict[str, Any]]:
+    """Every run of the sweep (both λ̂ settings of every cell, the char transformer first: the
+    slowest runs start early)."""
+    out = []
+    for seed in char_seeds:
+        for lam in (True, False):
+            out.append({"family": "char", "arch": "qwen3", "optimizer": "adamw", "factor": 1.0,
+                        "seed": seed, "lam": lam, "data_dir": data_dir})  # fmt: skip
+    for seed in seeds:
+        for optimizer in optimizers:
+            for family, arch in COMBOS:
+                for factor in FACTORS:
+                    for lam in (True, False):
+                        out.append({"family": family, "arch": arch, "optimizer": optimizer,
+                                    "factor": factor, "seed": seed, "lam": lam})  # fmt: skip
+    for cell in out:
+        cell["graff_kwargs"] = kwargs
+    return out
+
+
+def _key(cell: dict[str, Any], lam: bool = True) -> str:
+    names = ("family", "arch", "optimizer", "factor", "seed")
+    values = [cell[k] for k in names] + [cell.get("graff_kwargs") or {}]
+    return json.dumps(values + ([cell["lam"]] if lam else []), sort_keys=True)
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """(λ̂ on, λ̂ off) of every cell both finished: the log ratio on/off (< 0: λ̂ helped)."""
+    by: dict[tuple[str, bool], dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            by[_key(row, lam=False), row["lam"]] = row
+    out = []
+    for (key, lam), on in by.items():
+        off = by.get((key, False))
+        if not lam or off is None:
+            continue
+        a, b = on["final"], off["final"]
+        ratio = math.log(a / b) if math.isfinite(a) and math.isfinite(b) and a > 0 < b else (
+            math.inf if not math.isfinite(a) else -math.inf if not math.isfinite(b) else 0.0
+        )  # fmt: skip
+        out.append({**{k: on[k] for k in ("family", "arch", "optimizer", "factor", "seed")},
+                    "on": a, "off": b, "log_ratio": ratio,
+                    "lr_max_on": on.get("lr_max"), "lr_max_off": off.get("lr_max")})  # fmt: skip
+    return out
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    """Markdown: per optimizer × family, λ̂ on vs off wins / losses / ties, median and worst."""
+    ps = pairs(rows)
+    lines = [
+        "| optimizer | family | cells | λ̂ on better | worse | level (1 %) | median log(on/off) "
+        "| worst |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for p in ps:
+        groups.setdefault((p["optimizer"], p["family"]), []).append(p["log_ratio"])
+        groups.setdefault((p["optimizer"], "all"), []).append(p["log_ratio"])
+    for (opt, fam), values in sorted(groups.items()):
+        win = sum(v < -TIE for v in values)
+        loss = sum(v > TIE for v in values)
+        lines.append(
+            f"| {opt} | {fam} | {len(values)} | {win} | {loss} | {len(values) - win - loss} "
+            f"| {statistics.median(values):+.3f} | {max(values):+.3f} |"
+        )
+    worst = sorted(ps, key=lambda p: -p["log_ratio"])[:8]
+    lines += ["", "Worst cells (λ̂ on / off, largest LR on / off):", ""]
+    for p in worst:
+        lines.append(
+            f"- {p['optimizer']} {p['family']}/{p['arch']} ×{p['factor']:g} seed {p['seed']}: "
+            f"{p['on']:.4g} / {p['off']:.4g} ({p['log_ratio']:+.3f}); "
+            f"LR {p['lr_max_on']:.3g} / {p['lr_max_off']:.3g}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks heldout", description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results/heldout")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--char-seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--graff-kwargs", default="{}", help="GraffConfig fields, as JSON")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "runs.jsonl"
+    rows = [json.loads(s) for s in path.read_text().splitlines()] if path.exists() else []
+    done = {_key(r) for r in rows if r.get("status") == "ok"}
+    kwargs = json.loads(args.graff_kwargs)
+    todo = [
+        c
+        for c in cells(args.seeds, args.optimizers, args.char_seeds, kwargs, args.data_dir)
+        if _key(c) not in done
+    ]
+    print(f"{len(todo)} runs to do ({len(done)} done) -> {path}", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, path.open("a") as fh:
+        for i, row in enumerate(pool.map(run_cell, todo), 1):
+            row.pop("data_dir", None)
+            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+            fh.flush()
+            rows.append(row)
+            if i % 10 == 0 or i == len(todo):
+                print(f"  {i}/{len(todo)}", flush=True)
+    text = summary([r for r in rows if (r.get("graff_kwargs") or {}) == kwargs])
+    (out / "summary.md").write_text(text)
+    print(text)
