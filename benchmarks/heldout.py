@@ -244,6 +244,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             if i % 10 == 0 or i == len(todo):
                 print(f"  {i}/{len(todo)}", flush=True)
+    from benchmarks.meta import provenance
+
+    meta = provenance()
     text = summary([r for r in rows if (r.get("graff_kwargs") or {}) == kwargs])
-    (out / "summary.md").write_text(text)
-    print(text)
+    head = (
+        f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
+        f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}, "
+        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}; "
+        f"{len(rows)} runs in `runs.jsonl`. λ̂ on: `model=` and `loss_fn=`; λ̂ off: neither. "
+        f"A cell is one (task family × architecture, optimizer, LR factor × the family's default, "
+        f"seed); 'better'/'worse' at 1 % of the final validation loss.\n\n"
+    )
+    (out / "summary.md").write_text(head + text)
+    print(head + text)

@@ -1,12 +1,15 @@
 """Copy the committed benchmark results into the docs site (``docs/benchmark.md`` + figures).
 
-Run after ``python -m benchmarks run --suite full`` (and ``python -m benchmarks overhead``)::
+Run after the suites (``python -m benchmarks run --suite anchors|budgets|wallclock-60``,
+``python -m benchmarks overhead``, ``python -m benchmarks heldout``)::
 
     python docs/scripts/sync_benchmark.py
 
-The page is the suite's own ``results.md`` (tables, targets, provenance) with the figure links
-pointing at ``docs/img/benchmark/``, followed by the overhead and wall-clock tables and the
-description of the anchors, budgets and GPU benchmarks from ``benchmarks/README.md``.
+The page is each suite's own ``results.md`` (tables, targets, provenance), newest suites first,
+with the figure links pointing at ``docs/img/benchmark/<suite>/``; then the wall-clock, overhead
+and held-out λ̂ tables; then the older ``full`` suite, marked as such; then the description of the
+anchors, budgets and GPU benchmarks from ``benchmarks/README.md``. A suite whose results are not
+committed is left out.
 """
 
 from __future__ import annotations
@@ -19,22 +22,50 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 
+#: (results folder, heading) of the step-budget suites, in page order.
+SUITES = (
+    ("anchors", "Tuning-free anchors and LR-swept baselines, four tasks"),
+    ("budgets", "One task at three budget lengths (the 2,000-step run is the long horizon)"),
+)
+#: (results file, heading) of the tables appended as they are.
+TABLES = (
+    ("wallclock-60/results.md", "Wall-clock budgets of at least 60 s"),
+    ("overhead/overhead.md", "Per-step overhead and memory (LoRA tasks)"),
+    ("heldout/summary.md", "λ̂ on vs λ̂ off on tasks the benchmark never uses"),
+    ("wallclock/results.md", "Short wall-clock budgets"),
+)
+
+
+def _suite_section(name: str, heading: str) -> str:
+    source = RESULTS / name
+    figures = DOCS / "img" / "benchmark" / name
+    figures.mkdir(parents=True, exist_ok=True)
+    for png in sorted(source.glob("*.png")):
+        shutil.copy2(png, figures / png.name)
+    body = (source / "results.md").read_text().split("\n", 1)[1]  # drop its title
+    body = re.sub(r"\]\(\./([^)]+\.png)\)", rf"](img/benchmark/{name}/\1)", body)
+    return f"\n\n## {heading}\n" + _demote(body)
+
+
+def _demote(body: str) -> str:
+    """Headings one level down (the page's sections are ``##``)."""
+    return re.sub(r"(?m)^(#{2,5}) ", r"#\1 ", body)
+
 
 def main() -> None:
-    figures = DOCS / "img" / "benchmark"
-    figures.mkdir(parents=True, exist_ok=True)
-    for png in sorted((RESULTS / "full").glob("*.png")):
-        shutil.copy2(png, figures / png.name)
-    text = (RESULTS / "full" / "results.md").read_text()
-    text = re.sub(r"\]\(\./([^)]+\.png)\)", r"](img/benchmark/\1)", text)
-    overhead = RESULTS / "overhead" / "overhead.md"
-    if overhead.is_file():
-        body = overhead.read_text().split("\n", 1)[1]  # drop its title
-        text += "\n\n## Per-step overhead and memory (LoRA tasks)\n" + body.replace("\n## ", "\n### ")
-    wallclock = RESULTS / "wallclock" / "results.md"
-    if wallclock.is_file():
-        body = wallclock.read_text().split("\n", 1)[1]
-        text += "\n\n## Wall-clock budget\n" + body.replace("\n## ", "\n### ")
+    text = "# graff benchmark\n"
+    for name, heading in SUITES:
+        if (RESULTS / name / "results.md").is_file():
+            text += _suite_section(name, heading)
+    for path, heading in TABLES:
+        source = RESULTS / path
+        if source.is_file():
+            body = source.read_text()
+            if body.startswith("# "):
+                body = body.split("\n", 1)[1]
+            text += f"\n\n## {heading}\n\n" + _demote(body.strip()) + "\n"
+    if (RESULTS / "full" / "results.md").is_file():
+        text += _suite_section("full", "Earlier: the `full` suite (older commit, see its line)")
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     start, end = "<!-- issue18:start -->", "<!-- issue18:end -->"
     if start in readme and end in readme:  # the anchors / budgets / gpu description, as written

@@ -65,6 +65,13 @@ class GraffConfig:
         residual_max: The learned residual lies in ``[1/residual_max, residual_max]``, in
             [1, 100].
         guard_c: Guard constant ``c``; ``None``: optimizer-aware (:func:`graff.guard.guard_constant`).
+        loss_evidence: While the loss is healthy, an estimate λ̂ that calls the LR just taken
+            more than 4× too high is set aside until the next estimate, and the peak search's
+            ceiling stops a rise but pulls nothing down; an exploding or rising loss, or no loss
+            at all, restores the λ̂-only rules. ``None``: on for adaptive optimizers, whose
+            preconditioned sharpness is inflated while the second moments are young and tracks
+            the LR in use; ``True``/``False``
+            force it (``docs/concepts/guard.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -91,11 +98,16 @@ class GraffConfig:
     multiplier_max: float = 2.0
     residual_max: float = 1.25
     guard_c: float | None = None
+    loss_evidence: bool | None = None
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise GraffTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.loss_evidence is not None and not isinstance(self.loss_evidence, bool):
+            raise GraffTypeError(
+                f"loss_evidence must be None, True or False, got {self.loss_evidence!r}."
+            )
         checked: dict[str, Any] = {
             "planner_lr": check_positive("planner_lr", self.planner_lr),
             "learn_every": check_positive_int("learn_every", self.learn_every),

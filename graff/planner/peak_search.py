@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 #: Hessian-vector products of a λ̂ refresh the search asks for: warm-started from the last
 #: eigenvector, a third of a fresh estimate's cost (``docs/concepts/graff.md``).
 REFRESH_ITERS = 6
+#: Under loss evidence, an estimate that puts the LR the loss was just seen stable at more than
+#: this factor above the guard's limit is implausible (``docs/concepts/guard.md``): it is set
+#: aside until the next estimate.
+IMPLAUSIBLE = 4.0
+#: The search's rise per half of its phase, in log units (×10): a larger ``peak_max`` lets it
+#: rise for longer, not faster — a faster rise overshoots, as the loss average lags ~10 steps.
+RISE = math.log(10.0)
 _COUNTS = ("steps", "cooldown", "backoffs", "cuts", "nonfinite_seen")
 
 
@@ -149,7 +156,7 @@ class PeakSearch:
     LR, i.e. the budget prior alone, which is the fallback of every rule below.
 
     1. **Rise only with slack.** While searching (the first ``search_fraction`` of the budget),
-       :math:`\sigma` grows by ``log(peak_max) / max(10, n/2)`` per step (``n`` the estimated
+       :math:`\sigma` grows by ``log(10) / max(10, n/2)`` per step (``n`` the estimated
        number of steps of the search phase), but never above the *ceiling*
        :math:`\log\bigl(c / (\rho\,\hat\lambda\,\eta^0)\bigr)` passed as ``log_ceiling``: a raised
        peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
@@ -160,6 +167,11 @@ class PeakSearch:
        raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
        but never below 0 on this account: the user's own LR is cut only by the guard itself
        (:math:`\eta\hat\lambda \le c`) and by observed instability.
+       Under *loss evidence* (``GraffConfig.loss_evidence``, on by default for adaptive
+       optimizers) a step whose loss is healthy skips this rule, and :meth:`limit` keeps the
+       LR at least at the last step's: the ceiling then only stops the rise, because a loss that
+       keeps falling at the current LR shows that λ̂ over-states the sharpness (young second
+       moments; Adam's sharpness tracks the LR in use).
     3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
        the search ends; if :math:`\sigma` is above the *best level* — the smallest
        :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
@@ -188,8 +200,12 @@ class PeakSearch:
         guard: bool = True,
         lag: int = 10,
         cooldown: int = 20,
+        loss_evidence: bool = False,
     ) -> None:
         self.guard = guard
+        self.loss_evidence = loss_evidence
+        self.healthy = False  # this step's loss was seen and showed no instability (not saved)
+        self.discredited = -1  # n_estimates of the λ̂ the loss contradicted (-1: none)
         self.losses = LossTracker()
         self.explosion = ExplosionWatch()
         self.allowance = RefreshAllowance(refresh_fraction)
@@ -242,6 +258,11 @@ class PeakSearch:
             headroom=config.search_headroom or default_headroom(optimizer),
             refresh_fraction=config.refresh_allowance,
             guard=guard,
+            loss_evidence=(
+                preconditioner_kind(optimizer) is not None
+                if config.loss_evidence is None
+                else config.loss_evidence
+            ),
         )
 
     # ------------------------------------------------------------- triggers
@@ -301,6 +322,7 @@ class PeakSearch:
         loss: float | None,
         nonfinite_losses: int,
         probe: CurvatureProbe,
+        last_log_factor: float = 0.0,
     ) -> None:
         """One step of the search from this step's signals: the explosion watch, the loss
         back-off, the guard's ceiling (rules 1-4).
@@ -312,14 +334,19 @@ class PeakSearch:
             loss: The step's finite loss, or None.
             nonfinite_losses: The scheduler's count of non-finite losses so far (a new one is a
                 sign of instability).
-            probe: The curvature probe (its ``hvp`` and secant ``tripwire``).
+            probe: The curvature probe (its ``hvp``, secant ``tripwire`` and ``n_estimates``).
+            last_log_factor: The LR factor of the step just taken (loss evidence).
         """
         nonfinite = loss is None and nonfinite_losses > self.nonfinite_seen
         exploding = self.explosion.update(loss, nonfinite)
         unstable = self._unstable(loss, log_bound, fraction_used, nonfinite_losses, probe)
+        self.healthy = loss is not None and not exploding and not unstable
         # Rise toward the stability limit only once the guard can see it (when it can at all),
         # and only up to a fraction 1/headroom of it (rules 1-3).
         hold = self.guard and probe.hvp and log_bound is None
+        # An implausible λ̂ is set aside for cuts (the scheduler's guard reads ``discredited``);
+        # its ceiling still stops the rise: it errs high, and at 10× a sensible LR it is right.
+        self.discredits(log_bound, last_log_factor, probe.n_estimates)
         self.log_ceiling = self.ceiling(log_bound) if self.guard else None
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
@@ -331,6 +358,7 @@ class PeakSearch:
             log_ceiling=self.log_ceiling,
             at_best=at_best,
             exploding=exploding,
+            pull_back=not (self.loss_evidence and self.healthy),
         )
         if backed_off or self.cooldown > 0:
             # Re-baseline the loss average through the cool-down: it is still catching up with
@@ -362,12 +390,31 @@ class PeakSearch:
             return self.losses.rising(tolerance=0.05)  # q > 2 alone is common under momentum
         return False
 
-    def limit(self, log_factor: float, log_prior: float) -> float:
+    def discredits(self, log_bound: float | None, last_log_factor: float, estimate: int) -> bool:
+        """Whether the current λ̂ is set aside (loss evidence): it called the LR the loss was
+        just seen stable at more than :data:`IMPLAUSIBLE` times too high. It stays set aside
+        until the probe publishes a new estimate (``estimate``: its ``n_estimates``)."""
+        if self.discredited != estimate:
+            self.discredited = -1
+        if (
+            self.loss_evidence
+            and self.healthy
+            and log_bound is not None
+            and log_bound < last_log_factor - math.log(IMPLAUSIBLE)
+        ):
+            self.discredited = estimate
+        return self.discredited >= 0
+
+    def limit(self, log_factor: float, log_prior: float, last_log_factor: float) -> float:
         """What GRAFF adds above the prior alone (search and residual) obeys this step's ceiling
-        too; a negative residual is always allowed."""
+        too; a negative residual is always allowed. Under loss evidence with a healthy loss the
+        ceiling stops a rise but never takes the LR below ``last_log_factor`` (the last step's)."""
         ceiling = self.log_ceiling
         if ceiling is not None and not math.isnan(ceiling):
-            return min(log_factor, log_prior + max(0.0, ceiling))
+            cap = log_prior + max(0.0, ceiling)
+            if self.loss_evidence and self.healthy:
+                cap = max(cap, last_log_factor)
+            return min(log_factor, cap)
         return log_factor
 
     def stop_at_guard(self) -> None:
@@ -385,6 +432,7 @@ class PeakSearch:
         log_ceiling: float | None = None,
         at_best: bool = False,
         exploding: bool = False,
+        pull_back: bool = True,
     ) -> bool:
         """Advance one step; returns True when it backed off.
 
@@ -396,6 +444,8 @@ class PeakSearch:
             log_ceiling: Largest σ the search may reach (rule 1), or None (no ceiling).
             at_best: The loss average is at its best so far this step (rule 3).
             exploding: The loss explodes this step (rule 4; also when not ``enabled``).
+            pull_back: Rule 2 applies (``False`` under loss evidence with a healthy loss: the
+                ceiling then only stops the rise).
         """
         self.steps += 1
         self.cooldown = max(0, self.cooldown - 1)
@@ -411,7 +461,7 @@ class PeakSearch:
         if not self.enabled:
             return False
         has_ceiling = log_ceiling is not None and not math.isnan(log_ceiling)
-        if has_ceiling and self.log_peak > 0.0:
+        if pull_back and has_ceiling and self.log_peak > 0.0:
             self.log_peak = min(self.log_peak, max(0.0, log_ceiling))  # rule 2
         self._history.append(self.log_peak)
         if at_best:
@@ -436,7 +486,7 @@ class PeakSearch:
                 self.searching = False
             elif not hold:
                 est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
-                target = self.log_peak + self.log_peak_max / max(10.0, 0.5 * est)
+                target = self.log_peak + RISE / max(10.0, 0.5 * est)
                 top = self.log_peak_max
                 if has_ceiling:
                     top = min(top, log_ceiling)
@@ -458,6 +508,7 @@ class PeakSearch:
             "history": list(self._history),
             "last_refresh": self.last_refresh,
             "nonfinite_seen": self.nonfinite_seen,
+            "discredited": self.discredited,
             "losses": self.losses.state_dict(),
             "explosion": self.explosion.state_dict(),
             "allowance": self.allowance.state_dict(),
@@ -475,6 +526,7 @@ class PeakSearch:
             counts = [int(state[k]) for k in _COUNTS]
             history = [float(v) for v in state["history"]]
             last_refresh = int(state["last_refresh"])
+            discredited = int(state.get("discredited", -1))  # absent before loss evidence
             children = (state["losses"], state["explosion"], state["allowance"])
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid peak-search state: {err!r}") from err
@@ -484,6 +536,7 @@ class PeakSearch:
             and all(0 <= c < MAX_COUNT for c in counts)
             and isinstance(searching, bool)
             and isinstance(capped, bool)
+            and -1 <= discredited < MAX_COUNT
         ):
             raise CheckpointError("invalid peak-search state.")
         self.losses.load_state_dict(children[0])
@@ -496,5 +549,5 @@ class PeakSearch:
             capped,
         )
         self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = counts
-        self.last_refresh = last_refresh
+        self.last_refresh, self.discredited = last_refresh, discredited
         self._history = deque(history[-self.lag :], maxlen=self.lag)

@@ -284,13 +284,15 @@ class GraffScheduler(BudgetedScheduler):
                 bound = self._guard_bound()
         search.step(
             u, log_prior, bound, loss=loss, nonfinite_losses=self.nonfinite_losses,
-            probe=self.curvature,
+            probe=self.curvature, last_log_factor=self._log_factor,
         )  # fmt: skip
+        if search.discredited >= 0:  # the loss contradicted this λ̂ (docs/concepts/guard.md)
+            bound = None
         offset = log_prior + search.log_peak
         if replanned and bound is not None and self.guard:
             self.runtime.project(bound - offset)  # the guard on the decoder
         residual, logits = self.runtime.residual(replanned) if self.config.planner else (0.0, None)
-        log_factor = search.limit(offset + residual, log_prior)
+        log_factor = search.limit(offset + residual, log_prior, self._log_factor)
         active = bound is not None and self.guard and log_factor > bound
         if active:  # the guard's hard min
             log_factor = bound
