@@ -47,7 +47,7 @@ EVAL_POINTS = 5
 WALLCLOCK_SUITES: dict[str, tuple[str, int]] = {
     "wallclock": ("full", 3),
     "wallclock-quick": ("quick", 1),
-    "wallclock-60": ("full", 1),
+    "wallclock-60": ("anchors", 1),
 }
 #: Realistic budgets (issue 18): every run gets at least this many seconds, no step cap, and
 #: only the schedulers the overhead question needs (GRAFF against the two plain schedules).

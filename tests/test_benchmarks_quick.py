@@ -98,3 +98,28 @@ def test_wallclock_quick_suite(tmp_path: Path) -> None:
         assert math.isfinite(run["final_val_loss"])
     text = (tmp_path / "results.md").read_text()
     assert "| scheduler | final val loss (mean ± std) | steps done" in text
+
+
+def test_long_wallclock_suite_reports_graffs_own_time(tmp_path: Path, monkeypatch) -> None:
+    """``wallclock-60`` on the quick tasks with a 1 s floor instead of 60 s: every budget is at
+    least the floor, no step cap, GRAFF's own seconds recorded and summarised as a share."""
+    from benchmarks import wallclock
+
+    data = Path(os.environ.get("GRAFF_GSM8K_DIR", DEFAULT_GSM8K))
+    if not (data / "train.jsonl").is_file():
+        pytest.skip(f"GSM8K data not found in {data}; set GRAFF_GSM8K_DIR")
+    monkeypatch.setitem(wallclock.WALLCLOCK_SUITES, "wallclock-60", ("quick", 1))
+    monkeypatch.setitem(wallclock.LONG_SUITES, "wallclock-60", 1.0)
+    wallclock.run("wallclock-60", tmp_path, seeds=None, data_dir=str(data), workers=1)
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert all(b["budget_seconds"] >= 1.0 for b in payload["meta"]["budgets"].values())
+    ok = [r for r in payload["runs"] if r["status"] == "ok"]
+    assert {r["scheduler"] for r in ok} == set(wallclock.LONG_SCHEDULERS)
+    for run in ok:
+        assert not run["hit_step_cap"]
+        assert run["train_seconds"] >= run["budget_seconds"]
+        own = run["scheduler_seconds"]
+        assert (set(own) == {"per_step", "lambda_max"}) == (run["scheduler"] == "graff")
+    shares = [c["graff"]["overhead_share"] for c in payload["summary"].values()]
+    assert all(0.0 < s < 1.0 for s in shares)
+    assert "own time" in (tmp_path / "results.md").read_text()

@@ -96,7 +96,7 @@ def test_committed_results_tests_are_reproduced(suite: str) -> None:
     assert fresh.keys() == stored.keys()
     compared = 0
     for task, tests in stored.items():
-        assert fresh[task].keys() == tests.keys()
+        assert tests.keys() <= fresh[task].keys()  # newer code may test more pairs
         for name, old in tests.items():
             new = fresh[task][name]
             assert new["against"] == old["against"]
