@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--max-steps", type=int, default=None, help="cap every budget (smoke runs)")
     run.add_argument("--init", default=None, help="fresh (default), default, or a planner file")
+    run.add_argument(
+        "--params", choices=("all", "decoder"), default=None, help="what ES trains (all)"
+    )
+    run.add_argument(
+        "--residual-max",
+        type=float,
+        default=None,
+        help="the planner's authority in the runs, GraffConfig.residual_max (1.25)",
+    )
     run.add_argument("--workers", type=int, default=1, help="worker processes, 1 thread each")
     run.add_argument("--export", type=Path, default=None, help="export the best planner at the end")
     tk = sub.add_parser("tasks", help="list the task family; --time N: ms per step under GRAFF")
@@ -57,7 +66,12 @@ def _state_for(args: argparse.Namespace, command: str) -> dict:
         config = ESConfig(**given, **({"iterations": args.iterations} if args.iterations else {}))
         return new_state(config, command, git_commit())
     stored = state["config"]
-    clash = {k: (v, stored[k]) for k, v in given.items() if stored[k] != v}
+    defaults = dataclasses.asdict(ESConfig())  # a state older than a setting has its default
+    clash = {
+        k: (v, stored.get(k, defaults[k]))
+        for k, v in given.items()
+        if stored.get(k, defaults[k]) != v
+    }
     if clash:
         raise SystemExit(
             f"{args.out} holds a run with other settings {clash} (given, stored); "

@@ -51,10 +51,16 @@ class ESConfig:
     seed: int = 0
     max_steps: int | None = None
     init: str = "fresh"  # "fresh", "default" (the shipped planner) or a planner file
+    params: str = "all"  # "all" weights, or only the "decoder" (w, b: 17 of 3,138)
+    residual_max: float = 1.25  # the planner's authority in the runs (GraffConfig.residual_max)
 
     def __post_init__(self) -> None:
         if self.fitness not in ("rank", "z"):
             raise ValueError(f"fitness must be 'rank' or 'z', got {self.fitness!r}")
+        if self.params not in ("all", "decoder"):
+            raise ValueError(f"params must be 'all' or 'decoder', got {self.params!r}")
+        if not 1.0 <= self.residual_max <= 100.0:
+            raise ValueError(f"residual_max must be in [1, 100], got {self.residual_max}")
         if self.pairs < 1 or self.iterations < 0 or self.val_every < 1 or self.sigma <= 0:
             raise ValueError(f"invalid ES config {self}")
 
@@ -150,7 +156,8 @@ class MetaTrainer:
     def meta_validate(self) -> tuple[float, list[float]]:
         """Mean normalised loss of the unperturbed φ on the meta-validation specs."""
         phi = self.phi.detach().clone()
-        results = self._run([Job(spec, phi) for spec in self.val_specs])
+        rmax = self.config.residual_max
+        results = self._run([Job(spec, phi, rmax) for spec in self.val_specs])
         scores = [self._score(s, r) for s, r in zip(self.val_specs, results, strict=True)]
         return statistics.fmean(scores), scores
 
@@ -161,9 +168,13 @@ class MetaTrainer:
         noise = [self.sampler.noise_seed() for _ in range(cfg.pairs)]
         phi = self.phi.detach()
         eps = [torch.randn(phi.shape, generator=torch.Generator().manual_seed(s)) for s in noise]
+        if cfg.params == "decoder":  # perturb (and so update) the decoder alone
+            mask = graff_api.decoder_mask()
+            eps = [e * mask for e in eps]
         jobs = []
+        rmax = cfg.residual_max
         for spec, e in zip(specs, eps, strict=True):
-            jobs += [Job(spec, phi + cfg.sigma * e), Job(spec, phi - cfg.sigma * e)]
+            jobs += [Job(spec, phi + cfg.sigma * e, rmax), Job(spec, phi - cfg.sigma * e, rmax)]
         results = self._run(jobs)
         scores = [self._score(j.spec, r) for j, r in zip(jobs, results, strict=True)]
         shaped = shape(scores, cfg.fitness)

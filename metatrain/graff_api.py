@@ -63,12 +63,15 @@ def build_scheduler(
     loss_fn: Callable[[], Tensor],
     planner: Tensor | None,
     seed: int,
+    residual_max: float = 1.25,
 ) -> GraffScheduler:
     """GRAFF with the planner ``planner`` (a vector), or planner-off when ``planner`` is None.
 
     With a planner: the scheduler's defaults (online learning on), warm-started from the vector
     exactly as a user's ``warm_start=path`` would load it. Planner-off:
     ``GraffConfig(planner=False)`` — peak search + prior + guard, no planner at all.
+    ``residual_max``: the planner's authority (``GraffConfig.residual_max``; 1.25 is graff's
+    default), ignored by planner-off.
     """
     clock = BudgetClock(steps=steps)
     common = {"model": model, "loss_fn": loss_fn, "seed": seed}
@@ -79,7 +82,22 @@ def build_scheduler(
             return GraffScheduler(optimizer, clock, config=GraffConfig(planner=False), **common)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_vector(planner, Path(tmp) / "planner.safetensors")
-            return GraffScheduler(optimizer, clock, warm_start=path, **common)
+            config = GraffConfig(residual_max=residual_max)
+            return GraffScheduler(optimizer, clock, warm_start=path, config=config, **common)
+
+
+#: The planner's linear decoder of the global log-LR residual (``r = w · h̄ + b``).
+DECODER = ("lr_w", "lr_b")
+
+
+def decoder_mask() -> Tensor:
+    """A bool vector over a planner vector: True on the decoder's entries (:data:`DECODER`)."""
+    return torch.cat(
+        [
+            torch.full((p.numel(),), name in DECODER, dtype=torch.bool)
+            for name, p in PlannerNet().named_parameters()
+        ]
+    )
 
 
 def planner_size() -> int:

@@ -40,6 +40,7 @@ class Job:
 
     spec: TaskSpec
     planner: torch.Tensor | None
+    residual_max: float = 1.25  # the planner's authority (GraffConfig.residual_max)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def normalised(final: float, baseline: float, initial: float) -> float:
     return math.log((clean(final) + floor) / (clean(baseline) + floor))
 
 
-def run_task(spec: TaskSpec, planner: torch.Tensor | None) -> RunResult:
+def run_task(spec: TaskSpec, planner: torch.Tensor | None, residual_max: float = 1.25) -> RunResult:
     """Train ``spec`` for its budget under GRAFF and return its final validation loss."""
     start = time.perf_counter()
     task = make_task(spec.family, spec.arch, spec.seed)
@@ -74,6 +75,7 @@ def run_task(spec: TaskSpec, planner: torch.Tensor | None) -> RunResult:
         loss_fn=task.probe_loss_fn(model),
         planner=planner,
         seed=spec.seed,
+        residual_max=residual_max,
     )
     gen = torch.Generator().manual_seed(spec.seed)  # common random numbers: same data order
     bad = 0
@@ -93,7 +95,7 @@ def run_task(spec: TaskSpec, planner: torch.Tensor | None) -> RunResult:
 
 
 def _run_job(job: Job) -> RunResult:
-    return run_task(job.spec, job.planner)
+    return run_task(job.spec, job.planner, job.residual_max)
 
 
 def _init_worker() -> None:

@@ -230,3 +230,55 @@ def test_job_results_do_not_depend_on_order():
     second = evaluate([Job(spec, graff_api.fresh_vector()), Job(spec, None)])
     assert first[0].final == second[1].final
     assert first[1].final == second[0].final
+
+
+def test_decoder_only_es_moves_the_decoder_alone_and_faster():
+    """``params="decoder"``: only the 17 decoder entries move; with the quadratic's target in
+    the decoder alone, 8 pairs bring it closer than ES over all 3,138 weights does."""
+    mask = graff_api.decoder_mask()
+    assert int(mask.sum()) == 17
+    distances = {}
+    for params in ("decoder", "all"):
+        config = es.ESConfig(iterations=15, pairs=8, sigma=0.05, lr=0.05, params=params)
+        state = es.new_state(config, "test", None)
+        start = state["phi"].clone()
+        target = start + 0.5 * mask
+        trainer = es.MetaTrainer(state, _quadratic_evaluator(target))
+        trainer.iterate()
+        moved = trainer.phi.detach() - start
+        if params == "decoder":
+            assert torch.all(moved[~mask] == 0)
+            assert torch.all(moved[mask] != 0)
+        distances[params] = float((trainer.phi.detach() - target)[mask].pow(2).mean())
+    assert distances["decoder"] < 0.5 * distances["all"]
+
+
+def test_residual_max_reaches_the_runs_and_bad_settings_are_refused():
+    seen = []
+
+    def evaluate(jobs):
+        seen.extend(job.residual_max for job in jobs if job.planner is not None)
+        return [RunResult(1.0, 1e3, 0.0) for _ in jobs]
+
+    state = es.new_state(es.ESConfig(iterations=1, pairs=2, residual_max=4.0), "t", None)
+    es.MetaTrainer(state, evaluate).iterate()
+    assert seen
+    assert set(seen) == {4.0}
+    for bad, name in (({"params": "encoder"}, "params"), ({"residual_max": 0.5}, "residual_max")):
+        with pytest.raises(ValueError, match=name):
+            es.ESConfig(**bad)
+
+
+def test_a_run_started_before_the_new_settings_resumes(tmp_path, monkeypatch):
+    """A state without ``params``/``residual_max`` (older runs) resumes with their defaults."""
+    _stub_pool(monkeypatch, graff_api.fresh_vector(0) + 0.3)
+    out = tmp_path / "old"
+    cli.main(["run", "--out", str(out), "--iterations", "1", "--pairs", "2"])
+    state = es.load_state(out)
+    for key in ("params", "residual_max"):
+        del state["config"][key]
+    es.save_state(state, out)
+    cli.main(["run", "--out", str(out), "--iterations", "2", "--params", "all"])
+    assert es.load_state(out)["iteration"] == 2
+    with pytest.raises(SystemExit, match="other settings"):
+        cli.main(["run", "--out", str(out), "--iterations", "3", "--residual-max", "4"])
