@@ -244,9 +244,11 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
         shown += [k for k in ts["best_per_baseline"].values() if k]
         shown += [f"{a}@1" for a in ANCHORS if f"{a}@1" in ts["cells"]]
         fig, (ax_t, ax_v) = plt.subplots(1, 2, figsize=(12, 4.5))
-        fig_lr, ax_lr = plt.subplots(figsize=(7, 4.5))
-        for key in dict.fromkeys(shown):
+        fig_lr, ax_lr = plt.subplots(figsize=(9, 4.5))
+        starts: list[float] = []  # first train losses: spikes above them are cut off
+        for index, key in enumerate(dict.fromkeys(shown)):
             sched, mult = key.rsplit("@", 1)
+            style = _style(sched, 2 * index)
             sel = [
                 r
                 for r in runs
@@ -258,18 +260,22 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
             if not sel:
                 continue
             label = f"{sched} (LR×{mult})"
-            _mean_curve(ax_t, [r["train_curve"] for r in sel], label, smooth=True)
-            _mean_curve(ax_v, [r["val_curve"] for r in sel], label)
+            first = _mean_curve(ax_t, [r["train_curve"] for r in sel], label, smooth=True, **style)
+            if first is not None and np.isfinite(first):
+                starts.append(first)
+            _mean_curve(ax_v, [r["val_curve"] for r in sel], label, **style)
             lr = np.array(sel[0]["lr_curve"], dtype=float)
-            ax_lr.plot(lr[:, 0], lr[:, 1], label=label)
+            ax_lr.plot(lr[:, 0], lr[:, 1], label=label, **style)
         for ax, title in (
             (ax_t, "train loss (EMA, mean over seeds)"),
             (ax_v, "held-out loss (mean over seeds)"),
         ):
             ax.set(title=f"{task}: {title}", xlabel="step", ylabel="loss")
             ax.legend(fontsize=7)
+        if starts:
+            ax_t.set_ylim(top=1.15 * max(starts))
         ax_lr.set(title=f"{task}: LR (seed 0)", xlabel="step", ylabel="LR", yscale="log")
-        ax_lr.legend(fontsize=7)
+        ax_lr.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         for f, name in ((fig, f"{task}_loss.png"), (fig_lr, f"{task}_lr.png")):
             f.tight_layout()
             f.savefig(out / name, dpi=90)
@@ -278,10 +284,24 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
     return written
 
 
-def _mean_curve(ax: Any, curves: list[list[list[float]]], label: str, smooth: bool = False) -> None:
+def _style(sched: str, index: int) -> dict[str, Any]:
+    """GRAFF thick and black; tuning-free anchors dashed; everyone its own colour (tab20, so
+    eleven lines never share one)."""
+    import matplotlib
+
+    if sched == "graff":
+        return {"color": "black", "linewidth": 2.2, "zorder": 5}
+    color = matplotlib.colormaps["tab20"](index % 20)
+    return {"color": color, "linestyle": "--" if sched in ANCHORS else "-", "linewidth": 1.2}
+
+
+def _mean_curve(
+    ax: Any, curves: list[list[list[float]]], label: str, smooth: bool = False, **style: Any
+) -> float | None:
+    """Plot the mean curve; returns its first value (None if empty)."""
     n = min(len(c) for c in curves)
     if n == 0:
-        return
+        return None
     arr = np.array([[np.nan if v is None else v for _, v in c[:n]] for c in curves], dtype=float)
     steps = [s for s, _ in curves[0][:n]]
     y = np.nanmean(arr, axis=0)
@@ -291,7 +311,8 @@ def _mean_curve(ax: Any, curves: list[list[list[float]]], label: str, smooth: bo
             acc = 0.8 * acc + 0.2 * v
             ema.append(acc)
         y = np.array(ema)
-    ax.plot(steps, y, label=label)
+    ax.plot(steps, y, label=label, **style)
+    return float(y[0])
 
 
 def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> dict[str, Any]:
