@@ -28,7 +28,9 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   (:func:`graff.guard.project_to_halfspace`), and the min above makes the bound hard.
   :math:`\\hat\\lambda_t` is the curvature probe's ``lambda_max_safe`` when the loss can be
   re-evaluated (``model=`` with a ``.loss`` output, or ``loss_fn=``); otherwise the secant
-  tripwire is the (weaker) guard.
+  tripwire is the (weaker) guard. Under loss evidence (``GraffConfig.loss_evidence``, on for
+  adaptive optimizers) an estimate a healthy loss contradicts by more than 4× is set aside
+  until the next one (``docs/concepts/guard.md``).
 
 Online learning (two optimizers, one backward of the model): the hypergradient
 :math:`\\partial L_{t+1}/\\partial\\log\\eta_t = \\langle g_{t+1}, \\Delta\\theta_t\\rangle`
