@@ -18,7 +18,8 @@ from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 from graff.planner.features import EntropyTrend, ExplosionWatch, LossTracker, StatsWindow
 from graff.planner.net import PlannerNet
 from graff.planner.online import OnlinePlanner
-from graff.planner.peak_search import PeakSearch, RefreshAllowance
+from graff.planner.peak_search import PeakSearch
+from graff.planner.refresh import RefreshAllowance
 
 
 # ------------------------------------------------------------------ config

@@ -260,7 +260,7 @@ def test_default_headroom_is_optimizer_aware() -> None:
 
 def test_refresh_allowance_allows_a_fraction_of_the_projected_run(monkeypatch) -> None:
     """S + c ≤ f · (T − T_probe) / u, closed form on a fake clock."""
-    from graff.planner import peak_search as _allowance
+    from graff.planner import refresh as _allowance
 
     now = [100.0]
     monkeypatch.setattr(_allowance.time, "perf_counter", lambda: now[0])
@@ -296,7 +296,7 @@ def test_refresh_allowance_allows_a_fraction_of_the_projected_run(monkeypatch) -
 )
 def test_refresh_allowance_rejects_bad_state(state: dict) -> None:
     from graff.errors import CheckpointError
-    from graff.planner.peak_search import RefreshAllowance
+    from graff.planner.refresh import RefreshAllowance
 
     budget = RefreshAllowance(0.1)
     with pytest.raises(CheckpointError, match="refresh-allowance"):
@@ -305,7 +305,7 @@ def test_refresh_allowance_rejects_bad_state(state: dict) -> None:
 
 def test_refresh_allowance_in_steps_reads_no_clock(monkeypatch) -> None:
     """Under a step budget: (count + 1) · c ≤ f · total steps, whatever the clock reads."""
-    from graff.planner import peak_search as _allowance
+    from graff.planner import refresh as _allowance
 
     def no_clock() -> float:
         raise AssertionError("the step-priced allowance must not read a clock")
