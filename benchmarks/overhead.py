@@ -466,7 +466,7 @@ def markdown(meta: dict[str, Any], data: dict[str, Any]) -> str:
             f"table) + scheduled λ̂ refreshes {total['refresh_percent']:.2f} % (one per `auto` "
             f"interval, runs alone) = **{total['total_percent']:.2f} %** of cosine's step. Not "
             "included: the one-off cold start (table above) and the extra refreshes the peak "
-            "search may ask for while it runs (`refresh_budget`, at most 10 % of the projected "
+            "search may ask for while it runs (`GraffConfig.refresh_allowance`, at most 10 % of the projected "
             "run, in the 'refreshes (CPU s)' column).",
         ]
     return "\n".join(lines) + "\n"
