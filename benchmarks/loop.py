@@ -45,8 +45,11 @@ def step_budget(steps: int) -> Stop:
 
 
 def clock_budget(clock: Any, max_steps: float = math.inf) -> Stop:
-    """Stop when ``clock`` (a started ``graff.BudgetClock``) is exhausted, or at ``max_steps``."""
-    return lambda done: clock.exhausted or done >= max_steps
+    """Stop when ``clock`` (a started ``graff.BudgetClock``) is exhausted, or at ``max_steps``,
+    but never before the first step: a budget of a few milliseconds (the quick suite's) can run
+    out while a loaded machine preempts the process between set-up and the loop, and a run with
+    no step measures nothing."""
+    return lambda done: done > 0 and (clock.exhausted or done >= max_steps)
 
 
 def task_step(

@@ -106,3 +106,20 @@ def test_committed_results_tests_are_reproduced(suite: str) -> None:
             assert new["sign_flip_p"] == old["sign_flip_p"]
             compared += 1
     assert compared > 0
+
+
+def test_a_clock_budget_spent_before_the_loop_still_takes_one_step() -> None:
+    """A few-millisecond budget can run out while a loaded machine preempts the process
+    between set-up and the loop: the run still takes its first step, then stops."""
+    from benchmarks.loop import clock_budget
+    from graff import BudgetClock
+
+    now = [0.0]
+    clock = BudgetClock(seconds=0.01, time_fn=lambda: now[0]).start()
+    now[0] = 1.0  # the whole budget gone before the first step
+    stop = clock_budget(clock, max_steps=5)
+    assert not stop(0)
+    assert stop(1)
+    fresh = BudgetClock(seconds=10.0, time_fn=lambda: now[0]).start()
+    assert not clock_budget(fresh, max_steps=5)(4)
+    assert clock_budget(fresh, max_steps=5)(5)
