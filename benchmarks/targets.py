@@ -52,6 +52,7 @@ def _anchors_target(tasks: dict[str, Any], graff: dict[str, float | None]) -> Ro
             if graff[t] is None or (a is not None and graff[t] > a):
                 bad.append(f"{t}: {anchor} {_fmt(a)} vs {_fmt(graff[t])}")
     evidence = ("fails on " + "; ".join(bad)) if bad else f"holds ({n} comparisons)"
+    evidence = evidence if n else "not run in this suite"
     name = "GRAFF at the user's LR ≤ every tuning-free anchor, every task"
     return name, evidence, None if not n else not bad
 
@@ -102,6 +103,7 @@ def _beats_target(tasks: dict[str, Any], graff: dict[str, float | None]) -> Row:
             if graff[t] is None or (o is not None and graff[t] >= o):
                 bad.append(f"{t}: {other}")
     evidence = ("fails on " + ", ".join(bad)) if bad else f"holds ({n} comparisons)"
+    evidence = evidence if n else "not run in this suite"
     name = "GRAFF better than REACTOR and fixed LR at the user's LR, every task"
     return name, evidence, None if not n else not bad
 

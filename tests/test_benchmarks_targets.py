@@ -68,7 +68,7 @@ def test_targets_not_run_are_marked_so() -> None:
     rows = tuning_free_targets(summarize(_runs(losses)))
     assert rows[0][2] is None
     assert rows[4][2] is None
-    assert "| — |" in targets_markdown(summarize(_runs(losses)))
+    assert "| not run in this suite | — |" in targets_markdown(summarize(_runs(losses)))
 
 
 def test_planner_table_calls_a_consistent_gain_and_a_tie() -> None:
