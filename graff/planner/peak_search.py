@@ -226,7 +226,7 @@ class PeakSearch:
         loss: float | None,
         nonfinite_losses: int,
         probe: CurvatureProbe,
-        last_log_factor: float = 0.0,
+        last_log_factor: float,
     ) -> None:
         """One step of the search from this step's signals: the explosion watch, the loss
         back-off, the guard's ceiling (rules 1-4).
