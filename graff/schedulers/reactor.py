@@ -14,7 +14,6 @@ import copy
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from graff.schedulers.reactor_policy import (
     STATE_FEATURES,
     EmaBaseline,
     GaussianTanhPolicy,
+    ReactorDecision,
     StateFeatures,
     interval_reward,
     reinforce_loss,
@@ -46,31 +46,6 @@ from graff.schedulers.reactor_state import (
 )
 
 __all__ = ["ReactorConfig", "ReactorDecision", "ReactorScheduler"]
-
-
-@dataclass(frozen=True)
-class ReactorDecision:
-    """What the controller saw and did at its last decision (for logging and tests).
-
-    Attributes:
-        index: Decision number :math:`k` (0-based).
-        step: Optimizer step at which it was taken.
-        state: The state vector :math:`s_k` (float64, names in ``graff.schedulers.reactor_policy.STATE_FEATURES``).
-        mean: Policy mean :math:`\\mu_\\phi(s_k)` (pre-squash), after this decision's update.
-        std: Policy standard deviation :math:`\\sigma_\\phi`.
-        action: :math:`a_k = a_{\\max}\\tanh(u_k)`, the change of the log-LR factor.
-        reward: Reward :math:`r_k` of the interval that just ended (``None`` if none).
-        advantage: :math:`A = r_k - b_{k-1}` used in the update (``None`` if no update).
-    """
-
-    index: int
-    step: int
-    state: Tensor
-    mean: float
-    std: float
-    action: float
-    reward: float | None
-    advantage: float | None
 
 
 def _check_probe_arguments(curvature_probe: Any, entropy_probe: Any, loss_fn: Any) -> None:

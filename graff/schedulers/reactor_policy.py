@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -300,3 +301,28 @@ class StateFeatures:
         self.prev_entropy = stats.normalized_mean
         if stats.mean > 0:
             f["entropy_std"] = stats.std * stats.normalized_mean / stats.mean
+
+
+@dataclass(frozen=True)
+class ReactorDecision:
+    """What the controller saw and did at its last decision (for logging and tests).
+
+    Attributes:
+        index: Decision number :math:`k` (0-based).
+        step: Optimizer step at which it was taken.
+        state: The state vector :math:`s_k` (float64, names in ``graff.schedulers.reactor_policy.STATE_FEATURES``).
+        mean: Policy mean :math:`\\mu_\\phi(s_k)` (pre-squash), after this decision's update.
+        std: Policy standard deviation :math:`\\sigma_\\phi`.
+        action: :math:`a_k = a_{\\max}\\tanh(u_k)`, the change of the log-LR factor.
+        reward: Reward :math:`r_k` of the interval that just ended (``None`` if none).
+        advantage: :math:`A = r_k - b_{k-1}` used in the update (``None`` if no update).
+    """
+
+    index: int
+    step: int
+    state: Tensor
+    mean: float
+    std: float
+    action: float
+    reward: float | None
+    advantage: float | None
