@@ -1,4 +1,5 @@
-"""Logit-lens discovery: the decoder layers and the final norm + LM head of a causal LM.
+"""Logit-lens discovery: the decoder layers and the final norm + LM head of a causal LM, and the
+entropy of the logits it decodes (:func:`entropy_from_logits`).
 
 Hugging Face causal LMs are found also inside peft wrappers: Llama/Qwen/Mistral style
 (``model.layers``, ``model.norm``, ``lm_head``) and GPT-2 style (``transformer.h``,
@@ -10,11 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from graff.errors import GraffConfigError, ProbeError
 
-__all__ = ["resolve_layer_and_head"]
+__all__ = ["entropy_from_logits", "resolve_layer_and_head"]
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy :math:`H = -\\sum_v p_v \\log p_v` of ``softmax(logits)`` over the last dim, in float32.
+
+    Uses ``log_softmax`` (no overflow for large logits); entries with :math:`p_v = 0`
+    (``-inf`` logits) contribute 0. NaN or ``+inf`` logits give a NaN entropy for that row.
+
+    Args:
+        logits: ``[..., vocab]`` tensor of any float dtype.
+
+    Returns:
+        Float32 tensor of shape ``logits.shape[:-1]``.
+
+    Examples:
+        >>> round(entropy_from_logits(torch.zeros(4)).item(), 4)  # log(4)
+        1.3863
+    """
+    p = logits.float().softmax(dim=-1)
+    # xlogy(0, 0) = 0: entries with p = 0 contribute 0; a NaN p (NaN or +inf logits) propagates
+    return torch.special.xlogy(p, p).sum(-1).neg_()
 
 
 class _LogitLens:

@@ -43,7 +43,7 @@ from graff.errors import (
     ProbeWarning,
 )
 from graff.probes._context import probing, probing_active
-from graff.probes._lens import resolve_layer_and_head
+from graff.probes._lens import entropy_from_logits, resolve_layer_and_head
 from graff.probes._state import ENTROPY_FORMAT_VERSION, check_entropy_state
 from graff.probes.stats import EntropyStats
 from graff.tokens import batch_token_weights
@@ -51,27 +51,6 @@ from graff.tokens import batch_token_weights
 __all__ = ["EntropyProbe", "EntropyStats", "entropy_from_logits"]
 
 _CHUNK_ELEMENTS = 1 << 24  # at most this many float32 logits alive at once (64 MiB)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy :math:`H = -\\sum_v p_v \\log p_v` of ``softmax(logits)`` over the last dim, in float32.
-
-    Uses ``log_softmax`` (no overflow for large logits); entries with :math:`p_v = 0`
-    (``-inf`` logits) contribute 0. NaN or ``+inf`` logits give a NaN entropy for that row.
-
-    Args:
-        logits: ``[..., vocab]`` tensor of any float dtype.
-
-    Returns:
-        Float32 tensor of shape ``logits.shape[:-1]``.
-
-    Examples:
-        >>> round(entropy_from_logits(torch.zeros(4)).item(), 4)  # log(4)
-        1.3863
-    """
-    p = logits.float().softmax(dim=-1)
-    # xlogy(0, 0) = 0: entries with p = 0 contribute 0; a NaN p (NaN or +inf logits) propagates
-    return torch.special.xlogy(p, p).sum(-1).neg_()
 
 
 def _in_backward() -> bool:
