@@ -16,6 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from metatrain import clone_cli
 from metatrain.es import ESConfig, MetaTrainer, load_state, new_state, save_state
 from metatrain.report import export, git_commit, plot_curve, write_log
 
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="save the best-on-meta-validation planner + JSON sidecar")
     ex.add_argument("--out", type=Path, required=True)
     ex.add_argument("--to", type=Path, required=True)
+    clone_cli.add_parser(sub)
     return parser
 
 
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, command)
     if args.cmd == "tasks":
         return _tasks(args.time)
+    if args.cmd == "clone":
+        return clone_cli.run(args, command)
     state = load_state(args.out)
     if state is None:
         raise SystemExit(f"no meta-training state in {args.out}")

@@ -22,7 +22,8 @@ from graff.errors import ProbeWarning
 from graff.planner.net import PlannerNet
 
 
-def _to_planner(vector: Tensor) -> PlannerNet:
+def to_planner(vector: Tensor) -> PlannerNet:
+    """A planner with the weights of ``vector``."""
     planner = PlannerNet()
     expected = sum(p.numel() for p in planner.parameters())
     if vector.numel() != expected:
@@ -31,7 +32,8 @@ def _to_planner(vector: Tensor) -> PlannerNet:
     return planner
 
 
-def _to_vector(planner: nn.Module) -> Tensor:
+def to_vector(planner: nn.Module) -> Tensor:
+    """A planner's weights as one flat float32 vector."""
     return torch.nn.utils.parameters_to_vector(planner.parameters()).detach().clone().float()
 
 
@@ -40,19 +42,19 @@ def fresh_vector(seed: int = 0) -> Tensor:
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return _to_vector(PlannerNet())
+        return to_vector(PlannerNet())
     finally:
         torch.random.set_rng_state(state)
 
 
 def load_vector(path: str | Path) -> Tensor:
     """The weights of a planner file (or ``"default"``, the shipped planner) as a vector."""
-    return _to_vector(load_planner(path))
+    return to_vector(load_planner(path))
 
 
 def save_vector(vector: Tensor, path: str | Path) -> Path:
     """Write a planner vector as a graff planner file (loadable by ``warm_start=path``)."""
-    return save_planner(_to_planner(vector), path)
+    return save_planner(to_planner(vector), path)
 
 
 def build_scheduler(
@@ -84,6 +86,46 @@ def build_scheduler(
             path = save_vector(planner, Path(tmp) / "planner.safetensors")
             config = GraffConfig(residual_max=residual_max)
             return GraffScheduler(optimizer, clock, warm_start=path, config=config, **common)
+
+
+def build_recording_scheduler(
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    *,
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    seed: int,
+    record: list[Tensor],
+) -> GraffScheduler:
+    """Planner-off's LR trajectory, with the planner's inputs recorded (behaviour cloning).
+
+    A fresh planner (zero decoder, so the residual is 0), not trained online, whose guard
+    projection is switched off (it would move the zero decoder): the LR is planner-off's step for
+    step, while every plan's node features ``x_t`` (shape ``(N, F)``) are appended to ``record``.
+    The graph the planner runs on is ``scheduler.runtime.adjacency``.
+    """
+    clock = BudgetClock(steps=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ProbeWarning)
+        sched = GraffScheduler(
+            optimizer,
+            clock,
+            model=model,
+            loss_fn=loss_fn,
+            seed=seed,
+            warm_start=None,
+            config=GraffConfig(online=False),
+        )
+    runtime = sched.runtime
+    plan = runtime.plan
+
+    def recording_plan(x: Tensor, kappa: Tensor | None) -> None:
+        record.append(x.detach().clone())
+        plan(x, kappa)
+
+    runtime.plan = recording_plan  # type: ignore[method-assign]
+    runtime.project = lambda log_target: None  # type: ignore[method-assign]
+    return sched
 
 
 #: The planner's linear decoder of the global log-LR residual (``r = w · h̄ + b``).

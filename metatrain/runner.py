@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -63,20 +64,29 @@ def normalised(final: float, baseline: float, initial: float) -> float:
 
 def run_task(spec: TaskSpec, planner: torch.Tensor | None, residual_max: float = 1.25) -> RunResult:
     """Train ``spec`` for its budget under GRAFF and return its final validation loss."""
+
+    def build(opt: torch.optim.Optimizer, model: torch.nn.Module, task: Any) -> Any:
+        return graff_api.build_scheduler(
+            opt,
+            spec.steps,
+            model=model,
+            loss_fn=task.probe_loss_fn(model),
+            planner=planner,
+            seed=spec.seed,
+            residual_max=residual_max,
+        )
+
+    return run_with(spec, build)
+
+
+def run_with(spec: TaskSpec, build: Callable[[torch.optim.Optimizer, Any, Any], Any]) -> RunResult:
+    """Train ``spec`` for its budget under the scheduler ``build(optimizer, model, task)``."""
     start = time.perf_counter()
     task = make_task(spec.family, spec.arch, spec.seed)
     model = task.build(spec.seed)
     initial = task.val_loss(model)
     opt = make_optimizer(spec.arch, spec.optimizer, spec.lr, model)
-    sched = graff_api.build_scheduler(
-        opt,
-        spec.steps,
-        model=model,
-        loss_fn=task.probe_loss_fn(model),
-        planner=planner,
-        seed=spec.seed,
-        residual_max=residual_max,
-    )
+    sched = build(opt, model, task)
     gen = torch.Generator().manual_seed(spec.seed)  # common random numbers: same data order
     bad = 0
     try:
