@@ -10,9 +10,14 @@ turns the same question into supervised learning with a dense signal:
    the LR is planner-off's, step for step). Score each run against the unshifted one,
    ``log((L + f)/(L_off + f))`` (:func:`metatrain.runner.normalised`).
 2. **Targets.** The best shift ``s*`` of a task is the minimum of a parabola through the grid's
-   best point and its neighbours (the grid point itself at an edge). A run made at shift ``s``
-   should have had the residual ``clip(s* − s, ±log 4)``: every shifted run is a training sequence
-   (5 per task), which shows the planner its inputs both below and above the best LR. A task's
+   best point and its neighbours (the grid point itself at an edge), clipped to ``±log 4``. The
+   planner's residual is the *total* log-LR correction: in use, a planner that has set the
+   residual ``r`` sees features of a run at ``exp(r)`` × the user's LR, with ``r`` inside its
+   ``log_lr_factor`` input. A run shifted by ``s`` is exactly that situation with ``r = s``, so
+   its recorded ``log_lr_factor`` gets ``s`` added (the other inputs are ratios to the LR in use
+   or to the stability limit, the same in both views) and its target is ``s*`` whatever ``s``:
+   the fixed point of the planner in use is then the best shift. Every shifted run is a training
+   sequence (5 per task), showing the planner its inputs below and above the best LR. A task's
    weight is ``clip(spread / 0.1, 0.1, 1)``, ``spread`` the range of its five scores: tasks whose
    LR barely matters teach little.
 3. **Fit.** The planner (graph-recurrent encoder + linear decoder, :class:`PlannerNet`) is
@@ -147,7 +152,7 @@ def sweep(out: Path, specs: Iterable[TaskSpec], workers: int) -> None:
 def best_shift(scores: list[float]) -> float:
     """The minimum of the parabola through the grid's best point and its neighbours.
 
-    At an edge of the grid, or where the three points are not convex, the best grid point.
+    At an edge of the grid, the best grid point (no extrapolation past the grid).
     """
     k = min(range(len(scores)), key=scores.__getitem__)
     if 0 < k < len(scores) - 1:
@@ -179,6 +184,15 @@ class TaskSweep:
     sequences: list[Sequence]
 
 
+def as_deployed(x: Tensor, shift: float) -> Tensor:
+    """The inputs of a run shifted by ``shift`` as a planner holding the residual ``shift`` sees
+    them: ``log_lr_factor`` (stored ``/ ln 10``, :func:`graff.planner.features.node_features`)
+    includes the residual."""
+    x = x.clone()
+    x[..., graff_api.LOG_LR_FACTOR] += shift / math.log(10.0)
+    return x
+
+
 def load_task(out: Path, spec: TaskSpec) -> TaskSweep:
     runs = [torch.load(_sweep_path(out, spec, k), weights_only=True) for k in range(len(SHIFTS))]
     base = runs[BASE]
@@ -187,14 +201,9 @@ def load_task(out: Path, spec: TaskSpec) -> TaskSweep:
     limit = math.log(RESIDUAL_MAX)
     spread = max(scores) - min(scores)
     weight = min(1.0, max(MIN_WEIGHT, spread / SPREAD_SCALE))
+    target = max(-limit, min(limit, best))
     sequences = [
-        Sequence(
-            f"{spec.key()}@{k}",
-            r["x"],
-            r["adjacency"],
-            max(-limit, min(limit, best - shift)),
-            weight,
-        )
+        Sequence(f"{spec.key()}@{k}", as_deployed(r["x"], shift), r["adjacency"], target, weight)
         for k, (r, shift) in enumerate(zip(runs, SHIFTS, strict=True))
         if r["x"].numel()
     ]

@@ -19,7 +19,10 @@ from torch import Tensor, nn
 
 from graff import BudgetClock, GraffConfig, GraffScheduler, load_planner, save_planner
 from graff.errors import ProbeWarning
-from graff.planner.net import PlannerNet
+from graff.planner.net import FEATURE_NAMES, PlannerNet
+
+#: The column of the planner input holding the current log-LR factor (``/ ln 10``).
+LOG_LR_FACTOR = FEATURE_NAMES.index("log_lr_factor")
 
 
 def to_planner(vector: Tensor) -> PlannerNet:
