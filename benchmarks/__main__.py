@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|budgets|wallclock``, ``overhead``, ``soak``, ``gpu`` and ``heldout``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu`` and ``heldout``."""
 
 from __future__ import annotations
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             "floor",
             "ablations",
             "anchors",
+            "planner",
             "budgets",
             "wallclock",
             "wallclock-quick",

@@ -189,6 +189,18 @@ SUITES = {
         seeds=3,
         anchors=ANCHORS,
     ),
+    # Issue 17: what the shipped planner adds over planner-off and a fresh planner, on the
+    # anchors' tasks (never trained on), at the user's LR, five seeds for the paired tests.
+    "planner": Suite(
+        name="planner",
+        task_configs=_ANCHOR_TASKS,
+        baselines=(),
+        learned=("graff",),
+        ablations=("graff_planner_off", "graff_fresh"),
+        sweep_mults=(),
+        robust_mults=(1.0,),
+        seeds=5,
+    ),
     # Issue 18: one task at three budget lengths (200 / 800 / 2000 steps).
     "budgets": Suite(
         name="budgets",

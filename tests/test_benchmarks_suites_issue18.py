@@ -54,6 +54,21 @@ def test_the_anchors_suite_runs_the_planner_ablations_at_the_users_lr() -> None:
         assert len(runs) == 4 * SUITES["anchors"].seeds
 
 
+def test_the_planner_suite_pairs_three_variants_on_five_seeds_of_the_anchors_tasks() -> None:
+    """Issue 17's own suite: only the planner variants, every (task, seed) with all three."""
+    suite = SUITES["planner"]
+    specs = suite.specs()
+    assert {t.name for t in suite.build_tasks()} == {
+        t.name for t in SUITES["anchors"].build_tasks()
+    }
+    assert {s["scheduler"] for s in specs} == {"graff", "graff_planner_off", "graff_fresh"}
+    assert {s["lr_mult"] for s in specs} == {1.0}
+    pairs = {(s["task"], s["seed"]) for s in specs}
+    assert len(pairs) == 4 * suite.seeds
+    assert suite.seeds >= 5
+    assert len(specs) == 3 * len(pairs)
+
+
 def test_budgets_suite_is_one_task_at_three_lengths() -> None:
     tasks = SUITES["budgets"].build_tasks()
     assert len({t.name.split("@")[0] for t in tasks}) == 1
