@@ -275,6 +275,52 @@ def fit(
         checkpoint(state)
 
 
+# ----------------------------------------------------------------------------- diagnosis
+def pooled(seq: Sequence) -> Tensor:
+    """A run's inputs pooled over blocks: the first third's mean, the whole mean, the last plan."""
+    m = seq.x.mean(dim=1)
+    return torch.cat([m[: max(1, len(m) // 3)].mean(0), m.mean(0), m[-1]])
+
+
+def _weighted_mse(pred: Tensor, y: Tensor, w: Tensor) -> float:
+    return float((w * (pred - y).pow(2)).mean())
+
+
+def linear_probe(train: list[Sequence], val: list[Sequence]) -> dict[str, Any]:
+    """Is the target predictable from the planner's inputs at all? Weighted ridge regressions
+    on :func:`pooled` features (standardised on meta-train), scored on meta-val, next to the
+    zero residual (planner-off) and the meta-train mean. A model-free check of the fit: if no
+    ridge beats the zero residual on meta-val, the inputs do not carry the target across tasks.
+    """
+
+    def arrays(seqs: list[Sequence]) -> tuple[Tensor, Tensor, Tensor]:
+        return (
+            torch.stack([pooled(s) for s in seqs]).double(),
+            torch.tensor([s.target for s in seqs], dtype=torch.float64),
+            torch.tensor([s.weight for s in seqs], dtype=torch.float64),
+        )
+
+    xt, yt, wt = arrays(train)
+    xv, yv, wv = arrays(val)
+    mu, sd = xt.mean(0), xt.std(0).clamp_min(1e-6)
+    a = torch.cat([(xt - mu) / sd, torch.ones(len(xt), 1, dtype=xt.dtype)], 1)
+    av = torch.cat([(xv - mu) / sd, torch.ones(len(xv), 1, dtype=xv.dtype)], 1)
+    mean = float((wt * yt).sum() / wt.sum())
+    out: dict[str, Any] = {
+        "zero_residual": round(_weighted_mse(torch.zeros_like(yv), yv, wv), 4),
+        "train_mean": round(_weighted_mse(torch.full_like(yv, mean), yv, wv), 4),
+        "ridge": {},
+    }
+    for lam in (0.1, 1.0, 10.0, 100.0, 1000.0):
+        gram = a.T @ (wt[:, None] * a) + lam * torch.eye(a.shape[1], dtype=a.dtype)
+        beta = torch.linalg.solve(gram, a.T @ (wt * yt))
+        out["ridge"][f"{lam:g}"] = {
+            "train": round(_weighted_mse(a @ beta, yt, wt), 4),
+            "val": round(_weighted_mse(av @ beta, yv, wv), 4),
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------- 4. evaluate
 def _evaluate_one(spec: TaskSpec, vector: Tensor | None) -> float:
     torch.set_num_threads(1)

@@ -102,11 +102,13 @@ def run(args: argparse.Namespace, command: str) -> int:
         "regression": [
             [e["epoch"], round(e["train"], 5), round(e["val"], 5)] for e in state["log"]
         ],
+        "linear_probe": clone.linear_probe(seqs, val_seqs),
         **clone.summary(scores, val),
     }
     clone.write_json(out / "summary.json", payload)
     plot(payload, out / "curve.png")
-    print({k: payload[k] for k in ("eval", "eval_median", "better_worse", "oracle_constant_shift")})
+    keys = ("eval", "eval_median", "better_worse", "oracle_constant_shift", "linear_probe")
+    print({k: payload[k] for k in keys})
     if args.export is not None:
         graff_api.save_vector(state["vectors"][args.epochs], args.export)
         print(f"exported epoch {args.epochs} to {args.export}")

@@ -117,3 +117,22 @@ def test_clone_cli_runs_resumes_without_rerunning_and_exports(
     with pytest.raises(SystemExit, match="fitted with"):
         cli.main([*args, "--epochs", "2", "--lr", "0.5"])
     assert (out / "curve.png").stat().st_size > 0
+
+
+def test_linear_probe_finds_a_readable_target_and_not_a_random_one():
+    gen = torch.Generator().manual_seed(0)
+
+    def seqs(n: int, readable: bool) -> list[clone.Sequence]:
+        out = []
+        for i in range(n):
+            x = torch.randn(5, 3, 10, generator=gen)
+            target = (
+                float(x[..., 2].mean()) * 3 if readable else float(torch.randn(1, generator=gen))
+            )
+            out.append(clone.Sequence(str(i), x, torch.eye(3), target, 1.0))
+        return out
+
+    readable = clone.linear_probe(seqs(80, True), seqs(40, True))
+    assert readable["ridge"]["1"]["val"] < 0.2 * readable["zero_residual"]
+    noise = clone.linear_probe(seqs(80, False), seqs(40, False))
+    assert min(r["val"] for r in noise["ridge"].values()) > 0.8 * noise["zero_residual"]
