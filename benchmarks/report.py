@@ -340,8 +340,12 @@ def write_all(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> di
         from benchmarks.targets import targets_markdown as tuning_free_markdown
 
         issue5 = "\n" + tuning_free_markdown(summary)
-    else:
-        issue5 = "\n" + targets_markdown(summary, overhead) if has_baselines else ""
+    elif has_baselines:
+        issue5 = "\n" + targets_markdown(summary, overhead)
+    else:  # the planner suite (issue 17): the paired planner table alone
+        from benchmarks.targets import planner_markdown
+
+        issue5 = "\n" + planner_markdown(summary)
     (out / "results.md").write_text(head + issue5 + floor + sep + rest)
     plots(runs, summary, out)
     return payload

@@ -154,17 +154,27 @@ def targets_markdown(summary: dict[str, Any]) -> str:
     ]
     lines = ["## Targets (issue 18) on this run", ""]
     lines += markdown_table(("target", "evidence", "met"), rows)
-    planner = planner_rows(summary)
-    if planner:
-        lines += [
-            "",
-            "## What the learned planner adds (issue 17), at the user's LR",
-            "",
-            "Shipped planner (`graff`) vs the variant on the same seeds: medians, the mean paired "
-            "difference Δ = shipped − variant (negative: the shipped planner is better) and its "
-            "paired t-test; 'level' unless p < 0.05.",
-            "",
-        ]
-        header = ("task", "variant", "shipped", "variant", "mean Δ", "p", "n", "verdict")
-        lines += markdown_table(header, planner)
+    lines += _planner_lines(summary)
     return "\n".join(lines) + "\n"
+
+
+def planner_markdown(summary: dict[str, Any]) -> str:
+    """The planner table alone (the ``planner`` suite runs no baselines)."""
+    return "\n".join(_planner_lines(summary)).lstrip("\n") + "\n"
+
+
+def _planner_lines(summary: dict[str, Any]) -> list[str]:
+    planner = planner_rows(summary)
+    if not planner:
+        return []
+    lines = [
+        "",
+        "## What the learned planner adds (issue 17), at the user's LR",
+        "",
+        "Shipped planner (`graff`) vs the variant on the same seeds: medians, the mean paired "
+        "difference Δ = shipped − variant (negative: the shipped planner is better) and its "
+        "paired t-test; 'level' unless p < 0.05.",
+        "",
+    ]
+    header = ("task", "variant", "shipped", "variant", "mean Δ", "p", "n", "verdict")
+    return lines + markdown_table(header, planner)

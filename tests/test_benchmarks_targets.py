@@ -75,3 +75,14 @@ def test_planner_table_calls_a_consistent_gain_and_a_tie() -> None:
     rows = {r[1]: r for r in planner_rows(summarize(_runs(BASE)))}
     assert rows["planner off"][-1] == "shipped better"  # -0.107 ± 0.006 over 3 seeds
     assert rows["fresh planner"][-1] == "level"
+
+
+def test_a_planner_only_suite_reports_the_planner_table_alone() -> None:
+    from benchmarks.targets import planner_markdown
+
+    runs = {k: v for k, v in BASE.items() if k[0].startswith("graff") and k[1] == 1.0}
+    text = planner_markdown(summarize(_runs(runs)))
+    assert text.startswith("## What the learned planner adds")
+    assert "| t | planner off |" in text
+    assert "| t | fresh planner |" in text
+    assert "Targets" not in text

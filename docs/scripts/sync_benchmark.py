@@ -30,7 +30,10 @@ README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 SUITES = (
     ("anchors", "Tuning-free anchors and LR-swept baselines, four tasks"),
     ("budgets", "One task at three budget lengths (the 2,000-step run is the long horizon)"),
+    ("planner", "What the learned planner adds: shipped vs planner-off vs fresh, five seeds"),
 )
+#: Suites without baselines: on the docs page, not in the README's headline table.
+NO_HEADLINE = ("planner",)
 #: (results file, heading) of the tables appended as they are.
 TABLES = (
     ("wallclock_60/results.md", "Wall-clock budgets of at least 60 s"),
@@ -159,6 +162,8 @@ def sync_readme() -> None:
     """Replace the README's result block with :func:`headline` of the committed suites."""
     suites = {}
     for name, _ in SUITES:
+        if name in NO_HEADLINE:
+            continue
         path = RESULTS / name / "results.json"
         if path.is_file():
             suites[name] = json.loads(path.read_text())
