@@ -110,7 +110,9 @@ def run_task(task: Task, corpus: CharCorpus, planner: PlannerNet | None) -> floa
             config=graff.GraffConfig(online=False, peak_search=False),
         )
     else:
-        sched = GraffScheduler(opt, clock, model=model, warm_start=None)
+        sched = GraffScheduler(
+            opt, clock, model=model, warm_start=None, config=graff.GraffConfig(planner=True)
+        )
         sched.planner.load_state_dict(planner.state_dict())
     g = torch.Generator().manual_seed(task.seed)
     for _ in range(task.steps):

@@ -87,7 +87,7 @@ def build_scheduler(
             return GraffScheduler(optimizer, clock, config=GraffConfig(planner=False), **common)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_vector(planner, Path(tmp) / "planner.safetensors")
-            config = GraffConfig(residual_max=residual_max)
+            config = GraffConfig(planner=True, residual_max=residual_max)
             return GraffScheduler(optimizer, clock, warm_start=path, config=config, **common)
 
 
@@ -117,7 +117,7 @@ def build_recording_scheduler(
             loss_fn=loss_fn,
             seed=seed,
             warm_start=None,
-            config=GraffConfig(online=False),
+            config=GraffConfig(planner=True, online=False),
         )
     runtime = sched.runtime
     plan = runtime.plan

@@ -110,10 +110,10 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
 
 def graff_scheduler(opt, model, rank, extra):
     fields = graff.GraffConfig.field_names()
-    knobs = {k: v for k, v in extra.items() if k in fields}
+    # the whole machinery (opt-in planner, entropy probe, online learning) must agree across ranks
+    knobs = {"planner": True, **{k: v for k, v in extra.items() if k in fields}}
     kwargs = {k: v for k, v in extra.items() if k not in fields}
-    if knobs:
-        kwargs["config"] = graff.GraffConfig(**knobs)
+    kwargs["config"] = graff.GraffConfig(**knobs)
     return graff.GraffScheduler(opt, graff.BudgetClock(steps=STEPS), model=model, **kwargs)
 
 

@@ -121,6 +121,7 @@ def setups(draw: st.DrawFn, kinds: tuple[str, ...] = SCHEDULERS) -> Setup:
     clamp = draw(st.sampled_from([(1e-3, 100.0), (0.5, 2.0), (1.0, 1.0)]))
     common = {"lr_min_factor": clamp[0], "lr_max_factor": clamp[1]}
     if kind.startswith("graff"):
+        planner = draw(st.booleans())
         scheduler = graff.GraffScheduler(
             optimizer,
             budget,
@@ -130,7 +131,8 @@ def setups(draw: st.DrawFn, kinds: tuple[str, ...] = SCHEDULERS) -> Setup:
             config=graff.GraffConfig(
                 plan_every=draw(st.sampled_from([1, 3])),
                 curvature_every=draw(st.sampled_from([1, 4])),
-                block_multipliers=draw(st.booleans()),
+                planner=planner,
+                block_multipliers=planner and draw(st.booleans()),
                 planner_lr=draw(st.sampled_from([1e-3, 1.0])),
             ),
         )

@@ -58,7 +58,7 @@ def _build(kind: str, model: nn.Module, opt: torch.optim.Optimizer, wiring: str 
             budget,
             seed=0,
             **kw,
-            config=graff.GraffConfig(plan_every=2, probe_every=1, curvature_every=3),
+            config=graff.GraffConfig(planner=True, plan_every=2, probe_every=1, curvature_every=3),
         )
     if kind == "reactor":
         config = ReactorConfig(decision_interval=2)

@@ -114,6 +114,7 @@ def _graff(model: nn.Module) -> tuple[torch.optim.Optimizer, object]:
         seed=0,
         config=graff.GraffConfig(
             curvature_every="auto",
+            planner=True,
             block_multipliers=True,
             refresh_allowance=0.5,
             search_fraction=0.5,

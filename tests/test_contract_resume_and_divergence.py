@@ -342,25 +342,27 @@ def test_entropy_warning_names_an_argument_graff_scheduler_takes_and_points_at_t
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model)
+        graff.GraffScheduler(
+            opt,
+            budget=graff.BudgetClock(steps=5),
+            model=model,
+            config=graff.GraffConfig(planner=True),
+        )
     entropy = [w for w in caught if "entropy probe" in str(w.message)]
     assert len(entropy) == 1, [str(w.message) for w in caught]
     w = entropy[0]
     assert issubclass(w.category, graff.errors.GraffWarning)
     assert w.filename == __file__
     named = _named_arguments(str(w.message))
-    assert named == {"config", "entropy"}  # config=graff.GraffConfig(entropy=False)
+    # config=graff.GraffConfig(planner=True, entropy=False)
+    assert named == {"config", "planner", "entropy"}
     assert "config" in inspect.signature(graff.GraffScheduler).parameters
-    assert "entropy" in graff.GraffConfig.field_names()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graff.GraffScheduler(
-            opt,
-            budget=graff.BudgetClock(steps=5),
-            model=model,
-            config=graff.GraffConfig(entropy=False),
-        )
-    assert not [w for w in caught if "entropy probe" in str(w.message)]
+    assert {"entropy", "planner"} <= graff.GraffConfig.field_names()
+    for config in (graff.GraffConfig(planner=True, entropy=False), graff.GraffConfig()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model, config=config)
+        assert not [w for w in caught if "entropy probe" in str(w.message)]
 
 
 def test_lambda_off_warning_points_at_the_users_step_and_says_fixed_batch() -> None:

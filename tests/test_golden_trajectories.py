@@ -1,6 +1,6 @@
 """Golden LR trajectories: the safety net for refactoring.
 
-Seven representative configurations run on a step budget (every decision a function of step
+Ten representative configurations run on a step budget (every decision a function of step
 counts, data and seeds) and their per-step LRs and final parameters are compared *bit for bit*
 with ``tests/golden/trajectories.json``. A refactoring that changes any LR by one ulp fails here.
 
@@ -147,26 +147,44 @@ def _lora_run(resume_at: int | None = None, **knobs: Any) -> dict[str, Any]:
     return {"lrs": trace, "params": _param_digest(params)}
 
 
+# The learned planner's path (opt-in: ``planner=True``), recorded before the default turned it off
 def lora_captured() -> dict[str, Any]:
-    return _lora_run()
+    return _lora_run(planner=True)
 
 
 def lora_block_multipliers() -> dict[str, Any]:
-    return _lora_run(block_multipliers=True, plan_every=4, probe_every=4)
+    return _lora_run(planner=True, block_multipliers=True, plan_every=4, probe_every=4)
 
 
 def lora_resumed() -> dict[str, Any]:
+    return _lora_run(resume_at=LORA_STEPS // 2, planner=True)
+
+
+# The defaults: no planner (prior, peak search and guard)
+def lora_default() -> dict[str, Any]:
+    return _lora_run()
+
+
+def lora_default_resumed() -> dict[str, Any]:
     return _lora_run(resume_at=LORA_STEPS // 2)
 
 
 def char_lm() -> dict[str, Any]:
+    return _char_lm(planner=True)
+
+
+def char_lm_default() -> dict[str, Any]:
+    return _char_lm()
+
+
+def _char_lm(**knobs: Any) -> dict[str, Any]:
     """A char-level transformer from scratch, AdamW, λ̂ from a fixed probe batch (loss_fn=)."""
     torch.manual_seed(0)
     model = CharLM()
     batches = _char_batches(STEPS + 1)
     probe = batches[-1]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = _graff(opt, STEPS, loss_fn=lambda: _char_loss(model, probe), seed=0)
+    sched = _graff(opt, STEPS, loss_fn=lambda: _char_loss(model, probe), seed=0, **knobs)
     trace = []
     for batch in batches[:STEPS]:
         loss = _char_loss(model, batch)
@@ -189,7 +207,7 @@ def sgd_quadratic_no_lambda() -> dict[str, Any]:
     eig, x0 = _quadratic()
     x = nn.Parameter(x0.clone())
     opt = torch.optim.SGD([x], lr=0.005, momentum=0.9)
-    sched = _graff(opt, STEPS, seed=0)
+    sched = _graff(opt, STEPS, seed=0, planner=True)
     trace = []
     for _ in range(STEPS):
         loss = 0.5 * (eig * x * x).sum()
@@ -254,7 +272,10 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
         lora_captured,
         lora_block_multipliers,
         lora_resumed,
+        lora_default,
+        lora_default_resumed,
         char_lm,
+        char_lm_default,
         sgd_quadratic_no_lambda,
         reactor_guarded,
         budget_wsd_groups,
@@ -293,9 +314,13 @@ def test_trajectory_is_bit_identical_to_golden(name: str) -> None:
     assert got["params"] == want["params"], f"{name}: final parameters differ"
 
 
-def test_resumed_run_equals_uninterrupted_run() -> None:
+@pytest.mark.parametrize(
+    ("resumed", "whole"),
+    [("lora_resumed", "lora_captured"), ("lora_default_resumed", "lora_default")],
+)
+def test_resumed_run_equals_uninterrupted_run(resumed: str, whole: str) -> None:
     """The resumed configuration's trajectory equals the uninterrupted one, step for step."""
     golden = _golden()
-    if "lora_resumed" not in golden or "lora_captured" not in golden:
+    if resumed not in golden or whole not in golden:
         pytest.skip("golden file not recorded yet")
-    assert golden["lora_resumed"] == golden["lora_captured"]
+    assert golden[resumed] == golden[whole]

@@ -26,7 +26,7 @@ from graff.planner.refresh import RefreshAllowance
 def test_defaults_are_the_documented_ones() -> None:
     cfg = graff.GraffConfig()
     assert (cfg.plan_every, cfg.probe_interval, cfg.learn_every) == (10, 10, 1)
-    assert cfg.planner
+    assert not cfg.planner  # opt-in: no meta-training attempt beat planner-off (docs)
     assert cfg.online
     assert cfg.peak_search
     assert not cfg.block_multipliers
@@ -286,3 +286,18 @@ def test_planner_off_never_runs_the_planner_and_equals_a_zero_silent_planner(mon
     assert off == zero
     searched = [lr for lr in off if lr > off[0] * 1.5]
     assert searched  # the peak search still raised the LR
+
+
+def test_a_planner_file_without_the_planner_is_refused_with_the_fix(tmp_path) -> None:
+    """``warm_start=path`` loads a planner; with the planner off (the default) it would be ignored."""
+    model = nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = graff.save_planner(PlannerNet(), tmp_path / "p.safetensors")
+    with pytest.raises(GraffConfigError, match=r"GraffConfig\(planner=True\)"):
+        graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=path)
+    sched = graff.GraffScheduler(
+        opt, graff.BudgetClock(steps=5), warm_start=path, config=graff.GraffConfig(planner=True)
+    )
+    sched.remove()
+    for warm_start in ("default", None):  # the default and "no file" are fine without a planner
+        graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=warm_start).remove()

@@ -158,7 +158,9 @@ def test_guard_projection_makes_the_decoder_feasible() -> None:
         budget=graff.BudgetClock(steps=30),
         loss_fn=lambda: 0.5 * theta @ a @ theta,
         prior=graff.BudgetPrior("constant", warmup=0.0),
-        config=graff.GraffConfig(curvature_every=1, peak_search=False, block_multipliers=False),
+        config=graff.GraffConfig(
+            planner=True, curvature_every=1, peak_search=False, block_multipliers=False
+        ),
     )
     with torch.no_grad():
         sched.planner.lr_b.fill_(3.0)  # a decoder that asks for e^3 = 20x the LR
@@ -235,7 +237,7 @@ def test_online_update_through_the_kept_graph_equals_re_running_the_encoder() ->
             opt,
             budget=graff.BudgetClock(steps=40),
             seed=1,
-            config=graff.GraffConfig(plan_every=3, probe_every=1),
+            config=graff.GraffConfig(planner=True, plan_every=3, probe_every=1),
         )
         if forget:
             original = sched.runtime._learn
@@ -264,7 +266,7 @@ def test_deep_copying_does_not_fail_on_or_disturb_the_kept_graph() -> None:
         sched = GraffScheduler(
             opt,
             budget=graff.BudgetClock(steps=30),
-            config=graff.GraffConfig(plan_every=2, probe_every=1),
+            config=graff.GraffConfig(planner=True, plan_every=2, probe_every=1),
         )
         _train(sched, model, x, y, 5)
         assert sched.runtime._pending_graph is not None
@@ -282,7 +284,7 @@ def test_an_edit_of_the_encoder_weights_drops_the_kept_graph() -> None:
     sched = GraffScheduler(
         opt,
         budget=graff.BudgetClock(steps=20),
-        config=graff.GraffConfig(plan_every=2, probe_every=1),
+        config=graff.GraffConfig(planner=True, plan_every=2, probe_every=1),
     )
     _train(sched, model, x, y, 5)
     assert sched.runtime._pending_graph is not None
@@ -298,7 +300,9 @@ def test_online_learning_updates_the_planner_and_frozen_does_not() -> None:
     for online in (True, False):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         sched = GraffScheduler(
-            opt, budget=graff.BudgetClock(steps=30), config=graff.GraffConfig(online=online)
+            opt,
+            budget=graff.BudgetClock(steps=30),
+            config=graff.GraffConfig(planner=True, online=online),
         )
         before = [p.detach().clone() for p in sched.planner.parameters()]
         _train(sched, model, x, y, 30)
@@ -316,7 +320,7 @@ def test_block_multipliers_rescale_the_applied_update() -> None:
         opt,
         budget=graff.BudgetClock(steps=20),
         guard=False,
-        config=graff.GraffConfig(peak_search=False, block_multipliers=True),
+        config=graff.GraffConfig(planner=True, peak_search=False, block_multipliers=True),
     )
     _train(sched, model, x, y, 3)
     sched.runtime.multipliers = torch.full((len(sched.blocks),), 2.0)
@@ -424,7 +428,7 @@ def test_lora_end_to_end_uses_blocks_edges_and_probes(tiny_lora_qwen3, token_bat
         opt,
         budget=graff.BudgetClock(steps=12),
         model=model,
-        config=graff.GraffConfig(curvature_every=2),
+        config=graff.GraffConfig(planner=True, curvature_every=2),
     )
     assert len(sched.blocks) == 12
     assert sched.edge_index.shape[1] > 0
@@ -481,10 +485,19 @@ def test_warm_start_transfers_to_a_model_with_other_blocks(tmp_path) -> None:
     path = sched.save_planner(tmp_path / "planner.safetensors")
     lora = make_tiny_lora(make_tiny_qwen3())
     opt2 = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3)
-    warm = GraffScheduler(opt2, budget=graff.BudgetClock(steps=5), model=lora, warm_start=path)
+    warm = GraffScheduler(
+        opt2,
+        budget=graff.BudgetClock(steps=5),
+        model=lora,
+        warm_start=path,
+        config=graff.GraffConfig(planner=True),
+    )
     for a, b in zip(sched.planner.parameters(), warm.planner.parameters(), strict=True):
         torch.testing.assert_close(a, b)
     assert warm.runtime.h.shape == (12, sched.planner.hidden)
+
+
+ON = graff.GraffConfig(planner=True)  # a planner file is read only with the planner on
 
 
 def test_warm_start_rejects_files_that_are_not_planners(tmp_path) -> None:
@@ -493,15 +506,15 @@ def test_warm_start_rejects_files_that_are_not_planners(tmp_path) -> None:
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"definitely not a planner")
     with pytest.raises(CheckpointError, match="not a graff planner"):
-        GraffScheduler(opt, budget=10, warm_start=junk)
+        GraffScheduler(opt, budget=10, warm_start=junk, config=ON)
     with pytest.raises(CheckpointError, match="does not exist"):
-        GraffScheduler(opt, budget=10, warm_start=tmp_path / "missing.safetensors")
+        GraffScheduler(opt, budget=10, warm_start=tmp_path / "missing.safetensors", config=ON)
     from safetensors.torch import save_file
 
     other = tmp_path / "other.safetensors"
     save_file({"w": torch.zeros(3)}, str(other), metadata={"format": "something-else"})
     with pytest.raises(CheckpointError, match="not a graff planner"):
-        GraffScheduler(opt, budget=10, warm_start=other)
+        GraffScheduler(opt, budget=10, warm_start=other, config=ON)
 
 
 def test_planner_is_independent_of_the_number_of_blocks() -> None:
@@ -703,7 +716,7 @@ def _learn_every_run(learn_every: int, steps: int = 60, resume_at: int | None = 
             opt,
             budget=graff.BudgetClock(steps=steps),
             guard=False,
-            config=graff.GraffConfig(learn_every=learn_every),
+            config=graff.GraffConfig(planner=True, learn_every=learn_every),
         )
 
     sched = build(model)
@@ -746,7 +759,7 @@ def test_learn_every_updates_the_planner_at_every_kth_plan_only() -> None:
         GraffScheduler(
             torch.optim.SGD(_regression()[0].parameters(), lr=0.1),
             10,
-            config=graff.GraffConfig(learn_every=0),
+            config=graff.GraffConfig(planner=True, learn_every=0),
         )
 
 

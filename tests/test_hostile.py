@@ -404,7 +404,7 @@ def test_lora_model_with_probes_keeps_every_invariant(kind, stream) -> None:
     opt = torch.optim.AdamW(params, lr=1e-3)
     cls = graff.GraffScheduler if kind == "graff" else graff.ReactorScheduler
     kw = (
-        {"config": graff.GraffConfig(curvature_every=2, plan_every=2)}
+        {"config": graff.GraffConfig(planner=True, curvature_every=2, plan_every=2)}
         if kind == "graff"
         else {"config": graff.ReactorConfig(decision_interval=2)}
     )

@@ -62,7 +62,9 @@ def make_setup(kind: str, seed: int = 0, groups: int = 1) -> Setup:
             opt,
             budget,
             loss_fn=loss_fn,
-            config=graff.GraffConfig(plan_every=2, curvature_every=2, block_multipliers=True),
+            config=graff.GraffConfig(
+                planner=True, plan_every=2, curvature_every=2, block_multipliers=True
+            ),
         )
     elif kind == "reactor":
         sched = graff.ReactorScheduler(
@@ -297,7 +299,9 @@ def _trained_planner_file(tmp_path: Path) -> Path:
 
 def _load(path: Path | str) -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
-    graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=path)
+    graff.GraffScheduler(
+        opt, graff.BudgetClock(steps=5), warm_start=path, config=graff.GraffConfig(planner=True)
+    )
 
 
 def test_truncated_planner_files_are_checkpoint_errors(tmp_path: Path) -> None:

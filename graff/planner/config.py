@@ -78,7 +78,7 @@ class GraffConfig:
             (the message names them).
     """
 
-    planner: bool = True
+    planner: bool = False
     online: bool = True
     edges: bool = True
     budget_feature: bool = True

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from graff._checks import check_optimizer_and_model, is_count
 from graff.blocks import block_edges
 from graff.clock import BudgetClock
-from graff.errors import CheckpointError, GraffTypeError
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 from graff.guard import guard_constant, log_lr_bound
 from graff.planner.config import GraffConfig, reject_unknown
 from graff.planner.features import (
@@ -80,7 +80,7 @@ from graff.planner.features import (
     stability_usage,
     window_cosines,
 )
-from graff.planner.net import mean_adjacency, save_planner
+from graff.planner.net import DEFAULT_PLANNER, mean_adjacency, save_planner
 from graff.planner.online import OnlinePlanner, make_planner
 from graff.planner.peak_search import PeakSearch
 from graff.priors import BudgetPrior, make_prior
@@ -185,6 +185,11 @@ class GraffScheduler(BudgetedScheduler):
                 f"config must be a graff.GraffConfig, got {type(config).__name__}."
             )
         check_optimizer_and_model(optimizer, model)
+        if not config.planner and warm_start not in (DEFAULT_PLANNER, None):
+            raise GraffConfigError(
+                f"warm_start={str(warm_start)!r} loads a planner, but the planner is off (the "
+                "default): pass config=graff.GraffConfig(planner=True) to run it."
+            )
         self.config, self.guard = config, bool(guard)
         self.prior = make_prior(prior)
         self.guard_c = config.guard_c if config.guard_c is not None else guard_constant(optimizer)
