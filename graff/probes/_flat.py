@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch._utils import _flatten_dense_tensors
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 CHUNK = 256
 MAX_SEGMENT = 1 << 22  # most elements dots_with() copies at a time (16 MiB fp32)
@@ -48,7 +48,7 @@ def _row_dot(x: Tensor, y: Tensor) -> Tensor:
     return (x.float() * y.float()).sum(1)
 
 
-def _row_sq(x: Tensor) -> Tensor:
+def row_sq(x: Tensor) -> Tensor:
     """Row-wise squared norms of a ``[rows, chunk]`` tensor, float32 (no temporary copy)."""
     if x.dtype in _WIDE:
         return torch.linalg.vector_norm(x, dim=1).float().square_()
@@ -180,6 +180,19 @@ class FlatBlockBuffer:
             )
         return out
 
+    def views_of(self, flats: Sequence[Tensor]) -> list[Tensor]:
+        """Views shaped like the parameters into ``flats``, tensors laid out like :attr:`flats`
+        (e.g. :meth:`gather` output): elementwise work on the parameters' entries of a gathered
+        copy, in place, without a second gathered tensor. One C++ call per group makes them."""
+        out = list(self.views)
+        for flat, plan in zip(flats, self._plans, strict=True):
+            items = [self.views[x] if isinstance(x, int) else x for seg in plan for x in seg]
+            views = _unflatten_dense_tensors(flat, items)  # the layout gather() wrote
+            for x, view in zip((x for seg in plan for x in seg), views, strict=True):
+                if isinstance(x, int):
+                    out[x] = view
+        return out
+
     def _zeros(self, n: int, like: Tensor) -> Tensor:
         key = (n, like.dtype, like.device)
         pad = self._pads.get(key)
@@ -217,9 +230,9 @@ class FlatBlockBuffer:
                 t = torch.cat([items[0].reshape(-1)]) if len(items) == 1 else None
                 t = _flatten_dense_tensors(items) if t is None else t
                 t, x = t.view(-1, self.chunk), rows[first:end]
-                k = [_row_sq(t)] if self_dot else []
+                k = [row_sq(t)] if self_dot else []
                 if buffer_sq:
-                    k.append(_row_sq(x))
+                    k.append(row_sq(x))
                 # ⟨t, x⟩ last: t ← t ⊙ x in place (no product temporary; a narrower buffer is
                 # promoted to t's dtype inside the kernel), then row sums
                 if t.dtype in _WIDE and x.dtype.itemsize <= t.dtype.itemsize:
@@ -232,7 +245,7 @@ class FlatBlockBuffer:
 
     def row_sq_norms(self) -> list[Tensor]:
         """Per-row squared norms of the buffer (float32, one tensor per group, on its device)."""
-        return [_row_sq(v) for v in self._row_views]  # the kernel dots_with(buffer_sq) uses
+        return [row_sq(v) for v in self._row_views]  # the kernel dots_with(buffer_sq) uses
 
     def param_totals(self, per_row: Sequence[Tensor]) -> Tensor:
         """``[k, n_params]`` (float32, CPU): ``k`` per-row quantities summed per parameter.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from graff.errors import CheckpointError
-from graff.probes._flat import FlatBlockBuffer
+from graff.probes._flat import FlatBlockBuffer, row_sq
 
 
 class UpdateBuffer:
@@ -43,6 +43,11 @@ class UpdateBuffer:
             p.is_floating_point() and p.element_size() > dtype.itemsize for p in params
         )
         self._theta: list[Tensor] | None = None
+        # take() of a full update reads the rounded D back into θ_t's float32 copy (CPU: there
+        # bfloat16 arithmetic is slow); elsewhere it computes from the buffer (_take_rounded)
+        self._float_copy = self.narrow and all(
+            p.dtype == torch.float32 and p.device.type == "cpu" for p in params
+        )
         self.n = len(params)
         self.usq = torch.zeros(self.n)
         self.gdu = torch.zeros(self.n)
@@ -64,8 +69,29 @@ class UpdateBuffer:
 
     def take(self, params: Sequence[Tensor], idx: list[int], grads: Sequence[Tensor]) -> None:
         """D = θ_t − θ_{t+1} for ``idx`` (``grads``: their g_t, in order), with ⟨g_t, Δθ_t⟩, ‖Δθ_t‖²."""
-        flat = self.flat
         full = len(idx) == self.n
+        if self._theta is not None and full and self._float_copy:
+            per_param = self._take_rounded(params, grads)
+        else:
+            per_param = self._take(params, idx, grads, full)
+        per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
+        # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
+        # The sum is finite only if every term is (one host read in the usual case).
+        if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
+            self.valid = set(idx)
+        else:
+            finite = torch.isfinite(per_param[0]).tolist()
+            self.valid = {j for j in idx if finite[j]}
+            self.incomplete = True
+            per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
+        self.gdu, self.usq = per_param[0], per_param[1]
+        self.has_update = True
+
+    def _take(
+        self, params: Sequence[Tensor], idx: list[int], grads: Sequence[Tensor], full: bool
+    ) -> Tensor:
+        """D into the buffer; ``[⟨g_t, D⟩, ‖D‖²]`` per parameter (any dtype, device, subset)."""
+        flat = self.flat
         if self._theta is not None:  # D in the parameters' dtype, stored rounded
             now = flat.gather(params)
             for buffer, before, after in zip(flat.flats, self._theta, now, strict=True):
@@ -80,19 +106,33 @@ class UpdateBuffer:
         if not full:  # entries outside idx are 0: any tensor of the shape will do
             for j, g in zip(idx, grads, strict=True):
                 all_grads[j] = g
-        per_param = flat.param_totals(flat.dots_with(all_grads, buffer_sq=True))
-        per_param[0].neg_()  # ⟨g_t, Δθ_t⟩ = −⟨g_t, D⟩
-        # A NaN/inf gradient or update is not kept: no NaN in the state, no sample from it.
-        # The sum is finite only if every term is (one host read in the usual case).
-        if math.isfinite(float(per_param.sum())) or bool(per_param.isfinite().all()):
-            self.valid = set(idx)
-        else:
-            finite = torch.isfinite(per_param[0]).tolist()
-            self.valid = {j for j in idx if finite[j]}
-            self.incomplete = True
-            per_param = torch.nan_to_num(per_param, 0.0, 0.0, 0.0)
-        self.gdu, self.usq = per_param[0], per_param[1]
-        self.has_update = True
+        return flat.param_totals(flat.dots_with(all_grads, buffer_sq=True))
+
+    def _take_rounded(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> Tensor:
+        """:meth:`_take` of every parameter, float32 on the CPU, narrow buffer: the same numbers.
+
+        θ_t's gathered copy becomes D in place (no gathered θ_{t+1}), is rounded into the buffer
+        and read back, so it holds the stored D exactly, in float32. The sums then run on it
+        instead of the buffer: ``‖D‖²`` rows are the same float32 reduction of the same values
+        (``vector_norm`` casts a bfloat16 input to float32 first); ``g ⊙ D`` is formed in place
+        in D's copy (float32 products commute), not in a gathered copy of the gradients, and
+        summed by rows as :meth:`FlatBlockBuffer.dots_with` does. Bit for bit its result, at
+        about half the passes over memory and without bfloat16 arithmetic, which is slow on CPUs.
+        """
+        flat, theta = self.flat, self._theta
+        assert theta is not None
+        self._theta = None
+        views = flat.views_of(theta)
+        torch._foreach_sub_(views, list(params))  # D = θ_t − θ_{t+1}, float32
+        rows = []
+        for buffer, d in zip(flat.flats, theta, strict=True):
+            buffer.copy_(d)  # D rounded once, as stored
+            d.copy_(buffer)  # ... and back: the stored D, exactly
+            rows.append(d.view(-1, flat.chunk))
+        sq = [row_sq(r) for r in rows]  # ‖D‖² by rows, before D is overwritten
+        torch._foreach_mul_(views, list(grads))  # D ⊙ g_t in place (padding stays 0)
+        dots = [r.sum(1, dtype=torch.float32) for r in rows]
+        return flat.param_totals([torch.stack(k) for k in zip(dots, sq, strict=True)])
 
     def rescale(self, params: Sequence[Tensor], factors: Sequence[float]) -> None:
         """θ ← θ + (f − 1)·Δθ for the valid parameters (in sorted order), and D, gdu, usq with it."""
