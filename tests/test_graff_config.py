@@ -282,7 +282,10 @@ def test_planner_off_never_runs_the_planner_and_equals_a_zero_silent_planner(mon
 
     off, counts = lrs_of(graff.GraffConfig(planner=False), forbid=True)
     assert counts == [0, 0, None]
-    zero, _ = lrs_of(graff.GraffConfig(online=False), forbid=False)
+    default, _ = lrs_of(graff.GraffConfig(), forbid=True)  # planner-off is the default
+    assert default == off
+    zero, counts = lrs_of(graff.GraffConfig(planner=True, online=False), forbid=False)
+    assert counts[0] > 0  # the control: this one does run a (silent) planner
     assert off == zero
     searched = [lr for lr in off if lr > off[0] * 1.5]
     assert searched  # the peak search still raised the LR
@@ -301,3 +304,26 @@ def test_a_planner_file_without_the_planner_is_refused_with_the_fix(tmp_path) ->
     sched.remove()
     for warm_start in ("default", None):  # the default and "no file" are fine without a planner
         graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=warm_start).remove()
+
+
+def test_the_default_puts_no_entropy_hook_on_a_lora_model(tiny_lora_qwen3) -> None:
+    """By default GRAFF hooks the model only to capture the loss and λ̂'s inputs: the entropy
+    lens and the planner are opt-in, and they add their hook only then."""
+    model = tiny_lora_qwen3
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = hooks()
+    default = graff.GraffScheduler(torch.optim.AdamW(params, lr=1e-3), 10, model=model)
+    assert default.entropy_probe is None
+    default_hooks = hooks() - before
+    default.remove()
+    planner = graff.GraffScheduler(
+        torch.optim.AdamW(params, lr=1e-3), 10, model=model, config=graff.GraffConfig(planner=True)
+    )
+    assert planner.entropy_probe is not None
+    assert hooks() - before > default_hooks
+    planner.remove()
+    assert hooks() == before
