@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from metatrain import graff_api
+from metatrain.report import atomic_write
 from metatrain.runner import RunResult, normalised, run_task, run_with
 from metatrain.sampler import TaskSampler, TaskSpec, meta_val_specs
 
@@ -368,6 +369,4 @@ def summary(scores: dict[int, list[float]], tasks: list[TaskSweep]) -> dict[str,
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(payload, indent=1) + "\n")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from metatrain import clone, graff_api
-from metatrain.report import git_commit
+from metatrain.report import git_commit, save_figure
 
 
 def add_parser(sub: Any) -> None:
@@ -143,8 +143,4 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     b.legend(fontsize=8)
     for ax in (a, b):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)

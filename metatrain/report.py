@@ -34,7 +34,8 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -42,7 +43,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def write_log(log: list[dict[str, Any]], out: Path) -> None:
     """One JSON object per logged iteration (rewritten whole: it always matches ``state.pt``)."""
-    _atomic_write(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
+    atomic_write(out / "log.jsonl", "".join(json.dumps(e) + "\n" for e in log))
 
 
 def curve(log: list[dict[str, Any]]) -> list[list[float | None]]:
@@ -89,6 +90,13 @@ def plot_curve(log: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("normalised loss, mean log(L / L_off)\n(< 0: better than planner-off)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write atomically (PNG, 110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -122,5 +130,5 @@ def export(state: dict[str, Any], to: Path, command: str) -> dict[str, Any]:
         "normalised_loss": "log((L + 0.01 L_init) / (L_planner_off + 0.01 L_init)); < 0 is better",
         "curve": curve(state["log"]),
     }
-    _atomic_write(to.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
+    atomic_write(to.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
     return sidecar
