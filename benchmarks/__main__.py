@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu`` and ``heldout``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.heldout import main as heldout
 
         heldout(argv[1:])
+        return
+    if argv[:1] == ["compare"]:  # its own parser (benchmarks/compare.py)
+        from benchmarks.compare import main as compare
+
+        compare(argv[1:])
         return
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -80,7 +80,7 @@ def _task_summary(task: str, cells: dict[str, Any]) -> dict[str, Any]:
         ("best_baseline", best),
         ("prior_only", cells.get("prior_only@1")),
         ("best_anchor", best_anchor),
-        ("graff_planner", cells.get("graff_planner@1")),
+        ("graff_planner_off", cells.get("graff_planner_off@1")),
         ("graff_fresh", cells.get("graff_fresh@1")),
     ):
         if graff and other:

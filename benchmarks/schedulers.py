@@ -26,18 +26,15 @@ WEIGHT_DECAY = 0.01
 WARMUP = 0.05  # warm-up fraction for every scheduler that has one (GRAFF's prior default too)
 
 GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
-    "graff": {},  # defaults: WSD prior, peak search, guard; no planner (docs/concepts/graff.md)
-    # the opt-in learned planner: the shipped weights (warm_start="default"), or untrained
-    "graff_planner": {"planner": True},
-    "graff_fresh": {"planner": True, "warm_start": None},
+    "graff": {},  # defaults: the shipped planner (warm_start="default"), WSD prior
+    "graff_fresh": {"warm_start": None},  # an untrained planner instead of the shipped one
     "graff_linear_prior": {"prior": "linear"},
-    "graff_no_edges": {"planner": True, "edges": False},
-    "graff_no_budget_feature": {"planner": True, "budget_feature": False},
-    "graff_frozen": {"planner": True, "online": False},
+    "graff_no_edges": {"edges": False},
+    "graff_no_budget_feature": {"budget_feature": False},
+    "graff_frozen": {"online": False},
     "graff_no_prior": {"prior": None},
     "graff_no_calibrate": {"peak_search": False},
-    # planner-off spelled out: the default since the planner became opt-in (kept so results
-    # recorded before that read the same)
+    # the prior, the peak search and the guard alone: no planner forward, no online update
     "graff_planner_off": {"planner": False},
     # GRAFF's own budget prior alone: zero decoder, no search, no learning, no guard
     "prior_only": {"online": False, "peak_search": False, "guard": False, "warm_start": None},
@@ -56,9 +53,7 @@ class MissingAnchorPackage(ImportError):
 
 
 LEARNED = ("graff", "prior_only", "reactor")
-ABLATIONS = tuple(
-    k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only", "graff_planner_off")
-)
+ABLATIONS = tuple(k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only"))
 
 
 @dataclass

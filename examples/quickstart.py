@@ -177,8 +177,8 @@ def table(results: list[Result]) -> str:
             f"{100 * per_step / r.seconds:>9.1f}%{lam:>8}"
         )
     rows.append(
-        "per step: the scheduler's share of the run's wall time (GRAFF: probe hooks, peak "
-        "search, guard); λ̂ (s): GRAFF's curvature estimates (the first is a one-off)."
+        "per step: the scheduler's share of the run's wall time (GRAFF: probe hooks, entropy "
+        "lens, planner, guard); λ̂ (s): GRAFF's curvature estimates (the first is a one-off)."
     )
     return "\n".join(rows)
 

@@ -49,7 +49,7 @@ def test_the_two_suites_cover_five_tasks_with_sgd_and_a_long_horizon() -> None:
 def test_the_anchors_suite_runs_the_planner_ablations_at_the_users_lr() -> None:
     """Issue 17's evidence: shipped planner vs planner-off vs fresh, same seeds, ×1."""
     specs = SUITES["anchors"].specs()
-    for variant in ("graff", "graff_planner", "graff_fresh"):
+    for variant in ("graff", "graff_planner_off", "graff_fresh"):
         runs = [s for s in specs if s["scheduler"] == variant and s["lr_mult"] == 1.0]
         assert len(runs) == 4 * SUITES["anchors"].seeds
 
@@ -61,7 +61,7 @@ def test_the_planner_suite_pairs_three_variants_on_five_seeds_of_the_anchors_tas
     assert {t.name for t in suite.build_tasks()} == {
         t.name for t in SUITES["anchors"].build_tasks()
     }
-    assert {s["scheduler"] for s in specs} == {"graff", "graff_planner", "graff_fresh"}
+    assert {s["scheduler"] for s in specs} == {"graff", "graff_planner_off", "graff_fresh"}
     assert {s["lr_mult"] for s in specs} == {1.0}
     pairs = {(s["task"], s["seed"]) for s in specs}
     assert len(pairs) == 4 * suite.seeds

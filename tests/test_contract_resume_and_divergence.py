@@ -354,11 +354,10 @@ def test_entropy_warning_names_an_argument_graff_scheduler_takes_and_points_at_t
     assert issubclass(w.category, graff.errors.GraffWarning)
     assert w.filename == __file__
     named = _named_arguments(str(w.message))
-    # config=graff.GraffConfig(planner=True, entropy=False)
-    assert named == {"config", "planner", "entropy"}
+    assert named == {"config", "entropy"}  # config=graff.GraffConfig(entropy=False)
     assert "config" in inspect.signature(graff.GraffScheduler).parameters
     assert {"entropy", "planner"} <= graff.GraffConfig.field_names()
-    for config in (graff.GraffConfig(planner=True, entropy=False), graff.GraffConfig()):
+    for config in (graff.GraffConfig(entropy=False), graff.GraffConfig(planner=False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model, config=config)

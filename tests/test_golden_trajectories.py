@@ -147,7 +147,7 @@ def _lora_run(resume_at: int | None = None, **knobs: Any) -> dict[str, Any]:
     return {"lrs": trace, "params": _param_digest(params)}
 
 
-# The learned planner's path (opt-in: ``planner=True``), recorded before the default turned it off
+# The learned planner's path (the default), pinned explicitly
 def lora_captured() -> dict[str, Any]:
     return _lora_run(planner=True)
 
@@ -160,21 +160,21 @@ def lora_resumed() -> dict[str, Any]:
     return _lora_run(resume_at=LORA_STEPS // 2, planner=True)
 
 
-# The defaults: no planner (prior, peak search and guard)
-def lora_default() -> dict[str, Any]:
-    return _lora_run()
+# The planner-off ablation (prior, peak search and guard)
+def lora_planner_off() -> dict[str, Any]:
+    return _lora_run(planner=False)
 
 
-def lora_default_resumed() -> dict[str, Any]:
-    return _lora_run(resume_at=LORA_STEPS // 2)
+def lora_planner_off_resumed() -> dict[str, Any]:
+    return _lora_run(resume_at=LORA_STEPS // 2, planner=False)
 
 
 def char_lm() -> dict[str, Any]:
     return _char_lm(planner=True)
 
 
-def char_lm_default() -> dict[str, Any]:
-    return _char_lm()
+def char_lm_planner_off() -> dict[str, Any]:
+    return _char_lm(planner=False)
 
 
 def _char_lm(**knobs: Any) -> dict[str, Any]:
@@ -272,10 +272,10 @@ CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
         lora_captured,
         lora_block_multipliers,
         lora_resumed,
-        lora_default,
-        lora_default_resumed,
+        lora_planner_off,
+        lora_planner_off_resumed,
         char_lm,
-        char_lm_default,
+        char_lm_planner_off,
         sgd_quadratic_no_lambda,
         reactor_guarded,
         budget_wsd_groups,
@@ -316,7 +316,7 @@ def test_trajectory_is_bit_identical_to_golden(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("resumed", "whole"),
-    [("lora_resumed", "lora_captured"), ("lora_default_resumed", "lora_default")],
+    [("lora_resumed", "lora_captured"), ("lora_planner_off_resumed", "lora_planner_off")],
 )
 def test_resumed_run_equals_uninterrupted_run(resumed: str, whole: str) -> None:
     """The resumed configuration's trajectory equals the uninterrupted one, step for step."""

@@ -26,7 +26,7 @@ from graff.planner.refresh import RefreshAllowance
 def test_defaults_are_the_documented_ones() -> None:
     cfg = graff.GraffConfig()
     assert (cfg.plan_every, cfg.probe_interval, cfg.learn_every) == (10, 10, 1)
-    assert not cfg.planner  # opt-in: no meta-training attempt beat planner-off (docs)
+    assert cfg.planner
     assert cfg.online
     assert cfg.peak_search
     assert not cfg.block_multipliers
@@ -282,8 +282,6 @@ def test_planner_off_never_runs_the_planner_and_equals_a_zero_silent_planner(mon
 
     off, counts = lrs_of(graff.GraffConfig(planner=False), forbid=True)
     assert counts == [0, 0, None]
-    default, _ = lrs_of(graff.GraffConfig(), forbid=True)  # planner-off is the default
-    assert default == off
     zero, counts = lrs_of(graff.GraffConfig(planner=True, online=False), forbid=False)
     assert counts[0] > 0  # the control: this one does run a (silent) planner
     assert off == zero
@@ -292,23 +290,23 @@ def test_planner_off_never_runs_the_planner_and_equals_a_zero_silent_planner(mon
 
 
 def test_a_planner_file_without_the_planner_is_refused_with_the_fix(tmp_path) -> None:
-    """``warm_start=path`` loads a planner; with the planner off (the default) it would be ignored."""
+    """``warm_start=path`` loads a planner; with ``planner=False`` it would be ignored."""
     model = nn.Linear(3, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     path = graff.save_planner(PlannerNet(), tmp_path / "p.safetensors")
-    with pytest.raises(GraffConfigError, match=r"GraffConfig\(planner=True\)"):
-        graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=path)
-    sched = graff.GraffScheduler(
-        opt, graff.BudgetClock(steps=5), warm_start=path, config=graff.GraffConfig(planner=True)
-    )
-    sched.remove()
+    off = graff.GraffConfig(planner=False)
+    with pytest.raises(GraffConfigError, match=r"planner=False"):
+        graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=path, config=off)
+    graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=path).remove()
     for warm_start in ("default", None):  # the default and "no file" are fine without a planner
-        graff.GraffScheduler(opt, graff.BudgetClock(steps=5), warm_start=warm_start).remove()
+        graff.GraffScheduler(
+            opt, graff.BudgetClock(steps=5), warm_start=warm_start, config=off
+        ).remove()
 
 
-def test_the_default_puts_no_entropy_hook_on_a_lora_model(tiny_lora_qwen3) -> None:
-    """By default GRAFF hooks the model only to capture the loss and λ̂'s inputs: the entropy
-    lens and the planner are opt-in, and they add their hook only then."""
+def test_planner_off_puts_no_entropy_hook_on_a_lora_model(tiny_lora_qwen3) -> None:
+    """Planner-off hooks the model only to capture the loss and λ̂'s inputs: the entropy lens
+    feeds the planner alone, and it adds its hook only with the planner."""
     model = tiny_lora_qwen3
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -316,7 +314,9 @@ def test_the_default_puts_no_entropy_hook_on_a_lora_model(tiny_lora_qwen3) -> No
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
     before = hooks()
-    default = graff.GraffScheduler(torch.optim.AdamW(params, lr=1e-3), 10, model=model)
+    default = graff.GraffScheduler(
+        torch.optim.AdamW(params, lr=1e-3), 10, model=model, config=graff.GraffConfig(planner=False)
+    )
     assert default.entropy_probe is None
     default_hooks = hooks() - before
     default.remove()

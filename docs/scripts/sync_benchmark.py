@@ -152,13 +152,8 @@ def headline(suites: dict[str, dict]) -> str:
         lines += markdown_table(("target", "evidence", "met"), targets)
         planner = planner_rows(data["summary"])
         if planner:
-            lines += [
-                "",
-                f"What the opt-in learned planner adds over the default, which runs none (`{name}` "
-                "suite, user's LR, paired; Δ = planner − default):",
-                "",
-            ]
-            header = ("task", "planner", "default", "planner", "mean Δ", "p", "n", "verdict")
+            lines += ["", f"What the learned planner adds (`{name}` suite, user's LR, paired):", ""]
+            header = ("task", "variant", "shipped", "variant", "mean Δ", "p", "n", "verdict")
             lines += markdown_table(header, planner)
     return "\n".join(lines) + "\n"
 

@@ -28,13 +28,12 @@ _SWITCHES = (
 class GraffConfig:
     """GRAFF's ablation switches and tuning knobs (``GraffScheduler(..., config=...)``).
 
-    Ablation switches (on by default except ``planner`` and ``block_multipliers``):
-        planner: Run the learned planner (opt-in). ``False``, the default: the prior, the peak
-            search and the guard alone, with the residual and the multipliers held at zero (no
-            planner forward pass, no online update, no entropy probe) — the cheapest GRAFF, and
-            level with the shipped planner on the benchmark's tasks, which no meta-training
-            attempt made better than planner-off (``docs/concepts/graff.md``). The switches and
-            knobs below that concern the planner act only with ``planner=True``.
+    Ablation switches (all on by default except ``block_multipliers``):
+        planner: Run the learned planner. ``False``: the planner-off ablation, the cheapest
+            GRAFF — the prior, the peak search and the guard alone, with the residual and the
+            multipliers held at zero (no planner forward pass, no online update, no entropy
+            probe): level with the planner at the user's LR, but worse when the user's LR is
+            3-10× off (``docs/concepts/graff.md``, "What the learned part contributes").
         online: Train the planner online on the de-biased hypergradient cosine (``False``: the
             frozen-planner ablation).
         edges: Message passing between blocks (``False``: the no-edges/MLP ablation).
@@ -81,7 +80,7 @@ class GraffConfig:
             (the message names them).
     """
 
-    planner: bool = False
+    planner: bool = True
     online: bool = True
     edges: bool = True
     budget_feature: bool = True

@@ -445,8 +445,7 @@ def make_entropy_probe(model: nn.Module | None, seed: int, every: int) -> Entrop
         warn(
             f"GraffScheduler runs without the entropy probe (its entropy features stay 0): "
             f"{reason} The other signals are unaffected. Pass "
-            "config=graff.GraffConfig(planner=True, entropy=False) to GraffScheduler to silence "
-            "this warning (the entropy signals feed the opt-in planner alone).",
+            "config=graff.GraffConfig(entropy=False) to GraffScheduler to silence this warning.",
             ProbeWarning,
         )
         return None

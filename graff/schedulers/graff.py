@@ -19,9 +19,7 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   instability; its fallback is 0, the user's LR under the prior alone;
 - :math:`r_t = w\\cdot\\bar h_t + b` is the planner's learned residual, clipped to
   ``±log(residual_max)``, from the graph-recurrent encoder in :mod:`graff.planner.net`
-  (:class:`graff.planner.online.OnlinePlanner` runs it); 0 by default: the learned planner is
-  opt-in (``GraffConfig(planner=True)``), since no meta-training attempt made it beat the
-  planner-off rule on tasks it never saw (``docs/concepts/graff.md``);
+  (:class:`graff.planner.online.OnlinePlanner` runs it); 0 with ``GraffConfig(planner=False)``;
 - :math:`m_{t,i} = \\exp(\\rho\\tanh\\ell_{t,i})`, :math:`\\rho = \\log(\\text{multiplier_max})`,
   scales block :math:`i`'s applied update after ``optimizer.step()`` (exactly a per-block LR for
   any optimizer whose update is linear in the LR); :math:`m_{\\max} = \\max_i m_{t,i}`;
@@ -34,7 +32,7 @@ clamped to ``[lr_min_factor, lr_max_factor] × η⁰_g``, where
   adaptive optimizers) an estimate a healthy loss contradicts by more than 4× is set aside
   until the next one (``docs/concepts/guard.md``).
 
-Online learning (with the planner; two optimizers, one backward of the model): the hypergradient
+Online learning (two optimizers, one backward of the model): the hypergradient
 :math:`\\partial L_{t+1}/\\partial\\log\\eta_t = \\langle g_{t+1}, \\Delta\\theta_t\\rangle`
 (Baydin et al., ICLR 2018) arrives one step later from the curvature probe; its window cosine,
 de-biased by its running mean, trains the planner (:mod:`graff.planner.online`;
@@ -116,19 +114,19 @@ class GraffScheduler(BudgetedScheduler):
     Args:
         optimizer: Any torch optimizer whose update is linear in ``lr``.
         budget: A :class:`~graff.BudgetClock` or a number of seconds.
-        model: Optional model: the forward loss is captured (``step()`` may omit the loss) and
-            the curvature probe re-runs captured inputs for λ̂; with the planner on, LoRA
-            modules become graph nodes and the entropy probe hooks an early layer.
+        model: Optional model: LoRA modules become graph nodes, the forward loss is captured
+            (``step()`` may omit the loss), the entropy probe hooks an early layer (with the
+            planner), and the curvature probe re-runs captured inputs for λ̂.
         loss_fn: Optional closure returning the loss on a fixed probe batch (for λ̂).
         blocks: Optional mapping ``{name: parameters}`` overriding block discovery.
         adjacency: Optional pairs of block indices overriding the parsed graph.
         prior: Budget prior name or :class:`~graff.BudgetPrior`; ``None`` disables it (ablation).
             Default ``"wsd"``: warm-up over the first 5 %, stable, then linear decay to zero over
             the last 20 % of the budget. Another warm-up: ``BudgetPrior("wsd", warmup=0.1)``.
-        warm_start: With ``GraffConfig(planner=True)``: ``"default"`` (the planner shipped with
-            graff, from ``python -m graff.pretrain``), the path of a planner saved by
-            :meth:`save_planner`, or ``None`` (a fresh planner with a zero decoder). A path
-            with the planner off is a ``GraffConfigError`` (it would be ignored).
+        warm_start: ``"default"`` (the planner shipped with graff, from
+            ``python -m graff.pretrain``), the path of a planner saved by :meth:`save_planner`,
+            or ``None`` (a fresh planner with a zero decoder). A path with
+            ``GraffConfig(planner=False)`` is a ``GraffConfigError`` (it would be ignored).
         guard: Apply the stability guard.
         lr_min_factor: Lower clamp (× initial LR).
         lr_max_factor: Upper clamp (× initial LR).
@@ -190,8 +188,8 @@ class GraffScheduler(BudgetedScheduler):
         check_optimizer_and_model(optimizer, model)
         if not config.planner and warm_start not in (DEFAULT_PLANNER, None):
             raise GraffConfigError(
-                f"warm_start={str(warm_start)!r} loads a planner, but the planner is off (the "
-                "default): pass config=graff.GraffConfig(planner=True) to run it."
+                f"warm_start={str(warm_start)!r} loads a planner, but GraffConfig(planner=False) "
+                "turns the planner off: drop one of the two."
             )
         self.config, self.guard = config, bool(guard)
         self.prior = make_prior(prior)
