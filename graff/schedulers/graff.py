@@ -1,4 +1,4 @@
-"""GraffScheduler: the budget-aware LR planner (Graph-Recurrent Allocation of Fine-tuning Funds).
+"""GraffScheduler: the learned, budget-aware LR planner (Graph-Recurrent Allocation of Fine-tuning Funds).
 
 Per optimizer step :math:`t` the LR of parameter group :math:`g` is
 
@@ -109,7 +109,7 @@ class PlanRecord:
 
 
 class GraffScheduler(BudgetedScheduler):
-    """Budget-aware LR planner with an edge-of-stability guard (see module docstring).
+    """Budget-aware learned LR planner with an edge-of-stability guard (see module docstring).
 
     Args:
         optimizer: Any torch optimizer whose update is linear in ``lr``.
