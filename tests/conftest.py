@@ -101,3 +101,12 @@ def token_batch() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 96, (2, 12), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.fixture
+def cheap_lora_base(monkeypatch):
+    """metatrain's LoRA tasks on a 3-step base model instead of the 300-step one (the cache is
+    keyed by the step count)."""
+    from metatrain import tasks
+
+    monkeypatch.setattr(tasks, "LORA_BASE_STEPS", 3)

@@ -16,12 +16,6 @@ from metatrain import es, graff_api, runner, sampler, tasks
 from metatrain.runner import Job, RunResult
 
 
-@pytest.fixture
-def cheap_lora_base(monkeypatch):
-    """A 3-step LoRA base model instead of the 300-step one (the cache is keyed by steps)."""
-    monkeypatch.setattr(tasks, "LORA_BASE_STEPS", 3)
-
-
 @pytest.mark.parametrize(
     ("family", "arch"), [(f, a) for f, archs in tasks.ARCHS.items() for a in archs]
 )

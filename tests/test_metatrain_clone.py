@@ -13,13 +13,8 @@ pytest.importorskip("peft")
 pytest.importorskip("sklearn")
 
 from metatrain import __main__ as cli
-from metatrain import clone, graff_api, runner, tasks
+from metatrain import clone, graff_api, runner
 from metatrain.sampler import TaskSpec
-
-
-@pytest.fixture
-def cheap_lora_base(monkeypatch):
-    monkeypatch.setattr(tasks, "LORA_BASE_STEPS", 3)
 
 
 def test_best_shift_is_the_parabola_vertex_inside_and_the_grid_point_at_an_edge():
