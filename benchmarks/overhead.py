@@ -35,11 +35,11 @@ import torch
 from benchmarks.loop import advance
 from benchmarks.markdown import markdown_table
 from benchmarks.meters import ColdStartMeter, CpuMeter, held_tensor_bytes, user_tensor_ids
-from benchmarks.schedulers import BASELINES, GRAFF_VARIANTS, make
+from benchmarks.schedulers import BASELINES, CLOCK_ONLY, GRAFF_VARIANTS, make
 from benchmarks.tasks import REPO, LoraTask
 
 REFERENCE = "cosine"
-SCHEDULERS = (*BASELINES, "reactor", *GRAFF_VARIANTS)
+SCHEDULERS = (*BASELINES, "reactor", *(v for v in GRAFF_VARIANTS if v not in CLOCK_ONLY))
 LARGER = {"hidden": 256, "layers": 4, "prompt_chars": 96, "answer_chars": 160}
 LARGER_SCHEDULERS = ("cosine", "prior_only", "graff")
 AMORTISED = ("graff",)  # schedulers of the non-interleaved amortised measurement

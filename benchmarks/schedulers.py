@@ -38,7 +38,11 @@ GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
     "graff_planner_off": {"planner": False},
     # GRAFF's own budget prior alone: zero decoder, no search, no learning, no guard
     "prior_only": {"online": False, "peak_search": False, "guard": False, "warm_start": None},
+    # wall-clock suites only (under a step budget it is "graff"): own time capped at 2 % of B
+    "graff_time_share": {"time_share": 0.02},
 }
+#: Variants that differ from "graff" only under a wall-clock budget.
+CLOCK_ONLY = ("graff_time_share",)
 BASELINES = ("fixed", "cosine", "linear", "wsd", "schedule_free")
 # Tuning-free anchors, each at its authors' recommended settings; none takes the user's LR.
 ANCHORS = ("prodigy", "dadapt", "dog", "schedule_free_default", "lr_range_wsd")
@@ -53,7 +57,7 @@ class MissingAnchorPackage(ImportError):
 
 
 LEARNED = ("graff", "prior_only", "reactor")
-ABLATIONS = tuple(k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only"))
+ABLATIONS = tuple(k for k in GRAFF_VARIANTS if k not in ("graff", "prior_only", *CLOCK_ONLY))
 
 
 @dataclass

@@ -50,9 +50,10 @@ WALLCLOCK_SUITES: dict[str, tuple[str, int]] = {
     "wallclock-60": ("anchors", 1),
 }
 #: Realistic budgets (issue 18): every run gets at least this many seconds, no step cap, and
-#: only the schedulers the overhead question needs (GRAFF against the two plain schedules).
+#: only the schedulers the overhead question needs (GRAFF, and GRAFF with its own time capped
+#: at 2 % of B, against the two plain schedules).
 LONG_SUITES = {"wallclock-60": 60.0}
-LONG_SCHEDULERS = ("graff", "cosine", "wsd")
+LONG_SCHEDULERS = ("graff", "graff_time_share", "cosine", "wsd")
 
 
 def _suite(name: str) -> Suite:
@@ -278,10 +279,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         best = cells.get("_best_baseline")
         ref = cells[best]["mean"] if best else float("nan")
         rows = []
-        for name in SCHEDULERS:
+        for name in LONG_SCHEDULERS if meta.get("suite") in LONG_SUITES else SCHEDULERS:
             c = cells.get(name)
-            if c is None and meta.get("suite") in LONG_SUITES and name not in LONG_SCHEDULERS:
-                continue
             if c is None:
                 rows.append((name, "—", "—", "—", "not run / skipped"))
                 continue

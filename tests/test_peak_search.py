@@ -318,3 +318,57 @@ def test_refresh_allowance_in_steps_reads_no_clock(monkeypatch) -> None:
     assert budget.affordable_steps(cost_steps=13.0, total_steps=260)  # 2 · 13 <= 26
     assert not budget.affordable_steps(cost_steps=13.0, total_steps=259)
     assert not _allowance.RefreshAllowance(0.0).affordable_steps(1.0, 1e9)
+
+
+@pytest.mark.parametrize(("share", "refreshes"), [(1.0, True), (0.0, False)])
+def test_time_share_caps_the_search_refreshes_under_a_wall_clock_budget(
+    share: float, refreshes: bool
+) -> None:
+    """Under a clock, extra λ̂ refreshes stop once GRAFF's own time would exceed ``time_share``.
+
+    SGD at 2.0 on a least-squares problem of sharpness ≈ 3: the guard's bound (2/3) is below the
+    user's LR, so the search asks for a refresh every 10 steps. A long budget leaves the refresh
+    allowance ample, so ``time_share`` alone decides (0: GRAFF's own time, the cold start
+    already, is over it).
+    """
+    from graff import BudgetClock, GraffConfig
+
+    torch.manual_seed(0)
+    a, b = torch.randn(32, 8), torch.randn(32)
+    w = nn.Parameter(torch.zeros(8))
+
+    def loss_fn() -> torch.Tensor:
+        return (a @ w - b).pow(2).mean()
+
+    opt = torch.optim.SGD([w], lr=2.0)
+    config = GraffConfig(time_share=share, refresh_allowance=1.0, planner=False)
+    sched = GraffScheduler(opt, BudgetClock(seconds=1000.0), loss_fn=loss_fn, config=config)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+    assert sched.curvature.lambda_max == pytest.approx(3.0366, rel=0.01)  # 2·λ_max(AᵀA)/32
+    assert (sched.peak_search.allowance.count >= 3) is refreshes
+    assert max(sched.get_last_lr()) < 2.0 / 3.0  # the guard's bound holds either way
+
+
+def test_time_share_closed_form(monkeypatch) -> None:
+    """O + c ≤ s · T / u on a fake clock, next to the refresh fraction's own test."""
+    from graff.planner import refresh as _allowance
+
+    now = [0.0]
+    monkeypatch.setattr(_allowance.time, "perf_counter", lambda: now[0])
+    budget = _allowance.RefreshAllowance(1.0, time_share=0.02)
+    budget.tick()
+    now[0] = 10.0
+    budget.tick()  # 10 s at u = 0.1: a 100 s run, 2 s of own time allowed
+    assert budget.affordable(first_cost=0.5, probe_seconds=0.0, fraction_used=0.1, own_seconds=1.5)
+    assert not budget.affordable(0.5, 0.0, 0.1, own_seconds=1.51)
+    assert budget.affordable(0.5, 0.0, 0.05, own_seconds=3.5)  # a 200 s run: 4 s allowed
+    never = _allowance.RefreshAllowance(1.0, time_share=0.0)
+    never.tick()
+    now[0] = 20.0
+    never.tick()
+    assert not never.affordable(first_cost=0.1, probe_seconds=0.0, fraction_used=0.1)

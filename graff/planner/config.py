@@ -63,6 +63,13 @@ class GraffConfig:
             optimizer-aware (4 for adaptive optimizers, 8 otherwise).
         refresh_allowance: Fraction of the run's projected training time the peak search's
             extra λ̂ refreshes may use, in [0, 1]; 0 turns them off.
+        time_share: Under a wall-clock budget, the share of the run GRAFF's own time (its
+            per-step work and every λ̂ estimate, the cold start included) may reach before the
+            peak search's extra λ̂ refreshes stop, in [0, 1]; 1 (default): no cap beyond
+            ``refresh_allowance``. A cap trades the search's reach for training time, and on
+            the benchmark's wall-clock runs it lost (``docs/benchmark.md``). The cold start is
+            always taken (the guard needs one λ̂). Not used under a step budget, where no
+            measured time may decide anything.
         multiplier_max: Multipliers lie in ``[1/multiplier_max, multiplier_max]``, in [1, 10].
         residual_max: The learned residual lies in ``[1/residual_max, residual_max]``, in
             [1, 100].
@@ -97,6 +104,7 @@ class GraffConfig:
     backoff: float = 3.0
     search_headroom: float | None = None
     refresh_allowance: float = 0.1
+    time_share: float = 1.0
     multiplier_max: float = 2.0
     residual_max: float = 1.25
     guard_c: float | None = None
@@ -122,6 +130,7 @@ class GraffConfig:
             "refresh_allowance": check_in_range(
                 "refresh_allowance", self.refresh_allowance, 0.0, 1.0
             ),
+            "time_share": check_in_range("time_share", self.time_share, 0.0, 1.0),
             "multiplier_max": check_in_range("multiplier_max", self.multiplier_max, 1.0, 10.0),
             "residual_max": check_in_range("residual_max", self.residual_max, 1.0, 100.0),
         }

@@ -101,6 +101,7 @@ class PeakSearch:
         backoff: float,
         headroom: float = 8.0,
         refresh_fraction: float = 0.1,
+        time_share: float = 1.0,
         guard: bool = True,
         lag: int = 10,
         cooldown: int = 20,
@@ -112,7 +113,7 @@ class PeakSearch:
         self.discredited = -1  # n_estimates of the λ̂ the loss contradicted (-1: none)
         self.losses = LossTracker()
         self.explosion = ExplosionWatch()
-        self.allowance = RefreshAllowance(refresh_fraction)
+        self.allowance = RefreshAllowance(refresh_fraction, time_share)
         self.nonfinite_seen = 0  # the scheduler's non-finite-loss count already answered
         self.log_ceiling: float | None = None  # this step's ceiling (set by step(), not saved)
         self.enabled, self.search_fraction = enabled, search_fraction
@@ -161,6 +162,7 @@ class PeakSearch:
             backoff=config.backoff,
             headroom=config.search_headroom or default_headroom(optimizer),
             refresh_fraction=config.refresh_allowance,
+            time_share=config.time_share,
             guard=guard,
             loss_evidence=(
                 preconditioner_kind(optimizer) is not None
@@ -179,7 +181,12 @@ class PeakSearch:
         self.losses.update(loss)
 
     def refresh_wanted(
-        self, log_bound: float | None, log_prior: float, probe: CurvatureProbe, budget: BudgetClock
+        self,
+        log_bound: float | None,
+        log_prior: float,
+        probe: CurvatureProbe,
+        budget: BudgetClock,
+        own_seconds: float = 0.0,
     ) -> bool:
         """Whether to re-measure λ̂ now, because a stale estimate may be holding the LR down.
 
@@ -187,12 +194,14 @@ class PeakSearch:
         stopped by its ceiling, or when the guard cuts the LR below the prior alone (the user's
         LR): an early estimate of Adam's preconditioned sharpness can be far too large while the
         second-moment estimates are young, and the scheduled refresh may be hundreds of steps
-        away.
+        away. ``own_seconds``: the owner's per-step time outside the probe (its ``step()``),
+        which with the probe's time is held to the allowance's ``time_share`` under a
+        wall-clock budget.
         """
         if log_bound is None or not (self.guard and probe.hvp and self.enabled):
             return False
         stale = (self.capped and self.searching) or log_bound < log_prior
-        return stale and self.refresh_due() and self._affordable(probe, budget)
+        return stale and self.refresh_due() and self._affordable(probe, budget, own_seconds)
 
     def refresh(self, probe: CurvatureProbe) -> bool:
         """Re-measure λ̂ (a short, warm-started estimate); False if the probe could not."""
@@ -205,14 +214,16 @@ class PeakSearch:
             self.allowance.charge(time.perf_counter() - t0)
         return True
 
-    def _affordable(self, probe: CurvatureProbe, budget: BudgetClock) -> bool:
+    def _affordable(self, probe: CurvatureProbe, budget: BudgetClock, own_seconds: float) -> bool:
         """Whether the allowance takes one more refresh: from counts alone under a step budget
         (the same decision on every run), from measured times otherwise (rank 0 decides)."""
         if probe.cost_model == "steps":
             cost = estimate_cost_steps(REFRESH_ITERS)
             return self.allowance.affordable_steps(cost, budget.total)
         spent = probe.overhead_seconds
-        ok = self.allowance.affordable(spent, spent, budget.fraction_used)
+        ok = self.allowance.affordable(
+            spent, spent, budget.fraction_used, own_seconds=spent + own_seconds
+        )
         if probe.sync is not None:  # timings differ between ranks; every rank must agree
             ok = probe.sync.from_rank0(1.0 if ok else 0.0) > 0.5
         return ok

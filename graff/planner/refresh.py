@@ -29,13 +29,20 @@ class RefreshAllowance:
     :math:`u` the fraction of the budget used (so the right side is :math:`f` times the projected
     training time of the whole run) and :math:`f` = ``fraction``. ``fraction=0`` turns them off.
 
+    Under a wall-clock budget a refresh must also keep GRAFF's *whole* own time within
+    ``time_share`` of the projected run (:math:`O + \hat c \le s \cdot T / u`, :math:`O` the
+    seconds of its per-step work and of every λ̂ estimate so far, :math:`s` = ``time_share``):
+    there every second spent measuring is a second not trained.
+
     Under a step budget the same rule is kept in units of training steps, from counts alone
     (:meth:`affordable_steps`): the run is exactly the budget's steps, and every extra refresh
-    costs the same number of step-equivalents.
+    costs the same number of step-equivalents; ``time_share`` does not apply (it would need
+    measured times).
     """
 
-    def __init__(self, fraction: float) -> None:
+    def __init__(self, fraction: float, time_share: float = 1.0) -> None:
         self.fraction = fraction
+        self.time_share = time_share
         self.spent = 0.0
         self.count = 0
         self.last_cost: float | None = None
@@ -53,20 +60,31 @@ class RefreshAllowance:
             self._t0 = now
         self.elapsed = self._elapsed_before + (now - self._t0)
 
-    def affordable(self, first_cost: float, probe_seconds: float, fraction_used: float) -> bool:
-        """Whether one more refresh keeps the total within ``fraction`` of the projected run.
+    def affordable(
+        self,
+        first_cost: float,
+        probe_seconds: float,
+        fraction_used: float,
+        own_seconds: float = 0.0,
+    ) -> bool:
+        """Whether one more refresh keeps the refreshes within ``fraction`` of the projected
+        training time and GRAFF's own time within ``time_share`` of the projected run.
 
         Args:
             first_cost: Cost guess before any refresh was charged (the first estimate's time).
             probe_seconds: Seconds the curvature probe has spent so far (all its estimates),
                 left out of the training time the run is projected from.
             fraction_used: Fraction of the budget used (the projection's denominator).
+            own_seconds: Seconds of all of GRAFF's own work so far (per-step work and every λ̂
+                estimate), held to ``time_share``.
         """
         if self.fraction <= 0 or not fraction_used > 0:
             return False
         cost = self.last_cost if self.last_cost is not None else first_cost
-        projected = max(self.elapsed - probe_seconds, 0.0) / min(fraction_used, 1.0)
-        return self.spent + cost <= self.fraction * projected
+        u = min(fraction_used, 1.0)
+        projected_training = max(self.elapsed - probe_seconds, 0.0) / u
+        within_fraction = self.spent + cost <= self.fraction * projected_training
+        return within_fraction and own_seconds + cost <= self.time_share * self.elapsed / u
 
     def affordable_steps(self, cost_steps: float, total_steps: float) -> bool:
         """Whether one more refresh of ``cost_steps`` keeps all of them (``count`` so far, each

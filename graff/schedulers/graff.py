@@ -287,7 +287,8 @@ class GraffScheduler(BudgetedScheduler):
         log_prior = math.log(prior)
         bound = self._guard_bound()
         search = self.peak_search
-        if search.refresh_wanted(bound, log_prior, self.curvature, self.budget):
+        own = self._own_seconds  # step() and the entropy lens; the probe adds its own time
+        if search.refresh_wanted(bound, log_prior, self.curvature, self.budget, own):
             if search.refresh(self.curvature):
                 bound = self._guard_bound()
         search.step(
