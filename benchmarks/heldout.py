@@ -96,21 +96,82 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
         if cell["family"] == "char":
             out.update(_run_char(cell, kwargs))
         else:
-            from metatrain.tasks import DEFAULT_LR, make_optimizer, make_task
-
-            task = make_task(cell["family"], cell["arch"], cell["seed"])
-            model = task.build(cell["seed"])
-            lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
-            opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
-            loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
-            sched = _scheduler(opt, STEPS, model, loss_fn, cell["seed"], kwargs)
-            gen = torch.Generator().manual_seed(cell["seed"])
+            task, model, opt, sched, gen = _build(cell, kwargs)
             out.update(_train(task, model, opt, sched, STEPS, gen))
         out["status"] = "ok"
     except Exception as err:  # recorded, never raised: one bad cell must not stop the sweep
         out.update(status="error", error=f"{type(err).__name__}: {err}")
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
+
+
+def _build(cell: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    """Task, model, optimizer, GraffScheduler and data generator of a metatrain-family cell."""
+    from metatrain.tasks import DEFAULT_LR, make_optimizer, make_task
+
+    task = make_task(cell["family"], cell["arch"], cell["seed"])
+    model = task.build(cell["seed"])
+    lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
+    opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
+    loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
+    sched = _scheduler(opt, STEPS, model, loss_fn, cell["seed"], kwargs)
+    return task, model, opt, sched, torch.Generator().manual_seed(cell["seed"])
+
+
+def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, Any]], float]:
+    """One metatrain-family cell step by step, to see *why* λ̂ helps or hurts there.
+
+    Returns a row every ``every`` steps, and at every step from the first λ̂ to five steps after
+    the search's end (where the decisions are made): the step's loss, the LR as a factor of the user's, λ̂,
+    the guard's bound as an LR factor, the search's peak factor and whether it still searches,
+    the extra λ̂ refreshes so far — and the final validation loss. Same run as the sweep's.
+    """
+    task, model, opt, sched, gen = _build(cell, cell.get("graff_kwargs") or {})
+    user_lr = opt.param_groups[0]["initial_lr"]
+    rows = []
+    try:
+        for step in range(1, STEPS + 1):
+            loss = task.train_loss(model, gen)
+            loss.backward()
+            opt.step()
+            sched.step(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            plan, search = sched.last_plan, sched.peak_search
+            if step % every and (step > 0.15 * STEPS + 5 or sched.curvature.lambda_max is None):
+                continue
+            rows.append({
+                "step": step, "loss": float(loss.detach()), "lr_factor": opt.param_groups[0]["lr"] / user_lr,
+                "lambda_max": sched.curvature.lambda_max,
+                "bound_factor": None if plan.guard_bound is None else math.exp(plan.guard_bound),
+                "peak_factor": math.exp(search.log_peak), "searching": search.searching,
+                "refreshes": search.allowance.count,
+            })  # fmt: skip
+    finally:
+        sched.remove()
+    return rows, task.val_loss(model)
+
+
+def trace_markdown(cell: dict[str, Any], rows: list[dict[str, Any]], final: float) -> str:
+    """:func:`trace_cell` as a markdown table."""
+
+    def num(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    lam = "on" if cell["lam"] else "off"
+    lines = [
+        f"{cell['optimizer']} {cell['family']}/{cell['arch']} × {cell['factor']:g} seed "
+        f"{cell['seed']}, λ̂ {lam}: final validation loss {final:.4g}",
+        "",
+        "| step | loss | LR (× user's) | λ̂ | guard bound (× user's) | peak | searching | refreshes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['step']} | {r['loss']:.4f} | {r['lr_factor']:.3f} | "
+            f"{num(r['lambda_max'], '.4g')} | {num(r['bound_factor'], '.3f')} | "
+            f"{r['peak_factor']:.3f} | {'yes' if r['searching'] else 'no'} | {r['refreshes']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 _CHAR: dict[str, Any] = {}
@@ -222,7 +283,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--graff-kwargs", default="{}", help="GraffConfig fields, as JSON")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--trace",
+        metavar="FAMILY/ARCH/OPTIMIZER/FACTOR/SEED",
+        help="instead of the sweep, print one cell step by step (e.g. shapes/cnn/adamw/1/3)",
+    )
+    parser.add_argument("--trace-off", action="store_true", help="trace the λ̂-off run instead")
     args = parser.parse_args(argv)
+    if args.trace:
+        cell = _trace_cell_arg(args.trace, not args.trace_off, json.loads(args.graff_kwargs))
+        print(trace_markdown(cell, *trace_cell(cell)))
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
@@ -258,3 +329,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     (out / "summary.md").write_text(head + text)
     print(head + text)
+
+
+def _trace_cell_arg(text: str, lam: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``--trace FAMILY/ARCH/OPTIMIZER/FACTOR/SEED`` as a cell (a clear exit on a bad one)."""
+    parts = text.split("/")
+    combos = ", ".join(f"{f}/{a}" for f, a in COMBOS)
+    if len(parts) != 5 or tuple(parts[:2]) not in COMBOS or parts[2] not in ("adamw", "sgd"):
+        raise SystemExit(
+            f"--trace takes FAMILY/ARCH/OPTIMIZER/FACTOR/SEED with FAMILY/ARCH one of {combos} "
+            f"and OPTIMIZER adamw or sgd, got {text!r}."
+        )
+    try:
+        factor, seed = float(parts[3]), int(parts[4])
+    except ValueError as err:
+        raise SystemExit(f"--trace: FACTOR must be a number and SEED an integer: {err}") from err
+    return {"family": parts[0], "arch": parts[1], "optimizer": parts[2], "factor": factor,
+            "seed": seed, "lam": lam, "graff_kwargs": kwargs}  # fmt: skip

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from benchmarks import heldout
 
 
@@ -52,3 +54,29 @@ def test_a_cell_runs_and_a_rerun_skips_it(tmp_path) -> None:
     finally:
         heldout.COMBOS = original
     assert "| adamw | tabular | 3 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_trace_is_the_sweeps_run_step_by_step(capsys) -> None:
+    """``--trace``: the same run as the sweep's cell (same final loss), its rows dense from the
+    first λ̂ through the search's end, and the command prints it."""
+    cell = {"family": "tabular", "arch": "mlp", "optimizer": "adamw", "factor": 1.0, "seed": 1,
+            "lam": True, "graff_kwargs": {}}  # fmt: skip
+    rows, final = heldout.trace_cell(cell)
+    assert final == heldout.run_cell(cell)["final"]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(steps)
+    assert steps[-1] == heldout.STEPS
+    first = next(r["step"] for r in rows if r["lambda_max"] is not None)
+    assert set(range(first, int(0.15 * heldout.STEPS) + 5)) <= set(steps)
+    assert all(r["refreshes"] >= 0 and r["lr_factor"] > 0 for r in rows)
+    heldout.main(["--trace", "tabular/mlp/adamw/1/1"])
+    text = capsys.readouterr().out
+    assert f"λ̂ on: final validation loss {final:.4g}" in text
+    assert "| step | loss | LR (× user's) | λ̂ |" in text
+
+
+def test_a_bad_trace_argument_is_refused() -> None:
+    for bad in ("tabular/mlp/adamw/1", "tabular/cnn/adamw/1/1", "tabular/mlp/lion/1/1",
+                "tabular/mlp/adamw/x/1"):  # fmt: skip
+        with pytest.raises(SystemExit, match="--trace"):
+            heldout.main(["--trace", bad])
