@@ -290,6 +290,36 @@ def test_trial_run_writes_complete_metrics(trial_results: Path, run_id: str) -> 
     assert (trial_results / run_id / "checkpoint.pt").is_file()
 
 
+def test_scheduler_seconds_count_graffs_hooks_and_estimates() -> None:
+    """``own_seconds``: GRAFF's whole reported time (probe hooks inside ``optimizer.step()``,
+    λ̂ estimates, ``step()``), which timing ``scheduler.step()`` alone would miss; None for a
+    torch scheduler (the example times its ``step()``)."""
+    import torch
+
+    import graff
+
+    train = pytest.importorskip("train")
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(16, 4)
+
+    def loss_fn() -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    sched = graff.GraffScheduler(opt, graff.BudgetClock(steps=30), loss_fn=loss_fn)
+    for _ in range(15):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+    report = sched.overhead_seconds()
+    assert report["lambda_max"] > 0  # the cold start ran inside optimizer.step()
+    assert train.own_seconds(sched) == pytest.approx(sum(report.values()))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    assert train.own_seconds(cosine) is None
+
+
 @pytest.mark.slow
 def test_trial_aggregation_outputs(trial_results: Path) -> None:
     comp = trial_results / "comparison"

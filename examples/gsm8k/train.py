@@ -128,6 +128,13 @@ def scheduler_step(sched: Any, loss: float) -> None:
         sched.step()
 
 
+def own_seconds(sched: Any) -> float | None:
+    """The scheduler's own seconds so far where it reports them (``GraffScheduler``: its probe
+    hooks inside ``optimizer.step()``, every λ̂ estimate and ``step()``), else None."""
+    report = getattr(sched, "overhead_seconds", None)
+    return float(sum(report().values())) if callable(report) else None
+
+
 # ------------------------------------------------------------------------- evaluation
 def evaluate_em(model: Any, tokenizer: Any, items: list[Example], ecfg: dict[str, Any]) -> float:
     """Greedy exact-match accuracy (in %) on ``items``."""
@@ -237,10 +244,15 @@ class Run:
             [p for g in self.optimizer.param_groups for p in g["params"]],
             float(self.tcfg.get("max_grad_norm", 1.0)),
         )
-        self.optimizer.step()
+        own_before = own_seconds(self.sched)
+        self.optimizer.step()  # GRAFF's probe hooks (and λ̂ estimates) run in here
         tic = time.perf_counter()
         scheduler_step(self.sched, total / accum)
-        self.sched_seconds += time.perf_counter() - tic
+        own_after = own_seconds(self.sched)
+        if own_before is None or own_after is None:  # a torch scheduler: its step() alone
+            self.sched_seconds += time.perf_counter() - tic
+        else:
+            self.sched_seconds += own_after - own_before
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.max_step_seconds = max(self.max_step_seconds, time.perf_counter() - started)
