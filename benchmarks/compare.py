@@ -8,6 +8,10 @@ losses (positive: ``other`` is worse), and over all pairs the count of each sign
 Wilcoxon signed-rank test (``scipy.stats.wilcoxon``). It answers questions such as "what does
 the learned planner add at LRs other than the user's?": run a suite once with the defaults and
 once with ``--graff-kwargs '{"planner": false}' --out ...``, then compare the two.
+
+``--heldout`` pairs two held-out sweeps instead (``python -m benchmarks heldout``: give their
+``runs.jsonl``): GRAFF's λ̂-on runs (``--lam off``: the λ̂-off ones) cell for cell, e.g. a rule
+on a branch against the rule on ``main``.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
+
+TIE = 0.01  # |log ratio| below this is level (1 %), as in the held-out sweep's summary
 
 
 def pairs(base: dict[str, Any], other: dict[str, Any], scheduler: str) -> list[dict[str, Any]]:
@@ -48,6 +55,39 @@ def pairs(base: dict[str, Any], other: dict[str, Any], scheduler: str) -> list[d
     return out
 
 
+def heldout_pairs(
+    base: list[dict[str, Any]], other: list[dict[str, Any]], lam: bool = True
+) -> list[dict[str, Any]]:
+    """Every held-out cell (family, architecture, optimizer, LR factor, seed) with λ̂ ``lam``
+    that finished with a finite, positive loss in both sweeps' ``runs.jsonl`` rows."""
+
+    def finals(rows: list[dict[str, Any]]) -> dict[tuple[Any, ...], float]:
+        names = ("optimizer", "family", "arch", "factor", "seed")
+        return {
+            tuple(r[k] for k in names): r["final"]
+            for r in rows
+            if r.get("status") == "ok" and r["lam"] is lam
+        }
+
+    a, b = finals(base), finals(other)
+    out = []
+    for key, x in a.items():
+        y = b.get(key)
+        if y is not None and all(math.isfinite(v) and v > 0 for v in (x, y)):
+            optimizer, family, arch, factor, seed = key
+            out.append({"task": f"{optimizer} {family}/{arch}", "lr_mult": factor, "seed": seed,
+                        "base": x, "other": y, "log_ratio": math.log(y / x)})  # fmt: skip
+    return out
+
+
+def _sweep_commit(path: Path) -> str:
+    """The commit in the ``summary.md`` next to a held-out sweep's ``runs.jsonl`` ("?" if none)."""
+    summary = path.with_name("summary.md")
+    text = summary.read_text() if summary.is_file() else ""
+    found = re.search(r"at commit `([0-9a-f]+)`( \(dirty\))?", text)
+    return (found.group(1)[:7] + (" (dirty)" if found.group(2) else "")) if found else "?"
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Signs, mean and median log ratio, and the Wilcoxon signed-rank p over all pairs."""
     from scipy.stats import wilcoxon
@@ -61,6 +101,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_log_ratio": statistics.fmean(ratios) if ratios else None,
         "median_log_ratio": statistics.median(ratios) if ratios else None,
         "wilcoxon_p": float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else None,
+        "other_worse_1pct": sum(x > TIE for x in ratios),
+        "other_better_1pct": sum(x < -TIE for x in ratios),
     }
 
 
@@ -75,7 +117,8 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"**{s['other_worse']} of {s['pairs']} pairs worse, {s['other_better']} better; mean log "
         f"ratio {s['mean_log_ratio']:+.4f}, median {s['median_log_ratio']:+.4f}, Wilcoxon "
-        f"p = {s['wilcoxon_p']:.2g}.**",
+        f"p = {_p(s['wilcoxon_p'])}.** By more than 1 %: {s['other_worse_1pct']} worse, "
+        f"{s['other_better_1pct']} better.",
         "",
         "| task | LR × | base (per seed) | other (per seed) | log ratio (per seed) |",
         "|---|---|---|---|---|",
@@ -93,6 +136,10 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _p(p: float | None) -> str:
+    return "n/a" if p is None else f"{p:.2g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks compare", description=__doc__)
     parser.add_argument("--base", type=Path, nargs="+", required=True)
@@ -101,12 +148,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other-label", default="other")
     parser.add_argument("--scheduler", default="graff")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--heldout", action="store_true", help="--base/--other are held-out sweeps' runs.jsonl"
+    )
+    parser.add_argument("--lam", choices=("on", "off"), default="on", help="with --heldout")
+    parser.add_argument(
+        "--optimizer", choices=("adamw", "sgd"), help="with --heldout: only its cells"
+    )
     args = parser.parse_args(argv)
     if len(args.base) != len(args.other):
         parser.error("give one --other results.json per --base one, in the same order")
     rows: list[dict[str, Any]] = []
     base_commits, other_commits = [], []
     for a, b in zip(args.base, args.other, strict=True):
+        if args.heldout:
+            base_rows, other_rows = (
+                [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+                for p in (a, b)
+            )
+            base_commits.append(_sweep_commit(a))
+            other_commits.append(_sweep_commit(b))
+            rows += [
+                r
+                for r in heldout_pairs(base_rows, other_rows, lam=args.lam == "on")
+                if args.optimizer is None or r["task"].startswith(args.optimizer + " ")
+            ]
+            continue
         base, other = json.loads(a.read_text()), json.loads(b.read_text())
         base_commits.append(base["meta"]["git_commit"][:7])
         other_commits.append(other["meta"]["git_commit"][:7])
@@ -114,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     argv_ = sys.argv[1:] if argv is None else argv
     result = {
         "command": shlex.join(["python", "-m", "benchmarks", "compare", *argv_]),
-        "scheduler": args.scheduler,
+        "scheduler": f"graff, λ̂ {args.lam}" if args.heldout else args.scheduler,
         "base_label": args.base_label,
         "other_label": args.other_label,
         "base_commits": sorted(set(base_commits)),

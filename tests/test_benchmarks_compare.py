@@ -53,3 +53,43 @@ def test_a_consistently_worse_other_is_significant_and_the_files_say_so(tmp_path
     assert "| a | 0.1 |" in text
     with pytest.raises(SystemExit):
         compare.main(["--base", paths[0], paths[0], "--other", paths[1], "--out", str(out)])
+
+
+def _sweep_row(optimizer: str, seed: int, lam: bool, final: float) -> dict:
+    return {"family": "tabular", "arch": "mlp", "optimizer": optimizer, "factor": 1.0,
+            "seed": seed, "lam": lam, "final": final, "status": "ok"}  # fmt: skip
+
+
+def test_heldout_pairs_match_cells_of_one_lambda_setting() -> None:
+    base = [_sweep_row("adamw", 1, True, 1.0), _sweep_row("adamw", 1, False, 5.0),
+            _sweep_row("sgd", 1, True, 2.0), _sweep_row("adamw", 2, True, math.inf)]  # fmt: skip
+    other = [_sweep_row("adamw", 1, True, 2.0), _sweep_row("adamw", 1, False, 5.0),
+             _sweep_row("adamw", 2, True, 1.0)]  # fmt: skip
+    on = compare.heldout_pairs(base, other)
+    assert [(r["task"], r["seed"], r["log_ratio"]) for r in on] == [
+        ("adamw tabular/mlp", 1, math.log(2.0))
+    ]  # the sgd cell has no partner, seed 2's base diverged
+    off = compare.heldout_pairs(base, other, lam=False)
+    assert [r["log_ratio"] for r in off] == [0.0]
+
+
+def test_heldout_mode_of_the_command(tmp_path) -> None:
+    """``--heldout`` reads two sweeps' runs.jsonl, takes the commit from each summary.md, and
+    counts the cells beyond 1 % next to the signs."""
+    for name, finals in (("a", (1.0, 1.0, 1.0)), ("b", (1.5, 1.005, 0.5))):
+        sweep = tmp_path / name
+        sweep.mkdir()
+        rows = [_sweep_row("adamw", seed, True, v) for seed, v in enumerate(finals)]
+        rows.append(_sweep_row("sgd", 0, True, 1.0))
+        (sweep / "runs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        (sweep / "summary.md").write_text(f"`cmd` at commit `{name * 12}` (dirty), date\n")
+    out = tmp_path / "cmp"
+    compare.main(["--heldout", "--optimizer", "adamw", "--base", str(tmp_path / "a/runs.jsonl"),
+                  "--other", str(tmp_path / "b/runs.jsonl"), "--out", str(out)])  # fmt: skip
+    result = json.loads((out / "compare.json").read_text())
+    assert result["base_commits"] == ["aaaaaaa (dirty)"]
+    assert result["summary"]["pairs"] == 3  # the sgd cell is filtered out
+    assert result["summary"]["other_worse"] == 2
+    assert result["summary"]["other_worse_1pct"] == 1  # +0.5 % is level
+    assert result["summary"]["other_better_1pct"] == 1
+    assert "By more than 1 %: 1 worse, 1 better." in (out / "compare.md").read_text()
