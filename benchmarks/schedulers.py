@@ -31,6 +31,7 @@ GRAFF_VARIANTS: dict[str, dict[str, Any]] = {
     "graff_linear_prior": {"prior": "linear"},
     "graff_no_edges": {"edges": False},
     "graff_no_budget_feature": {"budget_feature": False},
+    "graff_no_entropy": {"entropy": False},  # no entropy lens: its features stay 0
     "graff_frozen": {"online": False},
     "graff_no_prior": {"prior": None},
     "graff_no_calibrate": {"peak_search": False},
