@@ -68,8 +68,8 @@ class GraffConfig:
             peak search's extra λ̂ refreshes stop, in [0, 1]; 1 (default): no cap beyond
             ``refresh_allowance``. A cap trades the search's reach for training time; on the
             benchmark's wall-clock runs that helped one task and hurt another
-            (``docs/benchmark.md``). The cold start is always taken (the guard needs one λ̂). Not used under a step budget, where no
-            measured time may decide anything.
+            (``docs/benchmark.md``). The cold start is always taken (the guard needs one λ̂).
+            Not used under a step budget, where no measured time may decide anything.
         multiplier_max: Multipliers lie in ``[1/multiplier_max, multiplier_max]``, in [1, 10].
         residual_max: The learned residual lies in ``[1/residual_max, residual_max]``, in
             [1, 100].

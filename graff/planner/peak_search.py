@@ -186,7 +186,7 @@ class PeakSearch:
         log_prior: float,
         probe: CurvatureProbe,
         budget: BudgetClock,
-        own_seconds: float = 0.0,
+        owner_seconds: float = 0.0,
     ) -> bool:
         """Whether to re-measure λ̂ now, because a stale estimate may be holding the LR down.
 
@@ -194,14 +194,14 @@ class PeakSearch:
         stopped by its ceiling, or when the guard cuts the LR below the prior alone (the user's
         LR): an early estimate of Adam's preconditioned sharpness can be far too large while the
         second-moment estimates are young, and the scheduled refresh may be hundreds of steps
-        away. ``own_seconds``: the owner's per-step time outside the probe (its ``step()``),
-        which with the probe's time is held to the allowance's ``time_share`` under a
-        wall-clock budget.
+        away. ``owner_seconds``: the owner's own time outside the probe (GraffScheduler: its
+        ``step()`` and the entropy lens), which with the probe's time is held to the
+        allowance's ``time_share`` under a wall-clock budget.
         """
         if log_bound is None or not (self.guard and probe.hvp and self.enabled):
             return False
         stale = (self.capped and self.searching) or log_bound < log_prior
-        return stale and self.refresh_due() and self._affordable(probe, budget, own_seconds)
+        return stale and self.refresh_due() and self._affordable(probe, budget, owner_seconds)
 
     def refresh(self, probe: CurvatureProbe) -> bool:
         """Re-measure λ̂ (a short, warm-started estimate); False if the probe could not."""
@@ -214,7 +214,7 @@ class PeakSearch:
             self.allowance.charge(time.perf_counter() - t0)
         return True
 
-    def _affordable(self, probe: CurvatureProbe, budget: BudgetClock, own_seconds: float) -> bool:
+    def _affordable(self, probe: CurvatureProbe, budget: BudgetClock, owner_seconds: float) -> bool:
         """Whether the allowance takes one more refresh: from counts alone under a step budget
         (the same decision on every run), from measured times otherwise (rank 0 decides)."""
         if probe.cost_model == "steps":
@@ -222,7 +222,7 @@ class PeakSearch:
             return self.allowance.affordable_steps(cost, budget.total)
         spent = probe.overhead_seconds
         ok = self.allowance.affordable(
-            spent, spent, budget.fraction_used, own_seconds=spent + own_seconds
+            spent, spent, budget.fraction_used, own_seconds=spent + owner_seconds
         )
         if probe.sync is not None:  # timings differ between ranks; every rank must agree
             ok = probe.sync.from_rank0(1.0 if ok else 0.0) > 0.5
