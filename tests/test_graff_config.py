@@ -30,6 +30,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert cfg.online
     assert cfg.peak_search
     assert not cfg.block_multipliers
+    assert cfg.keep_raised_peak
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.plan_every = 3  # type: ignore[misc]
 
@@ -62,6 +63,7 @@ def test_probe_every_never_exceeds_plan_every(plan: int, probe: int | None) -> N
         ({"curvature_every": 0}, GraffConfigError, "curvature_every"),
         ({"curvature_every": "often"}, GraffTypeError, "curvature_every"),
         ({"online": 1}, GraffTypeError, "online"),
+        ({"keep_raised_peak": "yes"}, GraffTypeError, "keep_raised_peak"),
         ({"planner": False, "block_multipliers": True}, GraffConfigError, "block_multipliers"),
     ],
 )

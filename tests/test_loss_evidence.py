@@ -7,6 +7,8 @@ must cut the LR where the evidence rule holds it.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -35,11 +37,14 @@ def _run(
     inflate_from: int = 10,
     loss_scale: float = 1.0,
     pass_loss: bool = True,
+    raised: float = 1.0,
+    keep_raised_peak: bool = True,
     monkeypatch: pytest.MonkeyPatch,
 ) -> list[float]:
-    """LRs of a constant-prior GRAFF run (no search, no planner) whose λ̂ becomes INFLATED at
-    step ``inflate_from``; ``loss_scale`` > 1 makes the loss the scheduler sees grow
-    geometrically (an unhealthy loss) from then on."""
+    """LRs of a constant-prior GRAFF run (no planner) whose λ̂ becomes INFLATED at step
+    ``inflate_from``; ``loss_scale`` > 1 makes the loss the scheduler sees grow geometrically
+    (an unhealthy loss) from then on. ``raised`` > 1: the peak search has already raised the
+    peak to ``raised`` × the user's LR and stopped (otherwise it is off)."""
     model, x, y = _regression()
     params = list(model.parameters())
     opt = (
@@ -52,7 +57,11 @@ def _run(
         return nn.functional.mse_loss(model(x), y)
 
     config = graff.GraffConfig(
-        planner=False, peak_search=False, refresh_allowance=0.0, loss_evidence=evidence
+        planner=False,
+        peak_search=raised > 1.0,
+        refresh_allowance=0.0,
+        loss_evidence=evidence,
+        keep_raised_peak=keep_raised_peak,
     )
     sched = graff.GraffScheduler(
         opt,
@@ -61,6 +70,8 @@ def _run(
         prior=graff.BudgetPrior("constant", warmup=0.0),
         config=config,
     )
+    if raised > 1.0:  # a search that rose to `raised` and stopped
+        sched.peak_search.log_peak, sched.peak_search.searching = math.log(raised), False
     real = CurvatureProbe.lambda_max_safe
     lrs = []
     for t in range(steps):
@@ -153,6 +164,68 @@ def test_the_ceiling_stops_a_rise_but_pulls_a_raised_peak_back_only_without_evid
     search = PeakSearch(enabled=True, search_fraction=0.15, peak_max=10.0, backoff=3.0)
     search.update(0.01, 0.0, False, log_ceiling=-1.0, pull_back=False)
     assert search.log_peak == 0.0  # the ceiling still stops the rise
+
+
+def _adam_c() -> float:
+    return graff.guard.guard_constant(torch.optim.AdamW([nn.Parameter(torch.zeros(1))]))
+
+
+def test_keep_raised_peak_holds_a_healthy_raised_lr_against_a_plausible_estimate(
+    monkeypatch,
+) -> None:
+    """The search raised the LR to 2× the user's; λ̂ then puts η·λ̂ at 2c there (plausible:
+    the adaptive edge of stability at that LR). With ``keep_raised_peak`` and a healthy loss the
+    guard keeps 2e-2 (the default); the control without it cuts to c/λ̂ = the user's 1e-2."""
+    lam = 2 * _adam_c() / 2e-2
+    kept = _run("adamw", None, lam=lam, raised=2.0, monkeypatch=monkeypatch)
+    cut = _run("adamw", None, lam=lam, raised=2.0, keep_raised_peak=False, monkeypatch=monkeypatch)
+    assert kept[-1] == pytest.approx(2e-2, rel=1e-6)
+    assert cut[-1] == pytest.approx(1e-2, rel=1e-6)
+
+
+def test_keep_raised_peak_never_floors_the_users_own_lr(monkeypatch) -> None:
+    """Nothing raised (σ = 0): a plausible over-estimate still cuts the user's LR to c/λ̂."""
+    lam = 2 * _adam_c() / 1e-2
+    lrs = _run("adamw", None, lam=lam, raised=1.0, monkeypatch=monkeypatch)
+    assert lrs[-1] == pytest.approx(0.5e-2, rel=1e-6)
+
+
+def test_keep_raised_peak_yields_to_an_exploding_loss(monkeypatch) -> None:
+    """The loss grows ×3 per step after λ̂ rises: no evidence, so the guard cuts (and the
+    explosion watch halves the peak): the LR ends below the user's."""
+    lam = 2 * _adam_c() / 2e-2
+    lrs = _run(
+        "adamw",
+        None,
+        lam=lam,
+        raised=2.0,
+        loss_scale=3.0,
+        monkeypatch=monkeypatch,
+    )
+    assert lrs[-1] < 1e-2
+
+
+def test_guard_floor_closed_form() -> None:
+    """Unit: the floor is min(last, prior + σ) only with keep_raised_peak, loss evidence, a
+    healthy step and σ > 0; otherwise -inf (no floor)."""
+
+    def search(keep: bool, evidence: bool, healthy: bool, log_peak: float) -> PeakSearch:
+        s = PeakSearch(
+            enabled=True,
+            search_fraction=0.15,
+            peak_max=10.0,
+            backoff=3.0,
+            loss_evidence=evidence,
+            keep_raised_peak=keep,
+        )
+        s.healthy, s.log_peak = healthy, log_peak
+        return s
+
+    assert search(True, True, True, 1.0).guard_floor(-0.5, 0.7) == pytest.approx(0.5)
+    assert search(True, True, True, 1.0).guard_floor(0.0, 0.7) == pytest.approx(0.7)
+    for args in ((False, True, True, 1.0), (True, False, True, 1.0), (True, True, False, 1.0)):
+        assert search(*args).guard_floor(0.0, 0.7) == -math.inf
+    assert search(True, True, True, 0.0).guard_floor(0.0, 0.7) == -math.inf
 
 
 @pytest.mark.parametrize("bad", [1, "yes", 0.0])

@@ -18,6 +18,7 @@ _SWITCHES = (
     "online",
     "edges",
     "budget_feature",
+    "keep_raised_peak",
     "peak_search",
     "block_multipliers",
     "entropy",
@@ -81,6 +82,13 @@ class GraffConfig:
             preconditioned sharpness is inflated while the second moments are young and tracks
             the LR in use; ``True``/``False``
             force it (``docs/concepts/guard.md``).
+        keep_raised_peak: Under loss evidence, while the loss is healthy, the guard does not
+            cut an LR the peak search raised above the prior alone: it stops the rise, but
+            keeps the last step's LR (at most the searched peak). A λ̂ re-measured after the
+            search raised the LR describes the adaptive edge of stability at that LR
+            (η·λ̂ ≈ 38 for Adam at β1 = 0.9, more during the transient), not a
+            coming instability; a rising or exploding loss restores the cut at once
+            (``docs/concepts/guard.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -109,6 +117,7 @@ class GraffConfig:
     residual_max: float = 1.25
     guard_c: float | None = None
     loss_evidence: bool | None = None
+    keep_raised_peak: bool = True
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:

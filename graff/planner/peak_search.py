@@ -106,9 +106,11 @@ class PeakSearch:
         lag: int = 10,
         cooldown: int = 20,
         loss_evidence: bool = False,
+        keep_raised_peak: bool = False,
     ) -> None:
         self.guard = guard
         self.loss_evidence = loss_evidence
+        self.keep_raised_peak = keep_raised_peak
         self.healthy = False  # this step's loss was seen and showed no instability (not saved)
         self.discredited = -1  # n_estimates of the λ̂ the loss contradicted (-1: none)
         self.losses = LossTracker()
@@ -169,6 +171,7 @@ class PeakSearch:
                 if config.loss_evidence is None
                 else config.loss_evidence
             ),
+            keep_raised_peak=config.keep_raised_peak,
         )
 
     # ------------------------------------------------------------- triggers
@@ -331,6 +334,19 @@ class PeakSearch:
                 cap = max(cap, last_log_factor)
             return min(log_factor, cap)
         return log_factor
+
+    def guard_floor(self, log_prior: float, last_log_factor: float) -> float:
+        """The lowest log LR factor the guard's hard min may set this step.
+
+        ``-inf`` (no floor) unless ``keep_raised_peak`` holds under loss evidence with a healthy
+        loss and the search has raised the peak (σ > 0): then the last step's LR, at most the
+        prior times the searched peak (so it follows the prior's decay, never a residual's
+        raise). A λ̂ measured after the rise sits at Adam's adaptive edge of stability for the
+        LR in use, so it calls that LR too high by construction; the loss says whether it is.
+        """
+        if self.keep_raised_peak and self.loss_evidence and self.healthy and self.log_peak > 0:
+            return min(last_log_factor, log_prior + self.log_peak)
+        return -math.inf
 
     def stop_at_guard(self) -> None:
         """The guard bound the LR: the search stops at the stability limit."""

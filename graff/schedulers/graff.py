@@ -303,8 +303,10 @@ class GraffScheduler(BudgetedScheduler):
         residual, logits = self.runtime.residual(replanned) if self.config.planner else (0.0, None)
         log_factor = search.limit(offset + residual, log_prior, self._log_factor)
         active = bound is not None and self.guard and log_factor > bound
-        if active:  # the guard's hard min
-            log_factor = bound
+        if active:  # the guard's hard min (no lower than a healthy raised peak, if kept)
+            log_factor = max(
+                bound, min(log_factor, search.guard_floor(log_prior, self._log_factor))
+            )
             self.guard_activations += 1
             search.stop_at_guard()
         self._log_factor = log_factor
