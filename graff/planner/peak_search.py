@@ -75,7 +75,8 @@ class PeakSearch:
        optimizers) a step whose loss is healthy skips this rule, and :meth:`limit` keeps the
        LR at least at the last step's: the ceiling then only stops the rise, because a loss that
        keeps falling at the current LR shows that λ̂ over-states the sharpness (young second
-       moments; Adam's sharpness tracks the LR in use).
+       moments; Adam's sharpness tracks the LR in use). With ``keep_raised_peak`` the same
+       holds for the guard's own cut of a raised σ (:meth:`guard_floor`).
     3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
        the search ends; if :math:`\sigma` is above the *best level* — the smallest
        :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
