@@ -372,3 +372,51 @@ def test_time_share_closed_form(monkeypatch) -> None:
     now[0] = 20.0
     never.tick()
     assert not never.affordable(first_cost=0.1, probe_seconds=0.0, fraction_used=0.1)
+
+
+# ----------------------------------------------------------- search_after_hold
+def _phase_end(after_hold: bool, hold_steps: int, *, search_fraction: float = 0.15) -> int:
+    """The step (of a 100-step budget) at which the search stops, holding for the first
+    ``hold_steps`` (no λ̂ yet) and then rising under a ceiling that stops it at σ = 0.5."""
+    cal = _calibrator(search_fraction=search_fraction, peak_max=1e4, search_after_hold=after_hold)
+    for step in range(1, 101):
+        cal.update(step / 100, 0.0, unstable=False, hold=step <= hold_steps, log_ceiling=0.5)
+        if not cal.searching:
+            return step
+    return 101
+
+
+def test_search_after_hold_starts_the_phase_at_the_first_estimate() -> None:
+    """Closed form: the phase ends at 15 % of the budget counted from the last hold step (10 +
+    15 = 25 of 100), against 15 without the option; no hold: both end at 15."""
+    assert _phase_end(False, 10) == 15
+    assert _phase_end(True, 10) == 25
+    assert _phase_end(True, 0) == _phase_end(False, 0) == 15
+
+
+def test_search_after_hold_delays_the_phase_by_at_most_its_length() -> None:
+    """A λ̂ that never comes: the hold delays the phase by at most ``search_fraction``, so the
+    search (and its tight watch) still ends, at twice ``search_fraction``."""
+    assert _phase_end(True, 100) == 30
+    cal = _calibrator(search_fraction=0.15, search_after_hold=True)
+    for step in range(1, 31):
+        cal.update(step / 100, 0.0, unstable=False, hold=True)
+    assert cal.hold_until == pytest.approx(0.15)
+    assert cal.watching(0.44)
+    assert not cal.watching(0.46)
+
+
+def test_search_after_hold_state_round_trips_and_old_states_load() -> None:
+    cal = _calibrator(search_fraction=0.15, search_after_hold=True)
+    for step in range(1, 8):
+        cal.update(step / 100, 0.0, unstable=False, hold=True)
+    state = cal.state_dict()
+    other = _calibrator(search_fraction=0.15, search_after_hold=True)
+    other.load_state_dict(state)
+    assert other.hold_until == pytest.approx(0.07)
+    old = {k: v for k, v in state.items() if k != "hold_until"}  # a checkpoint from before
+    fresh = _calibrator(search_fraction=0.15, search_after_hold=True)
+    fresh.load_state_dict(old)
+    assert fresh.hold_until == 0.0
+    with pytest.raises(graff.errors.CheckpointError):
+        fresh.load_state_dict({**state, "hold_until": 2.0})

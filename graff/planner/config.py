@@ -19,6 +19,7 @@ _SWITCHES = (
     "edges",
     "budget_feature",
     "keep_raised_peak",
+    "search_after_hold",
     "peak_search",
     "block_multipliers",
     "entropy",
@@ -89,6 +90,12 @@ class GraffConfig:
             (η·λ̂ ≈ 38 for Adam at β1 = 0.9, more during the transient), not a
             coming instability; a rising or exploding loss restores the cut at once
             (``docs/concepts/guard.md``).
+        search_after_hold: The peak search's phase (``search_fraction`` of the budget, and its
+            watch after it) counts from the last step it held waiting for the first λ̂ (step 10
+            under Adam-type optimizers) instead of from the first step; the hold may delay it by
+            at most ``search_fraction``. On a 120-step budget the hold is 10 of the 18 search
+            steps, so the search can rise only about 4×. Off by default: measured, not yet
+            adopted (``docs/concepts/graff.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -118,6 +125,7 @@ class GraffConfig:
     guard_c: float | None = None
     loss_evidence: bool | None = None
     keep_raised_peak: bool = True
+    search_after_hold: bool = False
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:

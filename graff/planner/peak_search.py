@@ -108,10 +108,15 @@ class PeakSearch:
         cooldown: int = 20,
         loss_evidence: bool = False,
         keep_raised_peak: bool = False,
+        search_after_hold: bool = False,
     ) -> None:
         self.guard = guard
         self.loss_evidence = loss_evidence
         self.keep_raised_peak = keep_raised_peak
+        self.search_after_hold = search_after_hold
+        # fraction of the budget used at the last step the search held for a first λ̂ (with
+        # search_after_hold the search phase and its watch count from there)
+        self.hold_until = 0.0
         self.healthy = False  # this step's loss was seen and showed no instability (not saved)
         self.discredited = -1  # n_estimates of the λ̂ the loss contradicted (-1: none)
         self.losses = LossTracker()
@@ -140,7 +145,7 @@ class PeakSearch:
         While watching, the loss-rise test is tight: the harm of a raise shows in
         the loss average only with a lag, so the test outlives the rise itself.
         """
-        return self.enabled and fraction_used < 2.0 * self.search_fraction
+        return self.enabled and fraction_used < self.hold_until + 2.0 * self.search_fraction
 
     def refresh_due(self, every: int = 10) -> bool:
         """True (and recorded) if no λ̂ refresh was requested in the last ``every`` steps."""
@@ -173,6 +178,7 @@ class PeakSearch:
                 else config.loss_evidence
             ),
             keep_raised_peak=config.keep_raised_peak,
+            search_after_hold=config.search_after_hold,
         )
 
     # ------------------------------------------------------------- triggers
@@ -414,17 +420,26 @@ class PeakSearch:
             return True
         self.capped = False
         if self.searching:
-            if fraction_used >= self.search_fraction or self.log_peak >= self.log_peak_max - 1e-9:
-                self.searching = False
-            elif not hold:
-                est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
-                target = self.log_peak + RISE / max(10.0, 0.5 * est)
-                top = self.log_peak_max
-                if has_ceiling:
-                    top = min(top, log_ceiling)
-                    self.capped = target > top
-                self.log_peak = max(self.log_peak, min(target, top))
+            self._rise(fraction_used, hold, log_ceiling if has_ceiling else None)
         return False
+
+    def _rise(self, fraction_used: float, hold: bool, log_ceiling: float | None) -> None:
+        """Rule 1 for one step of the search phase: end it, hold, or rise toward the ceiling."""
+        if hold and self.search_after_hold:  # the phase starts once the search can move
+            self.hold_until = min(fraction_used, self.search_fraction)
+        if (
+            fraction_used - self.hold_until >= self.search_fraction
+            or self.log_peak >= self.log_peak_max - 1e-9
+        ):
+            self.searching = False
+        elif not hold:
+            est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
+            target = self.log_peak + RISE / max(10.0, 0.5 * est)
+            top = self.log_peak_max
+            if log_ceiling is not None:
+                top = min(top, log_ceiling)
+                self.capped = target > top
+            self.log_peak = max(self.log_peak, min(target, top))
 
     def state_dict(self) -> dict[str, Any]:
         """The search's numbers, its loss watchers and its refresh allowance (a tree)."""
@@ -437,6 +452,7 @@ class PeakSearch:
             "cuts": self.cuts,
             "best_level": self.best_level,
             "capped": self.capped,
+            "hold_until": self.hold_until,
             "history": list(self._history),
             "last_refresh": self.last_refresh,
             "nonfinite_seen": self.nonfinite_seen,
@@ -459,16 +475,18 @@ class PeakSearch:
             history = [float(v) for v in state["history"]]
             last_refresh = int(state["last_refresh"])
             discredited = int(state.get("discredited", -1))  # absent before loss evidence
+            hold_until = float(state.get("hold_until", 0.0))  # absent before search_after_hold
             children = (state["losses"], state["explosion"], state["allowance"])
         except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CheckpointError(f"invalid peak-search state: {err!r}") from err
-        numbers = (log_peak, best_level, *history)
+        numbers = (log_peak, best_level, hold_until, *history)
         if not (
             all(math.isfinite(v) for v in numbers)
             and all(0 <= c < MAX_COUNT for c in counts)
             and isinstance(searching, bool)
             and isinstance(capped, bool)
             and -1 <= discredited < MAX_COUNT
+            and 0.0 <= hold_until <= 1.0
         ):
             raise CheckpointError("invalid peak-search state.")
         self.losses.load_state_dict(children[0])
@@ -482,4 +500,5 @@ class PeakSearch:
         )
         self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = counts
         self.last_refresh, self.discredited = last_refresh, discredited
+        self.hold_until = hold_until
         self._history = deque(history[-self.lag :], maxlen=self.lag)
