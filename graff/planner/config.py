@@ -94,8 +94,8 @@ class GraffConfig:
             watch after it) counts from the last step it held waiting for the first λ̂ (step 10
             under Adam-type optimizers) instead of from the first step; the hold may delay it by
             at most ``search_fraction``. On a 120-step budget the hold is 10 of the 18 search
-            steps, so the search can rise only about 4×. Off by default: measured, not yet
-            adopted (``docs/concepts/graff.md``).
+            steps, so the search can rise only about 4×. Off by default: it helped LoRA at 0.1×
+            the user's LR and cost it a little at the user's LR (``docs/concepts/graff.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from graff._checks import MAX_COUNT
-from graff.errors import CheckpointError, ProbeError
+from graff.errors import ProbeError
+from graff.planner._search_state import parse_search_state
 from graff.planner.features import ExplosionWatch, LossTracker
 from graff.planner.refresh import RefreshAllowance
 from graff.probes.curvature import estimate_cost_steps
@@ -37,7 +37,6 @@ IMPLAUSIBLE = 4.0
 #: The search's rise per half of its phase, in log units (×10): a larger ``peak_max`` lets it
 #: rise for longer, not faster — a faster rise overshoots, as the loss average lags ~10 steps.
 RISE = math.log(10.0)
-_COUNTS = ("steps", "cooldown", "backoffs", "cuts", "nonfinite_seen")
 
 
 def default_headroom(optimizer: torch.optim.Optimizer) -> float:
@@ -468,37 +467,15 @@ class PeakSearch:
         The numbers are checked before anything changes; the children then validate their own
         state (a failing child leaves the ones before it loaded: the scheduler rolls back).
         """
-        try:
-            log_peak, best_level = float(state["log_peak"]), float(state["best_level"])
-            searching, capped = state["searching"], state["capped"]
-            counts = [int(state[k]) for k in _COUNTS]
-            history = [float(v) for v in state["history"]]
-            last_refresh = int(state["last_refresh"])
-            discredited = int(state.get("discredited", -1))  # absent before loss evidence
-            hold_until = float(state.get("hold_until", 0.0))  # absent before search_after_hold
-            children = (state["losses"], state["explosion"], state["allowance"])
-        except (KeyError, TypeError, ValueError, OverflowError) as err:
-            raise CheckpointError(f"invalid peak-search state: {err!r}") from err
-        numbers = (log_peak, best_level, hold_until, *history)
-        if not (
-            all(math.isfinite(v) for v in numbers)
-            and all(0 <= c < MAX_COUNT for c in counts)
-            and isinstance(searching, bool)
-            and isinstance(capped, bool)
-            and -1 <= discredited < MAX_COUNT
-            and 0.0 <= hold_until <= 1.0
-        ):
-            raise CheckpointError("invalid peak-search state.")
+        parsed = parse_search_state(state)
+        children = parsed["children"]
         self.losses.load_state_dict(children[0])
         self.explosion.load_state_dict(children[1])
         self.allowance.load_state_dict(children[2])
-        self.log_peak, self.best_level, self.searching, self.capped = (
-            log_peak,
-            best_level,
-            searching,
-            capped,
-        )
-        self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = counts
-        self.last_refresh, self.discredited = last_refresh, discredited
-        self.hold_until = hold_until
+        self.log_peak, self.best_level = parsed["log_peak"], parsed["best_level"]
+        self.searching, self.capped = parsed["searching"], parsed["capped"]
+        self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = parsed["counts"]
+        self.last_refresh, self.discredited = parsed["last_refresh"], parsed["discredited"]
+        self.hold_until = parsed["hold_until"]
+        history = parsed["history"]
         self._history = deque(history[-self.lag :], maxlen=self.lag)
