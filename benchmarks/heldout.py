@@ -125,10 +125,20 @@ def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, An
     the search's end (where the decisions are made): the step's loss, the LR as a factor of the user's, λ̂,
     the guard's bound as an LR factor, the search's peak factor and whether it still searches,
     the extra λ̂ refreshes so far — and the final validation loss. Same run as the sweep's.
+
+    Rows where the curvature probe took a new sample (every ``probe_every`` steps) also carry
+    the one-step signals of that update Δθ_t, summed over blocks (:func:`one_step_signals`): the
+    hypergradient cosine κ = cos(g_{t+1}, Δθ_t) (positive: the step overshot along its
+    direction) and the secant ratio q = ⟨g_{t+1} − g_t, Δθ_t⟩ / (−⟨g_t, Δθ_t⟩) (1: the
+    line-search optimum of a quadratic along the step; 2: the edge of stability). They show
+    whether a one-step signal could tell a rise that helps from one that hurts.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_cell: other thread counts reorder reductions
     task, model, opt, sched, gen = _build(cell, cell.get("graff_kwargs") or {})
     user_lr = opt.param_groups[0]["initial_lr"]
     rows = []
+    sampled = None  # step of the last probe sample reported
     try:
         for step in range(1, STEPS + 1):
             loss = task.train_loss(model, gen)
@@ -139,16 +149,37 @@ def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, An
             plan, search = sched.last_plan, sched.peak_search
             if step % every and (step > 0.15 * STEPS + 5 or sched.curvature.lambda_max is None):
                 continue
+            stats = sched.curvature.last
+            signals = (None, None)
+            if stats is not None and stats.step != sampled:
+                sampled, signals = stats.step, one_step_signals(stats)
             rows.append({
                 "step": step, "loss": float(loss.detach()), "lr_factor": opt.param_groups[0]["lr"] / user_lr,
                 "lambda_max": sched.curvature.lambda_max,
                 "bound_factor": None if plan.guard_bound is None else math.exp(plan.guard_bound),
                 "peak_factor": math.exp(search.log_peak), "searching": search.searching,
                 "refreshes": search.allowance.count,
+                "hyper_cosine": signals[0], "secant_ratio": signals[1],
             })  # fmt: skip
+        final = task.val_loss(model)
     finally:
         sched.remove()
-    return rows, task.val_loss(model)
+        torch.set_num_threads(threads)
+    return rows, final
+
+
+def one_step_signals(stats: Any) -> tuple[float, float | None]:
+    """``(κ, q)`` of one :class:`~graff.probes.CurvatureStats` sample, summed over blocks.
+
+    ``κ = ⟨g_{t+1}, Δθ_t⟩ / (‖g_{t+1}‖ ‖Δθ_t‖)`` (the planner's whole-model cosine,
+    :func:`graff.planner.features.window_cosines`); ``q = ⟨g_{t+1} − g_t, Δθ_t⟩ / (−⟨g_t, Δθ_t⟩)``,
+    None unless the update was a descent direction (``⟨g_t, Δθ_t⟩ < 0``).
+    """
+    from graff.planner.features import cosine
+
+    hyper, gdu = float(stats.hypergrad.sum()), float(stats.grad_dot_update.sum())
+    kappa = cosine(torch.tensor(hyper), stats.grad_sq_norm.sum(), stats.update_sq_norm.sum()).item()
+    return kappa, ((hyper - gdu) / -gdu if gdu < 0 else None)
 
 
 def trace_markdown(cell: dict[str, Any], rows: list[dict[str, Any]], final: float) -> str:
@@ -162,14 +193,16 @@ def trace_markdown(cell: dict[str, Any], rows: list[dict[str, Any]], final: floa
         f"{cell['optimizer']} {cell['family']}/{cell['arch']} × {cell['factor']:g} seed "
         f"{cell['seed']}, λ̂ {lam}: final validation loss {final:.4g}",
         "",
-        "| step | loss | LR (× user's) | λ̂ | guard bound (× user's) | peak | searching | refreshes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| step | loss | LR (× user's) | λ̂ | guard bound (× user's) | peak | searching | refreshes "
+        "| κ (sample) | q (sample) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['step']} | {r['loss']:.4f} | {r['lr_factor']:.3f} | "
             f"{num(r['lambda_max'], '.4g')} | {num(r['bound_factor'], '.3f')} | "
-            f"{r['peak_factor']:.3f} | {'yes' if r['searching'] else 'no'} | {r['refreshes']} |"
+            f"{r['peak_factor']:.3f} | {'yes' if r['searching'] else 'no'} | {r['refreshes']} | "
+            f"{num(r.get('hyper_cosine'), '+.3f')} | {num(r.get('secant_ratio'), '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks import heldout
 
@@ -73,6 +74,49 @@ def test_a_trace_is_the_sweeps_run_step_by_step(capsys) -> None:
     text = capsys.readouterr().out
     assert f"λ̂ on: final validation loss {final:.4g}" in text
     assert "| step | loss | LR (× user's) | λ̂ |" in text
+
+
+def test_a_trace_without_lambda_is_the_sweeps_run_and_shows_the_one_step_signals() -> None:
+    """The λ̂-off trace is the sweep's run too, whatever the caller's thread count (the sweep runs
+    one thread; more reorder reductions); sampled rows carry κ in [-1, 1] and q consistent with
+    it: q − 1 = ⟨g_{t+1}, Δθ⟩/(−⟨g_t, Δθ⟩) has κ's sign."""
+    cell = {"family": "tabular", "arch": "mlp", "optimizer": "adamw", "factor": 10.0, "seed": 1,
+            "lam": False, "graff_kwargs": {}}  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows, final = heldout.trace_cell(cell)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert final == heldout.run_cell(cell)["final"]
+    sampled = [r for r in rows if r["hyper_cosine"] is not None]
+    assert len(sampled) >= heldout.STEPS // 10 - 1
+    for r in sampled:
+        assert -1.0 <= r["hyper_cosine"] <= 1.0
+        if r["secant_ratio"] is not None and abs(r["hyper_cosine"]) > 1e-6:
+            assert (r["secant_ratio"] > 1.0) == (r["hyper_cosine"] > 0.0)
+    text = heldout.trace_markdown(cell, rows, final)
+    assert "| κ (sample) | q (sample) |" in text
+
+
+def test_one_step_signals_closed_form() -> None:
+    """κ and q of a hand-made sample: g_{t+1} = (1, 0), Δθ = (−1, −1), g_t = (2, 2)."""
+    from graff.probes.stats import CurvatureStats
+
+    t = torch.tensor
+    stats = CurvatureStats(
+        step=3, hypergrad=t([-1.0]), grad_dot_update=t([-4.0]), update_sq_norm=t([2.0]),
+        grad_sq_norm=t([1.0]), secant=t([0.0]), secant_ratio=t([0.0]),
+    )  # fmt: skip
+    kappa, q = heldout.one_step_signals(stats)
+    assert kappa == pytest.approx(-1.0 / 2.0**0.5, rel=1e-6)
+    assert q == pytest.approx((-1.0 + 4.0) / 4.0)  # ⟨g_{t+1} − g_t, Δθ⟩ / (−⟨g_t, Δθ⟩)
+    ascent = CurvatureStats(
+        step=3, hypergrad=t([1.0]), grad_dot_update=t([1.0]), update_sq_norm=t([1.0]),
+        grad_sq_norm=t([1.0]), secant=t([0.0]), secant_ratio=t([0.0]),
+    )  # fmt: skip
+    assert heldout.one_step_signals(ascent)[1] is None  # not a descent step: no q
 
 
 def test_a_bad_trace_argument_is_refused() -> None:
