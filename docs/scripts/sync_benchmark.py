@@ -7,7 +7,7 @@ Run after the suites (``python -m benchmarks run --suite anchors|budgets|wallclo
 
 The page is each suite's own ``results.md`` (tables, targets, provenance), newest suites first,
 with the figure links pointing at ``docs/img/benchmark/<suite>/``; then the wall-clock, overhead
-and held-out λ̂ tables; then the older ``full`` suite, marked as such; then the description of the
+and held-out λ̂ tables; then the ``full`` suite (three tasks, the ablations); then the description of the
 anchors, budgets and GPU benchmarks from ``benchmarks/README.md``. A suite whose results are not
 committed is left out.
 """
@@ -72,7 +72,7 @@ def main() -> None:
                 body = body.split("\n", 1)[1]
             text += f"\n\n## {heading}\n\n" + _demote(body.strip()) + "\n"
     if (RESULTS / "full" / "results.md").is_file():
-        text += _suite_section("full", "Earlier: the `full` suite (older commit, see its line)")
+        text += _suite_section("full", "The `full` suite: three tasks, every ablation, REACTOR")
     readme = (ROOT / "benchmarks" / "README.md").read_text()
     start, end = "<!-- issue18:start -->", "<!-- issue18:end -->"
     if start in readme and end in readme:  # the anchors / budgets / gpu description, as written
