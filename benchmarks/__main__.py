@@ -35,16 +35,22 @@ def _run(args: argparse.Namespace) -> None:
     meta = provenance() | {"suite": suite.name, "seeds": args.seeds or suite.seeds}
     if graff_kwargs:
         meta["graff_kwargs"] = graff_kwargs
+    # an interrupted run of the same clean commit goes on where it stopped (--fresh: start over)
+    resume_key = None if args.fresh or meta["git_dirty"] else meta["git_commit"]
+    if meta["git_dirty"] and not args.fresh and (out / "runs.jsonl").is_file():
+        print("graff/ or benchmarks/ has uncommitted changes: starting over, not resuming.")
     start = time.perf_counter()
-    runs = run_suite(
+    runs, resumed = run_suite(
         suite,
         out,
         seeds=args.seeds,
         data_dir=args.data_dir,
         workers=args.workers,
         graff_kwargs=graff_kwargs,
+        resume_key=resume_key,
     )
     meta["wall_seconds"] = time.perf_counter() - start
+    meta["resumed_runs"] = resumed
     write_all(runs, meta, out)
     print(f"wrote {out}/results.json, results.md and plots ({len(runs)} runs)")
 
@@ -156,6 +162,12 @@ def main(argv: list[str] | None = None) -> None:
         "--data-dir", help="GSM8K folder (default $GRAFF_GSM8K_DIR or ../shared/data/gsm8k)"
     )
     run.add_argument("--workers", type=int, default=1, help="worker processes (1 thread each)")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: ignore the runs an interrupted call of the same commit left in "
+        "runs.jsonl (by default they are kept and only the missing runs are done)",
+    )
     run.add_argument(
         "--graff-kwargs",
         help="extra GraffScheduler arguments for every GRAFF variant, as JSON, e.g. "

@@ -148,6 +148,12 @@ def _rel(cell: dict[str, Any] | None, ref: dict[str, Any] | None) -> str:
     return f"{100.0 * (cell['mean'] - ref['mean']) / ref['mean']:+.1f} %"
 
 
+def _resumed(meta: dict[str, Any]) -> str:
+    """The wall time's caveat when part of the runs came from an earlier, interrupted call."""
+    n = meta.get("resumed_runs")
+    return f" for the last call ({n} runs finished earlier at the same commit, kept)" if n else ""
+
+
 def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
         f"# graff benchmark — `{meta['suite']}` suite",
@@ -155,7 +161,7 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['git_commit']}` (dirty: {meta['git_dirty']}) · date {meta['date']} · "
         f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
-        f"{meta['wall_seconds'] / 60:.1f} min wall.",
+        f"{meta['wall_seconds'] / 60:.1f} min wall{_resumed(meta)}.",
         "",
         "Final held-out validation loss (lower is better), mean ± std over seeds, same step budget "
         "for every scheduler; base LR = the task's default LR (1e-3, AdamW's default; 0.05 for the "

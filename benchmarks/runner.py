@@ -141,6 +141,43 @@ def _train(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _spec_key(run: dict[str, Any]) -> str:
+    """A run's identity: its spec's fields (task, scheduler, LR multiplier, seed, GRAFF kwargs)."""
+    return json.dumps({k: run.get(k) for k in SPEC_FIELDS}, sort_keys=True)
+
+
+#: The fields of a spec (:meth:`benchmarks.suites.Suite.specs`, plus ``--graff-kwargs``).
+SPEC_FIELDS = ("task", "scheduler", "lr_mult", "seed", "graff_kwargs")
+
+
+def finished_runs(log: Path, specs: list[dict[str, Any]], resume_key: str | None) -> list[dict]:
+    """The runs of ``log`` (a suite's ``runs.jsonl``) that a resumed suite keeps.
+
+    A run is kept if it finished (``ok`` or ``skipped``), belongs to one of ``specs``, and was
+    written under the same ``resume_key`` (the git commit of clean code): results of other code
+    are never mixed into one table. ``resume_key=None`` (``--fresh``, or uncommitted changes to
+    graff/ or benchmarks/) keeps nothing. A torn last line (a run killed while writing) is
+    ignored.
+    """
+    if resume_key is None or not log.is_file():
+        return []
+    wanted = {_spec_key(spec) for spec in specs}
+    kept: dict[str, dict[str, Any]] = {}
+    for line in log.read_text().splitlines():
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(run, dict)
+            and run.get("resume_key") == resume_key
+            and run.get("status") in ("ok", "skipped")
+            and _spec_key(run) in wanted
+        ):
+            kept[_spec_key(run)] = run
+    return list(kept.values())
+
+
 def run_suite(
     suite: Suite,
     out: Path,
@@ -150,8 +187,14 @@ def run_suite(
     workers: int,
     progress: bool = True,
     graff_kwargs: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+    resume_key: str | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish.
+
+    With ``resume_key`` (the git commit of clean code), the runs an earlier, interrupted call
+    finished under the same key are kept (:func:`finished_runs`) and only the others run, so a
+    suite cut off by the end of a session goes on where it stopped; each new run records the key.
+    Returns every run (kept and new) and the number kept.
 
     ``graff_kwargs`` (recorded in every result) are passed to every GRAFF variant.
     """
@@ -162,8 +205,13 @@ def run_suite(
         specs = [{**spec, "graff_kwargs": dict(graff_kwargs)} for spec in specs]
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    log.write_text("")
-    results = []
+    results = finished_runs(log, specs, resume_key)
+    kept = len(results)
+    done = {_spec_key(r) for r in results}
+    specs = [spec for spec in specs if _spec_key(spec) not in done]
+    if results and progress:
+        print(f"resuming {out}: {len(results)} runs done at {resume_key}, {len(specs)} to go")
+    log.write_text("".join(json.dumps(r) + "\n" for r in results))
     bar = tqdm(total=len(specs), desc=f"{suite.name} suite", disable=not progress)
     if workers <= 1:
         setup_worker(suite, data_dir)
@@ -175,6 +223,8 @@ def run_suite(
         iterator = pool.imap_unordered(run_one, specs)
     try:
         for result in iterator:
+            if resume_key is not None:
+                result["resume_key"] = resume_key
             results.append(result)
             with log.open("a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -185,4 +235,4 @@ def run_suite(
         if pool is not None:
             pool.close()
             pool.join()
-    return results
+    return results, kept
