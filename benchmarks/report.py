@@ -270,8 +270,11 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
             if first is not None and np.isfinite(first):
                 starts.append(first)
             _mean_curve(ax_v, [r["val_curve"] for r in sel], label, **style)
-            lr = np.array(sel[0]["lr_curve"], dtype=float)
-            ax_lr.plot(lr[:, 0], lr[:, 1], label=label, **style)
+            for i, run in enumerate(sorted(sel, key=lambda r: r["seed"])):
+                # every seed: a cut or a back-off on one seed is not hidden behind seed 0's line
+                lr = np.array(run["lr_curve"], dtype=float)
+                faint = {"alpha": 0.35, "linewidth": 0.8} if i else {}
+                ax_lr.plot(lr[:, 0], lr[:, 1], label=None if i else label, **(style | faint))
         for ax, title in (
             (ax_t, "train loss (EMA, mean over seeds)"),
             (ax_v, "held-out loss (mean over seeds)"),
@@ -280,7 +283,12 @@ def plots(runs: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> lis
             ax.legend(fontsize=7)
         if starts:
             ax_t.set_ylim(top=1.15 * max(starts))
-        ax_lr.set(title=f"{task}: LR (seed 0)", xlabel="step", ylabel="LR", yscale="log")
+        ax_lr.set(
+            title=f"{task}: LR (seed 0; other seeds faint)",
+            xlabel="step",
+            ylabel="LR",
+            yscale="log",
+        )
         ax_lr.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         for f, name in ((fig, f"{task}_loss.png"), (fig_lr, f"{task}_lr.png")):
             f.tight_layout()
