@@ -35,6 +35,9 @@ def _run(args: argparse.Namespace) -> None:
     meta = provenance() | {"suite": suite.name, "seeds": args.seeds or suite.seeds}
     if graff_kwargs:
         meta["graff_kwargs"] = graff_kwargs
+    only = _only(args.only, suite)
+    if only:
+        meta["only"] = list(only)
     # an interrupted run of the same clean commit goes on where it stopped (--fresh: start over)
     resume_key = None if args.fresh or meta["git_dirty"] else meta["git_commit"]
     if meta["git_dirty"] and not args.fresh and (out / "runs.jsonl").is_file():
@@ -48,11 +51,25 @@ def _run(args: argparse.Namespace) -> None:
         workers=args.workers,
         graff_kwargs=graff_kwargs,
         resume_key=resume_key,
+        only=only,
     )
     meta["wall_seconds"] = time.perf_counter() - start
     meta["resumed_runs"] = resumed
     write_all(runs, meta, out)
     print(f"wrote {out}/results.json, results.md and plots ({len(runs)} runs)")
+
+
+def _only(names: list[str] | None, suite: Any) -> tuple[str, ...]:
+    """``--only``: scheduler names of ``suite`` (a clear exit on one it does not run)."""
+    if not names:
+        return ()
+    known = sorted({spec["scheduler"] for spec in suite.specs()})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(
+            f"--only: the {suite.name} suite runs no scheduler {unknown}; it runs {known}."
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _graff_kwargs(text: str | None) -> dict[str, Any]:
@@ -162,6 +179,13 @@ def main(argv: list[str] | None = None) -> None:
         "--data-dir", help="GSM8K folder (default $GRAFF_GSM8K_DIR or ../shared/data/gsm8k)"
     )
     run.add_argument("--workers", type=int, default=1, help="worker processes (1 thread each)")
+    run.add_argument(
+        "--only",
+        nargs="+",
+        metavar="SCHEDULER",
+        help="run only these schedulers of the suite (e.g. 'graff' with --graff-kwargs, to pair "
+        "a variant with a committed run by `compare` without re-running every baseline)",
+    )
     run.add_argument(
         "--fresh",
         action="store_true",

@@ -188,6 +188,7 @@ def run_suite(
     progress: bool = True,
     graff_kwargs: dict[str, Any] | None = None,
     resume_key: str | None = None,
+    only: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], int]:
     """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish.
 
@@ -196,11 +197,14 @@ def run_suite(
     suite cut off by the end of a session goes on where it stopped; each new run records the key.
     Returns every run (kept and new) and the number kept.
 
-    ``graff_kwargs`` (recorded in every result) are passed to every GRAFF variant.
+    ``graff_kwargs`` (recorded in every result) are passed to every GRAFF variant; ``only``
+    (scheduler names) keeps just their runs.
     """
     from tqdm import tqdm
 
     specs = suite.specs(seeds)
+    if only:
+        specs = [spec for spec in specs if spec["scheduler"] in only]
     if graff_kwargs:
         specs = [{**spec, "graff_kwargs": dict(graff_kwargs)} for spec in specs]
     out.mkdir(parents=True, exist_ok=True)

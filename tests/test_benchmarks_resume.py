@@ -120,3 +120,18 @@ def test_the_command_resumes_only_clean_code(tmp_path, monkeypatch, capsys, dirt
     main(["run", "--suite", "quick", "--out", str(tmp_path), "--fresh"])
     assert keys == [None if dirty else "c0ffee", None]
     assert ("uncommitted changes" in capsys.readouterr().out) == dirty
+
+
+def test_only_runs_the_named_schedulers_and_reports(tmp_path, monkeypatch) -> None:
+    """``--only graff``: the suite's GRAFF runs alone (2 seeds × 1 LR), reported without the
+    baselines it skipped; a scheduler the suite does not run is a clear exit."""
+    import benchmarks.suites
+
+    monkeypatch.setitem(benchmarks.suites.SUITES, "quick", TINY)
+    main(["run", "--suite", "quick", "--out", str(tmp_path), "--only", "graff", "--fresh"])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["scheduler"], r["seed"]) for r in runs) == [("graff", 0), ("graff", 1)]
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["only"] == ["graff"]
+    assert (tmp_path / "results.md").is_file()
+    with pytest.raises(SystemExit, match="runs no scheduler"):
+        main(["run", "--suite", "quick", "--out", str(tmp_path), "--only", "prodigy"])
