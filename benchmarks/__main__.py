@@ -37,6 +37,8 @@ def _run(args: argparse.Namespace) -> None:
         meta["graff_kwargs"] = graff_kwargs
     only = _only(args.only, suite)
     if only:
+        if not args.out:  # a partial suite must never replace the committed one's results
+            raise SystemExit("--only runs part of a suite: give --out (a folder of its own).")
         meta["only"] = list(only)
     # an interrupted run of the same clean commit goes on where it stopped (--fresh: start over)
     resume_key = None if args.fresh or meta["git_dirty"] else meta["git_commit"]

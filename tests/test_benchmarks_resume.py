@@ -135,3 +135,5 @@ def test_only_runs_the_named_schedulers_and_reports(tmp_path, monkeypatch) -> No
     assert (tmp_path / "results.md").is_file()
     with pytest.raises(SystemExit, match="runs no scheduler"):
         main(["run", "--suite", "quick", "--out", str(tmp_path), "--only", "prodigy"])
+    with pytest.raises(SystemExit, match="give --out"):  # never over the committed results
+        main(["run", "--suite", "quick", "--only", "graff"])
