@@ -58,6 +58,7 @@ from graff.errors import (
     ProbeError,
     ProbeWarning,
 )
+from graff.probes._forwarding import forward_attributes
 from graff.probes._inputs import (
     SHARDED_LAMBDA_OFF,
     SparseGradCheck,
@@ -75,18 +76,7 @@ from graff.probes.stats import CurvatureStats, _derived_stats
 __all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_cost_steps"]
 
 
-def _forward(owner: str, name: str) -> property:
-    """A property reading and writing ``self.<owner>.<name>`` (the probe's public surface)."""
-
-    def get(self: Any) -> Any:
-        return getattr(getattr(self, owner), name)
-
-    def set_(self: Any, value: Any) -> None:
-        setattr(getattr(self, owner), name, value)
-
-    return property(get, set_, doc=f"``{owner}.{name}``.")
-
-
+@forward_attributes
 class CurvatureProbe:
     """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
 
@@ -484,19 +474,3 @@ class CurvatureProbe:
         self._window.extend(float(q) for q in state["window"])
         last = state["last"]
         self.last = None if last is None else CurvatureStats(**last)
-
-
-#: The estimator's and the meter's readings and settings, as attributes of the probe (read and
-#: write through): ``probe.lambda_max`` is ``probe.estimator.lambda_max``, and so on.
-_FORWARDED = {
-    "estimator": (
-        "lambda_max interval n_estimates dropped_estimates hvp sync kind refresh_seconds loss_fn "
-        "every power_iters initial_iters margin overhead_target min_every max_every chunk_iters "
-        "start_step seed share_step_costs cost_model"
-    ).split(),
-    "meter": "overhead_seconds hook_seconds estimate_seconds step_cost_seconds".split(),
-}
-for _owner, _names in _FORWARDED.items():
-    for _name in _names:
-        setattr(CurvatureProbe, _name, _forward(_owner, _name))
-CurvatureProbe._step_time = _forward("meter", "step_time")  # type: ignore[attr-defined]
