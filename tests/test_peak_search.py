@@ -420,3 +420,76 @@ def test_search_after_hold_state_round_trips_and_old_states_load() -> None:
     assert fresh.hold_until == 0.0
     with pytest.raises(graff.errors.CheckpointError):
         fresh.load_state_dict({**state, "hold_until": 2.0})
+
+
+# ------------------------------------------------------------ default peak_max
+def test_default_peak_max_closed_form() -> None:
+    from graff.planner.peak_search import default_peak_max
+
+    assert default_peak_max(adaptive=True, measured=True) == 30.0
+    assert default_peak_max(adaptive=True, measured=False) == 10.0
+    assert default_peak_max(adaptive=False, measured=True) == 10.0
+    assert default_peak_max(adaptive=False, measured=False) == 10.0
+    assert graff.GraffConfig().peak_max is None
+
+
+def _top_reached(adaptive: bool, ceiling: float | None) -> float:
+    """The peak factor a default-``peak_max`` search reaches over a 40-step search phase."""
+    cal = _calibrator(search_fraction=0.4, peak_max=None, adaptive=adaptive)
+    for step in range(1, 101):
+        cal.update(step / 100, 0.0, unstable=False, log_ceiling=ceiling)
+    return math.exp(cal.log_peak)
+
+
+@pytest.mark.parametrize(
+    ("adaptive", "ceiling", "expected"),
+    [
+        (True, math.log(1e3), 30.0),  # a measured ceiling far above: 30x
+        (True, None, 10.0),  # nothing but the loss can stop the rise: 10x
+        (False, math.log(1e3), 10.0),  # SGD-type: 10x
+        (True, math.log(20.0), 20.0),  # the ceiling still binds below 30x
+    ],
+)
+def test_default_peak_max_reached(adaptive: bool, ceiling: float | None, expected: float) -> None:
+    assert _top_reached(adaptive, ceiling) == pytest.approx(expected)
+
+
+def test_an_explicit_peak_max_is_kept_without_a_ceiling() -> None:
+    cal = _calibrator(search_fraction=0.4, peak_max=50.0, adaptive=True)
+    for step in range(1, 101):
+        cal.update(step / 100, 0.0, unstable=False)
+    assert math.exp(cal.log_peak) == pytest.approx(50.0)
+
+
+def test_adam_with_a_measured_lambda_rises_past_ten_on_a_flat_quadratic() -> None:
+    """A real GraffScheduler on AdamW 1e-4 over a flat quadratic (λ̂ tiny, the loss healthy):
+    with ``loss_fn`` (a measured ceiling) the search passes 10x the user's LR; without any way
+    to measure λ̂ it stops at 10x. The control is the same run without ``loss_fn``."""
+
+    def run(with_lambda: bool) -> float:
+        torch.manual_seed(0)
+        theta = nn.Parameter(torch.randn(10) * 10)
+        opt = torch.optim.AdamW([theta], lr=1e-4, weight_decay=0.0)
+
+        def loss_fn() -> torch.Tensor:
+            return 1e-3 * theta.pow(2).sum()
+
+        sched = GraffScheduler(
+            opt,
+            budget=graff.BudgetClock(steps=400),
+            loss_fn=loss_fn if with_lambda else None,
+            warm_start=None,
+            config=graff.GraffConfig(planner=False),
+        )
+        peak = 0.0
+        for _ in range(400):
+            loss = loss_fn()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step(loss)
+            peak = max(peak, sched.get_last_lr()[0] / 1e-4)
+        return peak
+
+    assert run(with_lambda=True) > 20.0
+    assert run(with_lambda=False) == pytest.approx(10.0, rel=1e-6)

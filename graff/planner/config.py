@@ -58,7 +58,9 @@ class GraffConfig:
             per-step work leaves of a 1 % overhead target; priced from step counts under a step
             budget, so the run is bit-reproducible).
         search_fraction: Fraction of the budget the peak search may use, in (0, 1].
-        peak_max: Largest peak factor the search may reach (× the user's LR), in [1, 1e4].
+        peak_max: Largest peak factor the search may reach (× the user's LR), in [1, 1e4];
+            ``None``: 30 for adaptive optimizers while a measured λ̂ caps the rise, else 10
+            (:func:`graff.planner.peak_search.default_peak_max`).
         backoff: Factor the LR is divided by when instability is detected at or below the
             user's LR, in (1, 1e3].
         search_headroom: The search rises only up to ``c / (search_headroom · λ̂)``; ``None``:
@@ -115,7 +117,7 @@ class GraffConfig:
     probe_every: int | None = None
     curvature_every: int | str = "auto"
     search_fraction: float = 0.15
-    peak_max: float = 10.0
+    peak_max: float | None = None
     backoff: float = 3.0
     search_headroom: float | None = None
     refresh_allowance: float = 0.1
@@ -142,7 +144,6 @@ class GraffConfig:
             "search_fraction": check_in_range(
                 "search_fraction", self.search_fraction, 0.0, 1.0, low_open=True
             ),
-            "peak_max": check_in_range("peak_max", self.peak_max, 1.0, 1e4),
             "backoff": check_in_range("backoff", self.backoff, 1.0, 1e3, low_open=True),
             "refresh_allowance": check_in_range(
                 "refresh_allowance", self.refresh_allowance, 0.0, 1.0
@@ -153,6 +154,8 @@ class GraffConfig:
         }
         if self.probe_every is not None:
             checked["probe_every"] = check_positive_int("probe_every", self.probe_every)
+        if self.peak_max is not None:
+            checked["peak_max"] = check_in_range("peak_max", self.peak_max, 1.0, 1e4)
         if self.search_headroom is not None:
             checked["search_headroom"] = check_in_range(
                 "search_headroom", self.search_headroom, 1.0, 1e3

@@ -37,6 +37,11 @@ IMPLAUSIBLE = 4.0
 #: The search's rise per half of its phase, in log units (×10): a larger ``peak_max`` lets it
 #: rise for longer, not faster — a faster rise overshoots, as the loss average lags ~10 steps.
 RISE = math.log(10.0)
+#: The default ``peak_max`` (``GraffConfig(peak_max=None)``) of an adaptive optimizer while a
+#: measured λ̂ gives the search a ceiling (:func:`default_peak_max`).
+PEAK_MAX_MEASURED = 30.0
+#: The default ``peak_max`` otherwise: SGD-type optimizers, or no λ̂ (yet) to stop the rise.
+PEAK_MAX_UNMEASURED = 10.0
 
 
 def default_headroom(optimizer: torch.optim.Optimizer) -> float:
@@ -52,6 +57,22 @@ def default_headroom(optimizer: torch.optim.Optimizer) -> float:
     return 4.0 if preconditioner_kind(optimizer) is not None else 8.0
 
 
+def default_peak_max(adaptive: bool, measured: bool) -> float:
+    r"""The largest peak factor the search may reach when ``GraffConfig(peak_max=None)``.
+
+    30× the user's LR for an adaptive optimizer while a measured λ̂ caps the rise (``measured``:
+    the search has a ceiling this step), 10× otherwise. Why the difference: a poor default LR
+    can be 30-100× below the best one (issue 18's held-out LoRA task wanted 30×), and the rise
+    past 10× is safe only where something other than the loss can stop it — the loss average
+    lags the LR by ~10 steps, so without a ceiling a search at 30× is past the edge before the
+    back-off sees it. Measured (``docs/concepts/graff.md``, "how far the search may rise"): with
+    λ̂, 30× helped AdamW at 0.1× its default LR and never moved the ceiling-bound cells; without
+    λ̂ it lost badly (pcfg transformer at its default LR: +0.6 to +1.1 log); under SGD with λ̂
+    the back-off from the higher rise overshot down on CNNs (+10 to +43 %), so SGD keeps 10×.
+    """
+    return PEAK_MAX_MEASURED if (adaptive and measured) else PEAK_MAX_UNMEASURED
+
+
 class PeakSearch:
     r"""The peak-LR search of GraffScheduler: a log peak factor :math:`\sigma` over the user's LR.
 
@@ -60,7 +81,9 @@ class PeakSearch:
 
     1. **Rise only with slack.** While searching (the first ``search_fraction`` of the budget),
        :math:`\sigma` grows by ``log(10) / max(10, n/2)`` per step (``n`` the estimated
-       number of steps of the search phase), but never above the *ceiling*
+       number of steps of the search phase) up to ``log(peak_max)`` (by default 30× for an
+       adaptive optimizer under a measured ceiling, else 10×: :func:`default_peak_max`), but
+       never above the *ceiling*
        :math:`\log\bigl(c / (\rho\,\hat\lambda\,\eta^0)\bigr)` passed as ``log_ceiling``: a raised
        peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
        limit, because the sharpness measured early grows during training (progressive
@@ -97,9 +120,10 @@ class PeakSearch:
         *,
         enabled: bool,
         search_fraction: float,
-        peak_max: float,
+        peak_max: float | None,
         backoff: float,
         headroom: float = 8.0,
+        adaptive: bool = False,
         refresh_fraction: float = 0.1,
         time_share: float = 1.0,
         guard: bool = True,
@@ -124,7 +148,10 @@ class PeakSearch:
         self.nonfinite_seen = 0  # the scheduler's non-finite-loss count already answered
         self.log_ceiling: float | None = None  # this step's ceiling (set by step(), not saved)
         self.enabled, self.search_fraction = enabled, search_fraction
-        self.log_peak_max, self.log_backoff = math.log(peak_max), math.log(backoff)
+        #: ``log(peak_max)``, or None: :func:`default_peak_max` decides at each rise.
+        self.log_peak_max = None if peak_max is None else math.log(peak_max)
+        self.adaptive = adaptive
+        self.log_backoff = math.log(backoff)
         self.log_headroom = math.log(headroom)
         self.lag, self.cooldown_steps = lag, cooldown
         self.log_peak = 0.0
@@ -168,6 +195,7 @@ class PeakSearch:
             peak_max=config.peak_max,
             backoff=config.backoff,
             headroom=config.search_headroom or default_headroom(optimizer),
+            adaptive=preconditioner_kind(optimizer) is not None,
             refresh_fraction=config.refresh_allowance,
             time_share=config.time_share,
             guard=guard,
@@ -426,15 +454,14 @@ class PeakSearch:
         """Rule 1 for one step of the search phase: end it, hold, or rise toward the ceiling."""
         if hold and self.search_after_hold:  # the phase starts once the search can move
             self.hold_until = min(fraction_used, self.search_fraction)
-        if (
-            fraction_used - self.hold_until >= self.search_fraction
-            or self.log_peak >= self.log_peak_max - 1e-9
-        ):
+        top = self.log_peak_max
+        if top is None:
+            top = math.log(default_peak_max(self.adaptive, measured=log_ceiling is not None))
+        if fraction_used - self.hold_until >= self.search_fraction or self.log_peak >= top - 1e-9:
             self.searching = False
         elif not hold:
             est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
             target = self.log_peak + RISE / max(10.0, 0.5 * est)
-            top = self.log_peak_max
             if log_ceiling is not None:
                 top = min(top, log_ceiling)
                 self.capped = target > top
