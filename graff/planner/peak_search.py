@@ -61,14 +61,12 @@ def default_peak_max(adaptive: bool, measured: bool) -> float:
     r"""The largest peak factor the search may reach when ``GraffConfig(peak_max=None)``.
 
     30× the user's LR for an adaptive optimizer while a measured λ̂ caps the rise (``measured``:
-    the search has a ceiling this step), 10× otherwise. Why the difference: a poor default LR
-    can be 30-100× below the best one (issue 18's held-out LoRA task wanted 30×), and the rise
-    past 10× is safe only where something other than the loss can stop it — the loss average
-    lags the LR by ~10 steps, so without a ceiling a search at 30× is past the edge before the
-    back-off sees it. Measured (``docs/concepts/graff.md``, "how far the search may rise"): with
-    λ̂, 30× helped AdamW at 0.1× its default LR and never moved the ceiling-bound cells; without
-    λ̂ it lost badly (pcfg transformer at its default LR: +0.6 to +1.1 log); under SGD with λ̂
-    the back-off from the higher rise overshot down on CNNs (+10 to +43 %), so SGD keeps 10×.
+    the search has a ceiling this step), 10× otherwise. Why: a poor default LR can be 30× or
+    more below the best one, but a rise past 10× is safe only where something other than the
+    loss can stop it — the loss average lags the LR by ~10 steps, so without a ceiling the search
+    is past the edge before the back-off sees it. Under SGD the back-off from a higher rise
+    returns to a level far below the best, so SGD-type optimizers keep 10×. The measurements
+    behind both choices are in ``docs/concepts/graff.md`` ("How far the search may rise").
     """
     return PEAK_MAX_MEASURED if (adaptive and measured) else PEAK_MAX_UNMEASURED
 
