@@ -7,8 +7,11 @@ and grammar languages, algorithmic sequences, tabular and synthetic-image data; 
 LoRA, MLP, CNN), AdamW and SGD with momentum, at the family's default LR × {0.1, 1, 10}, plus the
 benchmark's char transformer (``gsm8k_qwen3``, 300 steps) where the finding was reproduced.
 
-Each run appends one compact JSON line to ``OUT/runs.jsonl`` (resumable: a rerun skips the cells
-already there); ``OUT/summary.md`` counts, per optimizer and data family, the cells where λ̂ on
+Each run appends one compact JSON line to ``OUT/runs.jsonl``, which records the commit of
+the code that ran it. A rerun resumes: it keeps the runs of the same commit of clean code (as
+``benchmarks run`` does) and runs only the rest; ``--fresh``, another commit or uncommitted
+changes to ``graff/`` or ``benchmarks/`` start over, so one summary never mixes two versions
+of the code. ``OUT/summary.md`` counts, per optimizer and data family, the cells where λ̂ on
 is better / worse / level (1 % of the final validation loss) than λ̂ off, with the median and the
 worst log ratio. ``--graff-kwargs`` (``GraffConfig`` fields) tries another rule without editing
 graff; its value is recorded in every line.
@@ -250,6 +253,34 @@ def cells(
     return out
 
 
+def _line(row: dict[str, Any]) -> str:
+    return json.dumps(row, separators=(",", ":")) + "\n"
+
+
+def kept_rows(path: Path, resume_key: str | None) -> list[dict[str, Any]]:
+    """The finished runs of ``path`` (a sweep's ``runs.jsonl``) that a rerun keeps.
+
+    Those written under ``resume_key`` (the commit of clean code) that ended ``ok``; nothing
+    when ``resume_key`` is None (``--fresh`` or uncommitted changes). A torn last line (a sweep
+    killed while writing) is ignored.
+    """
+    if resume_key is None or not path.is_file():
+        return []
+    kept: dict[str, dict[str, Any]] = {}
+    for text in path.read_text().splitlines():
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(row, dict)
+            and row.get("resume_key") == resume_key
+            and row.get("status") == "ok"
+        ):
+            kept[_key(row)] = row
+    return list(kept.values())
+
+
 def _key(cell: dict[str, Any], lam: bool = True) -> str:
     names = ("family", "arch", "optimizer", "factor", "seed")
     values = [cell[k] for k in names] + [cell.get("graff_kwargs") or {}]
@@ -322,35 +353,43 @@ def main(argv: list[str] | None = None) -> None:
         help="instead of the sweep, print one cell step by step (e.g. shapes/cnn/adamw/1/3)",
     )
     parser.add_argument("--trace-off", action="store_true", help="trace the λ̂-off run instead")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: keep none of the runs an earlier call of the same commit left",
+    )
     args = parser.parse_args(argv)
     if args.trace:
         cell = _trace_cell_arg(args.trace, not args.trace_off, json.loads(args.graff_kwargs))
         print(trace_markdown(cell, *trace_cell(cell)))
         return
+    from benchmarks import meta as provenance_of
+
+    meta = provenance_of.provenance()
+    resume_key = None if args.fresh or meta["git_dirty"] else meta["git_commit"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "runs.jsonl"
-    rows = [json.loads(s) for s in path.read_text().splitlines()] if path.exists() else []
-    done = {_key(r) for r in rows if r.get("status") == "ok"}
+    rows = kept_rows(path, resume_key)
+    path.write_text("".join(_line(r) for r in rows))
+    done = {_key(r) for r in rows}
     kwargs = json.loads(args.graff_kwargs)
     todo = [
         c
         for c in cells(args.seeds, args.optimizers, args.char_seeds, kwargs, args.data_dir)
         if _key(c) not in done
     ]
-    print(f"{len(todo)} runs to do ({len(done)} done) -> {path}", flush=True)
+    print(f"{len(todo)} runs to do ({len(done)} done at this commit) -> {path}", flush=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx) as pool, path.open("a") as fh:
         for i, row in enumerate(pool.map(run_cell, todo), 1):
             row.pop("data_dir", None)
-            fh.write(json.dumps(row, separators=(",", ":")) + "\n")
+            row["resume_key"] = resume_key
+            fh.write(_line(row))
             fh.flush()
             rows.append(row)
             if i % 10 == 0 or i == len(todo):
                 print(f"  {i}/{len(todo)}", flush=True)
-    from benchmarks.meta import provenance
-
-    meta = provenance()
     text = summary([r for r in rows if (r.get("graff_kwargs") or {}) == kwargs])
     head = (
         f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"

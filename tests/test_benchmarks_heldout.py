@@ -38,23 +38,54 @@ def test_summary_counts_better_worse_and_level_at_one_percent() -> None:
     assert "+0.693" in text  # the worst cell, log 2
 
 
-def test_a_cell_runs_and_a_rerun_skips_it(tmp_path) -> None:
-    """One real cell (a tabular MLP, 200 steps, λ̂ on and off), then the command again: nothing
-    left to do."""
+def _clean_commit(monkeypatch, commit: str, dirty: bool = False) -> None:
+    import benchmarks.meta
+
+    real = benchmarks.meta.provenance
+
+    def fake() -> dict:
+        return real() | {"git_commit": commit, "git_dirty": dirty}
+
+    monkeypatch.setattr(benchmarks.meta, "provenance", fake)
+
+
+def test_a_cell_runs_and_a_rerun_of_the_same_commit_skips_it(tmp_path, monkeypatch) -> None:
+    """One real cell (a tabular MLP, 200 steps, λ̂ on and off), then the command again at the
+    same clean commit: nothing left to do, the same rows; at another commit it starts over."""
     args = ["--out", str(tmp_path), "--seeds", "1", "--char-seeds", "--optimizers", "adamw",
             "--workers", "1"]  # fmt: skip
-    original = heldout.COMBOS
-    heldout.COMBOS = (("tabular", "mlp"),)
-    try:
-        heldout.main(args)
-        rows = [json.loads(s) for s in (tmp_path / "runs.jsonl").read_text().splitlines()]
-        assert len(rows) == 6  # 3 LR factors × λ̂ on/off
-        assert all(r["status"] == "ok" and math.isfinite(r["final"]) for r in rows)
-        heldout.main(args)
-        assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 6
-    finally:
-        heldout.COMBOS = original
+    monkeypatch.setattr(heldout, "COMBOS", (("tabular", "mlp"),))
+    _clean_commit(monkeypatch, "c0ffee")
+    heldout.main(args)
+    log = tmp_path / "runs.jsonl"
+    rows = [json.loads(s) for s in log.read_text().splitlines()]
+    assert len(rows) == 6  # 3 LR factors × λ̂ on/off
+    assert all(r["status"] == "ok" and math.isfinite(r["final"]) for r in rows)
+    assert {r["resume_key"] for r in rows} == {"c0ffee"}
+    heldout.main(args)
+    assert [json.loads(s) for s in log.read_text().splitlines()] == rows
     assert "| adamw | tabular | 3 |" in (tmp_path / "summary.md").read_text()
+    monkeypatch.setattr(heldout, "COMBOS", ())  # nothing to run: only what is kept
+    _clean_commit(monkeypatch, "beef01")
+    heldout.main(args)
+    assert log.read_text() == ""  # runs of another commit are not kept
+
+
+def test_kept_rows_are_those_of_the_same_clean_commit(tmp_path) -> None:
+    """Rows of another commit, failed rows and a torn last line are not kept; ``None`` (dirty
+    tree or ``--fresh``) keeps nothing."""
+    log = tmp_path / "runs.jsonl"
+    rows = [
+        _row("tabular", 1.0, 1, True, 0.5) | {"resume_key": "k"},
+        _row("tabular", 1.0, 1, False, 0.6) | {"resume_key": "other"},
+        _row("tabular", 10.0, 1, True, 0.7) | {"resume_key": "k", "status": "error"},
+        _row("tabular", 0.1, 1, True, 0.8),  # written before runs recorded their commit
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"family": "tab')
+    kept = heldout.kept_rows(log, "k")
+    assert [(r["factor"], r["final"]) for r in kept] == [(1.0, 0.5)]
+    assert heldout.kept_rows(log, None) == []
+    assert heldout.kept_rows(tmp_path / "absent.jsonl", "k") == []
 
 
 def test_a_trace_is_the_sweeps_run_step_by_step(capsys) -> None:
@@ -124,3 +155,16 @@ def test_a_bad_trace_argument_is_refused() -> None:
                 "tabular/mlp/adamw/x/1"):  # fmt: skip
         with pytest.raises(SystemExit, match="--trace"):
             heldout.main(["--trace", bad])
+
+
+@pytest.mark.parametrize(("dirty", "fresh", "key"), [(False, False, "c0ffee"), (True, False, None),
+                                                     (False, True, None)])  # fmt: skip
+def test_the_sweep_resumes_only_clean_code(tmp_path, monkeypatch, dirty, fresh, key) -> None:
+    """The key a rerun keeps runs by: the clean commit; None with uncommitted changes or
+    ``--fresh``."""
+    seen: list = []
+    monkeypatch.setattr(heldout, "COMBOS", ())
+    monkeypatch.setattr(heldout, "kept_rows", lambda path, k: seen.append(k) or [])
+    _clean_commit(monkeypatch, "c0ffee", dirty=dirty)
+    heldout.main(["--out", str(tmp_path), "--char-seeds", *(["--fresh"] if fresh else [])])
+    assert seen == [key]
