@@ -264,21 +264,9 @@ def kept_rows(path: Path, resume_key: str | None) -> list[dict[str, Any]]:
     when ``resume_key`` is None (``--fresh`` or uncommitted changes). A torn last line (a sweep
     killed while writing) is ignored.
     """
-    if resume_key is None or not path.is_file():
-        return []
-    kept: dict[str, dict[str, Any]] = {}
-    for text in path.read_text().splitlines():
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError:
-            continue
-        if (
-            isinstance(row, dict)
-            and row.get("resume_key") == resume_key
-            and row.get("status") == "ok"
-        ):
-            kept[_key(row)] = row
-    return list(kept.values())
+    from benchmarks.meta import runs_of_commit
+
+    return list({_key(row): row for row in runs_of_commit(path, resume_key, ("ok",))}.values())
 
 
 def _key(cell: dict[str, Any], lam: bool = True) -> str:

@@ -1,12 +1,16 @@
-"""Provenance recorded with every result: command, git commit, date, machine."""
+"""Provenance recorded with every result (command, git commit, date, machine), and the runs of
+a `runs.jsonl` that a resumed sweep keeps (those of the same commit of clean code)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from benchmarks.tasks import REPO
@@ -48,3 +52,25 @@ def provenance() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
         },
     }
+
+
+def runs_of_commit(log: Path, resume_key: str | None, statuses: tuple[str, ...]) -> Iterator[dict]:
+    """The runs of a ``runs.jsonl`` written under ``resume_key`` whose status is in ``statuses``.
+
+    ``resume_key`` is the git commit of clean code (None: ``--fresh`` or uncommitted changes,
+    and nothing is kept), so a resumed sweep never mixes results of two versions of the code.
+    A torn line (a run killed while writing) is skipped.
+    """
+    if resume_key is None or not log.is_file():
+        return
+    for line in log.read_text().splitlines():
+        try:
+            run = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (
+            isinstance(run, dict)
+            and run.get("resume_key") == resume_key
+            and run.get("status") in statuses
+        ):
+            yield run

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from benchmarks.loop import step_budget, task_step, train_loop
+from benchmarks.meta import runs_of_commit
 from benchmarks.schedulers import ANCHORS, MissingAnchorPackage, make
 from benchmarks.suites import Suite, task_optimizer
 
@@ -159,21 +160,10 @@ def finished_runs(log: Path, specs: list[dict[str, Any]], resume_key: str | None
     graff/ or benchmarks/) keeps nothing. A torn last line (a run killed while writing) is
     ignored.
     """
-    if resume_key is None or not log.is_file():
-        return []
     wanted = {_spec_key(spec) for spec in specs}
     kept: dict[str, dict[str, Any]] = {}
-    for line in log.read_text().splitlines():
-        try:
-            run = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if (
-            isinstance(run, dict)
-            and run.get("resume_key") == resume_key
-            and run.get("status") in ("ok", "skipped")
-            and _spec_key(run) in wanted
-        ):
+    for run in runs_of_commit(log, resume_key, ("ok", "skipped")):
+        if _spec_key(run) in wanted:
             kept[_spec_key(run)] = run
     return list(kept.values())
 
