@@ -248,7 +248,7 @@ def test_the_search_never_rises_above_its_ceiling_on_a_real_model(bias: float) -
 
 
 def test_default_headroom_is_optimizer_aware() -> None:
-    from graff.planner.peak_search import default_headroom
+    from graff.planner.search_defaults import default_headroom
 
     p = nn.Parameter(torch.zeros(2))
     assert default_headroom(torch.optim.AdamW([p])) == 4.0
@@ -424,7 +424,7 @@ def test_search_after_hold_state_round_trips_and_old_states_load() -> None:
 
 # ------------------------------------------------------------ default peak_max
 def test_default_peak_max_closed_form() -> None:
-    from graff.planner.peak_search import default_peak_max
+    from graff.planner.search_defaults import default_peak_max
 
     assert default_peak_max(adaptive=True, measured=True) == 30.0
     assert default_peak_max(adaptive=True, measured=False) == 10.0

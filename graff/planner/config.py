@@ -60,7 +60,7 @@ class GraffConfig:
         search_fraction: Fraction of the budget the peak search may use, in (0, 1].
         peak_max: Largest peak factor the search may reach (× the user's LR), in [1, 1e4];
             ``None``: 30 for adaptive optimizers while a measured λ̂ caps the rise, else 10
-            (:func:`graff.planner.peak_search.default_peak_max`).
+            (:func:`graff.planner.search_defaults.default_peak_max`).
         backoff: Factor the LR is divided by when instability is detected at or below the
             user's LR, in (1, 1e3].
         search_headroom: The search rises only up to ``c / (search_headroom · λ̂)``; ``None``:
