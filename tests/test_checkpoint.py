@@ -506,9 +506,16 @@ class _Child:
 class Server:
     """The fork server of ``tests/_ckpt_worker.py`` (a fresh ``sys.executable`` interpreter)."""
 
+    WATCHDOG_S = 120
+
     def __init__(self, log: Path) -> None:
+        self.log = log
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        self._stderr = log.open("w")
+        self._stderr = self.log.open("a")
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER)],
             stdin=subprocess.PIPE,
@@ -517,18 +524,36 @@ class Server:
             text=True,
             env=env,
         )
-        self.log = log
+
+    def _ensure_alive(self) -> None:
+        """A server that died in an earlier test is replaced, so one failure stays one failure
+        instead of failing every later test of the module."""
+        if self.proc.poll() is None:
+            return
+        self._stderr.close()
+        self.restarts += 1
+        self._start()
 
     def run(
         self, job: dict, *, kill_after_step: int | None = None, kill_after_s: float | None = None
     ):
         """Run ``job`` in a new child; SIGKILL it once it reports step ``kill_after_step`` or
         after ``kill_after_s`` seconds. Returns (exit code, the child's stdout lines)."""
+        self._ensure_alive()
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         child: list[_Child] = []
-        watchdog = threading.Timer(120, lambda: [c.kill() for c in child] + [self.proc.kill()])
-        watchdog.start()  # never hang the suite, never leave a writer behind
+        fired: list[str] = []
+
+        def watchdog_kill() -> None:  # never hang the suite, never leave a writer behind
+            fired.append("child" if child else "server")
+            for c in child:
+                c.kill()  # the server then reports the child's exit and lives on
+            if not child:
+                self.proc.kill()  # no child started: the server itself is stuck
+
+        watchdog = threading.Timer(self.WATCHDOG_S, watchdog_kill)
+        watchdog.start()
         lines, timer = [], None
         try:
             for raw in self.proc.stdout:
@@ -539,6 +564,11 @@ class Server:
                         timer = threading.Timer(kill_after_s, child[0].kill)
                         timer.start()
                 elif line.startswith("exit "):
+                    if fired:
+                        raise AssertionError(
+                            f"job ran past the {self.WATCHDOG_S} s watchdog and was killed: "
+                            f"{job['job']}; its output: {lines[-5:]}"
+                        )
                     return int(line.split()[1]), lines
                 else:
                     lines.append(line)
@@ -551,10 +581,15 @@ class Server:
                 timer.join()
             for c in child:
                 c.close()
-        raise AssertionError(f"fork server died: {self.log.read_text()}")
+        code = self.proc.wait(timeout=10)
+        why = f"killed by the {self.WATCHDOG_S} s watchdog" if fired else f"exit code {code}"
+        raise AssertionError(f"fork server died ({why}); its stderr: {self.log.read_text()!r}")
 
     def close(self) -> None:
-        self.proc.stdin.close()
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:  # the server is already gone
+            pass
         self.proc.wait(timeout=60)
         self._stderr.close()
 
@@ -595,6 +630,18 @@ def test_sigkill_while_writing_leaves_the_old_or_the_new_checkpoint(server, tmp_
         last = i
     assert mid_write >= 1, "no kill landed during a write: the test proved nothing"
     assert last > 0  # the writers made progress
+
+
+def test_a_dead_fork_server_is_replaced_before_the_next_job(server, tmp_path) -> None:
+    """The harness itself: a server killed under one test must not fail every later one."""
+    server.proc.kill()
+    server.proc.wait(timeout=10)
+    restarts = server.restarts
+    job = {"job": "write", "path": str(tmp_path / "c.pt"), "numel": 16, "start": 0}
+    code, lines = server.run(job, kill_after_s=0.5)
+    assert server.restarts == restarts + 1
+    assert code == -signal.SIGKILL, lines
+    assert lines[0] == "wrote 1", lines
 
 
 # ----------------------------------------------------------- SIGKILL + resume
