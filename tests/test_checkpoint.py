@@ -638,7 +638,7 @@ def test_a_dead_fork_server_is_replaced_before_the_next_job(server, tmp_path) ->
     server.proc.wait(timeout=10)
     restarts = server.restarts
     job = {"job": "write", "path": str(tmp_path / "c.pt"), "numel": 16, "start": 0}
-    code, lines = server.run(job, kill_after_s=0.5)
+    code, lines = server.run(job, kill_after_s=1.0)  # a 64-byte write takes milliseconds
     assert server.restarts == restarts + 1
     assert code == -signal.SIGKILL, lines
     assert lines[0] == "wrote 1", lines
