@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import graff
+from graff.planner.config import GraffConfig
 from graff.planner.peak_search import PeakSearch
+from graff.planner.search_defaults import FAR_BELOW_CEILING
 from graff.schedulers.graff import GraffScheduler
 
 LOG10 = math.log(10.0)
@@ -375,12 +377,22 @@ def test_time_share_closed_form(monkeypatch) -> None:
 
 
 # ----------------------------------------------------------- search_after_hold
-def _phase_end(after_hold: bool, hold_steps: int, *, search_fraction: float = 0.15) -> int:
+def _phase_end(
+    after_hold: bool | None,
+    hold_steps: int,
+    *,
+    search_fraction: float = 0.15,
+    ceiling: float = 0.5,
+    peaks: list[float] | None = None,
+) -> int:
     """The step (of a 100-step budget) at which the search stops, holding for the first
-    ``hold_steps`` (no λ̂ yet) and then rising under a ceiling that stops it at σ = 0.5."""
+    ``hold_steps`` (no λ̂ yet) and then rising under a ceiling that stops it at σ = ``ceiling``
+    (appending σ after each step to ``peaks``)."""
     cal = _calibrator(search_fraction=search_fraction, peak_max=1e4, search_after_hold=after_hold)
     for step in range(1, 101):
-        cal.update(step / 100, 0.0, unstable=False, hold=step <= hold_steps, log_ceiling=0.5)
+        cal.update(step / 100, 0.0, unstable=False, hold=step <= hold_steps, log_ceiling=ceiling)
+        if peaks is not None:
+            peaks.append(cal.log_peak)
         if not cal.searching:
             return step
     return 101
@@ -420,6 +432,67 @@ def test_search_after_hold_state_round_trips_and_old_states_load() -> None:
     assert fresh.hold_until == 0.0
     with pytest.raises(graff.errors.CheckpointError):
         fresh.load_state_dict({**state, "hold_until": 2.0})
+
+
+@pytest.mark.parametrize("hold_steps", [0, 5, 10, 14])
+def test_search_after_hold_auto_counts_the_hold_only_under_a_far_ceiling(hold_steps) -> None:
+    """``None`` (the default): a first λ̂ whose ceiling is ≥ 20× (FAR_BELOW_CEILING) counts the
+    hold out of the phase, as True does; a nearer ceiling gives False's run, σ for σ."""
+    far, near = math.log(FAR_BELOW_CEILING), math.log(FAR_BELOW_CEILING) - 1e-6
+    for ceiling, twin in ((far, True), (near, False), (math.log(200.0), True), (0.5, False)):
+        auto_peaks: list[float] = []
+        twin_peaks: list[float] = []
+        end = _phase_end(None, hold_steps, ceiling=ceiling, peaks=auto_peaks)
+        assert end == _phase_end(twin, hold_steps, ceiling=ceiling, peaks=twin_peaks)
+        assert auto_peaks == twin_peaks
+    assert _phase_end(None, 10, ceiling=far) == 25  # closed form: 10 held + 15 searched
+    assert _phase_end(None, 10, ceiling=near) == 15
+
+
+def test_search_after_hold_auto_decides_once_and_a_lambda_that_never_comes_ends_it() -> None:
+    """The decision is the first λ̂'s: a later, lower ceiling does not shorten the phase again.
+    Held for the whole phase (no λ̂ ever), the search ends at ``search_fraction``, as False."""
+    cal = _calibrator(search_fraction=0.15, peak_max=1e4, search_after_hold=None)
+    for step in range(1, 11):
+        cal.update(step / 100, 0.0, unstable=False, hold=True)
+    cal.update(0.11, 0.0, unstable=False, log_ceiling=math.log(50.0))
+    assert cal.hold_decided
+    assert cal.counted_hold() == pytest.approx(0.10)
+    for step in range(12, 25):
+        cal.update(step / 100, 0.0, unstable=False, log_ceiling=0.1)  # a refresh: ceiling 1.1x
+        assert cal.searching
+    assert _phase_end(None, 100) == 15
+
+
+def test_search_after_hold_auto_state_round_trips_mid_hold_and_after_the_decision() -> None:
+    cal = _calibrator(search_fraction=0.15, peak_max=1e4, search_after_hold=None)
+    for step in range(1, 8):
+        cal.update(step / 100, 0.0, unstable=False, hold=True)
+    assert not cal.hold_decided
+    assert cal.counted_hold() == 0.0  # undecided: behaves as False
+    mid = _calibrator(search_fraction=0.15, peak_max=1e4, search_after_hold=None)
+    mid.load_state_dict(cal.state_dict())
+    for c in (cal, mid):  # both resume to the same decision and the same phase
+        for step in range(8, 11):
+            c.update(step / 100, 0.0, unstable=False, hold=True)
+        c.update(0.11, 0.0, unstable=False, log_ceiling=math.log(30.0))
+    assert mid.state_dict() == cal.state_dict()
+    assert mid.hold_decided
+    assert mid.counted_hold() == pytest.approx(0.10)
+    old = {k: v for k, v in cal.state_dict().items() if k != "hold_decided"}  # before auto
+    fresh = _calibrator(search_fraction=0.15, search_after_hold=None)
+    fresh.load_state_dict(old)
+    assert fresh.hold_decided  # an old run's hold was already settled
+    with pytest.raises(graff.errors.CheckpointError):
+        fresh.load_state_dict({**cal.state_dict(), "hold_decided": "yes"})
+
+
+def test_search_after_hold_config_takes_none_true_or_false() -> None:
+    assert GraffConfig().search_after_hold is None
+    for value in (None, True, False):
+        assert GraffConfig(search_after_hold=value).search_after_hold is value
+    with pytest.raises(graff.errors.GraffTypeError, match="search_after_hold"):
+        GraffConfig(search_after_hold="auto")
 
 
 # ------------------------------------------------------------ default peak_max

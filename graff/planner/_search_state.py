@@ -21,9 +21,9 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a :meth:`PeakSearch.state_dict`, converted and checked.
 
     Returns ``log_peak``, ``best_level``, ``searching``, ``capped``, ``counts`` (in
-    :data:`COUNTS` order), ``history``, ``last_refresh``, ``discredited``, ``hold_until`` and
+    :data:`COUNTS` order), ``history``, ``last_refresh``, ``discredited``, ``hold_until``, ``hold_decided`` and
     ``children`` (the loss tracker's, explosion watch's and refresh allowance's states, which
-    they check themselves). Keys added later (``discredited``, ``hold_until``) take their
+    they check themselves). Keys added later (``discredited``, ``hold_until``, ``hold_decided``) take their
     defaults when absent, so older checkpoints load.
     """
     try:
@@ -37,6 +37,7 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
             "last_refresh": int(state["last_refresh"]),
             "discredited": int(state.get("discredited", -1)),  # absent before loss evidence
             "hold_until": float(state.get("hold_until", 0.0)),  # absent before search_after_hold
+            "hold_decided": state.get("hold_decided", True),  # absent before its auto mode
             "children": (state["losses"], state["explosion"], state["allowance"]),
         }
     except (KeyError, TypeError, ValueError, OverflowError) as err:
@@ -47,6 +48,7 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
         and all(0 <= c < MAX_COUNT for c in parsed["counts"])
         and isinstance(parsed["searching"], bool)
         and isinstance(parsed["capped"], bool)
+        and isinstance(parsed["hold_decided"], bool)
         and -1 <= parsed["discredited"] < MAX_COUNT
         and 0.0 <= parsed["hold_until"] <= 1.0
     ):

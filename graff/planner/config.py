@@ -19,7 +19,6 @@ _SWITCHES = (
     "edges",
     "budget_feature",
     "keep_raised_peak",
-    "search_after_hold",
     "peak_search",
     "block_multipliers",
     "entropy",
@@ -92,12 +91,15 @@ class GraffConfig:
             (η·λ̂ ≈ 38 for Adam at β1 = 0.9, more during the transient), not a
             coming instability; a rising or exploding loss restores the cut at once
             (``docs/concepts/guard.md``).
-        search_after_hold: The peak search's phase (``search_fraction`` of the budget, and its
-            watch after it) counts from the last step it held waiting for the first λ̂ (step 10
-            under Adam-type optimizers) instead of from the first step; the hold may delay it by
-            at most ``search_fraction``. On a 120-step budget the hold is 10 of the 18 search
-            steps, so the search can rise only about 4×. Off by default: it helped LoRA at 0.1×
-            the user's LR and cost it a little at the user's LR (``docs/concepts/graff.md``).
+        search_after_hold: Whether the peak search's phase (``search_fraction`` of the budget,
+            and its watch after it) counts from the last step it held waiting for the first λ̂
+            (step 10 under Adam-type optimizers) instead of from the first step; the hold may
+            delay it by at most ``search_fraction``. On a 120-step budget the hold is 10 of the
+            18 search steps, so the search can rise only about 4×. ``None`` (default): only when
+            the first λ̂ shows the user's LR far below the stability limit (the search's ceiling
+            ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
+            ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
+            user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -127,16 +129,16 @@ class GraffConfig:
     guard_c: float | None = None
     loss_evidence: bool | None = None
     keep_raised_peak: bool = True
-    search_after_hold: bool = False
+    search_after_hold: bool | None = None
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise GraffTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        if self.loss_evidence is not None and not isinstance(self.loss_evidence, bool):
-            raise GraffTypeError(
-                f"loss_evidence must be None, True or False, got {self.loss_evidence!r}."
-            )
+        for name in ("loss_evidence", "search_after_hold"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, bool):
+                raise GraffTypeError(f"{name} must be None, True or False, got {value!r}.")
         checked: dict[str, Any] = {
             "planner_lr": check_positive("planner_lr", self.planner_lr),
             "learn_every": check_positive_int("learn_every", self.learn_every),

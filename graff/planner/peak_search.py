@@ -19,7 +19,12 @@ from graff.errors import ProbeError
 from graff.planner._search_state import parse_search_state
 from graff.planner.features import ExplosionWatch, LossTracker
 from graff.planner.refresh import RefreshAllowance
-from graff.planner.search_defaults import RISE, default_headroom, default_peak_max
+from graff.planner.search_defaults import (
+    FAR_BELOW_CEILING,
+    RISE,
+    default_headroom,
+    default_peak_max,
+)
 from graff.probes.curvature import estimate_cost_steps
 from graff.probes.preconditioner import preconditioner_kind
 
@@ -95,7 +100,7 @@ class PeakSearch:
         cooldown: int = 20,
         loss_evidence: bool = False,
         keep_raised_peak: bool = False,
-        search_after_hold: bool = False,
+        search_after_hold: bool | None = False,
     ) -> None:
         self.guard = guard
         self.loss_evidence = loss_evidence
@@ -104,6 +109,8 @@ class PeakSearch:
         # fraction of the budget used at the last step the search held for a first λ̂ (with
         # search_after_hold the search phase and its watch count from there)
         self.hold_until = 0.0
+        # search_after_hold=None: whether the first λ̂ has decided if the hold counts (saved)
+        self.hold_decided = False
         self.healthy = False  # this step's loss was seen and showed no instability (not saved)
         self.discredited = -1  # n_estimates of the λ̂ the loss contradicted (-1: none)
         self.losses = LossTracker()
@@ -135,7 +142,19 @@ class PeakSearch:
         While watching, the loss-rise test is tight: the harm of a raise shows in
         the loss average only with a lag, so the test outlives the rise itself.
         """
-        return self.enabled and fraction_used < self.hold_until + 2.0 * self.search_fraction
+        return self.enabled and fraction_used < self.counted_hold() + 2.0 * self.search_fraction
+
+    def counted_hold(self) -> float:
+        """Fraction of the budget the search held for a first λ̂ that its phase does not count.
+
+        0 unless ``search_after_hold``: True counts the phase from the last hold step; None (the
+        default) only once the first λ̂ showed the user's LR far below the stability limit (its
+        ceiling ≥ :data:`~graff.planner.search_defaults.FAR_BELOW_CEILING`), and until then
+        behaves as False.
+        """
+        if self.search_after_hold or (self.search_after_hold is None and self.hold_decided):
+            return self.hold_until
+        return 0.0
 
     def refresh_due(self, every: int = 10) -> bool:
         """True (and recorded) if no λ̂ refresh was requested in the last ``every`` steps."""
@@ -416,12 +435,17 @@ class PeakSearch:
 
     def _rise(self, fraction_used: float, hold: bool, log_ceiling: float | None) -> None:
         """Rule 1 for one step of the search phase: end it, hold, or rise toward the ceiling."""
-        if hold and self.search_after_hold:  # the phase starts once the search can move
+        if hold and self.search_after_hold is not False:  # the phase starts once it can move
             self.hold_until = min(fraction_used, self.search_fraction)
+        elif self.search_after_hold is None and not self.hold_decided:
+            self.hold_decided = True  # the first step with λ̂: count the hold only if it is far
+            if log_ceiling is None or log_ceiling < math.log(FAR_BELOW_CEILING):
+                self.hold_until = 0.0
         top = self.log_peak_max
         if top is None:
             top = math.log(default_peak_max(self.adaptive, measured=log_ceiling is not None))
-        if fraction_used - self.hold_until >= self.search_fraction or self.log_peak >= top - 1e-9:
+        phase_over = fraction_used - self.counted_hold() >= self.search_fraction
+        if phase_over or self.log_peak >= top - 1e-9:
             self.searching = False
         elif not hold:
             est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
@@ -443,6 +467,7 @@ class PeakSearch:
             "best_level": self.best_level,
             "capped": self.capped,
             "hold_until": self.hold_until,
+            "hold_decided": self.hold_decided,
             "history": list(self._history),
             "last_refresh": self.last_refresh,
             "nonfinite_seen": self.nonfinite_seen,
@@ -467,6 +492,6 @@ class PeakSearch:
         self.searching, self.capped = parsed["searching"], parsed["capped"]
         self.steps, self.cooldown, self.backoffs, self.cuts, self.nonfinite_seen = parsed["counts"]
         self.last_refresh, self.discredited = parsed["last_refresh"], parsed["discredited"]
-        self.hold_until = parsed["hold_until"]
+        self.hold_until, self.hold_decided = parsed["hold_until"], parsed["hold_decided"]
         history = parsed["history"]
         self._history = deque(history[-self.lag :], maxlen=self.lag)

@@ -22,6 +22,12 @@ RISE = math.log(10.0)
 PEAK_MAX_MEASURED = 30.0
 #: The default ``peak_max`` otherwise: SGD-type optimizers, or no λ̂ (yet) to stop the rise.
 PEAK_MAX_UNMEASURED = 10.0
+#: ``GraffConfig(search_after_hold=None)``: the search's phase counts from the end of its hold
+#: for a first λ̂ only when that λ̂ lets it rise at least this far (the ceiling
+#: :math:`c/(\rho\hat\lambda\eta)` ≥ 20×, i.e. :math:`\eta\hat\lambda \le c/92` for Adam at
+#: ρ = 4 with the 1.15 margin): an LR that far below the edge of stability is a poor default, and
+#: the hold must not eat the steps it needs to rise. Nearer the limit the hold counts, as before.
+FAR_BELOW_CEILING = 20.0
 
 
 def default_headroom(optimizer: torch.optim.Optimizer) -> float:
