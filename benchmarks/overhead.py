@@ -234,7 +234,9 @@ def amortised(
                         "estimates": getattr(probe, "n_estimates", 0),
                         "interval": getattr(probe, "interval", 0),
                         "refresh_s": getattr(probe, "refresh_seconds", None),
-                        "estimate_share": probe._estimate_share() if probe is not None else None,
+                        "estimate_share": probe.estimator.estimate_share()
+                        if probe is not None
+                        else None,
                     }
                 )
                 if hasattr(setup.scheduler, "remove"):
@@ -273,7 +275,7 @@ def _long_run(
     mean wall step in the same repeat); the median over repeats, in percent. This is what the
     refreshes cost once the cold start is paid off, the part of the overhead a 150-step run
     cannot show (its interval outlasts the run); ``estimate_share`` is the fraction of the step
-    the ``auto`` rule meant to give them (``CurvatureProbe._estimate_share``).
+    the ``auto`` rule meant to give them (``LambdaMaxEstimator.estimate_share``).
     """
     shares = [
         x["refresh_s"] / (x["interval"] * c["wall"] / steps) * 100

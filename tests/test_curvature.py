@@ -209,7 +209,7 @@ def test_shared_overhead_target_leaves_the_estimates_what_step_costs_leave(
     assert probe._step_time == pytest.approx(1.0)
     if step_cost is not None and math.isfinite(step_cost):
         assert probe.step_cost_seconds == pytest.approx(step_cost)
-    assert probe._estimate_share() == pytest.approx(share)
+    assert probe.estimator.estimate_share() == pytest.approx(share)
     assert abs(probe.interval - 0.4 / share) <= 1.0
 
 

@@ -682,9 +682,9 @@ def test_step_reports_its_own_time_to_the_shared_overhead_target(monkeypatch, ki
     assert probe.step_cost_seconds == pytest.approx(0.003)
     assert probe._step_time == pytest.approx(1.003)
     if kind == "seconds":
-        assert probe._estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
+        assert probe.estimator.estimate_share() == pytest.approx(0.01 - 0.003 / 1.003)
     else:
-        assert probe._estimate_share() == MIN_ESTIMATE_SHARE * 0.01
+        assert probe.estimator.estimate_share() == MIN_ESTIMATE_SHARE * 0.01
     # the user-facing account: 20 steps x 3 ms of per-step work, no λ̂ estimate (guard off)
     assert sched.overhead_seconds() == pytest.approx({"per_step": 0.06, "lambda_max": 0.0})
 

@@ -371,10 +371,6 @@ class CurvatureProbe:
         """
         self.meter.add_step_cost(seconds)
 
-    def _estimate_share(self) -> float:
-        """:meth:`LambdaMaxEstimator.estimate_share` (the ``auto`` interval's share of the step)."""
-        return self.estimator.estimate_share()
-
     def _follow_budget(self, kind: str) -> None:
         """:meth:`LambdaMaxEstimator.follow_budget`: price refreshes as the scheduler's budget."""
         self.estimator.follow_budget(kind)
