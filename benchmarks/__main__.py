@@ -27,7 +27,12 @@ def _run(args: argparse.Namespace) -> None:
 
         out = Path(args.out or REPO / "benchmarks" / "results" / args.suite.replace("-", "_"))
         wallclock.run(
-            args.suite, out, seeds=args.seeds, data_dir=args.data_dir, workers=args.workers
+            args.suite,
+            out,
+            seeds=args.seeds,
+            data_dir=args.data_dir,
+            workers=args.workers,
+            resume_key=_resume_key(provenance(), args.fresh, out),
         )
         return
     suite = SUITES[args.suite]
@@ -40,10 +45,7 @@ def _run(args: argparse.Namespace) -> None:
         if not args.out:  # a partial suite must never replace the committed one's results
             raise SystemExit("--only runs part of a suite: give --out (a folder of its own).")
         meta["only"] = list(only)
-    # an interrupted run of the same clean commit goes on where it stopped (--fresh: start over)
-    resume_key = None if args.fresh or meta["git_dirty"] else meta["git_commit"]
-    if meta["git_dirty"] and not args.fresh and (out / "runs.jsonl").is_file():
-        print("graff/ or benchmarks/ has uncommitted changes: starting over, not resuming.")
+    resume_key = _resume_key(meta, args.fresh, out)
     start = time.perf_counter()
     runs, resumed = run_suite(
         suite,
@@ -59,6 +61,13 @@ def _run(args: argparse.Namespace) -> None:
     meta["resumed_runs"] = resumed
     write_all(runs, meta, out)
     print(f"wrote {out}/results.json, results.md and plots ({len(runs)} runs)")
+
+
+def _resume_key(meta: dict[str, Any], fresh: bool, out: Path) -> str | None:
+    """The key an interrupted run of the same clean commit resumes under (None: start over)."""
+    if meta["git_dirty"] and not fresh and (out / "runs.jsonl").is_file():
+        print("graff/ or benchmarks/ has uncommitted changes: starting over, not resuming.")
+    return None if fresh or meta["git_dirty"] else meta["git_commit"]
 
 
 def _only(names: list[str] | None, suite: Any) -> tuple[str, ...]:

@@ -148,10 +148,25 @@ def _train(
     }
 
 
-def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, workers: int) -> None:
+def run(
+    name: str,
+    out: Path,
+    *,
+    seeds: int | None,
+    data_dir: str | None,
+    workers: int,
+    resume_key: str | None = None,
+) -> None:
+    """Run wall-clock suite ``name`` into ``out``, one run at a time in this process.
+
+    With ``resume_key`` (the git commit of clean code) an interrupted call of the same suite goes
+    on where it stopped: the runs it finished under the same key are kept, and so are its
+    budgets (``budgets.json``), so that kept and new runs share the same B per task; only the
+    missing runs are done. ``resume_key=None`` (``--fresh``, uncommitted changes) starts over.
+    """
     from tqdm import tqdm
 
-    from benchmarks.meta import provenance
+    from benchmarks.meta import provenance, runs_of_commit
 
     seeds = seeds or WALLCLOCK_SUITES[name][1]
     meta = provenance() | {"suite": name, "seeds": seeds, "workers": 1}
@@ -163,25 +178,42 @@ def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, worker
     torch.set_num_threads(1)
     suite = _suite(name)
     t_start = time.perf_counter()
-    tasks, budgets = [], {}
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = _kept_budgets(out / "budgets.json", name, resume_key)
+    measure = budgets is None
+    budgets = budgets or {}
+    tasks = []
     for task in suite.build_tasks():
         task.setup(Path(data_dir) if data_dir else None)
-        per_step = _time_steps(task, TIMING_STEPS)
-        budgets[task.name] = {
-            "step_budget": task.steps,
-            "adamw_cosine_median_step_seconds": per_step,
-            "budget_seconds": max(task.steps * per_step, LONG_SUITES.get(name, 0.0)),
-        }
+        if measure:
+            per_step = _time_steps(task, TIMING_STEPS)
+            budgets[task.name] = {
+                "step_budget": task.steps,
+                "adamw_cosine_median_step_seconds": per_step,
+                "budget_seconds": max(task.steps * per_step, LONG_SUITES.get(name, 0.0)),
+            }
         tasks.append(task)
+    (out / "budgets.json").write_text(
+        json.dumps({"suite": name, "resume_key": resume_key, "budgets": budgets})
+    )
     meta["budgets"] = budgets
     meta["torch_threads"] = 1
-    out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    log.write_text("")
     names = LONG_SCHEDULERS if name in LONG_SUITES else SCHEDULERS
     cap = math.inf if name in LONG_SUITES else STEP_CAP
     specs = [(t, s, seed) for t in tasks for seed in range(seeds) for s in names]
-    runs = []
+    wanted = {(t.name, s, seed) for t, s, seed in specs}
+    runs = [
+        r
+        for r in runs_of_commit(log, resume_key if not measure else None, ("ok",))
+        if (r["task"], r["scheduler"], r["seed"]) in wanted
+    ]
+    done = {(r["task"], r["scheduler"], r["seed"]) for r in runs}
+    specs = [spec for spec in specs if (spec[0].name, spec[1], spec[2]) not in done]
+    if runs:
+        print(f"resuming {out}: {len(runs)} runs done at {resume_key}, {len(specs)} to go")
+    meta["resumed_runs"] = len(runs)
+    log.write_text("".join(json.dumps(r) + "\n" for r in runs))
     for task, sched, seed in tqdm(specs, desc=f"{name} suite"):
         result: dict[str, Any] = {"task": task.name, "scheduler": sched, "seed": seed}
         try:
@@ -191,12 +223,31 @@ def run(name: str, out: Path, *, seeds: int | None, data_dir: str | None, worker
         except Exception as err:
             result.update(status="error", error=f"{type(err).__name__}: {err}")
             result["traceback"] = traceback.format_exc(limit=4)
+        if resume_key is not None:
+            result["resume_key"] = resume_key
         runs.append(result)
         with log.open("a") as f:
             f.write(json.dumps(result) + "\n")
     meta["wall_seconds"] = time.perf_counter() - t_start
     write(runs, meta, out)
     print(f"wrote {out}/results.json and results.md ({len(runs)} runs)")
+
+
+def _kept_budgets(path: Path, name: str, resume_key: str | None) -> dict[str, Any] | None:
+    """The budgets an interrupted call of suite ``name`` measured under ``resume_key``, if any.
+
+    Kept runs were trained against these budgets, so a resumed suite must not re-measure them
+    (the machine's speed moves them by several per cent between calls).
+    """
+    if resume_key is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if saved.get("suite") != name or saved.get("resume_key") != resume_key:
+        return None
+    return saved.get("budgets") or None
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
