@@ -122,7 +122,8 @@ def test_long_wallclock_suite_reports_graffs_own_time(tmp_path: Path, monkeypatc
         is_graff = run["scheduler"].startswith("graff")
         assert (set(own) == {"per_step", "lambda_max"}) == is_graff
     shares = [c["graff"]["overhead_share"] for c in payload["summary"].values()]
-    assert all(0.0 < s < 1.0 for s in shares)
+    # a share, not a fraction: own time is measured and may pass a 1 s budget on a loaded machine
+    assert all(s > 0.0 and math.isfinite(s) for s in shares)
     text = (tmp_path / "results.md").read_text()
     assert "own time" in text
     assert "| graff_time_share |" in text
