@@ -117,9 +117,17 @@ def train(kind: str, steps: int, every: int, ckpt: Path, log: Path, step_sleep: 
                     scheduler=sched,
                     extra={"step": step, "data_rng": data.get_state()},
                 )
-            print(f"step {step}", flush=True)
+            say(f"step {step}")
             time.sleep(step_sleep)
     return model, sched
+
+
+def say(line: str) -> None:
+    """One protocol line on stdout in one ``write`` system call: a pipe write of at most
+    ``PIPE_BUF`` bytes is atomic, so a SIGKILL never leaves half a line. (``print`` under
+    ``PYTHONUNBUFFERED=1``, as in CI, writes the text and the newline in two calls, and a child
+    killed between them glued its partial line to the server's ``exit`` line.)"""
+    os.write(1, (line + "\n").encode())
 
 
 def write_loop(path: Path, numel: int, start: int) -> None:
@@ -131,7 +139,7 @@ def write_loop(path: Path, numel: int, start: int) -> None:
         i += 1
         weights.fill_(float(i))
         graff.save_checkpoint(path, extra={"i": i, "weights": weights})
-        print(f"wrote {i}", flush=True)
+        say(f"wrote {i}")
 
 
 def run(job: dict) -> None:
@@ -148,7 +156,7 @@ def run(job: dict) -> None:
         job.get("step_sleep", 0.0),
     )
     torch.save(model.state_dict(), job["final"])
-    print(f"done {sched.budget.steps}", flush=True)
+    say(f"done {sched.budget.steps}")
 
 
 def serve() -> None:
@@ -176,9 +184,9 @@ def serve() -> None:
             finally:
                 sys.stdout.flush()
                 os._exit(code)
-        print(f"pid {pid}", flush=True)
+        say(f"pid {pid}")
         _, status = os.waitpid(pid, 0)
-        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+        say(f"\nexit {os.waitstatus_to_exitcode(status)}")  # a line of its own, always
 
 
 if __name__ == "__main__":
