@@ -58,8 +58,15 @@ def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.autograd.functional.hessian(f, flat0)
 
 
-def dense_preconditioner(opt: torch.optim.Optimizer) -> torch.Tensor | None:
-    """P from the optimizer state, written out from the torch docs (the test's own oracle)."""
+def lower_median(t: torch.Tensor) -> float:
+    """The lower of the two middle values (an odd count: the middle one), from a sort."""
+    values = sorted(t.reshape(-1).tolist())
+    return values[(len(values) - 1) // 2]
+
+
+def dense_preconditioner(opt: torch.optim.Optimizer, floor: float = 0.01) -> torch.Tensor | None:
+    """P from the optimizer state, written out from the torch docs (the test's own oracle),
+    each tensor's entries raised to at least ``floor`` times its median."""
     group = opt.param_groups[0]
     eps = group.get("eps", 0.0)
     out = []
@@ -75,6 +82,7 @@ def dense_preconditioner(opt: torch.optim.Optimizer) -> torch.Tensor | None:
             out.append(torch.sqrt(s["sum"]) + eps)
         else:
             return None
+    out = [t.clamp_min(floor * lower_median(t)) for t in out]
     return torch.cat([t.reshape(-1) for t in out]).double()
 
 
@@ -137,6 +145,91 @@ def test_lambda_matches_dense_hessian_on_mlp(name: str) -> None:
     assert probe.n_estimates == 1  # the first estimate (20 iterations) ran by itself after step 1
     lam = probe.estimate_lambda_max()  # a warm-started refresh: 3 iterations
     assert lam == pytest.approx(float(eigs.max()), rel=0.10)
+
+
+# --------------------------------------------------------------------------- the floor of P
+def test_preconditioner_floor_closed_form(monkeypatch) -> None:
+    from graff.probes import preconditioner
+
+    diag = torch.tensor([4.0, 1.0, 9.0, 1e-12])  # lower median 1
+    assert preconditioner.floored(diag, 0.01).tolist() == pytest.approx([4.0, 1.0, 9.0, 0.01])
+    assert preconditioner.floored(diag, 0.0) is diag
+    assert preconditioner.floored(torch.zeros(3), 0.5).tolist() == [0.0, 0.0, 0.0]  # median 0
+    monkeypatch.setattr(preconditioner, "MEDIAN_SAMPLE", 4)
+    big = torch.arange(1.0, 11.0)  # stride ceil(10 / 4) = 3: entries 1, 4, 7, 10, median 4
+    assert preconditioner.floored(big, 0.5)[:3].tolist() == [2.0, 2.0, 3.0]
+
+
+def _adam_with_a_silent_coordinate(floor: float) -> tuple[CurvatureProbe, torch.Tensor]:
+    """One Adam step on ``Σ a_i x_i²`` from a point whose last coordinate is 0: its gradient
+    and second moment stay exactly 0, so its P is ``eps`` alone."""
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    x = nn.Parameter(torch.tensor([1.0, -1.0, 0.5, 2.0, 0.0], dtype=torch.float64))
+    opt = torch.optim.Adam([x], lr=1e-3)
+    probe = CurvatureProbe(
+        opt, loss_fn=lambda: (a * x * x).sum(), every=10**6, start_step=10**6,
+        preconditioner_floor=floor,
+    )  # fmt: skip
+    opt.zero_grad()
+    (a * x * x).sum().backward()
+    opt.step()
+    p = opt.state[x]["exp_avg_sq"].sqrt() + opt.param_groups[0]["eps"]  # bias correction 1 - β2
+    p = p / math.sqrt(1.0 - 0.999)
+    return probe, p
+
+
+def test_the_floor_bounds_lambda_where_a_second_moment_is_still_zero() -> None:
+    """Closed form on a diagonal quadratic: λ(P̃⁻¹H) = max_i 2a_i / P̃_i. Unfloored, the silent
+    coordinate's P = eps puts λ̂ near 10/eps; floored at 1 % of the median, 100 × that of the
+    tensor's median one at most."""
+    raw, p = _adam_with_a_silent_coordinate(0.0)
+    assert raw.estimate_lambda_max() > 1e8
+    probe, p = _adam_with_a_silent_coordinate(0.01)
+    h = 2.0 * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    floored = p.clamp_min(0.01 * lower_median(p))
+    expected = float((h / floored).max())
+    assert probe.estimate_lambda_max() == pytest.approx(expected, rel=1e-3)
+    assert expected < 1e-3 * 10.0 / 1e-8
+
+
+@pytest.mark.parametrize("name", ["adam", "rmsprop", "adagrad"])
+def test_the_floor_changes_nothing_where_every_coordinate_moves(name: str) -> None:
+    """A quadratic whose every coordinate has a gradient (every P within 100× of the median:
+    the premise, checked) gets the same estimate, to the last bit, with and without the floor;
+    an MLP with silent units (some P below the floor) does not."""
+    a, _ = spectrum_matrix(12, 50.0, 0)
+    estimates = []
+    for floor in (0.0, 0.01):
+        x = nn.Parameter(torch.linspace(0.5, 2.0, 12, dtype=torch.float64))
+        opt = OPTIMIZERS[name]([x])
+        probe = CurvatureProbe(
+            opt, loss_fn=lambda x=x: quadratic(a, x), every=1000, start_step=0,
+            preconditioner_floor=floor,
+        )  # fmt: skip
+        for _ in range(3):
+            opt.zero_grad()
+            quadratic(a, x).backward()
+            opt.step()
+        estimates.append(probe.lambda_max)
+    p = dense_preconditioner(opt, floor=0.0)
+    assert torch.equal(p, dense_preconditioner(opt, floor=0.01)), "premise: none below the floor"
+    assert estimates[0] is not None
+    assert estimates[0] == estimates[1]
+    model, xs, ys = make_mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    train(model, opt, xs, ys, 3)
+    assert not torch.equal(dense_preconditioner(opt, floor=0.0), dense_preconditioner(opt))
+
+
+def test_preconditioner_floor_is_validated() -> None:
+    x = nn.Parameter(torch.ones(2))
+    opt = torch.optim.Adam([x])
+    probe = CurvatureProbe(opt, loss_fn=lambda: (x * x).sum(), preconditioner_floor=0.0)
+    assert probe.preconditioner_floor == 0.0
+    assert CurvatureProbe(opt, loss_fn=lambda: (x * x).sum()).preconditioner_floor == 0.01
+    for bad, err in ((1.0, GraffConfigError), (-0.1, GraffConfigError), ("x", GraffTypeError)):
+        with pytest.raises(err, match="preconditioner_floor"):
+            CurvatureProbe(opt, loss_fn=lambda: (x * x).sum(), preconditioner_floor=bad)
 
 
 def test_auto_mode_refreshes_at_the_interval() -> None:

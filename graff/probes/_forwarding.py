@@ -17,7 +17,7 @@ FORWARDED = {
     "estimator": (
         "lambda_max interval n_estimates dropped_estimates hvp sync kind refresh_seconds loss_fn "
         "every power_iters initial_iters margin overhead_target min_every max_every chunk_iters "
-        "start_step seed share_step_costs cost_model"
+        "start_step seed share_step_costs cost_model preconditioner_floor"
     ).split(),
     "meter": "overhead_seconds hook_seconds estimate_seconds step_cost_seconds".split(),
 }

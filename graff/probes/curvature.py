@@ -71,6 +71,7 @@ from graff.probes._overhead import OverheadMeter
 from graff.probes._state import CURVATURE_FORMAT_VERSION, check_curvature_state
 from graff.probes._update import UpdateBuffer
 from graff.probes.lambda_max import MIN_ESTIMATE_SHARE, LambdaMaxEstimator, estimate_cost_steps
+from graff.probes.preconditioner import PRECONDITIONER_FLOOR
 from graff.probes.stats import CurvatureStats, _derived_stats
 
 __all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_cost_steps"]
@@ -87,8 +88,8 @@ class CurvatureProbe:
 
     The arguments of the λ̂ estimate and its refresh schedule (``every``, ``power_iters``,
     ``initial_iters``, ``margin``, ``overhead_target``, ``min_every``, ``max_every``,
-    ``chunk_iters``, ``start_step``, ``preconditioned``, ``share_step_costs``, ``cost_model``,
-    ``seed``) are documented at :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
+    ``chunk_iters``, ``start_step``, ``preconditioned``, ``preconditioner_floor``,
+    ``share_step_costs``, ``cost_model``, ``seed``) are documented at :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
 
     Args:
         optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it. They hold the
@@ -158,6 +159,7 @@ class CurvatureProbe:
         update_dtype: torch.dtype | None = None,
         share_step_costs: bool = False,
         cost_model: str | None = None,
+        preconditioner_floor: float = PRECONDITIONER_FLOOR,
     ) -> None:
         check_optimizer_and_model(optimizer, model)
         model = None if model is None else unwrap_data_parallel(model)  # DDP: its inner module
@@ -189,6 +191,7 @@ class CurvatureProbe:
             share_step_costs=share_step_costs,
             cost_model=cost_model,
             seed=seed,
+            preconditioner_floor=preconditioner_floor,
         )
         self._init_update_buffer(secant_window)
         self.step = 0

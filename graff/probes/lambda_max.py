@@ -46,7 +46,11 @@ from graff.probes._hvp import (
 )
 from graff.probes._overhead import OverheadMeter
 from graff.probes._state import check_estimator_state
-from graff.probes.preconditioner import inverse_sqrt_preconditioner, preconditioner_kind
+from graff.probes.preconditioner import (
+    PRECONDITIONER_FLOOR,
+    inverse_sqrt_preconditioner,
+    preconditioner_kind,
+)
 
 #: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
 #: ``share_step_costs`` is on and the per-step costs take (nearly) all of it.
@@ -149,6 +153,11 @@ class LambdaMaxEstimator:
             preconditioned optimizers, whose first preconditioners are meaningless
             (``docs/concepts/probes.md``), 0 otherwise. :meth:`requested_iters` ignores it.
         preconditioned: None (auto from the optimizer class), True or False.
+        preconditioner_floor: Under a preconditioned optimizer, each tensor's ``P`` is floored
+            at this fraction of its median for the estimate, in [0, 1); 0 reads ``P`` as the
+            optimizer applies it. A coordinate whose second moment is still ~0 otherwise
+            inflates λ̂ by orders of magnitude without being unstable
+            (:mod:`graff.probes.preconditioner`).
         share_step_costs: The ``auto`` interval gives the estimates only what the per-step
             costs (the probe's hooks plus what the owner reports with ``add_step_cost``) leave
             of ``overhead_target``, at least ``MIN_ESTIMATE_SHARE`` of it
@@ -187,6 +196,7 @@ class LambdaMaxEstimator:
         share_step_costs: bool,
         cost_model: str | None,
         seed: int,
+        preconditioner_floor: float = PRECONDITIONER_FLOOR,
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
@@ -199,6 +209,9 @@ class LambdaMaxEstimator:
             "overhead_target", overhead_target, 0.0, 1.0, low_open=True
         )
         self.kind = _kind(optimizer, preconditioned)
+        self.preconditioner_floor = check_in_range(
+            "preconditioner_floor", preconditioner_floor, 0.0, 1.0, high_open=True
+        )
         # preconditioned optimizers' first preconditioners are meaningless: docs/concepts/probes.md
         default_start = 10 if self.kind is not None else 0
         self.start_step = (
@@ -434,7 +447,9 @@ class LambdaMaxEstimator:
         """``iters`` power iterations; ``publish=False`` keeps only the iterate (returns λ or None)."""
         scale = None
         if self.kind is not None:
-            scale = inverse_sqrt_preconditioner(self.optimizer, self.params, self.kind)
+            scale = inverse_sqrt_preconditioner(
+                self.optimizer, self.params, self.kind, self.preconditioner_floor
+            )
             if scale is None:
                 return self.lambda_max if publish else None
         lam, v = self._power_iteration(iters, scale)
