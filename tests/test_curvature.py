@@ -160,6 +160,27 @@ def test_preconditioner_floor_closed_form(monkeypatch) -> None:
     assert preconditioner.floored(big, 0.5)[:3].tolist() == [2.0, 2.0, 3.0]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(1e-12, 1e6), min_size=1, max_size=50),
+    floor=st.floats(0.0, 0.99),
+)
+def test_the_floor_only_raises_entries_below_it(values: list[float], floor: float) -> None:
+    """For any positive P: floored ≥ P, ≥ δ · median, entries already above the floor kept
+    exactly, the median unchanged (δ < 1: the raised entries stay at or below it), so flooring
+    twice changes nothing more."""
+    from graff.probes.preconditioner import floored
+
+    p = torch.tensor(values, dtype=torch.float64)
+    out = floored(p, floor)
+    level = floor * lower_median(p)
+    assert bool((out >= p).all())
+    assert bool((out >= level).all())
+    assert torch.equal(out[p >= level], p[p >= level])
+    assert lower_median(out) == lower_median(p)
+    assert torch.equal(floored(out, floor), out)
+
+
 def _adam_with_a_silent_coordinate(floor: float) -> tuple[CurvatureProbe, torch.Tensor]:
     """One Adam step on ``Σ a_i x_i²`` from a point whose last coordinate is 0: its gradient
     and second moment stay exactly 0, so its P is ``eps`` alone."""
