@@ -253,6 +253,23 @@ def test_preconditioner_floor_is_validated() -> None:
             CurvatureProbe(opt, loss_fn=lambda: (x * x).sum(), preconditioner_floor=bad)
 
 
+def test_graff_config_sets_its_probes_floor() -> None:
+    import graff
+
+    x = nn.Parameter(torch.ones(3))
+    opt = torch.optim.Adam([x], lr=1e-3)
+    default = graff.GraffScheduler(opt, 10, loss_fn=lambda: (x * x).sum(), warm_start=None)
+    assert default.curvature.preconditioner_floor == graff.GraffConfig().preconditioner_floor
+    assert graff.GraffConfig().preconditioner_floor == 0.01
+    off = graff.GraffScheduler(
+        torch.optim.Adam([x], lr=1e-3), 10, loss_fn=lambda: (x * x).sum(), warm_start=None,
+        config=graff.GraffConfig(preconditioner_floor=0.0),
+    )  # fmt: skip
+    assert off.curvature.preconditioner_floor == 0.0
+    with pytest.raises(GraffConfigError, match="preconditioner_floor"):
+        graff.GraffConfig(preconditioner_floor=1.0)
+
+
 def test_auto_mode_refreshes_at_the_interval() -> None:
     a, _ = spectrum_matrix(10, 50.0, 0)
     x = nn.Parameter(torch.ones(10, dtype=torch.float64))

@@ -100,6 +100,12 @@ class GraffConfig:
             ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
             ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
             user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
+        preconditioner_floor: Under adaptive optimizers λ̂ is computed with each parameter
+            tensor's preconditioner floored at this fraction of its median, in [0, 1); 0: as
+            the optimizer applies it. Coordinates whose second moment is still ~0 otherwise
+            inflate the early estimates by orders of magnitude (2,600× on a held-out CNN),
+            and their ceiling holds the LR down; the floor costs over-fitting tasks, whose
+            validation loss that accident had helped (``docs/concepts/graff.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -130,6 +136,7 @@ class GraffConfig:
     loss_evidence: bool | None = None
     keep_raised_peak: bool = True
     search_after_hold: bool | None = None
+    preconditioner_floor: float = 0.01
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
@@ -153,6 +160,9 @@ class GraffConfig:
             "time_share": check_in_range("time_share", self.time_share, 0.0, 1.0),
             "multiplier_max": check_in_range("multiplier_max", self.multiplier_max, 1.0, 10.0),
             "residual_max": check_in_range("residual_max", self.residual_max, 1.0, 100.0),
+            "preconditioner_floor": check_in_range(
+                "preconditioner_floor", self.preconditioner_floor, 0.0, 1.0, high_open=True
+            ),
         }
         if self.probe_every is not None:
             checked["probe_every"] = check_positive_int("probe_every", self.probe_every)

@@ -429,6 +429,7 @@ def make_curvature_probe(
         # the λ̂ refresh interval leaves the estimates what the per-step costs leave of the
         # 1 % overhead target
         share_step_costs=True,
+        preconditioner_floor=config.preconditioner_floor,
         **_cold_start(optimizer),
     )
 
