@@ -89,7 +89,8 @@ class CurvatureProbe:
     The arguments of the λ̂ estimate and its refresh schedule (``every``, ``power_iters``,
     ``initial_iters``, ``margin``, ``overhead_target``, ``min_every``, ``max_every``,
     ``chunk_iters``, ``start_step``, ``preconditioned``, ``preconditioner_floor``,
-    ``share_step_costs``, ``cost_model``, ``seed``) are documented at :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
+    ``share_step_costs``, ``cost_model``, ``seed``) are documented at
+    :class:`~graff.probes.lambda_max.LambdaMaxEstimator`.
 
     Args:
         optimizer: Any ``torch.optim.Optimizer``; hooks are registered on it. They hold the

@@ -36,6 +36,13 @@ from graff.distributed import RankSync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._capture import InputCapture
 from graff.probes._context import probing
+from graff.probes._estimator_args import (
+    check_cost_model,
+    check_every,
+    check_flags,
+    check_non_negative_int,
+    preconditioner_to_read,
+)
 from graff.probes._hvp import (
     dequantize_int8,
     load_eigenvector,
@@ -49,7 +56,6 @@ from graff.probes._state import check_estimator_state
 from graff.probes.preconditioner import (
     PRECONDITIONER_FLOOR,
     inverse_sqrt_preconditioner,
-    preconditioner_kind,
 )
 
 #: Least fraction of ``overhead_target`` the ``auto`` interval leaves the λ̂ estimates when
@@ -61,7 +67,6 @@ HVP_STEPS = 2.0
 #: Cost of building that graph (one forward and one backward of the probe batch with
 #: ``create_graph=True``) in training steps, paid once per estimate.
 GRAPH_STEPS = 1.0
-COST_MODELS = ("steps", "seconds")
 #: Runs one estimate of ``iters`` products (``publish``: make it the new λ̂); returns λ or None.
 Runner = Callable[[int, bool], "float | None"]
 
@@ -76,48 +81,6 @@ def estimate_cost_steps(products: int) -> float:
     a training forward pass); a ``loss_fn`` on a larger batch costs proportionally more.
     """
     return GRAPH_STEPS + HVP_STEPS * products
-
-
-def _check_every(every: Any) -> int | str:
-    if every == "auto":
-        return every
-    if isinstance(every, str):
-        raise GraffConfigError(f"every must be 'auto' or a positive integer, got {every!r}.")
-    return check_positive_int("every", every)
-
-
-def _check_flags(**flags: Any) -> None:
-    for name, value in flags.items():
-        optional = name == "preconditioned"
-        if not (isinstance(value, bool) or (optional and value is None)):
-            raise GraffTypeError(
-                f"{name} must be a bool{' or None' if optional else ''}, got {value!r}."
-            )
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise GraffConfigError(f"{name} must be a non-negative integer, got {value!r}.")
-    return value
-
-
-def _check_cost_model(cost_model: Any) -> str | None:
-    if cost_model is not None and cost_model not in COST_MODELS:
-        raise GraffConfigError(
-            f"cost_model must be None, 'steps' or 'seconds', got {cost_model!r}."
-        )
-    return cost_model
-
-
-def _kind(optimizer: torch.optim.Optimizer, preconditioned: bool | None) -> str | None:
-    """The preconditioner to read (None: the plain Hessian), as ``preconditioned`` asks."""
-    kind = preconditioner_kind(optimizer)
-    if preconditioned and kind is None:
-        raise GraffConfigError(
-            f"preconditioned=True, but graff reads no diagonal preconditioner from "
-            f"{type(optimizer).__name__}; use preconditioned=None or False."
-        )
-    return kind if preconditioned is not False else None
 
 
 class LambdaMaxEstimator:
@@ -200,15 +163,15 @@ class LambdaMaxEstimator:
     ) -> None:
         if loss_fn is not None and not callable(loss_fn):
             raise GraffTypeError(f"loss_fn must be a callable returning the loss, got {loss_fn!r}.")
-        self.every = _check_every(every)
-        _check_flags(preconditioned=preconditioned, share_step_costs=share_step_costs)
-        self.seed = _check_non_negative_int("seed", seed)
+        self.every = check_every(every)
+        check_flags(preconditioned=preconditioned, share_step_costs=share_step_costs)
+        self.seed = check_non_negative_int("seed", seed)
         self._check_schedule(power_iters, initial_iters, min_every, max_every, chunk_iters)
         self.margin = check_in_range("margin", margin, 1.0, 100.0)
         self.overhead_target = check_in_range(
             "overhead_target", overhead_target, 0.0, 1.0, low_open=True
         )
-        self.kind = _kind(optimizer, preconditioned)
+        self.kind = preconditioner_to_read(optimizer, preconditioned)
         self.preconditioner_floor = check_in_range(
             "preconditioner_floor", preconditioner_floor, 0.0, 1.0, high_open=True
         )
@@ -217,10 +180,10 @@ class LambdaMaxEstimator:
         self.start_step = (
             default_start
             if start_step is None
-            else _check_non_negative_int("start_step", start_step)
+            else check_non_negative_int("start_step", start_step)
         )
         self.share_step_costs = share_step_costs
-        self._cost_model_given = _check_cost_model(cost_model) is not None
+        self._cost_model_given = check_cost_model(cost_model) is not None
         #: ``"steps"`` or ``"seconds"``: what prices a refresh for the ``auto`` interval.
         self.cost_model: str = cost_model or "steps"
         self.optimizer, self.model, self.loss_fn, self.meter = optimizer, model, loss_fn, meter

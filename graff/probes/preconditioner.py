@@ -31,14 +31,15 @@ with ``P`` frozen. Along a coordinate whose gradients have been ~0 so far, :math
 it feeds its own second moment, and Adam's step :math:`m/\\sqrt{v}` stays of order one (the
 sign-like regime), so no geometric growth follows. Yet those coordinates dominate the top
 eigenvalue of :math:`P^{-1}H` while the second moments are young. Measured on a small CNN under
-AdamW (``docs/concepts/guard.md``): the first estimate, at step 12, was
+AdamW (``docs/concepts/probes.md``): the first estimate, at step 12, was
 :math:`8.5\\cdot10^5` unfloored and 562 with :math:`\\delta = 0.01` (the same weights and
 optimizer state); re-measured every ten steps, the unfloored estimate was 328 at step 22 and
 about :math:`10^3` from step 32 on, so the first one was 2,600 times too high, and its ceiling
 kept the peak search at the user's LR for the whole run. With :math:`\\delta` = 0.01 a
 coordinate's effective LR :math:`\\eta/P_k` is taken as at most 100 times its tensor's median
-one. The median is taken over at most :data:`MEDIAN_SAMPLE` entries (an even stride through the tensor: deterministic, and cheap next
-to one Hessian-vector product); under FSDP each rank floors its own shard by that shard's median.
+one. The median is taken over at most :data:`MEDIAN_SAMPLE` entries (an even stride through
+the tensor: deterministic, and cheap next to one Hessian-vector product); under FSDP each rank
+floors its own shard by that shard's median.
 """
 
 from __future__ import annotations
