@@ -29,6 +29,47 @@ def _group(runs: list[dict[str, Any]]) -> dict[Key, dict[int, float]]:
     return out
 
 
+#: The scheduler every run's wall time is compared with (``run_time``): LambdaLR, no probes.
+TIME_REFERENCE = "cosine"
+
+
+RUN_TIME_NOTE = (
+    " Run time: the median over LR multipliers and seeds of a run's wall time (training and the"
+    " evaluations) over cosine's at the same LR and seed — what a step budget does not charge"
+    " (GRAFF's probes, planner and λ̂ estimates, the cold start included); measured with the"
+    " suite's worker processes sharing the CPUs, so a rough figure (the wall-clock suite charges"
+    " it)."
+)
+
+
+def run_time_ratios(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{task: {scheduler: median of (run seconds / cosine's run seconds)}}.
+
+    Each run is paired with cosine's run of the same task, seed and LR multiplier (a tuning-free
+    anchor, which takes no LR, with cosine at the user's LR), and the median is over all its
+    pairs. Under a step budget every scheduler takes the same number of steps, so the ratio is
+    what that budget does not charge: GRAFF's probes, planner and λ̂ estimates (its cold start
+    included), an anchor's extra optimizer work. Runs whose wall time was not recorded, or that
+    did not finish, are left out.
+    """
+    seconds = {
+        (r["task"], r["scheduler"], r["lr_mult"], r["seed"]): r["seconds"]
+        for r in runs
+        if r["status"] == "ok" and isinstance(r.get("seconds"), (int, float)) and r["seconds"] > 0
+    }
+    ratios: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (task, sched, mult, seed), t in seconds.items():
+        if sched == TIME_REFERENCE:
+            continue
+        ref = seconds.get((task, TIME_REFERENCE, 1.0 if sched in ANCHORS else mult, seed))
+        if ref:
+            ratios[(task, sched)].append(t / ref)
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for (task, sched), values in ratios.items():
+        out[task][sched] = float(np.median(values))
+    return dict(out)
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if not values or not all(math.isfinite(v) for v in values):
         return math.inf, math.nan
@@ -38,6 +79,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-task table rows, best-tuned baselines, significance tests and robustness spreads."""
     groups = _group(runs)
+    times = run_time_ratios(runs)
     tasks = sorted({r["task"] for r in runs}, key=[r["task"] for r in runs].index)
     summary: dict[str, Any] = {"tasks": {}, "skipped": {}, "errors": {}}
     for r in runs:
@@ -58,6 +100,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     "seeds": by_seed,
                 }
         summary["tasks"][task] = _task_summary(task, cells)
+        summary["tasks"][task]["run_time"] = dict(sorted(times.get(task, {}).items()))
     return summary
 
 
@@ -154,6 +197,41 @@ def _resumed(meta: dict[str, Any]) -> str:
     return f" for the last call ({n} runs finished earlier at the same commit, kept)" if n else ""
 
 
+def _task_table(
+    ts: dict[str, Any], ref: dict[str, Any] | None
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Header and rows of a task's table: every scheduler at the user's LR, then the best tuned
+    LR of each baseline; the run-time column where the suite ran cosine to compare with."""
+    cells, run_time = ts["cells"], ts.get("run_time", {})
+    order = [k for k in cells if k.rsplit("@", 1)[1] == "1"]
+    order.sort(
+        key=lambda k: (cells[k]["scheduler"] in ANCHORS, cells[k]["scheduler"] in BASELINES, k)
+    )
+
+    def time_of(sched: str) -> str:
+        if sched == TIME_REFERENCE:
+            return "1 (reference)"
+        return f"{run_time[sched]:.2f}" if sched in run_time else ""
+
+    rows = []
+    for k in order:
+        sched = cells[k]["scheduler"]
+        label, mult = ("no LR taken", "—") if sched in ANCHORS else ("default LR", "1")
+        rows.append(
+            (f"{sched} ({label})", mult, _fmt(cells[k]), _rel(cells[k], ref), time_of(sched))
+        )
+    for b, k in ts["best_per_baseline"].items():
+        if k:
+            mult = f"{cells[k]['lr_mult']:g}"
+            rows.append(
+                (f"{b} (best tuned)", mult, _fmt(cells[k]), _rel(cells[k], ref), time_of(b))
+            )
+    header = ("scheduler", "LR ×", "val loss", "Δ vs best tuned", "run time (× cosine)")
+    if not run_time:  # no cosine runs to compare with (e.g. the planner suite)
+        return header[:-1], [row[:-1] for row in rows]
+    return header, rows
+
+
 def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [
         f"# graff benchmark — `{meta['suite']}` suite",
@@ -166,35 +244,15 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "Final held-out validation loss (lower is better), mean ± std over seeds, same step budget "
         "for every scheduler; base LR = the task's default LR (1e-3, AdamW's default; 0.05 for the "
         "SGD task) × multiplier. Tuning-free anchors take no LR ('no LR taken'). Δ is relative to "
-        "the best tuned baseline. 'diverged' = a non-finite loss in at least one seed.",
+        "the best tuned baseline. 'diverged' = a non-finite loss in at least one seed."
+        + (RUN_TIME_NOTE if any(ts.get("run_time") for ts in summary["tasks"].values()) else ""),
         "",
     ]
     for task, ts in summary["tasks"].items():
         cells = ts["cells"]
         ref = cells.get(ts["best_baseline"]) if ts["best_baseline"] else None
-        order = [k for k in cells if k.rsplit("@", 1)[1] == "1"]
-        order.sort(
-            key=lambda k: (cells[k]["scheduler"] in ANCHORS, cells[k]["scheduler"] in BASELINES, k)
-        )
-        rows = []
-        for k in order:
-            anchor = cells[k]["scheduler"] in ANCHORS
-            label, mult = ("no LR taken", "—") if anchor else ("default LR", "1")
-            rows.append(
-                (f"{cells[k]['scheduler']} ({label})", mult, _fmt(cells[k]), _rel(cells[k], ref))
-            )
-        for b, k in ts["best_per_baseline"].items():
-            if k:
-                rows.append(
-                    (
-                        f"{b} (best tuned)",
-                        f"{cells[k]['lr_mult']:g}",
-                        _fmt(cells[k]),
-                        _rel(cells[k], ref),
-                    )
-                )
         lines += [f"## {task}", ""]
-        lines += markdown_table(("scheduler", "LR ×", "val loss", "Δ vs best tuned"), rows)
+        lines += markdown_table(*_task_table(ts, ref))
         lines.append("")
         for name, t in ts["tests"].items():
             lines.append(

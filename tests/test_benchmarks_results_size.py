@@ -103,3 +103,48 @@ def test_a_target_whose_schedulers_did_not_run_is_not_marked_failed() -> None:
     assert reactor.endswith("| not run | — |")
     spread = next(line for line in text.splitlines() if "spread" in line)
     assert spread.endswith("| **no** |") or spread.endswith("| yes |")  # graff and cosine ran
+
+
+def test_run_time_is_the_median_ratio_to_cosine_paired_by_seed_and_lr() -> None:
+    """GRAFF's run time over cosine's at the same LR and seed (anchors: cosine at × 1), median
+    over the pairs; runs without a recorded time, and cosine itself, are left out."""
+    from benchmarks.report import run_time_ratios
+
+    runs = []
+    graff_ratios = []
+    for seed in range(3):
+        for k, mult in enumerate((0.1, 1.0, 10.0)):
+            cosine = _run("t", "cosine", mult, seed, 1.0)
+            cosine["seconds"] = 2.0 + seed + k  # every pair has its own reference
+            ratio = 1.1 + 0.1 * (3 * seed + k)  # 1.1, 1.2, ..., 1.9: median 1.5
+            graff = _run("t", "graff", mult, seed, 1.0)
+            graff["seconds"] = ratio * cosine["seconds"]
+            graff_ratios.append(ratio)
+            runs += [cosine, graff]
+        prodigy = _run("t", "prodigy", 1.0, seed, 1.0)
+        prodigy["seconds"] = (0.5 + seed) * (2.0 + seed + 1)  # cosine × 1 of the same seed
+        runs.append(prodigy)
+    untimed = _run("t", "wsd", 1.0, 0, 1.0)  # an older run without "seconds"
+    runs.append(untimed)
+    ratios = run_time_ratios(runs)["t"]
+    assert math.isclose(ratios["graff"], sorted(graff_ratios)[4])
+    assert math.isclose(ratios["prodigy"], 1.5)  # median of 0.5, 1.5, 2.5
+    assert "cosine" not in ratios
+    assert "wsd" not in ratios
+    summary = summarize(runs)["tasks"]["t"]
+    assert summary["run_time"] == ratios
+    md = markdown(
+        {
+            "suite": "t",
+            "command": "c",
+            "git_commit": "abc",
+            "git_dirty": False,
+            "date": "d",
+            "machine": {"cpu_count": 2, "torch": "2"},
+            "wall_seconds": 1.0,
+        },
+        summarize(runs),
+    )
+    assert "| graff (default LR) | 1 | " in md
+    assert "| 1.50 |" in md
+    assert "| 1 (reference) |" in md

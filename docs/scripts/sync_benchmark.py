@@ -96,6 +96,10 @@ def _num(v: float | None) -> str:
     return "diverged" if v is None else f"{v:.3f}"
 
 
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
 def headline(suites: dict[str, dict]) -> str:
     """The README's result block: one row per task, the targets and the planner table of every
     suite, each line naming the run it comes from (medians over seeds)."""
@@ -126,6 +130,7 @@ def headline(suites: dict[str, dict]) -> str:
                     f"{_num(_median(cells.get(best)))} ({best.replace('@', ', LR × ')})",
                     _num(rob.get("graff", {}).get("spread")),
                     f"{_num(spreads[flattest])} ({flattest})",
+                    _ratio(ts.get("run_time", {}).get("graff")),
                 )
             )
     header = (
@@ -135,6 +140,7 @@ def headline(suites: dict[str, dict]) -> str:
         "best LR-swept baseline",
         "GRAFF spread ×0.1/1/10",
         "smallest other spread",
+        "GRAFF's run time (× cosine)",
     )
     lines += markdown_table(header, rows)
     for name, data in suites.items():
