@@ -18,7 +18,7 @@ Four inputs are rank-local, and a scheduler step reduces them so that every rank
   ``min``/``max`` stay rank-local (no planner reads them);
 - **wall clock** (each rank's own): every rank adopts rank 0's elapsed time, so
   ``budget.exhausted`` flips on the same step everywhere;
-- **λ̂** (HVP power iteration on each rank's captured probe batch): every Hessian-vector product
+- **λ̂** (HVP Lanczos on each rank's captured probe batch): every Hessian-vector product
   is averaged over the ranks (the Hessian of the global probe batch), so λ̂ and the eigenvector
   are identical everywhere; the probe's automatic refresh interval is rank 0's.
 

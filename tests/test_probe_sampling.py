@@ -236,7 +236,12 @@ def test_chunked_cold_start_publishes_after_the_last_chunk_and_is_accurate(seed:
     x = nn.Parameter(torch.randn(40, dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=1e-4)
     probe = CurvatureProbe(
-        opt, loss_fn=lambda: 0.5 * x @ a @ x, every=1000, chunk_iters=6, start_step=0
+        opt,
+        loss_fn=lambda: 0.5 * x @ a @ x,
+        every=1000,
+        initial_iters=20,
+        chunk_iters=6,
+        start_step=0,
     )
     published = []
     for _ in range(5):
@@ -259,7 +264,12 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
         x = nn.Parameter(torch.ones(20, dtype=torch.float64))
         opt = torch.optim.SGD([x], lr=1e-3)
         probe = CurvatureProbe(
-            opt, loss_fn=lambda: 0.5 * x @ a @ x, every=1000, chunk_iters=5, start_step=0
+            opt,
+            loss_fn=lambda: 0.5 * x @ a @ x,
+            every=1000,
+            initial_iters=20,
+            chunk_iters=5,
+            start_step=0,
         )
         return x, opt, probe
 

