@@ -18,7 +18,7 @@ class RefreshAllowance:
 
     The probe's scheduled refreshes already keep to its ``overhead_target``; the search asks for
     extra ones (:meth:`PeakSearch.refresh_wanted`) while a stale λ̂ may hold the LR
-    down. Each costs about as much as the first estimate (10 Hessian-vector products: on a tiny model
+    down. Each costs as much as the first estimate (20 Hessian-vector products: on a tiny model
     several training steps), so they are allowed only while
 
     .. math:: S + \hat c \le f \cdot (T - T_\text{probe}) / u,

@@ -145,7 +145,7 @@ class CurvatureProbe:
         loss_fn: Callable[[], Tensor] | None = None,
         every: int | str = "auto",
         power_iters: int = 3,
-        initial_iters: int = 10,
+        initial_iters: int = 20,
         margin: float = 1.15,
         overhead_target: float = 0.01,
         min_every: int = 10,
