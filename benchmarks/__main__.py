@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout`` and ``compare``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout``, ``lambda-accuracy`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -160,6 +160,11 @@ def main(argv: list[str] | None = None) -> None:
 
         heldout(argv[1:])
         return
+    if argv[:1] == ["lambda-accuracy"]:  # its own parser (benchmarks/lambda_accuracy.py)
+        from benchmarks.lambda_accuracy import main as lambda_accuracy
+
+        lambda_accuracy(argv[1:])
+        return
     if argv[:1] == ["compare"]:  # its own parser (benchmarks/compare.py)
         from benchmarks.compare import main as compare
 
@@ -241,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     add_arguments(gpu)
     gpu.set_defaults(func=_gpu)
     sub.add_parser("heldout", help="GRAFF with and without λ̂ on tasks the benchmark never uses")
+    sub.add_parser("lambda-accuracy", help="λ̂ (Lanczos, power iteration) against ARPACK's top")
     args = parser.parse_args(argv)
     args.func(args)
 
