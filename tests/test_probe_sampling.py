@@ -230,19 +230,24 @@ def _spectrum(d: int, lam_max: float, seed: int) -> torch.Tensor:
     return q @ torch.diag(eigs) @ q.T
 
 
+def _chunked_probe(opt, x, a, chunk_iters: int) -> CurvatureProbe:
+    """A probe on ``½ xᵀAx`` whose 20-product first estimate runs ``chunk_iters`` per step."""
+    return CurvatureProbe(
+        opt,
+        loss_fn=lambda: 0.5 * x @ a @ x,
+        every=1000,
+        initial_iters=20,
+        chunk_iters=chunk_iters,
+        start_step=0,
+    )
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_chunked_cold_start_publishes_after_the_last_chunk_and_is_accurate(seed: int) -> None:
     a = _spectrum(40, 100.0, seed)
     x = nn.Parameter(torch.randn(40, dtype=torch.float64))
     opt = torch.optim.SGD([x], lr=1e-4)
-    probe = CurvatureProbe(
-        opt,
-        loss_fn=lambda: 0.5 * x @ a @ x,
-        every=1000,
-        initial_iters=20,
-        chunk_iters=6,
-        start_step=0,
-    )
+    probe = _chunked_probe(opt, x, a, chunk_iters=6)
     published = []
     for _ in range(5):
         opt.zero_grad()
@@ -263,15 +268,7 @@ def test_chunked_cold_start_resumes_mid_way() -> None:
     def build():
         x = nn.Parameter(torch.ones(20, dtype=torch.float64))
         opt = torch.optim.SGD([x], lr=1e-3)
-        probe = CurvatureProbe(
-            opt,
-            loss_fn=lambda: 0.5 * x @ a @ x,
-            every=1000,
-            initial_iters=20,
-            chunk_iters=5,
-            start_step=0,
-        )
-        return x, opt, probe
+        return x, opt, _chunked_probe(opt, x, a, chunk_iters=5)
 
     def run(x, opt, steps):
         for _ in range(steps):

@@ -397,9 +397,8 @@ def _cold_start(optimizer: torch.optim.Optimizer) -> dict[str, int]:
 
     Adaptive optimizers spread the first estimate's 20 Hessian-vector products over three steps
     (7, 7, 6), a third of the spike; SGD-type optimizers keep one 20-product estimate in their
-    first step, because their guard must bind at once (``docs/concepts/graff.md``). Ten
-    products (Lanczos reaches ~0.94 of the top eigenvalue with them on the LoRA task) were
-    measured worse on the held-out sweep (``docs/concepts/probes.md``).
+    first step, because their guard must bind at once (``docs/concepts/graff.md``). Fewer
+    products were measured worse on the held-out sweep (``docs/concepts/probes.md``).
     """
     if preconditioner_kind(optimizer) is None:
         return {}

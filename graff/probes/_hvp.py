@@ -84,8 +84,7 @@ def lanczos(
     Ritz vector :math:`Q_k s` (``s`` its eigenvector of :math:`T_k`) is the next warm start.
     Why not power iteration: :math:`\mathcal K_k` contains the ``k``-th power iterate, so
     :math:`\theta` is never below that iterate's Rayleigh quotient and converges far faster
-    when the top of the spectrum is crowded (on the benchmark's LoRA task under AdamW, 10
-    products reach 0.94 of the top eigenvalue where 20 power iterations reach 0.39); and it
+    when the top of the spectrum is crowded (measured: ``docs/concepts/probes.md``); and it
     finds the largest *algebraic* eigenvalue, so a negative eigenvalue of larger size (an
     indefinite Hessian away from a minimum) needs no second, shifted run. Like a Rayleigh
     quotient, :math:`\theta \le \lambda_{\max}(M)` (Cauchy interlacing), up to rounding.
@@ -135,8 +134,8 @@ def lanczos(
         beta = math.sqrt(max(dot(w, w), 0.0))
         if not math.isfinite(beta):
             return math.nan, q
-        scale_t = max(abs(a) for a in alphas) + max(betas, default=0.0)
-        if len(alphas) == iters or beta <= 1e-6 * scale_t:  # done, or an invariant subspace
+        size = max(abs(a) for a in alphas) + max(betas, default=0.0)  # ~ ‖T_k‖
+        if len(alphas) == iters or beta <= 1e-6 * size:  # done, or an invariant subspace
             break
         betas.append(beta)
         q_prev, q = q, torch._foreach_div(w, beta)
