@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import overhead_tasks
 from benchmarks.loop import advance
 from benchmarks.markdown import markdown_table
 from benchmarks.meters import ColdStartMeter, CpuMeter, held_tensor_bytes, user_tensor_ids
@@ -471,6 +472,13 @@ def markdown(meta: dict[str, Any], data: dict[str, Any]) -> str:
             "search may ask for while it runs (`GraffConfig.refresh_allowance`, at most 10 % of the projected "
             "run, in the 'refreshes (CPU s)' column).",
         ]
+    if "every_task" in data:
+        lines += [
+            "",
+            "## Steady state on every task, runs alone",
+            "",
+            *overhead_tasks.markdown(data["every_task"]),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -494,6 +502,7 @@ def main(args: Any) -> None:
         steps=args.amortised_steps,
         repeats=args.amortised_repeats,
     )
+    data["every_task"] = overhead_tasks.measure(data_dir)
     (out / "overhead.json").write_text(json.dumps(sanitize({"meta": meta, **data}), indent=1))
     (out / "overhead.md").write_text(markdown(meta, data))
     print(markdown(meta, data))

@@ -104,3 +104,58 @@ def test_long_run_refresh_share_and_steady_state_total() -> None:
         {"direct_percent": 0.7, "refresh_percent": 1.0, "total_percent": 1.7}
     )
     assert steady_state({"headline": data["headline"]}) is None
+
+
+def test_every_task_steady_state_from_runs_alone() -> None:
+    from benchmarks.overhead_tasks import REFERENCE as REF
+    from benchmarks.overhead_tasks import markdown, summarise
+
+    # cosine steps of 10 ms with a 20 µs LambdaLR step; GRAFF 120 µs direct -> net 100 µs = 1 %;
+    # a 50 ms refresh every 1,000 steps of 10 ms -> 0.5 %; repeats 2 and 3 scale it by 2 and 4
+    ref = [{"median_step_s": 0.01, "direct_s_per_step": 20e-6}] * 3
+    graff = [
+        {
+            "median_step_s": 0.0101,
+            "direct_s_per_step": 120e-6,
+            "refresh_s": 0.05 * k,
+            "interval": 1000,
+        }
+        for k in (1, 2, 4)
+    ]
+    out = summarise({REF: ref, "graff": graff}, steps=300)
+    assert out["net_us_per_step"] == pytest.approx(100.0)
+    assert out["direct_percent"] == pytest.approx(1.0)
+    assert out["refresh_percent"] == pytest.approx(1.0)  # median of 0.5 / 1 / 2 %
+    assert out["total_percent"] == pytest.approx(2.0)
+    assert out["refresh_ms"] == pytest.approx(100.0)
+    assert (out["cosine_step_ms"], out["interval"], out["repeats"]) == (
+        pytest.approx(10.0),
+        1000,
+        3,
+    )
+    # no λ̂ (no refresh measured): the steady state is the direct cost alone
+    alone = summarise(
+        {REF: ref[:1], "graff": [{"median_step_s": 0.01, "direct_s_per_step": 60e-6}]}, 9
+    )
+    assert alone["refresh_percent"] == 0.0
+    assert alone["total_percent"] == pytest.approx(0.4)
+    table = "\n".join(markdown({"results": {"t": out, "u": alone}, "repeats": 3}))
+    assert "| `t` | 10.00 | 1.00 % (100 µs) | 100 | 1000 | 1.00 % | **2.00 %** | no |" in table
+    assert "| `u` | 10.00 | 0.40 % (40 µs) | 0 | — | 0.00 % | **0.40 %** | yes |" in table
+
+
+def test_every_task_measures_a_real_task_alone() -> None:
+    """One repeat on a short digits-MLP run: GRAFF costs something, one refresh is timed."""
+    from benchmarks.overhead_tasks import measure_task
+    from benchmarks.suites import build_task
+
+    task = build_task("digits_mlp", {"steps": 40})
+    task.setup(None)
+    out = measure_task(task, repeats=1)
+    assert out["steps"] == 40
+    assert out["repeats"] == 1
+    assert out["cosine_step_ms"] > 0
+    assert out["net_us_per_step"] > 0
+    assert out["refresh_ms"] > 0
+    assert out["interval"] >= 10
+    assert out["total_percent"] == pytest.approx(out["direct_percent"] + out["refresh_percent"])
