@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout``, ``lambda-accuracy`` and ``compare``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout``, ``lambda-accuracy``, ``trace`` and ``compare``."""
 
 from __future__ import annotations
 
@@ -245,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_arguments(gpu)
     gpu.set_defaults(func=_gpu)
+    from benchmarks import trace
+
+    tr = sub.add_parser(
+        "trace", help="one GRAFF run of a suite task, step by step (λ̂, guard, search)"
+    )
+    trace.add_arguments(tr)
+    tr.set_defaults(func=trace.main)
     sub.add_parser("heldout", help="GRAFF with and without λ̂ on tasks the benchmark never uses")
     sub.add_parser("lambda-accuracy", help="λ̂ (Lanczos, power iteration) against ARPACK's top")
     args = parser.parse_args(argv)
