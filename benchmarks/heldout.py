@@ -100,7 +100,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             out.update(_run_char(cell, kwargs))
         else:
             task, model, opt, sched, gen = _build(cell, kwargs)
-            out.update(_train(task, model, opt, sched, STEPS, gen))
+            out.update(_train(task, model, opt, sched, cell.get("steps", STEPS), gen))
         out["status"] = "ok"
     except Exception as err:  # recorded, never raised: one bad cell must not stop the sweep
         out.update(status="error", error=f"{type(err).__name__}: {err}")
@@ -117,7 +117,7 @@ def _build(cell: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
     opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
     loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
-    sched = _scheduler(opt, STEPS, model, loss_fn, cell["seed"], kwargs)
+    sched = _scheduler(opt, cell.get("steps", STEPS), model, loss_fn, cell["seed"], kwargs)
     return task, model, opt, sched, torch.Generator().manual_seed(cell["seed"])
 
 
@@ -140,17 +140,18 @@ def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, An
     torch.set_num_threads(1)  # as run_cell: other thread counts reorder reductions
     task, model, opt, sched, gen = _build(cell, cell.get("graff_kwargs") or {})
     user_lr = opt.param_groups[0]["initial_lr"]
+    steps = cell.get("steps", STEPS)
     rows = []
     sampled = None  # step of the last probe sample reported
     try:
-        for step in range(1, STEPS + 1):
+        for step in range(1, steps + 1):
             loss = task.train_loss(model, gen)
             loss.backward()
             opt.step()
             sched.step(loss.detach())
             opt.zero_grad(set_to_none=True)
             plan, search = sched.last_plan, sched.peak_search
-            if step % every and (step > 0.15 * STEPS + 5 or sched.curvature.lambda_max is None):
+            if step % every and (step > 0.15 * steps + 5 or sched.curvature.lambda_max is None):
                 continue
             stats = sched.curvature.last
             signals = (None, None)
@@ -232,7 +233,12 @@ def _run_char(cell: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def cells(
-    seeds: list[int], optimizers: list[str], char_seeds: list[int], kwargs: dict, data_dir: Any
+    seeds: list[int],
+    optimizers: list[str],
+    char_seeds: list[int],
+    kwargs: dict,
+    data_dir: Any,
+    steps: int = STEPS,
 ) -> list[dict[str, Any]]:
     """Every run of the sweep (both λ̂ settings of every cell, the char transformer first: the
     slowest runs start early)."""
@@ -250,6 +256,8 @@ def cells(
                                     "factor": factor, "seed": seed, "lam": lam})  # fmt: skip
     for cell in out:
         cell["graff_kwargs"] = kwargs
+        if steps != STEPS and cell["family"] != "char":
+            cell["steps"] = steps
     return out
 
 
@@ -272,6 +280,8 @@ def kept_rows(path: Path, resume_key: str | None) -> list[dict[str, Any]]:
 def _key(cell: dict[str, Any], lam: bool = True) -> str:
     names = ("family", "arch", "optimizer", "factor", "seed")
     values = [cell[k] for k in names] + [cell.get("graff_kwargs") or {}]
+    if cell.get("steps", STEPS) != STEPS:  # a sweep at another budget (``--steps``)
+        values.append(cell["steps"])
     return json.dumps(values + ([cell["lam"]] if lam else []), sort_keys=True)
 
 
@@ -333,6 +343,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--char-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--optimizers", nargs="+", default=["adamw", "sgd"])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=STEPS,
+        help=f"budget of the metatrain-family runs (default {STEPS})",
+    )
     parser.add_argument("--graff-kwargs", default="{}", help="GraffConfig fields, as JSON")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument(
@@ -349,6 +365,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.trace:
         cell = _trace_cell_arg(args.trace, not args.trace_off, json.loads(args.graff_kwargs))
+        if args.steps != STEPS:
+            cell["steps"] = args.steps
         print(trace_markdown(cell, *trace_cell(cell)))
         return
     from benchmarks import meta as provenance_of
@@ -364,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     kwargs = json.loads(args.graff_kwargs)
     todo = [
         c
-        for c in cells(args.seeds, args.optimizers, args.char_seeds, kwargs, args.data_dir)
+        for c in cells(
+            args.seeds, args.optimizers, args.char_seeds, kwargs, args.data_dir, args.steps
+        )
         if _key(c) not in done
     ]
     print(f"{len(todo)} runs to do ({len(done)} done at this commit) -> {path}", flush=True)

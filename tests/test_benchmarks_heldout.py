@@ -168,3 +168,26 @@ def test_the_sweep_resumes_only_clean_code(tmp_path, monkeypatch, dirty, fresh, 
     _clean_commit(monkeypatch, "c0ffee", dirty=dirty)
     heldout.main(["--out", str(tmp_path), "--char-seeds", *(["--fresh"] if fresh else [])])
     assert seen == [key]
+
+
+def test_steps_sets_the_budget_of_the_family_cells_and_keys_them_apart() -> None:
+    """``--steps``: the metatrain-family cells carry their budget (the char transformer keeps its
+    own), and a cell at another budget never resumes from one at the default."""
+    default = heldout.cells([1], ["adamw"], [0], {}, None)
+    longer = heldout.cells([1], ["adamw"], [0], {}, None, steps=800)
+    assert all("steps" not in c for c in default)
+    assert {c.get("steps") for c in longer if c["family"] != "char"} == {800}
+    assert all("steps" not in c for c in longer if c["family"] == "char")
+    family = [i for i, c in enumerate(default) if c["family"] != "char"]
+    assert all(heldout._key(default[i]) != heldout._key(longer[i]) for i in family)
+    char = [i for i, c in enumerate(default) if c["family"] == "char"]
+    assert all(heldout._key(default[i]) == heldout._key(longer[i]) for i in char)
+
+
+def test_a_cell_trains_for_its_own_budget(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(heldout, "_train", lambda *a: seen.append(a[4]) or {"final": 1.0})
+    cell = {"family": "tabular", "arch": "mlp", "optimizer": "adamw", "factor": 1.0, "seed": 1,
+            "lam": False, "steps": 37}  # fmt: skip
+    assert heldout.run_cell(cell)["status"] == "ok"
+    assert seen == [37]
