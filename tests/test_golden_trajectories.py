@@ -8,8 +8,15 @@ A deliberate behaviour change re-records the file in a commit of its own that sa
 
     GRAFF_RECORD_GOLDEN=1 python -m pytest -q tests/test_golden_trajectories.py
 
-LRs are stored as ``float.hex`` strings (exact), parameters as the SHA-256 of their bytes. The
-runs use one torch thread, so the floating-point reduction order is fixed.
+LRs are stored as ``float.hex`` strings (exact), parameters as the SHA-256 of their bytes (and
+their norm). The runs use one torch thread, so the floating-point reduction order is fixed —
+on one machine. Another CPU (or torch build) takes other kernels (MKL picks its code path by
+CPU vendor and instruction set), so the bits are those of the machine that recorded them: the
+file names it (``_recorded_on``). On that machine the comparison is bit for bit; on any other it
+falls back to a tolerance that a behaviour change still breaks — every LR within
+``CROSS_MACHINE_RTOL`` and the final parameters' norm within ``CROSS_MACHINE_NORM_RTOL`` — and
+says so in a warning. (Measured between two machines, an Intel-type and an AMD EPYC with
+AVX512: LRs 7.6e-3 apart at most, on the LoRA run with block multipliers.)
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import io
 import json
 import math
 import os
+import platform
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +42,10 @@ import graff
 GOLDEN = Path(__file__).parent / "golden" / "trajectories.json"
 RECORD = os.environ.get("GRAFF_RECORD_GOLDEN") == "1"
 STEPS = 48
+#: Largest relative difference of any LR, and of the final parameters' norm, from a golden
+#: recorded on another machine (see the module docstring).
+CROSS_MACHINE_RTOL = 2e-2
+CROSS_MACHINE_NORM_RTOL = 5e-2
 LORA_STEPS = 120  # long enough for the first λ̂ (steps 10-12) inside the peak search
 
 
@@ -104,6 +117,28 @@ def _param_digest(params: list[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _param_norm(params: list[torch.Tensor]) -> str:
+    """The parameters' joint 2-norm (float64), as ``float.hex``: the cross-machine check."""
+    return math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params)).hex()
+
+
+def _digests(params: list[torch.Tensor]) -> dict[str, str]:
+    return {"params": _param_digest(params), "param_norm": _param_norm(params)}
+
+
+def fingerprint() -> str:
+    """What decides the floating-point bits of a run here: torch, its CPU kernels, the CPU."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
+    except OSError:
+        pass
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {model}"
+
+
 def _lrs_hex(sched: Any) -> list[str]:
     return [float(x).hex() for x in sched.get_last_lr()]
 
@@ -144,7 +179,7 @@ def _lora_run(resume_at: int | None = None, **knobs: Any) -> dict[str, Any]:
         opt.zero_grad()
         trace.append(_lrs_hex(sched))
     params = [p for p in model.parameters() if p.requires_grad]
-    return {"lrs": trace, "params": _param_digest(params)}
+    return {"lrs": trace, **_digests(params)}
 
 
 # The learned planner's path (the default), pinned explicitly
@@ -193,7 +228,7 @@ def _char_lm(**knobs: Any) -> dict[str, Any]:
         sched.step(loss)
         opt.zero_grad()
         trace.append(_lrs_hex(sched))
-    return {"lrs": trace, "params": _param_digest(list(model.parameters()))}
+    return {"lrs": trace, **_digests(list(model.parameters()))}
 
 
 def _quadratic() -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +251,7 @@ def sgd_quadratic_no_lambda() -> dict[str, Any]:
         sched.step(loss)
         opt.zero_grad()
         trace.append(_lrs_hex(sched))
-    return {"lrs": trace, "params": _param_digest([x])}
+    return {"lrs": trace, **_digests([x])}
 
 
 def reactor_guarded() -> dict[str, Any]:
@@ -239,7 +274,7 @@ def reactor_guarded() -> dict[str, Any]:
         sched.step(loss)
         opt.zero_grad()
         trace.append(_lrs_hex(sched))
-    return {"lrs": trace, "params": _param_digest(list(model.parameters()))}
+    return {"lrs": trace, **_digests(list(model.parameters()))}
 
 
 def budget_wsd_groups() -> dict[str, Any]:
@@ -263,7 +298,7 @@ def budget_wsd_groups() -> dict[str, Any]:
         sched.step()
         opt.zero_grad()
         trace.append(_lrs_hex(sched))
-    return {"lrs": trace, "params": _param_digest(list(model.parameters()))}
+    return {"lrs": trace, **_digests(list(model.parameters()))}
 
 
 CONFIGS: dict[str, Callable[[], dict[str, Any]]] = {
@@ -296,6 +331,21 @@ def _golden() -> dict[str, Any]:
     return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
 
 
+def _compare_across_machines(name: str, got: dict[str, Any], want: dict[str, Any]) -> None:
+    """The tolerant comparison with a golden recorded on another machine (module docstring)."""
+    for step, (a, b) in enumerate(zip(got["lrs"], want["lrs"], strict=True)):
+        for x, y in zip(a, b, strict=True):
+            fx, fy = float.fromhex(x), float.fromhex(y)
+            assert fx == pytest.approx(fy, rel=CROSS_MACHINE_RTOL), (
+                f"{name}: LR at step {step + 1} is {fx!r}, {fy!r} on the recording machine "
+                f"(more than {CROSS_MACHINE_RTOL:.0%} apart: a behaviour change)"
+            )
+    norm, want_norm = float.fromhex(got["param_norm"]), float.fromhex(want["param_norm"])
+    assert norm == pytest.approx(want_norm, rel=CROSS_MACHINE_NORM_RTOL), (
+        f"{name}: final parameter norm {norm!r}, {want_norm!r} on the recording machine"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_trajectory_is_bit_identical_to_golden(name: str) -> None:
@@ -304,14 +354,26 @@ def test_trajectory_is_bit_identical_to_golden(name: str) -> None:
     if RECORD:
         golden = _golden()
         golden[name] = got
+        golden["_recorded_on"] = fingerprint()
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(golden, indent=0, sort_keys=True) + "\n")
         return
-    want = _golden().get(name)
+    golden = _golden()
+    want = golden.get(name)
     assert want is not None, f"no golden for {name}: record with GRAFF_RECORD_GOLDEN=1"
+    recorded_on = golden.get("_recorded_on")
+    if recorded_on != fingerprint():
+        warnings.warn(
+            f"golden trajectories recorded on {recorded_on!r}, this is {fingerprint()!r}: "
+            f"compared within {CROSS_MACHINE_RTOL:.0%}, not bit for bit",
+            stacklevel=1,
+        )
+        _compare_across_machines(name, got, want)
+        return
     for step, (a, b) in enumerate(zip(got["lrs"], want["lrs"], strict=True)):
         assert a == b, f"{name}: LR differs first at step {step + 1}: {a} != {b}"
     assert got["params"] == want["params"], f"{name}: final parameters differ"
+    assert got["param_norm"] == want["param_norm"], f"{name}: final parameter norm differs"
 
 
 @pytest.mark.parametrize(
@@ -324,3 +386,30 @@ def test_resumed_run_equals_uninterrupted_run(resumed: str, whole: str) -> None:
     if resumed not in golden or whole not in golden:
         pytest.skip("golden file not recorded yet")
     assert golden[resumed] == golden[whole]
+
+
+def test_a_golden_from_another_machine_is_compared_within_a_tolerance(monkeypatch) -> None:
+    """On a machine other than the recording one the check is tolerant, but a change of a few
+    per cent in any LR (or in the final parameters) still fails, and a warning says so."""
+    golden = _golden()
+    if "budget_wsd_groups" not in golden:
+        pytest.skip("golden file not recorded yet")
+    want = golden["budget_wsd_groups"]
+    monkeypatch.setitem(globals(), "fingerprint", lambda: "torch 0.0, NONE, another CPU")
+    with pytest.warns(UserWarning, match="not bit for bit"):
+        test_trajectory_is_bit_identical_to_golden("budget_wsd_groups")
+    shifted = dict(
+        want, lrs=[[float.fromhex(x).__mul__(1.05).hex() for x in row] for row in want["lrs"]]
+    )
+    with pytest.raises(AssertionError, match="LR at step 1"):
+        _compare_across_machines("budget_wsd_groups", shifted, want)
+    heavier = dict(want, param_norm=(float.fromhex(want["param_norm"]) * 1.2).hex())
+    with pytest.raises(AssertionError, match="final parameter norm"):
+        _compare_across_machines("budget_wsd_groups", heavier, want)
+    _compare_across_machines("budget_wsd_groups", want, want)  # itself: within any tolerance
+
+
+def test_the_fingerprint_names_torch_and_the_cpu_kernels() -> None:
+    text = fingerprint()
+    assert text.startswith(f"torch {torch.__version__}, ")
+    assert torch.backends.cpu.get_cpu_capability() in text
