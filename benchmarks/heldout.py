@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     head = (
         f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
         f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}, "
-        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}; "
+        f"{meta['machine']['cpu_count']} CPUs ({meta['machine'].get('cpu', 'CPU not recorded')}), torch {meta['machine']['torch']}; "
         f"{len(rows)} runs in `runs.jsonl`. λ̂ on: `model=` and `loss_fn=`; λ̂ off: neither. "
         f"A cell is one (task family × architecture, optimizer, LR factor × the family's default, "
         f"seed); 'better'/'worse' at 1 % of the final validation loss.\n\n"

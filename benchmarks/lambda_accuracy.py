@@ -163,7 +163,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "# λ̂ against the top eigenvalue",
         "",
         f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`, {meta['date']}, "
-        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}.",
+        f"{meta['machine']['cpu_count']} CPUs ({meta['machine'].get('cpu', 'CPU not recorded')}), torch {meta['machine']['torch']}.",
         "",
         "Each task trained with GRAFF at the user's LR until its first λ̂ is published; on that "
         "state, the ratio of each estimate to the top eigenvalue of the (preconditioned) Hessian "

@@ -25,6 +25,20 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` knows): with torch's CPU
+    kernels (``torch.backends.cpu.get_cpu_capability()``) it decides a run's floating-point bits,
+    so results from two machines differ slightly even under a step budget."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance() -> dict[str, Any]:
     import torch
 
@@ -46,6 +60,8 @@ def provenance() -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(),
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -423,7 +423,8 @@ def markdown(meta: dict[str, Any], data: dict[str, Any]) -> str:
         "# graff benchmark — per-step overhead on tiny Qwen3 LoRA tasks",
         "",
         f"Command: `{meta['command']}` · commit `{meta['git_commit']}` (dirty: {meta['git_dirty']})"
-        f" · {meta['date']} · {meta['machine']['cpu_count']} CPUs, 1 torch thread.",
+        f" · {meta['date']} · {meta['machine']['cpu_count']} CPUs "
+        f"({meta['machine'].get('cpu', 'CPU not recorded')}), 1 torch thread.",
         "",
         "Overhead (wall, CPU): median over interleaved rounds of (step time / AdamW + cosine step "
         "time in the same round) − 1, a whole training step, probes included, in wall-clock and "

@@ -238,7 +238,8 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         f"Command: `{meta['command']}`  ",
         f"Commit: `{meta['git_commit']}` (dirty: {meta['git_dirty']}) · date {meta['date']} · "
-        f"{meta['machine']['cpu_count']} CPUs, torch {meta['machine']['torch']}, "
+        f"{meta['machine']['cpu_count']} CPUs ({meta['machine'].get('cpu', 'CPU not recorded')}), "
+        f"torch {meta['machine']['torch']}, "
         f"{meta['wall_seconds'] / 60:.1f} min wall{_resumed(meta)}.",
         "",
         "Final held-out validation loss (lower is better), mean ± std over seeds, same step budget "

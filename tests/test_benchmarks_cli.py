@@ -79,3 +79,17 @@ def test_a_run_records_and_uses_its_graff_kwargs(monkeypatch) -> None:
     assert result["status"] == "ok", result.get("traceback")
     assert result["graff_kwargs"] == {"plan_every": 4}
     assert seen["plan_every"] == 4
+
+
+def test_provenance_records_the_cpu_that_decides_the_bits() -> None:
+    """Two machines give slightly different results under the same step budget (other CPU
+    kernels): every results file names the CPU and torch's kernel set."""
+    import torch
+
+    from benchmarks.meta import cpu_model, provenance
+
+    machine = provenance()["machine"]
+    assert machine["cpu"] == cpu_model()
+    assert isinstance(machine["cpu"], str)
+    assert machine["cpu"]
+    assert machine["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()

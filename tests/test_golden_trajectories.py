@@ -26,7 +26,6 @@ import io
 import json
 import math
 import os
-import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -128,15 +127,9 @@ def _digests(params: list[torch.Tensor]) -> dict[str, str]:
 
 def fingerprint() -> str:
     """What decides the floating-point bits of a run here: torch, its CPU kernels, the CPU."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
-            )
-    except OSError:
-        pass
-    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {model}"
+    from benchmarks.meta import cpu_model
+
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}"
 
 
 def _lrs_hex(sched: Any) -> list[str]:
