@@ -36,8 +36,7 @@ import torch
 from benchmarks.loop import advance, task_step
 from benchmarks.markdown import markdown_table
 from benchmarks.meters import CpuMeter
-from benchmarks.schedulers import make
-from benchmarks.suites import SUITES, task_optimizer
+from benchmarks.suites import SUITES, make_for_task
 
 REFERENCE = "cosine"
 REPEATS = 3
@@ -45,19 +44,9 @@ REPEATS = 3
 
 def _run(task: Any, name: str, seed: int) -> dict[str, Any]:
     """Train ``name`` for the task's step budget alone; per-step CPU times and graff's costs."""
-    kind, lr, weight_decay = task_optimizer(task)
     with CpuMeter() as meter:  # entered before the scheduler is built: hooks bind then
         model = task.build(seed)
-        setup = make(
-            name,
-            model,
-            lr,
-            task.steps,
-            seed=seed,
-            loss_fn=task.probe_loss_fn(model),
-            optimizer=kind,
-            weight_decay=weight_decay,
-        )
+        setup, _ = make_for_task(name, task, model, seed)
         gen = torch.Generator().manual_seed(1000 + seed)
         model.train()
         cpu = []

@@ -52,6 +52,38 @@ def task_optimizer(task: Any) -> tuple[str, float, float]:
     )
 
 
+def make_for_task(
+    name: str,
+    task: Any,
+    model: Any,
+    seed: int,
+    *,
+    lr_mult: float = 1.0,
+    graff_kwargs: dict[str, Any] | None = None,
+    clock: Any = None,
+) -> tuple[Any, float]:
+    """Scheduler ``name`` for ``model`` as the suites build it on ``task``: the task's optimizer,
+    weight decay and step budget, its default LR × ``lr_mult``, its probe loss for λ̂. Returns
+    the :class:`~benchmarks.schedulers.Setup` and the LR taken."""
+    from benchmarks.schedulers import make
+
+    kind, default_lr, weight_decay = task_optimizer(task)
+    lr = default_lr * lr_mult
+    setup = make(
+        name,
+        model,
+        lr,
+        task.steps,
+        seed=seed,
+        loss_fn=task.probe_loss_fn(model),
+        graff_kwargs=graff_kwargs,
+        clock=clock,
+        optimizer=kind,
+        weight_decay=weight_decay,
+    )
+    return setup, lr
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str

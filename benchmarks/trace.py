@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from benchmarks.loop import advance, task_step
-from benchmarks.schedulers import make
-from benchmarks.suites import SUITES, build_task, task_optimizer
+from benchmarks.suites import SUITES, build_task, make_for_task
 
 #: Suites whose task configuration a trace takes, in this order (``quick``'s tiny sizes last).
 PREFERRED = ("anchors", "budgets", "full", "floor", "planner", "ablations")
@@ -61,19 +60,9 @@ def trace(
     torch.set_num_threads(1)  # as the suites' workers: other thread counts reorder reductions
     task = build_task(name, task_config(name, suite))
     task.setup(data_dir)
-    kind, default_lr, weight_decay = task_optimizer(task)
-    lr = default_lr * lr_mult
     model = task.build(seed)
-    setup = make(
-        "graff",
-        model,
-        lr,
-        task.steps,
-        seed=seed,
-        loss_fn=task.probe_loss_fn(model),
-        graff_kwargs=graff_kwargs,
-        optimizer=kind,
-        weight_decay=weight_decay,
+    setup, lr = make_for_task(
+        "graff", task, model, seed, lr_mult=lr_mult, graff_kwargs=graff_kwargs
     )
     sched, gen = setup.scheduler, torch.Generator().manual_seed(1000 + seed)
     search_steps = math.ceil(0.15 * task.steps)

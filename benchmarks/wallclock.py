@@ -25,7 +25,7 @@ import torch
 from benchmarks.loop import advance, clock_budget, task_step, train_loop
 from benchmarks.markdown import markdown_table
 from benchmarks.schedulers import make
-from benchmarks.suites import SUITES, Suite, task_optimizer
+from benchmarks.suites import SUITES, Suite, make_for_task, task_optimizer
 from graff import BudgetClock
 
 SCHEDULERS = (
@@ -82,21 +82,10 @@ def _time_steps(task: Any, steps: int) -> float:
 def _train(
     task: Any, name: str, seed: int, budget: float, step_cap: float = STEP_CAP
 ) -> dict[str, Any]:
-    kind, lr, weight_decay = task_optimizer(task)
     steps = task.steps
     model = task.build(seed)
     clock = BudgetClock(seconds=budget, measure_energy=False)
-    setup = make(
-        name,
-        model,
-        lr,
-        steps,
-        seed=seed,
-        loss_fn=task.probe_loss_fn(model),
-        clock=clock,
-        optimizer=kind,
-        weight_decay=weight_decay,
-    )
+    setup, lr = make_for_task(name, task, model, seed, clock=clock)
     gen = torch.Generator().manual_seed(1000 + seed)
     val_curve = []
     next_eval = 1.0 / EVAL_POINTS
