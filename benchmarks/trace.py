@@ -57,7 +57,23 @@ def trace(
     """Train GRAFF on suite task ``name``; a row every ``every`` steps and at every step of the
     search phase (the first 15 % of the budget, where the peak is decided); the final
     validation loss."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the suites' workers: other thread counts reorder reductions
+    try:
+        return _trace(name, seed, lr_mult, every, graff_kwargs, data_dir, suite)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _trace(
+    name: str,
+    seed: int,
+    lr_mult: float,
+    every: int,
+    graff_kwargs: dict[str, Any] | None,
+    data_dir: Path | None,
+    suite: str | None,
+) -> tuple[list[dict[str, Any]], float]:
     task = build_task(name, task_config(name, suite))
     task.setup(data_dir)
     model = task.build(seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from benchmarks import trace
 
@@ -22,7 +23,9 @@ def test_task_config_is_the_suites_and_empty_for_an_unlisted_name() -> None:
 
 def test_trace_reports_every_search_step_then_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trace, "task_config", lambda name, suite=None: {"steps": 60})
+    threads = torch.get_num_threads()
     rows, final = trace.trace("digits_mlp", seed=0, every=25)
+    assert torch.get_num_threads() == threads  # one thread for the run only
     steps = [r["step"] for r in rows]
     assert steps == [*range(1, 10), 25, 50, 60]  # the search phase (15 % of 60), then every 25
     assert math.isfinite(final)
