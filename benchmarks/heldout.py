@@ -89,6 +89,11 @@ def _train(task: Any, model: Any, opt: Any, sched: Any, steps: int, gen: Any) ->
     }
 
 
+def cell_steps(cell: dict[str, Any]) -> int:
+    """The step budget of a metatrain-family cell (``--steps``; :data:`STEPS` by default)."""
+    return int(cell.get("steps", STEPS))
+
+
 def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     """One training run of a cell (``lam`` True: λ̂ on); never raises."""
     torch.set_num_threads(1)
@@ -100,7 +105,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
             out.update(_run_char(cell, kwargs))
         else:
             task, model, opt, sched, gen = _build(cell, kwargs)
-            out.update(_train(task, model, opt, sched, cell.get("steps", STEPS), gen))
+            out.update(_train(task, model, opt, sched, cell_steps(cell), gen))
         out["status"] = "ok"
     except Exception as err:  # recorded, never raised: one bad cell must not stop the sweep
         out.update(status="error", error=f"{type(err).__name__}: {err}")
@@ -117,7 +122,7 @@ def _build(cell: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
     opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
     loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
-    sched = _scheduler(opt, cell.get("steps", STEPS), model, loss_fn, cell["seed"], kwargs)
+    sched = _scheduler(opt, cell_steps(cell), model, loss_fn, cell["seed"], kwargs)
     return task, model, opt, sched, torch.Generator().manual_seed(cell["seed"])
 
 
@@ -140,7 +145,7 @@ def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, An
     torch.set_num_threads(1)  # as run_cell: other thread counts reorder reductions
     task, model, opt, sched, gen = _build(cell, cell.get("graff_kwargs") or {})
     user_lr = opt.param_groups[0]["initial_lr"]
-    steps = cell.get("steps", STEPS)
+    steps = cell_steps(cell)
     rows = []
     sampled = None  # step of the last probe sample reported
     try:
@@ -280,7 +285,7 @@ def kept_rows(path: Path, resume_key: str | None) -> list[dict[str, Any]]:
 def _key(cell: dict[str, Any], lam: bool = True) -> str:
     names = ("family", "arch", "optimizer", "factor", "seed")
     values = [cell[k] for k in names] + [cell.get("graff_kwargs") or {}]
-    if cell.get("steps", STEPS) != STEPS:  # a sweep at another budget (``--steps``)
+    if cell_steps(cell) != STEPS:  # a sweep at another budget (``--steps``)
         values.append(cell["steps"])
     return json.dumps(values + ([cell["lam"]] if lam else []), sort_keys=True)
 

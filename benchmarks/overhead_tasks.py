@@ -4,9 +4,9 @@ Issue 18 asks for GRAFF's overhead in the steady state, λ̂ refreshes included,
 the interleaved tables of :mod:`benchmarks.overhead` cover only the tiny-Qwen3 LoRA task. Here
 each of the ``anchors`` suite's tasks (its own model, optimizer, batch and step budget) is
 trained by AdamW/SGD + cosine and by GRAFF, one run after the other, each alone in the process,
-as a user's run is (interleaving a dozen models evicts a scheduler's state from the caches
-between its steps, which inflates its direct cost; the interleaved tables keep that reading for
-comparing schedulers side by side).
+as a user's run is (interleaving a dozen models can evict a scheduler's state from the caches
+between its steps; the interleaved tables keep that reading for comparing schedulers side by
+side).
 
 Per task and repeat:
 

@@ -285,7 +285,7 @@ def markdown(meta: dict[str, Any], summary: dict[str, Any]) -> str:
         "",
         f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
         f"{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}, "
-        f"{meta['machine'].get('platform', '')}; {meta['seeds']} seeds, "
+        f"{meta['machine'].get('platform', '')} ({meta['machine'].get('cpu', 'CPU not recorded')}); {meta['seeds']} seeds, "
         f"{meta.get('workers', 1)} worker process, 1 torch thread, "
         f"{meta.get('wall_seconds', float('nan')) / 60:.1f} min.",
         "",
