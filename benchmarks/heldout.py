@@ -159,16 +159,17 @@ def trace_cell(cell: dict[str, Any], every: int = 10) -> tuple[list[dict[str, An
             if step % every and (step > 0.15 * steps + 5 or sched.curvature.lambda_max is None):
                 continue
             stats = sched.curvature.last
-            signals = (None, None)
+            signals, grad_norm = (None, None), None
             if stats is not None and stats.step != sampled:
                 sampled, signals = stats.step, one_step_signals(stats)
+                grad_norm = math.sqrt(float(stats.grad_sq_norm.sum()))
             rows.append({
                 "step": step, "loss": float(loss.detach()), "lr_factor": opt.param_groups[0]["lr"] / user_lr,
                 "lambda_max": sched.curvature.lambda_max,
                 "bound_factor": None if plan.guard_bound is None else math.exp(plan.guard_bound),
                 "peak_factor": math.exp(search.log_peak), "searching": search.searching,
                 "refreshes": search.allowance.count,
-                "hyper_cosine": signals[0], "secant_ratio": signals[1],
+                "hyper_cosine": signals[0], "secant_ratio": signals[1], "grad_norm": grad_norm,
             })  # fmt: skip
         final = task.val_loss(model)
     finally:
@@ -203,15 +204,16 @@ def trace_markdown(cell: dict[str, Any], rows: list[dict[str, Any]], final: floa
         f"{cell['seed']}, λ̂ {lam}: final validation loss {final:.4g}",
         "",
         "| step | loss | LR (× user's) | λ̂ | guard bound (× user's) | peak | searching | refreshes "
-        "| κ (sample) | q (sample) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| κ (sample) | q (sample) | ‖g‖ (sample) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['step']} | {r['loss']:.4f} | {r['lr_factor']:.3f} | "
             f"{num(r['lambda_max'], '.4g')} | {num(r['bound_factor'], '.3f')} | "
             f"{r['peak_factor']:.3f} | {'yes' if r['searching'] else 'no'} | {r['refreshes']} | "
-            f"{num(r.get('hyper_cosine'), '+.3f')} | {num(r.get('secant_ratio'), '.2f')} |"
+            f"{num(r.get('hyper_cosine'), '+.3f')} | {num(r.get('secant_ratio'), '.2f')} | "
+            f"{num(r.get('grad_norm'), '.3g')} |"
         )
     return "\n".join(lines) + "\n"
 
