@@ -128,6 +128,9 @@ def test_every_task_steady_state_from_runs_alone() -> None:
     assert out["refresh_percent"] == pytest.approx(1.0)  # median of 0.5 / 1 / 2 %
     assert out["total_percent"] == pytest.approx(2.0)
     assert out["refresh_ms"] == pytest.approx(100.0)
+    # LambdaLR's own step(): 20 µs of a 10 ms step, the floor any torch scheduler pays
+    assert out["reference_us_per_step"] == pytest.approx(20.0)
+    assert out["reference_percent"] == pytest.approx(0.2)
     assert (out["cosine_step_ms"], out["interval"], out["repeats"]) == (
         pytest.approx(10.0),
         1000,
@@ -140,8 +143,14 @@ def test_every_task_steady_state_from_runs_alone() -> None:
     assert alone["refresh_percent"] == 0.0
     assert alone["total_percent"] == pytest.approx(0.4)
     table = "\n".join(markdown({"results": {"t": out, "u": alone}, "repeats": 3}))
-    assert "| `t` | 10.00 | 1.00 % (100 µs) | 100 | 1000 | 1.00 % | **2.00 %** | no |" in table
-    assert "| `u` | 10.00 | 0.40 % (40 µs) | 0 | — | 0.00 % | **0.40 %** | yes |" in table
+    assert (
+        "| `t` | 10.00 | 0.20 % (20 µs) | 1.00 % (100 µs) | 100 | 1000 | 1.00 % | **2.00 %** | no |"
+        in table
+    )
+    assert (
+        "| `u` | 10.00 | 0.20 % (20 µs) | 0.40 % (40 µs) | 0 | — | 0.00 % | **0.40 %** | yes |"
+        in table
+    )
 
 
 def test_every_task_measures_a_real_task_alone() -> None:
