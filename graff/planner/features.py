@@ -35,7 +35,12 @@ class LossTracker:
     of the fast average above it (minibatch noise alone must not look like divergence): the
     loss-based instability signal. The standard error is
     :math:`\sigma\sqrt{(1-\beta)/(1+\beta)}`, :math:`\sigma^2` a slow average of squared
-    deviations from the slow mean.
+    deviations from the slow mean, each deviation clipped to
+    :math:`\pm 3\max(\sigma, 0.01\,|\bar L_\text{slow}|)` once ``min_count`` losses are in
+    (winsorised, as in Huber's robust scale estimates): one outlier batch — or the step that
+    killed half of a ReLU network's units — would otherwise raise σ for the ~50 steps the slow
+    average remembers and hide the worse plateau after it behind the noise term. The floor at
+    1 % of the loss keeps a loss that was constant at first from locking σ at 0.
     """
 
     def __init__(self, fast: float = 0.9, slow: float = 0.98, min_count: int = 5) -> None:
@@ -59,6 +64,9 @@ class LossTracker:
         if value is None or not math.isfinite(value):
             return
         deviation = value - self.slow if self.count else 0.0
+        if self.count >= self.min_count:
+            limit = 3.0 * max(self.noise_std, 0.01 * abs(self.slow))
+            deviation = max(-limit, min(limit, deviation))
         var = self.beta_slow * self._var + (1 - self.beta_slow) * deviation * deviation
         fast = self.beta_fast * self._fast + (1 - self.beta_fast) * value
         slow = self.beta_slow * self._slow + (1 - self.beta_slow) * value
@@ -69,12 +77,18 @@ class LossTracker:
         if self.count >= self.min_count:
             self.best = min(self.best, self.fast)
 
+    @property
+    def noise_std(self) -> float:
+        """σ, the bias-corrected standard deviation of one loss about the slow average."""
+        if not self.count:
+            return 0.0
+        return math.sqrt(self._var / (1 - self.beta_slow ** max(self.count - 1, 1)))
+
     def rising(self, tolerance: float) -> bool:
         """Whether the fast average exceeds the best by more than ``tolerance`` (relative)."""
         if self.count < self.min_count or not math.isfinite(self.best):
             return False
-        noise = math.sqrt(self._var / (1 - self.beta_slow ** max(self.count - 1, 1)))
-        noise *= math.sqrt((1 - self.beta_fast) / (1 + self.beta_fast))
+        noise = self.noise_std * math.sqrt((1 - self.beta_fast) / (1 + self.beta_fast))
         return self.fast - self.best > max(tolerance * max(abs(self.best), 1e-12), 3.0 * noise)
 
     def reset_best(self) -> None:
