@@ -19,9 +19,10 @@ def _feed(tracker: LossTracker, values: list[float]) -> None:
 
 
 def _noise_bound(sigma: float, scale: float, count: int) -> float:
-    """σ after one more loss, at most: its squared deviation is clipped to (3 · scale)², and the
-    bias correction of the older terms only shrinks them (β (1 − β^(n−1)) ≤ 1 − β^n)."""
-    return math.sqrt(sigma**2 + 9 * scale**2 * 0.02 / (1 - 0.98**count))
+    """σ after one more loss (``count`` losses in), at most: its squared deviation is clipped to
+    (3 · scale)², and σ² is the average over 1 − β^(count−1), so the older terms only shrink
+    (β (1 − β^(count−2)) ≤ 1 − β^(count−1))."""
+    return math.sqrt(sigma**2 + 9 * scale**2 * 0.02 / (1 - 0.98 ** (count - 1)))
 
 
 def test_averages_are_bias_corrected_exponential_means() -> None:

@@ -104,6 +104,32 @@ def test_backoff_at_the_user_lr_divides_the_lr_reached_by_backoff() -> None:
     assert cal.log_peak == pytest.approx(math.log(0.5) - math.log(3.0) - math.log(2.0))
 
 
+def test_an_excursion_after_the_ceiling_removed_the_raise_does_not_blame_the_user_lr() -> None:
+    """The loss average lags the LR by ``lag`` steps: a loss excursion that arrives just after a
+    new λ̂ took the raise back (rule 2) was caused by the raised LR, which is already gone, so
+    the ceiling has answered it: σ stays where it is and the search goes on under the new
+    ceiling, instead of ending with the user's LR cut by ``backoff`` (traced on the SGD CNN: 5.2×
+    the user's LR, a λ̂ 19× larger, the spike two steps later, a λ̂ back near its first value
+    ten steps after that)."""
+    cal = _calibrator(lag=5)
+    for step in range(1, 11):
+        cal.update(step / 100, 0.0, unstable=False, at_best=6 <= step <= 8)
+    assert cal.log_peak > cal.best_level > 0.0
+    cal.update(0.11, 0.0, unstable=False, log_ceiling=-1.0)  # a new λ̂: the raise is removed
+    assert cal.log_peak == 0.0
+    assert cal.update(0.12, 0.0, unstable=True)  # the excursion of the raised LR arrives
+    assert cal.log_peak == 0.0  # not 0 - log(backoff): the user's LR was not the cause
+    assert cal.searching
+    assert cal.backoffs == 1
+    # once the lag has passed with no raise in it, an instability does blame the user's LR
+    for step in range(13, 40):
+        cal.update(step / 100, 0.0, unstable=False, log_ceiling=-1.0)
+    assert cal.log_peak == 0.0
+    assert cal.update(0.4, 0.0, unstable=True)
+    assert cal.log_peak == pytest.approx(-math.log(3.0))
+    assert not cal.searching
+
+
 def test_refresh_due_at_most_every_n_steps() -> None:
     cal = _calibrator()
     due = []

@@ -71,8 +71,10 @@ class PeakSearch:
     3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
        the search ends; if :math:`\sigma` is above the *best level* — the smallest
        :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
-       average lags the LR by about ``lag`` steps) — it returns to that level; otherwise the
-       user's LR itself is too high, and the peak LR becomes the LR just reached divided by
+       average lags the LR by about ``lag`` steps) — it returns to that level; if it is not,
+       but was within the last ``lag`` steps (rule 2 took the raise back, after a new λ̂,
+       just before the loss showed its harm), that already answered it: :math:`\sigma` stays
+       and the search goes on under the new ceiling; otherwise the user's LR itself is too high, and the peak LR becomes the LR just reached divided by
        ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
        halved (later).
     4. **Cut an exploding loss every step.** A step whose loss explodes
@@ -382,7 +384,7 @@ class PeakSearch:
         exploding: bool = False,
         pull_back: bool = True,
     ) -> bool:
-        """Advance one step; returns True when it backed off.
+        """Advance one step; returns True when it answered an instability (rules 3 and 4).
 
         Args:
             fraction_used: Fraction of the budget used.
@@ -415,8 +417,13 @@ class PeakSearch:
         if at_best:
             self.best_level = min(self._history)
         if unstable and self.cooldown == 0:
+            # the loss still shows the harm of a raise that rule 2 has already taken back: that
+            # answered it, and the search may go on under the new ceiling
+            answered = self.log_peak <= self.best_level < max(self._history)
             if self.log_peak > self.best_level:
                 self.log_peak = self.best_level
+            elif answered:
+                pass
             elif self.watching(fraction_used):
                 self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
             else:
@@ -424,7 +431,7 @@ class PeakSearch:
             self.log_peak = max(self.log_peak, -math.log(1e3))
             self.best_level = min(self.best_level, self.log_peak)
             self._history.clear()
-            self.searching = False
+            self.searching = self.searching and answered
             self.cooldown = self.cooldown_steps
             self.backoffs += 1
             return True
