@@ -1,4 +1,4 @@
-"""The peak search's checkpoint numbers: parsed and checked before anything is loaded.
+"""The peak search's checkpoint numbers: written, and parsed and checked before anything is loaded.
 
 Split from :mod:`graff.planner.peak_search` (the rules) as :mod:`graff.probes._state` is from
 the probes: :meth:`PeakSearch.load_state_dict` calls :func:`parse_search_state` first, so an
@@ -12,6 +12,30 @@ from typing import Any
 
 from graff._checks import MAX_COUNT
 from graff.errors import CheckpointError
+
+
+def search_state(search: Any, history: list[float]) -> dict[str, Any]:
+    """:meth:`PeakSearch.state_dict`: the numbers, the loss watchers and the refresh allowance."""
+    return {
+        "log_peak": search.log_peak,
+        "searching": search.searching,
+        "steps": search.steps,
+        "cooldown": search.cooldown,
+        "backoffs": search.backoffs,
+        "cuts": search.cuts,
+        "best_level": search.best_level,
+        "capped": search.capped,
+        "hold_until": search.hold_until,
+        "hold_decided": search.hold_decided,
+        "history": history,
+        "last_refresh": search.last_refresh,
+        "nonfinite_seen": search.nonfinite_seen,
+        "discredited": search.discredited,
+        "losses": search.losses.state_dict(),
+        "explosion": search.explosion.state_dict(),
+        "allowance": search.allowance.state_dict(),
+    }
+
 
 #: The search's counters, in the order :func:`parse_search_state` returns them.
 COUNTS = ("steps", "cooldown", "backoffs", "cuts", "nonfinite_seen")

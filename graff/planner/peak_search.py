@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from graff.errors import ProbeError
-from graff.planner._search_state import parse_search_state
+from graff.planner._search_state import parse_search_state, search_state
 from graff.planner.features import ExplosionWatch, LossTracker
 from graff.planner.refresh import RefreshAllowance
 from graff.planner.search_defaults import (
@@ -71,10 +71,10 @@ class PeakSearch:
     3. **Back off to the best level seen.** On instability (at most once per ``cooldown`` steps)
        the search ends; if :math:`\sigma` is above the *best level* — the smallest
        :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
-       average lags the LR by about ``lag`` steps) — it returns to that level; if it is not,
-       but was within the last ``lag`` steps (rule 2 took the raise back, after a new λ̂,
-       just before the loss showed its harm), that already answered it: :math:`\sigma` stays
-       and the search goes on under the new ceiling; otherwise the user's LR itself is too high, and the peak LR becomes the LR just reached divided by
+       average lags the LR by about ``lag`` steps) — it returns to that level. If it is not
+       but was within the last ``lag`` steps, rule 2 already took back the raise whose harm the
+       loss shows: :math:`\sigma` stays and the search goes on. Otherwise the user's LR itself
+       is too high, and the peak LR becomes the LR just reached divided by
        ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
        halved (later).
     4. **Cut an exploding loss every step.** A step whose loss explodes
@@ -417,17 +417,15 @@ class PeakSearch:
         if at_best:
             self.best_level = min(self._history)
         if unstable and self.cooldown == 0:
-            # the loss still shows the harm of a raise that rule 2 has already taken back: that
-            # answered it, and the search may go on under the new ceiling
+            # rule 2 already took back the raise whose harm the loss still shows (the lag)
             answered = self.log_peak <= self.best_level < max(self._history)
             if self.log_peak > self.best_level:
                 self.log_peak = self.best_level
-            elif answered:
-                pass
-            elif self.watching(fraction_used):
-                self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
-            else:
-                self.log_peak -= math.log(2.0)
+            elif not answered:
+                if self.watching(fraction_used):
+                    self.log_peak = self.log_peak + min(0.0, log_prior) - self.log_backoff
+                else:
+                    self.log_peak -= math.log(2.0)
             self.log_peak = max(self.log_peak, -math.log(1e3))
             self.best_level = min(self.best_level, self.log_peak)
             self._history.clear()
@@ -464,25 +462,7 @@ class PeakSearch:
 
     def state_dict(self) -> dict[str, Any]:
         """The search's numbers, its loss watchers and its refresh allowance (a tree)."""
-        return {
-            "log_peak": self.log_peak,
-            "searching": self.searching,
-            "steps": self.steps,
-            "cooldown": self.cooldown,
-            "backoffs": self.backoffs,
-            "cuts": self.cuts,
-            "best_level": self.best_level,
-            "capped": self.capped,
-            "hold_until": self.hold_until,
-            "hold_decided": self.hold_decided,
-            "history": list(self._history),
-            "last_refresh": self.last_refresh,
-            "nonfinite_seen": self.nonfinite_seen,
-            "discredited": self.discredited,
-            "losses": self.losses.state_dict(),
-            "explosion": self.explosion.state_dict(),
-            "allowance": self.allowance.state_dict(),
-        }
+        return search_state(self, list(self._history))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; :class:`CheckpointError` if invalid.
