@@ -130,6 +130,34 @@ def test_an_excursion_after_the_ceiling_removed_the_raise_does_not_blame_the_use
     assert not cal.searching
 
 
+def test_an_excursion_after_the_applied_lr_was_cut_does_not_blame_the_user_lr() -> None:
+    """Whoever cut the LR within the loss average's lag has answered the excursion the average
+    now shows: here the guard (not the ceiling, so σ never moved) cut the applied LR 8× one step
+    before the spike arrived. σ stays and the search goes on, instead of the user's LR being cut
+    by ``backoff`` on top of the guard's cut (traced on the SGD CNN at 10× its LR: 0.103 →
+    0.134). A cut smaller than ``backoff`` does not count: the LR the loss blames may still be
+    in use."""
+    for cut, blamed in ((2.0, True), (8.0, False)):
+        cal = _calibrator(lag=5, search_fraction=0.1)
+        for step in range(1, 5):
+            cal.update(step / 100, 0.0, unstable=False, hold=True, applied=0.0)
+        assert cal.log_peak == 0.0
+        cal.update(0.05, 0.0, unstable=False, hold=True, applied=-math.log(cut))  # the guard
+        assert cal.update(0.06, 0.0, unstable=True, applied=-math.log(cut))  # the spike
+        assert cal.backoffs == 1
+        if blamed:
+            assert cal.log_peak == pytest.approx(-math.log(3.0))
+            assert not cal.searching
+        else:
+            assert cal.log_peak == 0.0
+            assert cal.searching
+    # once the lag has passed at the cut LR, an instability does blame the user's LR
+    for step in range(7, 40):
+        cal.update(step / 100, 0.0, unstable=False, hold=True, applied=-math.log(8.0))
+    assert cal.update(0.4, 0.0, unstable=True, applied=-math.log(8.0))
+    assert cal.log_peak == pytest.approx(-math.log(2.0))  # after the watch: halved
+
+
 def test_refresh_due_at_most_every_n_steps() -> None:
     cal = _calibrator()
     due = []

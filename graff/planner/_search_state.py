@@ -14,7 +14,7 @@ from graff._checks import MAX_COUNT
 from graff.errors import CheckpointError
 
 
-def search_state(search: Any, history: list[float]) -> dict[str, Any]:
+def search_state(search: Any, history: list[float], applied: list[float]) -> dict[str, Any]:
     """:meth:`PeakSearch.state_dict`: the numbers, the loss watchers and the refresh allowance."""
     return {
         "log_peak": search.log_peak,
@@ -28,6 +28,7 @@ def search_state(search: Any, history: list[float]) -> dict[str, Any]:
         "hold_until": search.hold_until,
         "hold_decided": search.hold_decided,
         "history": history,
+        "applied": applied,
         "last_refresh": search.last_refresh,
         "nonfinite_seen": search.nonfinite_seen,
         "discredited": search.discredited,
@@ -45,10 +46,10 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a :meth:`PeakSearch.state_dict`, converted and checked.
 
     Returns ``log_peak``, ``best_level``, ``searching``, ``capped``, ``counts`` (in
-    :data:`COUNTS` order), ``history``, ``last_refresh``, ``discredited``, ``hold_until``,
+    :data:`COUNTS` order), ``history``, ``applied``, ``last_refresh``, ``discredited``, ``hold_until``,
     ``hold_decided`` and ``children`` (the loss tracker's, explosion watch's and refresh
     allowance's states, which they check themselves). Keys added later (``discredited``,
-    ``hold_until``, ``hold_decided``) take their defaults when absent, so older checkpoints load.
+    ``hold_until``, ``hold_decided``, ``applied``) take their defaults when absent, so older checkpoints load.
     """
     try:
         parsed = {
@@ -58,6 +59,7 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
             "capped": state["capped"],
             "counts": [int(state[k]) for k in COUNTS],
             "history": [float(v) for v in state["history"]],
+            "applied": [float(v) for v in state.get("applied", [])],  # absent before rule 3 read it
             "last_refresh": int(state["last_refresh"]),
             "discredited": int(state.get("discredited", -1)),  # absent before loss evidence
             "hold_until": float(state.get("hold_until", 0.0)),  # absent before search_after_hold
@@ -66,7 +68,13 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
         }
     except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise CheckpointError(f"invalid peak-search state: {err!r}") from err
-    numbers = (parsed["log_peak"], parsed["best_level"], parsed["hold_until"], *parsed["history"])
+    numbers = (
+        parsed["log_peak"],
+        parsed["best_level"],
+        parsed["hold_until"],
+        *parsed["history"],
+        *parsed["applied"],
+    )
     if not (
         all(math.isfinite(v) for v in numbers)
         and all(0 <= c < MAX_COUNT for c in parsed["counts"])

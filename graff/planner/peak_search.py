@@ -73,7 +73,10 @@ class PeakSearch:
        :math:`\sigma` of the ``lag`` steps before the loss average was last at its best (the
        average lags the LR by about ``lag`` steps) — it returns to that level. If it is not
        but was within the last ``lag`` steps, rule 2 already took back the raise whose harm the
-       loss shows: :math:`\sigma` stays and the search goes on. Otherwise the user's LR itself
+       loss shows: :math:`\sigma` stays and the search goes on. So too if the LR *applied*
+       within the last ``lag`` steps was ``backoff`` times today's or more: whoever cut it (the
+       guard's hard min, usually) has already answered, and a back-off would cut a second
+       time for one excursion. Otherwise the user's LR itself
        is too high, and the peak LR becomes the LR just reached divided by
        ``backoff`` (while :meth:`watching`: the search and as long again after it) or is
        halved (later).
@@ -137,6 +140,7 @@ class PeakSearch:
         self.capped = False  # the ceiling stopped the last rise (a λ̂ refresh may lift it)
         self.last_refresh = -(10**9)  # step of the last λ̂ refresh the search asked for
         self._history: deque[float] = deque(maxlen=lag)
+        self._applied: deque[float] = deque(maxlen=lag)  # the applied log LR factors (rule 3)
 
     def watching(self, fraction_used: float) -> bool:
         """Whether the search or its aftermath (up to twice ``search_fraction``) is running.
@@ -296,6 +300,7 @@ class PeakSearch:
             at_best=at_best,
             exploding=exploding,
             pull_back=not (self.loss_evidence and self.healthy),
+            applied=last_log_factor,
         )
         if backed_off or self.cooldown > 0:
             # Re-baseline the loss average through the cool-down: it is still catching up with
@@ -383,6 +388,7 @@ class PeakSearch:
         at_best: bool = False,
         exploding: bool = False,
         pull_back: bool = True,
+        applied: float | None = None,
     ) -> bool:
         """Advance one step; returns True when it answered an instability (rules 3 and 4).
 
@@ -396,6 +402,8 @@ class PeakSearch:
             exploding: The loss explodes this step (rule 4; also when not ``enabled``).
             pull_back: Rule 2 applies (``False`` under loss evidence with a healthy loss: the
                 ceiling then only stops the rise).
+            applied: The log LR factor of the step just taken, after the guard (rule 3: a cut
+                of it by ``backoff`` or more within the lag answers an instability), or None.
         """
         self.steps += 1
         self.cooldown = max(0, self.cooldown - 1)
@@ -404,6 +412,7 @@ class PeakSearch:
             self.log_peak = max(level, -math.log(1e3))
             self.best_level = min(self.best_level, self.log_peak)
             self._history.clear()
+            self._applied.clear()
             self.searching = False
             self.cooldown = self.cooldown_steps
             self.cuts += 1
@@ -414,11 +423,16 @@ class PeakSearch:
         if pull_back and has_ceiling and self.log_peak > 0.0:
             self.log_peak = min(self.log_peak, max(0.0, log_ceiling))  # rule 2
         self._history.append(self.log_peak)
+        if applied is not None:
+            self._applied.append(applied)
         if at_best:
             self.best_level = min(self._history)
         if unstable and self.cooldown == 0:
-            # rule 2 already took back the raise whose harm the loss still shows (the lag)
-            answered = self.log_peak <= self.best_level < max(self._history)
+            # rule 2 took back the raise whose harm the loss still shows (the lag), or the LR
+            # in use was already cut by backoff or more within the lag (by the guard, say)
+            answered = self.log_peak <= self.best_level < max(self._history) or (
+                applied is not None and max(self._applied) - applied >= self.log_backoff
+            )
             if self.log_peak > self.best_level:
                 self.log_peak = self.best_level
             elif not answered:
@@ -429,6 +443,7 @@ class PeakSearch:
             self.log_peak = max(self.log_peak, -math.log(1e3))
             self.best_level = min(self.best_level, self.log_peak)
             self._history.clear()
+            self._applied.clear()
             self.searching = self.searching and answered
             self.cooldown = self.cooldown_steps
             self.backoffs += 1
@@ -462,7 +477,7 @@ class PeakSearch:
 
     def state_dict(self) -> dict[str, Any]:
         """The search's numbers, its loss watchers and its refresh allowance (a tree)."""
-        return search_state(self, list(self._history))
+        return search_state(self, list(self._history), list(self._applied))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; :class:`CheckpointError` if invalid.
@@ -482,3 +497,4 @@ class PeakSearch:
         self.hold_until, self.hold_decided = parsed["hold_until"], parsed["hold_decided"]
         history = parsed["history"]
         self._history = deque(history[-self.lag :], maxlen=self.lag)
+        self._applied = deque(parsed["applied"][-self.lag :], maxlen=self.lag)
