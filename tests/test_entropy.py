@@ -501,3 +501,22 @@ def test_token_weights_give_dropped_tokens_weight_one(tiny_qwen3, token_batch) -
     assert bool((weights[bad] == 1).all())
     assert bool((weights[:, -1] == 0).all())
     assert weights[:, :-1].mean().item() == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("training_only", [False, True])
+def test_training_only_skips_passes_without_gradients(training_only, token_batch) -> None:
+    """A scheduler's probe (``training_only=True``) neither counts nor decodes an evaluation
+    pass, under ``no_grad`` or ``inference_mode``; a standalone probe (default) reads them all."""
+    model = make_tiny_qwen3()
+    probe = EntropyProbe(model, max_tokens=None, training_only=training_only)
+    with torch.no_grad():
+        model(**inputs(token_batch))
+    with torch.inference_mode():
+        model(**inputs(token_batch))
+    assert probe.calls == (0 if training_only else 2)
+    assert (probe.entropies is None) == training_only
+    model(**inputs(token_batch))  # a training pass: read either way
+    assert probe.calls == (1 if training_only else 3)
+    assert probe.entropies is not None
+    with pytest.raises(GraffTypeError):
+        EntropyProbe(model, training_only=1)

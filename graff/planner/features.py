@@ -453,7 +453,7 @@ def make_entropy_probe(model: nn.Module | None, seed: int, every: int) -> Entrop
     if model is None:
         return None
     try:
-        return EntropyProbe(model, seed=seed, every=every)
+        return EntropyProbe(model, seed=seed, every=every, training_only=True)
     except ProbeError as err:
         # EntropyProbe's own advice (layer=/head=) is for building one by hand; GraffScheduler
         # takes neither, so the warning keeps the reason and names what GraffScheduler accepts.

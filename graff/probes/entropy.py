@@ -62,7 +62,8 @@ def _in_backward() -> bool:
 class EntropyProbe:
     """Forward hook recording the logit-lens entropy of sampled tokens after an early layer.
 
-    On every forward pass of ``model`` (outside :func:`graff.probes._context.probing`), after
+    On every forward pass of ``model`` (outside :func:`graff.probes._context.probing`; with
+    ``training_only``, only those run with gradients enabled), after
     decoder layer ``layer_index`` runs, the probe draws at most ``max_tokens`` non-padding token
     positions, decodes their detached hidden states through the final norm and the LM head and
     stores the entropies :math:`H_j = -\\sum_v p_{j,v}\\log p_{j,v}` (float32, nats; see the module
@@ -90,6 +91,11 @@ class EntropyProbe:
         every: Decode every ``every``-th observed forward pass (call count ``0, every, …``);
             the others are only counted and leave the last readings in place. ``1`` decodes
             each one. Subsampling passes keeps the readings an unbiased sample of the tokens.
+        training_only: Observe only forward passes run with gradients enabled, i.e. training
+            passes: an evaluation under ``torch.no_grad()`` or ``torch.inference_mode()`` is
+            then neither counted nor decoded, so evaluating between steps cannot change which
+            training passes are read, nor a schedule built on them. The schedulers build their
+            probes this way; the default (``False``) reads every pass, evaluation included.
 
     Attributes:
         entropies: Float32 tensor ``[k]`` of the finite entropies of the last forward (``None``
@@ -121,6 +127,9 @@ class EntropyProbe:
         https://arxiv.org/abs/2303.08112, 2023.
     """
 
+    #: Class default, so a probe pickled before the argument existed reads as before.
+    training_only: bool = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -131,6 +140,7 @@ class EntropyProbe:
         max_tokens: int | None = 64,
         seed: int = 0,
         every: int = 1,
+        training_only: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GraffTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -154,6 +164,9 @@ class EntropyProbe:
             None if max_tokens is None else check_positive_int("max_tokens", max_tokens)
         )
         self.every = check_positive_int("every", every)
+        if not isinstance(training_only, bool):
+            raise GraffTypeError(f"training_only must be a bool, got {training_only!r}.")
+        self.training_only = training_only
         self.seed = seed
         layer, self._head = resolve_layer_and_head(model, layer, head, layer_index)
         self.entropies: Tensor | None = None
@@ -192,17 +205,22 @@ class EntropyProbe:
     def __setstate__(self, state: dict[str, Any]) -> None:
         restore_hooks(self, state)
 
+    def _observes(self) -> bool:
+        """Whether this forward pass is one the probe reads: not graff's own (λ̂'s probe
+        batches), and a training pass unless ``training_only`` is off."""
+        return not probing_active() and (torch.is_grad_enabled() or not self.training_only)
+
     def _on_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        if not probing_active():
+        if self._observes():
             mask = kwargs.get("attention_mask")
             self._mask = mask if isinstance(mask, Tensor) else None
 
     def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not probing_active():
+        if self._observes():
             self._mask = None
 
     def _on_layer(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not probing_active() and not _in_backward():
+        if self._observes() and not _in_backward():
             self._observe(output)
 
     @property

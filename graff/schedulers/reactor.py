@@ -117,7 +117,9 @@ class ReactorScheduler(BudgetedScheduler):
             its ``auto`` λ̂ interval follows the budget (``cost_model``: steps under a step
             budget, measured seconds under a wall-clock one); a probe built with
             ``cost_model="seconds"`` is refused under a step budget.
-        entropy_probe: An entropy probe to share (same rule).
+        entropy_probe: An entropy probe to share (same rule). Build it with
+            ``training_only=True`` (as the one created here is), or evaluation passes between
+            steps change the readings the controller sees.
         seed: Non-negative integer seed; ``None`` draws one from the OS (saved in the state;
             under ``torch.distributed`` rank 0 draws it and every rank uses it).
         lr_min_factor: Lower clamp of the LR factor.
@@ -265,7 +267,9 @@ class ReactorScheduler(BudgetedScheduler):
         self.entropy_probe = entropy_probe
         if self._owns_entropy:
             try:
-                self.entropy_probe = EntropyProbe(model, seed=component_seed(self.seed))
+                self.entropy_probe = EntropyProbe(
+                    model, seed=component_seed(self.seed), training_only=True
+                )
             except ProbeError:
                 if token_aware:
                     raise
