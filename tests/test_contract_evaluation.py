@@ -4,8 +4,9 @@ A torch scheduler's LRs are a function of its step count; frameworks (Hugging Fa
 ``Trainer``, Lightning) evaluate whenever the user asks, under ``torch.no_grad()`` or
 ``torch.inference_mode()``, and expect the training run to be the same either way. GRAFF reads
 the model's forward passes (the early-layer entropy probe, the captured loss), so an evaluation
-pass must be invisible to it: the same seeded run with and without evaluation passes in between
-must give bit-identical LRs, parameters and entropy readings. ``CosineAnnealingLR`` runs beside
+pass must be invisible to it: the same seeded run with and without evaluation passes before
+the first step (where the λ̂ probe batch is captured) and in between must give bit-identical
+LRs, parameters and entropy readings. ``CosineAnnealingLR`` runs beside
 it as the control.
 """
 
@@ -43,6 +44,8 @@ def _run(make: Callable[..., Any], evaluate: Callable[[torch.nn.Module], None] |
     sched = make(model, opt)
     train_gen = torch.Generator().manual_seed(1)
     lrs, entropies = [], []
+    if evaluate is not None:  # a sanity-check evaluation before training (Lightning runs one)
+        evaluate(model)
     for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
         model(**_batch(train_gen)).loss.backward()
