@@ -46,10 +46,11 @@ def parse_search_state(state: dict[str, Any]) -> dict[str, Any]:
     """The numbers of a :meth:`PeakSearch.state_dict`, converted and checked.
 
     Returns ``log_peak``, ``best_level``, ``searching``, ``capped``, ``counts`` (in
-    :data:`COUNTS` order), ``history``, ``applied``, ``last_refresh``, ``discredited``, ``hold_until``,
-    ``hold_decided`` and ``children`` (the loss tracker's, explosion watch's and refresh
-    allowance's states, which they check themselves). Keys added later (``discredited``,
-    ``hold_until``, ``hold_decided``, ``applied``) take their defaults when absent, so older checkpoints load.
+    :data:`COUNTS` order), ``history``, ``applied``, ``last_refresh``, ``discredited``,
+    ``hold_until``, ``hold_decided`` and ``children`` (the loss tracker's, explosion watch's and
+    refresh allowance's states, which they check themselves). Keys added later
+    (``discredited``, ``hold_until``, ``hold_decided``, ``applied``) take their defaults when
+    absent, so older checkpoints load.
     """
     try:
         parsed = {

@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._warn import warn
 from graff.errors import ProbeError, ProbeWarning
-from graff.probes._context import probing_active
+from graff.probes._context import reads_pass
 
 
 def _detach(obj: Any) -> Any:
@@ -44,8 +43,8 @@ def _plain(obj: Any) -> bool:
 class InputCapture:
     """Keeps (detached clones of) the inputs of the first gradient-enabled forward pass.
 
-    The hook ignores passes made while :func:`graff.probes._context.probing_active` (the probe's
-    own re-evaluations) and under ``torch.no_grad()`` (evaluation loops), and removes itself
+    The hook ignores the passes :func:`graff.probes._context.reads_pass` rules out (the probe's
+    own re-evaluations, and evaluation under ``torch.no_grad()``), and removes itself
     once it has captured a batch. The hook holds the capture weakly (:mod:`graff._hooks`): the
     model never keeps a dropped probe alive, and a copy of a capture that is still waiting for
     a batch hooks the copied model.
@@ -68,7 +67,7 @@ class InputCapture:
         restore_hooks(self, state)
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.args is not None or probing_active() or not torch.is_grad_enabled():
+        if self.args is not None or not reads_pass():
             return
         self.args, self.kwargs = _detach(tuple(args)), _detach(dict(kwargs))
         self.remove()

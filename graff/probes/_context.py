@@ -1,9 +1,11 @@
-"""A re-entrancy flag for graff's hooks.
+"""Which forward passes graff's hooks read: a re-entrancy flag, and the training-pass test.
 
 Probes re-run the model (e.g. the curvature probe's Hessian-vector products on a fixed probe
 batch). Those extra forward passes must not be seen by graff's own forward hooks (the entropy
-probe, the schedulers' loss capture, the probe-batch capture). Every graff hook checks
-:func:`probing_active` and returns at once while a probe is evaluating.
+probe, the schedulers' loss capture, the probe-batch capture). Nor must a user's evaluation
+(``torch.no_grad()``/``torch.inference_mode()``, as Hugging Face's ``Trainer`` and Lightning
+run it): a schedule must not depend on how often the model is evaluated. Every graff hook asks
+:func:`reads_pass` and returns at once when it says no.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+import torch
 
 _state = threading.local()
 
@@ -28,3 +32,15 @@ def probing() -> Iterator[None]:
         yield
     finally:
         _state.depth -= 1
+
+
+def reads_pass(training_only: bool = True) -> bool:
+    """Whether a graff forward hook reads the pass running now: not a probe's own, and (with
+    ``training_only``) a training pass, i.e. one run with gradients enabled."""
+    return not probing_active() and (torch.is_grad_enabled() or not training_only)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass (activation-checkpointing recomputation)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1

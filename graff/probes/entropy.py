@@ -42,7 +42,7 @@ from graff.errors import (
     ProbeError,
     ProbeWarning,
 )
-from graff.probes._context import probing, probing_active
+from graff.probes._context import in_backward, probing, reads_pass
 from graff.probes._lens import entropy_from_logits, resolve_layer_and_head
 from graff.probes._state import ENTROPY_FORMAT_VERSION, check_entropy_state
 from graff.probes.stats import EntropyStats
@@ -51,12 +51,6 @@ from graff.tokens import batch_token_weights
 __all__ = ["EntropyProbe", "EntropyStats", "entropy_from_logits"]
 
 _CHUNK_ELEMENTS = 1 << 24  # at most this many float32 logits alive at once (64 MiB)
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (activation-checkpointing recomputation)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
 
 
 class EntropyProbe:
@@ -205,22 +199,17 @@ class EntropyProbe:
     def __setstate__(self, state: dict[str, Any]) -> None:
         restore_hooks(self, state)
 
-    def _observes(self) -> bool:
-        """Whether this forward pass is one the probe reads: not graff's own (λ̂'s probe
-        batches), and a training pass unless ``training_only`` is off."""
-        return not probing_active() and (torch.is_grad_enabled() or not self.training_only)
-
     def _on_pre(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
-        if self._observes():
+        if reads_pass(self.training_only):
             mask = kwargs.get("attention_mask")
             self._mask = mask if isinstance(mask, Tensor) else None
 
     def _on_post(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._observes():
+        if reads_pass(self.training_only):
             self._mask = None
 
     def _on_layer(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._observes() and not _in_backward():
+        if reads_pass(self.training_only) and not in_backward():
             self._observe(output)
 
     @property

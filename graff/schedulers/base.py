@@ -45,7 +45,7 @@ from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
 from graff.guard import clamp_lr
-from graff.probes._context import probing_active
+from graff.probes._context import reads_pass
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
 
@@ -227,7 +227,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._optimizer_steps += 1
 
     def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._capture_wanted or probing_active() or not torch.is_grad_enabled():
+        if not self._capture_wanted or not reads_pass():
             return
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if isinstance(loss, Tensor) and loss.numel() == 1:
