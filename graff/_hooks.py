@@ -21,10 +21,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from graff.errors import GraffError
 
+# torch < 2.3 has no torch.compiler.is_compiling (nor the stance graff's probes need)
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", lambda: False)
 # the dicts, keyed by hook id, that torch keeps beside a module's _forward(_pre)_hooks
 _MODULE_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 _EXTRA_HOOK_DICTS = (
@@ -53,6 +56,8 @@ class WeakHook:
         return self._ref is not None and self._ref() is not None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if _outside_graph is not None and _is_compiling():  # traced by torch.compile
+            return _outside_graph(self, args, kwargs)
         owner = None if self._ref is None else self._ref()
         if owner is None:
             return None
@@ -64,6 +69,26 @@ class WeakHook:
     def __repr__(self) -> str:
         owner = None if self._ref is None else self._ref()
         return f"WeakHook({type(owner).__name__ if owner is not None else 'dead'}.{self._method})"
+
+
+def _call_hook(hook: WeakHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return hook(*args, **kwargs)
+
+
+#: ``torch.compiler.disable(_call_hook)``: calls a hook eagerly where ``torch.compile`` would
+#: otherwise trace it into the graph. A graff hook keeps Python state (counters, sampled
+#: positions, running sums): traced, its branches become guards that fail on every call (a
+#: recompilation each step) and its side effects run once, at tracing time. Disabled, it runs
+#: on every call as in eager mode, at the cost of a graph break where it sits. Built when the
+#: first module hook is registered (it imports ``torch._dynamo``, ~1 s, which ``import graff``
+#: should not pay; Hugging Face's libraries import it anyway).
+_outside_graph: Callable[..., Any] | None = None
+
+
+def _prepare_for_compile() -> None:
+    global _outside_graph
+    if _outside_graph is None and hasattr(torch.compiler, "disable"):
+        _outside_graph = torch.compiler.disable(_call_hook)
 
 
 def _remove_handles(handles: list[Any]) -> None:
@@ -97,6 +122,7 @@ class HookSet:
                 "checkpoint with state_dict()."
             )
         strip_dead_hooks(module)
+        _prepare_for_compile()  # the model may be compiled, now or later
         self.add(getattr(module, f"register_{kind}_hook"), method, **kwargs)
 
     @property

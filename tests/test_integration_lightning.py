@@ -212,3 +212,48 @@ def test_lr_scheduler_step_override_passes_the_loss_without_model() -> None:
     pairs = list(zip(module.micro_losses[::2], module.micro_losses[1::2], strict=True))
     assert spy.received == pytest.approx([(a + b) / 2 for a, b in pairs], rel=1e-6)
     assert module.sched.budget.steps == trainer.global_step == 4
+
+
+class UnfreezingModule(TinyModule):
+    """Gradual unfreezing: the embedding is the frozen ``backbone`` of ``BackboneFinetuning``."""
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.net.model.embed
+
+    def configure_optimizers(self):
+        # BackboneFinetuning froze the backbone before this runs: optimize what is trainable
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=LR)
+        budget = graff.BudgetClock(steps=self.budget_steps)
+        make = {"graff": graff.GraffScheduler, "budget": graff.BudgetScheduler}[self.kind]
+        self.sched = make(opt, budget=budget, model=self.net)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("kind", ["graff", "budget"])
+def test_backbone_finetuning_adds_a_group_that_the_scheduler_takes_in(kind) -> None:
+    # Lightning's stock callback unfreezes the backbone at epoch 1 with
+    # optimizer.add_param_group (its LR a tenth of the first group's); graff crashed at the next
+    # step (KeyError: 'initial_lr') and now schedules the group with the others
+    module = UnfreezingModule(kind, budget_steps=24)
+    unfreeze = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    trainer = pl.Trainer(
+        max_steps=24,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[unfreeze],
+    )
+    trainer.fit(module, _loader(8))  # 8 steps per epoch: unfrozen from step 8 on
+    opt, sched = trainer.optimizers[0], module.sched
+    assert trainer.global_step == 24
+    assert len(opt.param_groups) == 2
+    assert sched.last_epoch == 24
+    assert all(math.isfinite(lr) and 0 < lr for lr in sched.get_last_lr())
+    assert opt.param_groups[1]["initial_lr"] > 0
+    assert any(p.grad is not None or p.requires_grad for p in module.backbone.parameters())
+    sched.remove()

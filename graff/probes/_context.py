@@ -10,6 +10,7 @@ run it): a schedule must not depend on how often the model is evaluated. Every g
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,3 +45,16 @@ def in_backward() -> bool:
     """True while autograd runs a backward pass (activation-checkpointing recomputation)."""
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
+
+
+def eager() -> contextlib.AbstractContextManager[None]:
+    """Run a ``torch.compile``-d model eagerly inside the block (``set_stance("force_eager")``).
+
+    A probe's Hessian-vector products need a double backward (``create_graph=True``), which
+    compiled graphs do not support ("torch.compile with aot_autograd does not currently support
+    double backward"). Under this stance the model's Python code runs as written, through the
+    same parameters and forward hooks, and compiled calls outside the block are unaffected.
+    torch < 2.6 has no stance: a null context (a compiled model then fails in the probe).
+    """
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()

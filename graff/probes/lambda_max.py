@@ -36,7 +36,7 @@ from graff._checks import check_in_range, check_positive_int
 from graff.distributed import RankSync
 from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, ProbeError
 from graff.probes._capture import InputCapture
-from graff.probes._context import probing
+from graff.probes._context import eager, probing
 from graff.probes._estimator_args import (
     check_cost_model,
     check_every,
@@ -68,6 +68,8 @@ HVP_STEPS = 2.0
 #: Cost of building that graph (one forward and one backward of the probe batch with
 #: ``create_graph=True``) in training steps, paid once per estimate.
 GRAPH_STEPS = 1.0
+#: What torch's errors say when a compiled graph is asked for a double backward.
+_NO_DOUBLE_BACKWARD = ("double backward", "requires create_graph=False")
 #: Runs one estimate of ``iters`` products (``publish``: make it the new λ̂); returns λ or None.
 Runner = Callable[[int, bool], "float | None"]
 
@@ -384,8 +386,9 @@ class LambdaMaxEstimator:
         modules = list(self.model.modules()) if self.model is not None else []
         modes = [m.training for m in modules]
         try:
-            # Fused attention kernels (flash, memory-efficient) have no double backward.
-            with probing(), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+            # Neither fused attention kernels (flash, memory-efficient) nor compiled graphs have
+            # a double backward: the math kernel, and a compiled model run eagerly.
+            with probing(), eager(), torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
                 if self.model is not None:
                     self.model.eval()
                 hvp = make_hvp(self._probe_loss(), self.params)
@@ -393,6 +396,15 @@ class LambdaMaxEstimator:
                     hvp = self.sync.averaged_hvp(hvp)
                 # the largest Ritz value: an indefinite Hessian needs no second, shifted run
                 lam, v = lanczos(hvp, self._start_vector(), iters, scale)
+        except RuntimeError as err:
+            if not any(sign in str(err) for sign in _NO_DOUBLE_BACKWARD):
+                raise
+            raise ProbeError(
+                "λ̂ needs a double backward through the model, which a torch.compile-d graph does "
+                "not have, and this torch cannot run the compiled model eagerly "
+                "(torch.compiler.set_stance, torch >= 2.6). Upgrade torch, or pass loss_fn= "
+                "computing the probe loss with the uncompiled model."
+            ) from err
         finally:
             for m, mode in zip(modules, modes, strict=True):
                 m.training = mode

@@ -134,6 +134,17 @@ def _check_counters(state: dict[str, Any]) -> None:
         )
 
 
+def _check_group_lr(index: int, lr: Any, owner: str) -> float:
+    """A group's LR as a float; :class:`GraffConfigError` unless it is finite and > 0."""
+    lr = float(lr) if isinstance(lr, Tensor) else lr
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise GraffConfigError(
+            f"param_groups[{index}] has lr={lr!r}; {owner} scales each group's "
+            "initial LR, so every group needs a finite lr > 0."
+        )
+    return float(lr)
+
+
 def _set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
     for group, lr in zip(optimizer.param_groups, lrs, strict=True):
         if isinstance(group["lr"], Tensor):
@@ -178,13 +189,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"lr_min_factor={lr_min_factor!r}, lr_max_factor={lr_max_factor!r}."
             )
         for i, group in enumerate(optimizer.param_groups):
-            lr = group.get("initial_lr", group["lr"])
-            lr = float(lr) if isinstance(lr, Tensor) else lr
-            if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-                raise GraffConfigError(
-                    f"param_groups[{i}] has lr={lr!r}; {type(self).__name__} scales each group's "
-                    "initial LR, so every group needs a finite lr > 0."
-                )
+            _check_group_lr(i, group.get("initial_lr", group["lr"]), type(self).__name__)
         self.budget = as_budget(budget)
         self.model = model
         self.skipped_steps = 0
@@ -298,6 +303,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         if type(loss) is int and _called_by_sequential_lr(self):
             self._update_lr(loss)  # torch < 2.4's SequentialLR passes an epoch, not a loss
             return
+        self._adopt_new_groups()
         value = loss_value(loss)
         self._capture_wanted = value is None  # the next steps' losses come from the hook
         if value is None and self._captured_sum is not None:
@@ -334,10 +340,34 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"{type(self).__name__} plans from the losses it has seen and cannot jump to "
                 f"epoch={epoch!r}; call step() once per optimizer step instead."
             )
+        self._adopt_new_groups()
         self.last_epoch = max(self.last_epoch, 0)
         self._captured_sum, self._captured_count = None, 0
         self._optimizer_steps = 0
         self._write(self._current_factors())
+
+    def _adopt_new_groups(self) -> None:
+        """Schedule the parameter groups added since the last step (``add_param_group``).
+
+        As torch's chainable schedulers do, a new group comes in at the LR it was added with and
+        from then on moves by the same factor as the others: its ``initial_lr`` (unless it
+        brought one) is that LR over the factor in force, so the ratio of its LR to the others'
+        stays what it was when it came in (gradual unfreezing, e.g. Lightning's
+        ``BackboneFinetuning``, sets it from the first group's current LR).
+        """
+        groups = self.optimizer.param_groups
+        known = len(self._factors)
+        if len(groups) <= known:
+            return
+        factor = self._factors[0] if known else 1.0
+        owner = type(self).__name__
+        for i in range(known, len(groups)):
+            group = groups[i]
+            lr = _check_group_lr(i, group["lr"], owner)
+            initial = _check_group_lr(i, group.setdefault("initial_lr", lr / factor), owner)
+            self.base_lrs.append(initial)
+            self._factors.append(lr / initial)
+            self._last_lr.append(lr)
 
     def _write(self, factors: list[float], apply: bool = True) -> None:
         """Clamp the factors' LRs and write them into the optimizer (``apply=False``: only

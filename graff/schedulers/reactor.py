@@ -295,6 +295,9 @@ class ReactorScheduler(BudgetedScheduler):
         if not self.guard or probe is None or probe.lambda_max_safe is None:
             return None
         initial = [g["initial_lr"] for g in self.optimizer.param_groups]
+        c = self.config.guard_c
+        for g in range(len(self._guard_cs), len(initial)):  # groups added since (add_param_group)
+            self._guard_cs.append(guard_constant(self.optimizer, g) if c is None else c)
         return factor_caps(probe.lambda_max_safe, self._guard_cs, initial)
 
     def _prior_value(self) -> float:
