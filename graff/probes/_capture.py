@@ -18,6 +18,25 @@ from graff.errors import ProbeError, ProbeWarning
 from graff.probes._context import reads_pass
 
 
+def output_loss(output: Any) -> Tensor | None:
+    """The training loss in a model's forward output, or None.
+
+    ``output.loss`` or ``output["loss"]`` (Hugging Face ``ModelOutput``s, dicts), else the first
+    entry of a tuple or list when it is a scalar float tensor: Hugging Face models called with
+    ``return_dict=False`` put the loss there when labels are given, and a custom ``(loss,
+    logits)`` return does the same. A first entry that is not a scalar (logits) is no loss.
+    """
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+    else:
+        loss = getattr(output, "loss", None)
+        if loss is None and isinstance(output, (tuple, list)) and output:
+            first = output[0]
+            if isinstance(first, Tensor) and first.dim() == 0 and first.is_floating_point():
+                loss = first
+    return loss if isinstance(loss, Tensor) else None
+
+
 def _detach(obj: Any) -> Any:
     """Detached clones of every tensor in a nest of dicts, lists and tuples."""
     if isinstance(obj, Tensor):
@@ -107,11 +126,12 @@ class InputCapture:
     def loss(self) -> Tensor:
         """Re-run the model on the captured inputs and return ``output.loss``."""
         out = self.model(*(self.args or ()), **(self.kwargs or {}))
-        loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
-        if not isinstance(loss, Tensor):
+        loss = output_loss(out)
+        if loss is None:
             raise ProbeError(
-                f"the model output ({type(out).__name__}) has no .loss: include labels in the "
-                "batch the model is called with, or pass loss_fn= (a closure returning the loss)."
+                f"the model output ({type(out).__name__}) holds no loss (.loss, ['loss'], or a "
+                "tuple starting with the scalar loss): include labels in the batch the model is "
+                "called with, or pass loss_fn= (a closure returning the loss)."
             )
         return loss
 

@@ -41,10 +41,12 @@ from graff._checks import (
     is_finite_real,
 )
 from graff._hooks import HookSet, hook_state, restore_hooks
+from graff._warn import warn
 from graff.clock import BudgetClock
 from graff.distributed import resolve_sync
-from graff.errors import CheckpointError, GraffConfigError, GraffTypeError
+from graff.errors import CheckpointError, GraffConfigError, GraffTypeError, GraffWarning
 from graff.guard import clamp_lr
+from graff.probes._capture import output_loss
 from graff.probes._context import reads_pass
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
@@ -153,20 +155,30 @@ def _set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
             group["lr"] = lr
 
 
+#: Consecutive counted steps without any loss after which a scheduler that plans from the loss
+#: (``plans_from_loss``) warns, once.
+NO_LOSS_WARNING_STEPS = 10
+
+
 class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
     """Base class: a budget-aware LR scheduler around any torch optimizer.
 
     Args:
         optimizer: Any :class:`torch.optim.Optimizer` whose update is linear in ``lr``.
         budget: A :class:`~graff.BudgetClock`, or a number of seconds.
-        model: Optional model; its forward outputs' ``.loss`` is captured so that ``step()``
-            can be called without a loss (averaged over gradient-accumulation micro-batches).
+        model: Optional model; the loss in its forward outputs (``.loss``, ``["loss"]``, or a
+            tuple's scalar first entry) is captured so that ``step()`` can be called without a
+            loss (averaged over gradient-accumulation micro-batches).
         lr_min_factor: Lower clamp of every group's LR, as a fraction of its initial LR.
         lr_max_factor: Upper clamp of every group's LR, as a multiple of its initial LR.
         process_group: The ``torch.distributed`` group to agree over (``None``: the default).
         distributed: ``None`` reduces the rank-local inputs when ``torch.distributed`` is
             initialised with more than one rank, ``False`` never, ``True`` requires it.
     """
+
+    #: Whether the schedule is planned from the training loss (GRAFF, REACTOR): such a
+    #: scheduler warns once when it gets no loss for ``NO_LOSS_WARNING_STEPS`` steps in a row.
+    plans_from_loss = False
 
     def __init__(
         self,
@@ -201,6 +213,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._captured_count = 0
         # False while step() gets its loss passed in: the forward hook then keeps nothing
         self._capture_wanted = True
+        self._steps_without_loss = 0  # for the no-loss warning (-1: given); not saved
         self.optimizer = optimizer  # what _register_hooks hooks (LRScheduler sets it too)
         self._hooks = HookSet(self)
         self._register_hooks()
@@ -234,8 +247,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
     def _capture_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         if not self._capture_wanted or not reads_pass():
             return
-        loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
-        if isinstance(loss, Tensor) and loss.numel() == 1:
+        loss = output_loss(output)
+        if loss is not None and loss.numel() == 1:
             # a new tensor (in-place edits of the loss must not change it), read in step() only
             # if step() gets no loss
             value = loss.detach()
@@ -316,6 +329,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             self._write(self._current_factors())
             return
         self._optimizer_steps = 0
+        self._watch_for_no_loss(value)
         if value is not None and not math.isfinite(value):
             self.nonfinite_losses += 1
             value = None
@@ -345,6 +359,32 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         self._captured_sum, self._captured_count = None, 0
         self._optimizer_steps = 0
         self._write(self._current_factors())
+
+    def _watch_for_no_loss(self, value: float | None) -> None:
+        """Warn once when a scheduler that plans from the loss has had none for a while."""
+        if not self.plans_from_loss:
+            return
+        run = self._steps_without_loss
+        if run < 0:  # warned already
+            return
+        run = run + 1 if value is None else 0
+        self._steps_without_loss = run
+        if run == NO_LOSS_WARNING_STEPS:
+            self._steps_without_loss = -1  # warned: never again for this scheduler
+            source = (
+                "the model's forward outputs hold none (no .loss, ['loss'], or tuple starting "
+                "with the scalar loss)"
+                if self.model is not None
+                else "step() is called without one and there is no model= to capture it from"
+            )
+            warn(
+                f"{type(self).__name__} has had no training loss for {run} steps: {source}. It "
+                "plans the LR from the loss (the peak search backs off and an exploding loss is "
+                "cut only when it sees one), so it is running blind. Pass the loss: "
+                "sched.step(loss). To silence: warnings.filterwarnings('ignore', "
+                "message='.*no training loss', category=graff.errors.GraffWarning).",
+                GraffWarning,
+            )
 
     def _adopt_new_groups(self) -> None:
         """Schedule the parameter groups added since the last step (``add_param_group``).

@@ -158,6 +158,8 @@ class GraffScheduler(BudgetedScheduler):
         (True, True)
     """
 
+    plans_from_loss = True
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,

@@ -153,6 +153,8 @@ class ReactorScheduler(BudgetedScheduler):
         reinforcement learning", Machine Learning 8, 229–256, 1992.
     """
 
+    plans_from_loss = True
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
