@@ -140,3 +140,12 @@ def test_without_the_eager_stance_a_compiled_model_runs_on_without_lambda(
     assert not sched.curvature.hvp
     assert sched.last_epoch == 14
     assert 0 < opt.param_groups[0]["lr"] < float("inf")
+
+
+def test_the_entropy_probe_finds_the_layers_of_a_compiled_model() -> None:
+    # torch.compile keeps the model as _orig_mod: without a peft wrapper in between (whose
+    # get_base_model the compiled wrapper forwards), the probe used to find no decoder layers
+    # and GRAFF ran without entropy features on the compiled model only
+    model = make_tiny_qwen3(seed=0)
+    compiled = graff.EntropyProbe(torch.compile(model, backend="aot_eager"))
+    assert compiled._layer is model.model.layers[0]  # the default layer_index

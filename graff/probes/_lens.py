@@ -52,8 +52,13 @@ class _LogitLens:
         return self.lm_head(self.norm(hidden))
 
 
+#: Submodule names under which wrappers keep the model they wrap.
+_WRAPPED = ("base_model", "model", "_orig_mod", "module")
+
+
 def _candidates(model: nn.Module) -> list[nn.Module]:
-    """``model`` and what it wraps (peft: PeftModel -> LoraModel -> the causal LM)."""
+    """``model`` and what it wraps: peft (PeftModel -> LoraModel -> the causal LM), torch.compile
+    (``_orig_mod``) and DDP/DataParallel (``module``)."""
     seen, out, todo = set(), [], [model]
     while todo and len(out) < 8:
         m = todo.pop(0)
@@ -64,7 +69,7 @@ def _candidates(model: nn.Module) -> list[nn.Module]:
         get_base = getattr(m, "get_base_model", None)
         if callable(get_base):
             todo.append(get_base())
-        todo.extend(m._modules.get(k) for k in ("base_model", "model") if k in m._modules)
+        todo.extend(m._modules[k] for k in _WRAPPED if k in m._modules)
     return out
 
 
