@@ -138,3 +138,28 @@ def test_an_added_group_without_a_valid_lr_is_a_clear_error() -> None:
     opt.add_param_group({"params": head.parameters(), "lr": float("nan")})
     with pytest.raises(graff.errors.GraffConfigError, match=r"param_groups\[1\]"):
         sched.step(1.0)
+
+
+def test_parameters_frozen_mid_run_leave_graff_running_with_lambda() -> None:
+    # freezing part of the model mid-run (requires_grad_(False), the group left as it was) used
+    # to crash the next λ̂ estimate inside the optimizer's step hook
+    body, head = _model()
+    probe_x = torch.randn(16, 6, generator=torch.Generator().manual_seed(2))
+
+    def probe_loss() -> torch.Tensor:
+        return head(body(probe_x)).pow(2).mean()
+
+    opt = torch.optim.AdamW([*body.parameters(), *head.parameters()], lr=1e-3)
+    sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=STEPS), loss_fn=probe_loss)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(STEPS):
+        if step == 3:
+            body.requires_grad_(False)
+        loss = head(body(torch.randn(16, 6, generator=gen))).pow(2).mean()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+        opt.zero_grad(set_to_none=True)
+    assert sched.curvature.hvp
+    assert sched.curvature.lambda_max is not None
+    assert 0 < opt.param_groups[0]["lr"] < float("inf")

@@ -715,3 +715,23 @@ def test_scaled_update_statistics_describe_the_update_really_applied() -> None:
     torch.testing.assert_close(last.grad_dot_update, per_block(g0, delta))
     torch.testing.assert_close(last.update_sq_norm, per_block(delta, delta))
     torch.testing.assert_close(last.secant, per_block(a @ delta, delta) / per_block(delta, delta))
+
+
+def test_parameters_frozen_after_the_probe_was_built_get_a_zero_product() -> None:
+    # ½ x1ᵀ diag(1, 2, 3) x1 + ½ x2ᵀ diag(10, 20, 30) x2: λ_max 30 with both, 3 once x2 is
+    # frozen (requires_grad=False mid-run). autograd.grad over a frozen tensor used to raise.
+    x1 = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    x2 = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    b = torch.diag(torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64))
+
+    def loss() -> torch.Tensor:
+        return quadratic(a, x1) + quadratic(b, x2)
+
+    probe = CurvatureProbe(torch.optim.SGD([x1, x2], lr=0.01), loss_fn=loss)
+    assert probe.estimate_lambda_max() == pytest.approx(30.0, rel=1e-6)
+    x2.requires_grad_(False)
+    assert probe.estimate_lambda_max(10) == pytest.approx(3.0, rel=1e-6)
+    x1.requires_grad_(False)  # nothing trainable left: the probe says so (λ̂ off, in a run)
+    with pytest.raises(ProbeError, match="grad graph"):
+        probe.estimate_lambda_max(3)

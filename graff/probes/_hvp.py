@@ -33,7 +33,8 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     """Return ``v ↦ H v`` for the Hessian ``H`` of the scalar ``loss`` w.r.t. ``params``.
 
-    Parameters the loss does not depend on (or depends on linearly) get a zero product.
+    Parameters the loss does not depend on (or depends on linearly), and parameters that do not
+    require gradients now (frozen after the probe was built), get a zero product.
 
     Args:
         loss: A scalar tensor with a grad graph reaching ``params``.
@@ -42,9 +43,11 @@ def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
     Returns:
         A function mapping a list of tensors ``v`` to the list ``H v`` (same shapes and dtypes).
     """
-    grads = torch.autograd.grad(loss, list(params), create_graph=True, allow_unused=True)
-    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-    outputs = [grads[i] for i in live]
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    wrt = [params[i] for i in trainable]
+    grads = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True) if wrt else ()
+    live = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
+    outputs = [grads[k] for k in live]
 
     def hvp(v: list[Tensor]) -> list[Tensor]:
         out = [torch.zeros_like(p) for p in params]
@@ -52,14 +55,14 @@ def make_hvp(loss: Tensor, params: Sequence[Tensor]) -> HVP:
             return out
         hv = torch.autograd.grad(
             outputs,
-            list(params),
-            grad_outputs=[v[i].to(grads[i].dtype) for i in live],
+            wrt,
+            grad_outputs=[v[trainable[k]].to(grads[k].dtype) for k in live],
             retain_graph=True,
             allow_unused=True,
         )
-        for j, h in enumerate(hv):
+        for k, h in enumerate(hv):
             if h is not None:
-                out[j] = h
+                out[trainable[k]] = h
         return out
 
     return hvp
