@@ -110,3 +110,29 @@ def test_a_schedule_that_needs_no_loss_does_not_warn() -> None:
 
     caught = _train_without_loss(make, 30)
     assert not [w for w in caught if "no training loss" in str(w.message)]
+
+
+class _PerReplicaLoss(torch.nn.Module):
+    """Returns ``{"loss": ...}`` with one loss per replica, as ``nn.DataParallel`` gathers it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        per_replica = torch.stack([self.lin(half).pow(2).mean() for half in x.chunk(2)])
+        return {"loss": per_replica}
+
+
+def test_a_loss_with_one_entry_per_replica_is_read_as_its_mean() -> None:
+    torch.manual_seed(0)
+    model = _PerReplicaLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = graff.GraffScheduler(opt, budget=graff.BudgetClock(steps=5), model=model, guard=False)
+    x = torch.randn(8, 4)
+    out = model(x)
+    out["loss"].mean().backward()
+    opt.step()
+    sched.step()
+    assert sched.peak_search.losses.count == 1
+    assert sched.peak_search.losses.fast == pytest.approx(float(out["loss"].mean()), rel=1e-6)

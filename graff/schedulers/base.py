@@ -248,18 +248,20 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         if not self._capture_wanted or not reads_pass():
             return
         loss = output_loss(output)
-        if loss is not None and loss.numel() == 1:
-            # a new tensor (in-place edits of the loss must not change it), read in step() only
-            # if step() gets no loss
-            value = loss.detach()
-            total = self._captured_sum
-            if total is not None:
-                self._captured_sum = total + value.float()
-            elif value.dtype == torch.float32:
-                self._captured_sum = value.clone()
-            else:
-                self._captured_sum = value.float()  # a conversion is a new tensor already
-            self._captured_count += 1
+        if loss is None or loss.numel() == 0 or not loss.is_floating_point():
+            return
+        # a new tensor (in-place edits of the loss must not change it), read in step() only if
+        # step() gets no loss; several entries (nn.DataParallel's one loss per replica, which
+        # Hugging Face's Trainer averages too) count as their mean, as a loss passed to step() does
+        value = loss.detach() if loss.numel() == 1 else loss.detach().float().mean()
+        total = self._captured_sum
+        if total is not None:
+            self._captured_sum = total + value.float()
+        elif value.dtype == torch.float32:
+            self._captured_sum = value.clone()
+        else:
+            self._captured_sum = value.float()  # a conversion is a new tensor already
+        self._captured_count += 1
 
     def _share_sync(self) -> None:
         """Let the curvature probes this scheduler holds average their HVPs over the same group."""
