@@ -136,3 +136,15 @@ def test_a_loss_with_one_entry_per_replica_is_read_as_its_mean() -> None:
     sched.step()
     assert sched.peak_search.losses.count == 1
     assert sched.peak_search.losses.fast == pytest.approx(float(out["loss"].mean()), rel=1e-6)
+
+
+def test_the_lambda_probe_replays_a_per_replica_loss_as_its_mean() -> None:
+    torch.manual_seed(0)
+    model = _PerReplicaLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = graff.CurvatureProbe(opt, model=model)
+    x = torch.randn(8, 4)
+    model(x)["loss"].mean().backward()  # the captured probe batch
+    opt.step()
+    ref = graff.CurvatureProbe(opt, loss_fn=lambda: model(x)["loss"].mean())
+    assert probe.estimate_lambda_max() == pytest.approx(ref.estimate_lambda_max(), rel=1e-6)

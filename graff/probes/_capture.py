@@ -133,7 +133,7 @@ class InputCapture:
                 "tuple starting with the scalar loss): include labels in the batch the model is "
                 "called with, or pass loss_fn= (a closure returning the loss)."
             )
-        return loss
+        return loss.mean() if loss.numel() > 1 else loss  # one loss per replica: their mean
 
     def remove(self) -> None:
         """Detach the forward pre-hook (idempotent)."""
