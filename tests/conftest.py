@@ -85,6 +85,21 @@ def make_tiny_lora(model: torch.nn.Module, r: int = 4, dropout: float = 0.0) -> 
     return lora
 
 
+def lm_training_step(model, opt, sched, batch: dict[str, torch.Tensor]) -> tuple[float, object]:
+    """One step of a tiny causal-LM run: forward, backward, ``opt.step()``, ``sched.step()``.
+
+    Returns the LR of the first group after the step, and the scheduler's entropy-probe reading
+    ``(calls, entropies)`` (``None`` for a scheduler without one): what the contract tests compare.
+    """
+    opt.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    opt.step()
+    sched.step()
+    probe = getattr(sched, "entropy_probe", None)
+    reading = None if probe is None else (probe.calls, probe.entropies.tolist())
+    return opt.param_groups[0]["lr"], reading
+
+
 @pytest.fixture
 def tiny_qwen3() -> torch.nn.Module:
     return make_tiny_qwen3()

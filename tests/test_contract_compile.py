@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_lora, make_tiny_qwen3
+from conftest import lm_training_step, make_tiny_lora, make_tiny_qwen3
 
 import graff
 
@@ -61,14 +61,10 @@ def _run(compile_mode: str | None, scheduler: str = "graff") -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     lrs, entropies, graphs = [], [], []
     for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        trained(**_batch(gen)).loss.backward()
-        opt.step()
-        sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
-        probe = getattr(sched, "entropy_probe", None)
-        if probe is not None:
-            entropies.append((probe.calls, probe.entropies.tolist()))
+        lr, reading = lm_training_step(trained, opt, sched, _batch(gen))
+        lrs.append(lr)
+        if reading is not None:
+            entropies.append(reading)
         graphs.append(counters["stats"]["unique_graphs"])
     curvature = getattr(sched, "curvature", None)
     return {

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_tiny_lora, make_tiny_qwen3
+from conftest import lm_training_step, make_tiny_lora, make_tiny_qwen3
 
 import graff
 
@@ -47,14 +47,10 @@ def _run(make: Callable[..., Any], evaluate: Callable[[torch.nn.Module], None] |
     if evaluate is not None:  # a sanity-check evaluation before training (Lightning runs one)
         evaluate(model)
     for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        model(**_batch(train_gen)).loss.backward()
-        opt.step()
-        sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
-        probe = getattr(sched, "entropy_probe", None)
-        if probe is not None:
-            entropies.append((probe.calls, probe.entropies.tolist()))
+        lr, reading = lm_training_step(model, opt, sched, _batch(train_gen))
+        lrs.append(lr)
+        if reading is not None:
+            entropies.append(reading)
         if evaluate is not None and step % 3 == 0:
             evaluate(model)
     params = [p.detach().clone() for p in model.parameters() if p.requires_grad]

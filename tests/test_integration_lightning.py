@@ -75,7 +75,9 @@ def _loader(n: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader([worker.batch(g) for _ in range(n)], batch_size=None)
 
 
-def _fit(module, *, max_steps: int, accum: int = 1, callbacks=(), ckpt_path=None) -> pl.Trainer:
+def _fit(
+    module, *, max_steps: int, accum: int = 1, callbacks=(), ckpt_path=None, batches=None
+) -> pl.Trainer:
     checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
     trainer = pl.Trainer(
         max_steps=max_steps,
@@ -88,7 +90,8 @@ def _fit(module, *, max_steps: int, accum: int = 1, callbacks=(), ckpt_path=None
         enable_model_summary=False,
         callbacks=list(callbacks),
     )
-    trainer.fit(module, _loader(min(4 * max_steps * accum, 64)), ckpt_path=ckpt_path)
+    batches = min(4 * max_steps * accum, 64) if batches is None else batches  # per epoch
+    trainer.fit(module, _loader(batches), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -238,17 +241,8 @@ def test_backbone_finetuning_adds_a_group_that_the_scheduler_takes_in(kind) -> N
     # step (KeyError: 'initial_lr') and now schedules the group with the others
     module = UnfreezingModule(kind, budget_steps=24)
     unfreeze = pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1)
-    trainer = pl.Trainer(
-        max_steps=24,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[unfreeze],
-    )
-    trainer.fit(module, _loader(8))  # 8 steps per epoch: unfrozen from step 8 on
+    # 8 steps per epoch: unfrozen from step 8 on
+    trainer = _fit(module, max_steps=24, callbacks=[unfreeze], batches=8)
     opt, sched = trainer.optimizers[0], module.sched
     assert trainer.global_step == 24
     assert len(opt.param_groups) == 2
