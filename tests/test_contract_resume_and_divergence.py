@@ -412,3 +412,33 @@ def test_readme_and_docs_index_show_loss_fn_for_plain_models() -> None:
         text = (root / page).read_text(encoding="utf-8")
         assert "loss_fn=" in text, page
         assert "probe batch" in text, page
+
+
+@pytest.mark.parametrize("kind", ["graff", "reactor", "budget"])
+def test_resuming_with_another_budget_keeps_the_saved_one_and_says_so(kind: str) -> None:
+    # as a torch scheduler's load_state_dict restores its T_max, a graff scheduler's restores
+    # the budget it was saved with; a resume built with another budget now hears about it
+    make = {
+        "graff": graff.GraffScheduler,
+        "reactor": graff.ReactorScheduler,
+        "budget": graff.BudgetScheduler,
+    }[kind]
+    net = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    sched = make(opt, budget=graff.BudgetClock(steps=100))
+    for _ in range(10):
+        loss = net(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        sched.step(loss)
+        opt.zero_grad()
+    state = sched.state_dict()
+    same = make(torch.optim.AdamW(net.parameters(), lr=1e-3), budget=graff.BudgetClock(steps=100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", graff.errors.GraffWarning)
+        same.load_state_dict(state)  # the same budget: silent
+    other = make(torch.optim.AdamW(net.parameters(), lr=1e-3), budget=graff.BudgetClock(steps=300))
+    with pytest.warns(graff.errors.GraffWarning, match=r"budget \(100 steps\) replaces the 300"):
+        other.load_state_dict(state)
+    assert other.budget.total == 100
+    assert other.budget.fraction_used == pytest.approx(0.1)

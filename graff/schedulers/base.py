@@ -540,6 +540,17 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             raise CheckpointError(
                 f"{type(self).__name__} state does not fit: {type(err).__name__}: {err}"
             ) from err
+        built_with = previous["budget"]["total"]
+        if self.budget.total != built_with:
+            unit = "steps" if self.budget.kind == "steps" else "seconds"
+            warn(
+                f"the loaded state's budget ({self.budget.total:g} {unit}) replaces the "
+                f"{built_with:g} {unit} this {type(self).__name__} was built with: a resumed run "
+                "keeps the budget it was saved with (as a torch scheduler keeps its T_max), and "
+                "its schedule anneals by that deadline. Build the scheduler with the saved "
+                "budget to silence this.",
+                GraffWarning,
+            )
 
     def _load_checked(self, state: dict[str, Any], prechecked: bool = False) -> None:
         """Load a state, then check what was loaded (raises CheckpointError)."""
