@@ -11,6 +11,7 @@ run it): a schedule must not depend on how often the model is evaluated. Every g
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,11 @@ def eager() -> contextlib.AbstractContextManager[None]:
     compiled graphs do not support ("torch.compile with aot_autograd does not currently support
     double backward"). Under this stance the model's Python code runs as written, through the
     same parameters and forward hooks, and compiled calls outside the block are unaffected.
-    torch < 2.6 has no stance: a null context (a compiled model then fails in the probe).
+    torch < 2.6 has no stance: a null context (a compiled model then fails in the probe). Nor is
+    one needed before ``torch._dynamo`` was imported (nothing can be compiled yet), and entering
+    the stance would import it: about a second, on the first λ̂ estimate of a plain model.
     """
     set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+    if set_stance is None or "torch._dynamo" not in sys.modules:
+        return contextlib.nullcontext()
+    return set_stance("force_eager")
