@@ -80,8 +80,8 @@ def _call_hook(hook: WeakHook, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 #: positions, running sums): traced, its branches become guards that fail on every call (a
 #: recompilation each step) and its side effects run once, at tracing time. Disabled, it runs
 #: on every call as in eager mode, at the cost of a graph break where it sits. Built when the
-#: first module hook is registered (it imports ``torch._dynamo``, ~1 s, which ``import graff``
-#: should not pay; Hugging Face's libraries import it anyway).
+#: first module hook is registered, not at ``import graff``: it imports ``torch._dynamo`` (~1 s
+#: of CPU), which a torch optimizer's first ``step()`` and Hugging Face's libraries import anyway.
 _outside_graph: Callable[..., Any] | None = None
 
 

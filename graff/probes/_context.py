@@ -55,7 +55,8 @@ def eager() -> contextlib.AbstractContextManager[None]:
     compiled graphs do not support ("torch.compile with aot_autograd does not currently support
     double backward"). Under this stance the model's Python code runs as written, through the
     same parameters and forward hooks, and compiled calls outside the block are unaffected.
-    torch < 2.6 has no stance: a null context (a compiled model then fails in the probe). Nor is
+    torch < 2.6 has no stance: a null context (the estimator then turns a compiled model's
+    double-backward error into a :class:`~graff.errors.ProbeError`, and λ̂ off). Nor is
     one needed before ``torch._dynamo`` was imported (nothing can be compiled yet), and entering
     the stance would import it: about a second, on the first λ̂ estimate of a plain model.
     """
