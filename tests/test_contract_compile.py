@@ -148,3 +148,24 @@ def test_the_entropy_probe_finds_the_layers_of_a_compiled_model() -> None:
     model = make_tiny_qwen3(seed=0)
     compiled = graff.EntropyProbe(torch.compile(model, backend="aot_eager"))
     assert compiled._layer is model.model.layers[0]  # the default layer_index
+
+
+def test_reactor_on_a_compiled_model_plans_the_eager_lrs() -> None:
+    # REACTOR shares the hooks and probes: with its guard on (λ̂ by double backward) too
+    def run(compiled: bool) -> tuple[list[float], float | None]:
+        torch._dynamo.reset()
+        model = make_tiny_lora(make_tiny_qwen3(seed=0))
+        model.train()
+        trained = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        sched = graff.ReactorScheduler(
+            opt, model=trained, budget=graff.BudgetClock(steps=STEPS), guard=True, seed=0
+        )
+        gen = torch.Generator().manual_seed(1)
+        lrs = [lm_training_step(trained, opt, sched, _batch(gen))[0] for _ in range(STEPS)]
+        return lrs, sched.curvature_probe.lambda_max
+
+    (eager_lrs, eager_lam), (lrs, lam) = run(False), run(True)
+    assert eager_lam is not None
+    assert lam == pytest.approx(eager_lam, rel=1e-5)
+    torch.testing.assert_close(lrs, eager_lrs, rtol=1e-5, atol=0.0)
