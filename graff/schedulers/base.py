@@ -22,12 +22,10 @@ clock — in one small all-reduce, so that every rank plans the same LR (:mod:`g
 from __future__ import annotations
 
 import math
-import numbers
 import sys
 from abc import ABCMeta, abstractmethod
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler, SequentialLR
@@ -37,8 +35,6 @@ from graff._checks import (
     check_finite_state,
     check_optimizer_and_model,
     check_positive,
-    is_count,
-    is_finite_real,
 )
 from graff._hooks import HookSet, hook_state, restore_hooks
 from graff._warn import warn
@@ -50,8 +46,14 @@ from graff.probes._capture import output_loss
 from graff.probes._context import reads_pass
 from graff.probes.curvature import CurvatureProbe
 from graff.probes.entropy import EntropyProbe
-
-_FORMAT_VERSION = 1
+from graff.schedulers._loss import NO_LOSS_WARNING_STEPS, loss_value, no_loss_message
+from graff.schedulers._state_checks import (
+    FORMAT_VERSION,
+    check_counters,
+    check_group_lr,
+    is_positive_finite,
+    set_lrs,
+)
 
 
 def as_budget(budget: BudgetClock | float | int) -> BudgetClock:
@@ -63,28 +65,6 @@ def as_budget(budget: BudgetClock | float | int) -> BudgetClock:
     raise GraffTypeError(
         f"budget must be a graff.BudgetClock or a number of seconds, got {type(budget).__name__}."
     )
-
-
-def loss_value(loss: Any) -> float | None:
-    """A float from a loss (tensor, NumPy array or scalar, number, or HF output with ``.loss``).
-
-    ``None`` if absent; a tensor or array with several entries gives their mean, an empty one NaN.
-    """
-    if loss is None:
-        return None
-    if hasattr(loss, "loss") and not isinstance(loss, Tensor):
-        loss = loss.loss
-    if isinstance(loss, Tensor):
-        if loss.numel() == 1:  # the usual scalar loss: one host read
-            return float(loss.detach())
-        if loss.numel() == 0:
-            return math.nan
-        return float(loss.detach().float().mean())
-    if isinstance(loss, np.ndarray) and loss.dtype.kind in "fiu":  # like a tensor
-        return float(loss.mean()) if loss.size else math.nan
-    if isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
-        return float(loss)  # int, float, and NumPy scalars such as np.float32
-    raise GraffTypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__}.")
 
 
 def _called_by_sequential_lr(scheduler: Any) -> bool:
@@ -104,60 +84,6 @@ def _called_by_sequential_lr(scheduler: Any) -> bool:
             return frame.f_code.co_name == "step" and isinstance(owner, SequentialLR)
         frame = frame.f_back
     return False
-
-
-def _is_positive_finite(x: Any) -> bool:
-    return is_finite_real(x) and x > 0
-
-
-def _not_started(state: dict[str, Any]) -> bool:
-    """``last_epoch == -1`` with no step taken: torch's ``SequentialLR`` keeps the schedulers
-    after its first milestone there until the milestone (its ``recursive_undo``)."""
-    last = state.get("last_epoch")
-    return (
-        type(last) is int
-        and last == -1
-        and type(state.get("step_count")) is int
-        and (state["step_count"] == 0)
-    )
-
-
-def _check_counters(state: dict[str, Any]) -> None:
-    counters = ("last_epoch", "step_count", "skipped_steps", "nonfinite_losses")
-    bad = [k for k in counters if not is_count(state[k])]
-    if bad == ["last_epoch"] and _not_started(state):
-        return
-    if bad:
-        raise CheckpointError(
-            "scheduler state has invalid counters "
-            + ", ".join(f"{k}={state[k]!r:.40}" for k in bad)
-            + " (need non-negative integers; last_epoch=-1, a scheduler SequentialLR has "
-            "not started, only with step_count=0)."
-        )
-
-
-def _check_group_lr(index: int, lr: Any, owner: str) -> float:
-    """A group's LR as a float; :class:`GraffConfigError` unless it is finite and > 0."""
-    lr = float(lr) if isinstance(lr, Tensor) else lr
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-        raise GraffConfigError(
-            f"param_groups[{index}] has lr={lr!r}; {owner} scales each group's "
-            "initial LR, so every group needs a finite lr > 0."
-        )
-    return float(lr)
-
-
-def _set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float]) -> None:
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-        if isinstance(group["lr"], Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
-#: Consecutive counted steps without any loss after which a scheduler that plans from the loss
-#: (``plans_from_loss``) warns, once.
-NO_LOSS_WARNING_STEPS = 10
 
 
 class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
@@ -201,7 +127,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 f"lr_min_factor={lr_min_factor!r}, lr_max_factor={lr_max_factor!r}."
             )
         for i, group in enumerate(optimizer.param_groups):
-            _check_group_lr(i, group.get("initial_lr", group["lr"]), type(self).__name__)
+            check_group_lr(i, group.get("initial_lr", group["lr"]), type(self).__name__)
         self.budget = as_budget(budget)
         self.model = model
         self.skipped_steps = 0
@@ -364,29 +290,13 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
 
     def _watch_for_no_loss(self, value: float | None) -> None:
         """Warn once when a scheduler that plans from the loss has had none for a while."""
-        if not self.plans_from_loss:
+        if not self.plans_from_loss or self._steps_without_loss < 0:  # -1: warned already
             return
-        run = self._steps_without_loss
-        if run < 0:  # warned already
-            return
-        run = run + 1 if value is None else 0
+        run = self._steps_without_loss + 1 if value is None else 0
         self._steps_without_loss = run
         if run == NO_LOSS_WARNING_STEPS:
-            self._steps_without_loss = -1  # warned: never again for this scheduler
-            source = (
-                "the model's forward outputs hold none (no .loss, ['loss'], or tuple starting "
-                "with the scalar loss)"
-                if self.model is not None
-                else "step() is called without one and there is no model= to capture it from"
-            )
-            warn(
-                f"{type(self).__name__} has had no training loss for {run} steps: {source}. It "
-                "plans the LR from the loss (the peak search backs off and an exploding loss is "
-                "cut only when it sees one), so it is running blind. Pass the loss: "
-                "sched.step(loss). To silence: warnings.filterwarnings('ignore', "
-                "message='.*no training loss', category=graff.errors.GraffWarning).",
-                GraffWarning,
-            )
+            self._steps_without_loss = -1  # never again for this scheduler
+            warn(no_loss_message(type(self).__name__, run, self.model is not None), GraffWarning)
 
     def _adopt_new_groups(self) -> None:
         """Schedule the parameter groups added since the last step (``add_param_group``).
@@ -405,8 +315,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         owner = type(self).__name__
         for i in range(known, len(groups)):
             group = groups[i]
-            lr = _check_group_lr(i, group["lr"], owner)
-            initial = _check_group_lr(i, group.setdefault("initial_lr", lr / factor), owner)
+            lr = check_group_lr(i, group["lr"], owner)
+            initial = check_group_lr(i, group.setdefault("initial_lr", lr / factor), owner)
             self.base_lrs.append(initial)
             self._factors.append(lr / initial)
             self._last_lr.append(lr)
@@ -463,7 +373,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         ``torch.load(..., weights_only=True)``.
         """
         return {
-            "format_version": _FORMAT_VERSION,
+            "format_version": FORMAT_VERSION,
             "scheduler": type(self).__name__,
             "num_groups": len(self.optimizer.param_groups),
             "last_epoch": self.last_epoch,
@@ -487,9 +397,9 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
                 another number of parameter groups, or is missing keys. Nothing is changed then.
         """
         state = state_dict
-        if not isinstance(state, dict) or state.get("format_version") != _FORMAT_VERSION:
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(
-                f"not a graff scheduler state of format_version {_FORMAT_VERSION} "
+                f"not a graff scheduler state of format_version {FORMAT_VERSION} "
                 f"(got {type(state).__name__}"
                 f"{', version ' + repr(state.get('format_version')) if isinstance(state, dict) else ''})."
             )
@@ -513,8 +423,8 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
         } - set(state)
         if missing:
             raise CheckpointError(f"scheduler state is missing keys {sorted(missing)}.")
-        _check_counters(state)
-        if not all(_is_positive_finite(x) for x in last_lr):
+        check_counters(state)
+        if not all(is_positive_finite(x) for x in last_lr):
             raise CheckpointError(f"scheduler state has invalid last_lr {last_lr!r:.200}.")
         # Validate what can be checked before changing anything; then load, check what was
         # loaded, and restore the previous state on any failure (never a half-loaded scheduler).
@@ -534,7 +444,7 @@ class BudgetedScheduler(LRScheduler, metaclass=ABCMeta):
             self._load_checked(state, prechecked=True)
         except Exception as err:
             self._load_checked(previous)
-            _set_lrs(self.optimizer, lrs_before)  # a not-started previous state writes none
+            set_lrs(self.optimizer, lrs_before)  # a not-started previous state writes none
             if isinstance(err, CheckpointError):
                 raise
             raise CheckpointError(
