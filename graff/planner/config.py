@@ -100,6 +100,13 @@ class GraffConfig:
             ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
             ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
             user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
+        rise_needs_progress: The peak search rises only on steps whose fast loss average is at
+            its best so far (after the first few losses); on other steps it holds, and its phase
+            still ends on time. ``None``: on for optimizers without a preconditioner (SGD),
+            whose loss under a too-high LR can sit at a plateau (dead units) that neither the
+            guard nor the back-off sees, off for Adam-type ones, where a loss that is flat
+            because the LR is too *low* looks the same and the rise is the cure. ``False``
+            (default) never (``docs/concepts/graff.md``).
         preconditioner_floor: Under adaptive optimizers λ̂ is computed with each parameter
             tensor's preconditioner floored at this fraction of its median, in [0, 1); 0: as
             the optimizer applies it. Coordinates whose second moment is still ~0 otherwise
@@ -136,13 +143,14 @@ class GraffConfig:
     loss_evidence: bool | None = None
     keep_raised_peak: bool = True
     search_after_hold: bool | None = None
+    rise_needs_progress: bool | None = False
     preconditioner_floor: float = 0.01
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise GraffTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("loss_evidence", "search_after_hold"):
+        for name in ("loss_evidence", "search_after_hold", "rise_needs_progress"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise GraffTypeError(f"{name} must be None, True or False, got {value!r}.")

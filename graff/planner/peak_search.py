@@ -106,11 +106,13 @@ class PeakSearch:
         loss_evidence: bool = False,
         keep_raised_peak: bool = False,
         search_after_hold: bool | None = False,
+        rise_needs_progress: bool = False,
     ) -> None:
         self.guard = guard
         self.loss_evidence = loss_evidence
         self.keep_raised_peak = keep_raised_peak
         self.search_after_hold = search_after_hold
+        self.rise_needs_progress = rise_needs_progress
         # fraction of the budget used at the last step the search held for a first λ̂ (with
         # search_after_hold the search phase and its watch count from there)
         self.hold_until = 0.0
@@ -195,6 +197,11 @@ class PeakSearch:
             ),
             keep_raised_peak=config.keep_raised_peak,
             search_after_hold=config.search_after_hold,
+            rise_needs_progress=(
+                preconditioner_kind(optimizer) is None
+                if config.rise_needs_progress is None
+                else config.rise_needs_progress
+            ),
         )
 
     # ------------------------------------------------------------- triggers
@@ -291,6 +298,7 @@ class PeakSearch:
         self.log_ceiling = self.ceiling(log_bound) if self.guard else None
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
+        stalled = losses.count >= losses.min_count and not at_best
         backed_off = self.update(
             fraction_used,
             log_prior,
@@ -301,6 +309,7 @@ class PeakSearch:
             exploding=exploding,
             pull_back=not (self.loss_evidence and self.healthy),
             applied=last_log_factor,
+            stalled=self.rise_needs_progress and stalled,
         )
         if backed_off or self.cooldown > 0:
             # Re-baseline the loss average through the cool-down: it is still catching up with
@@ -389,6 +398,7 @@ class PeakSearch:
         exploding: bool = False,
         pull_back: bool = True,
         applied: float | None = None,
+        stalled: bool = False,
     ) -> bool:
         """Advance one step; returns True when it answered an instability (rules 3 and 4).
 
@@ -450,10 +460,12 @@ class PeakSearch:
             return True
         self.capped = False
         if self.searching:
-            self._rise(fraction_used, hold, log_ceiling if has_ceiling else None)
+            self._rise(fraction_used, hold, log_ceiling if has_ceiling else None, stalled)
         return False
 
-    def _rise(self, fraction_used: float, hold: bool, log_ceiling: float | None) -> None:
+    def _rise(
+        self, fraction_used: float, hold: bool, log_ceiling: float | None, stalled: bool = False
+    ) -> None:
         """Rule 1 for one step of the search phase: end it, hold, or rise toward the ceiling."""
         if hold and self.search_after_hold is not False:  # the phase starts once it can move
             self.hold_until = min(fraction_used, self.search_fraction)
@@ -467,7 +479,7 @@ class PeakSearch:
         phase_over = fraction_used - self.counted_hold() >= self.search_fraction
         if phase_over or self.log_peak >= top - 1e-9:
             self.searching = False
-        elif not hold:
+        elif not (hold or stalled):
             est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
             target = self.log_peak + RISE / max(10.0, 0.5 * est)
             if log_ceiling is not None:
