@@ -41,10 +41,14 @@ def _run(args: argparse.Namespace) -> None:
     if graff_kwargs:
         meta["graff_kwargs"] = graff_kwargs
     only = _only(args.only, suite)
-    if only:
-        if not args.out:  # a partial suite must never replace the committed one's results
-            raise SystemExit("--only runs part of a suite: give --out (a folder of its own).")
-        meta["only"] = list(only)
+    tasks = _tasks(args.tasks, suite)
+    for flag, names in (("only", only), ("tasks", tasks)):
+        if names:
+            if not args.out:  # a partial suite must never replace the committed one's results
+                raise SystemExit(
+                    f"--{flag} runs part of a suite: give --out (a folder of its own)."
+                )
+            meta[flag] = list(names)
     resume_key = _resume_key(meta, args.fresh, out)
     start = time.perf_counter()
     runs, resumed = run_suite(
@@ -56,6 +60,7 @@ def _run(args: argparse.Namespace) -> None:
         graff_kwargs=graff_kwargs,
         resume_key=resume_key,
         only=only,
+        tasks=tasks,
     )
     meta["wall_seconds"] = time.perf_counter() - start
     meta["resumed_runs"] = resumed
@@ -80,6 +85,17 @@ def _only(names: list[str] | None, suite: Any) -> tuple[str, ...]:
         raise SystemExit(
             f"--only: the {suite.name} suite runs no scheduler {unknown}; it runs {known}."
         )
+    return tuple(dict.fromkeys(names))
+
+
+def _tasks(names: list[str] | None, suite: Any) -> tuple[str, ...]:
+    """``--tasks``: task names of ``suite`` (a clear exit on one it does not run)."""
+    if not names:
+        return ()
+    known = [name for name, _ in suite.task_configs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--tasks: the {suite.name} suite has no task {unknown}; it has {known}.")
     return tuple(dict.fromkeys(names))
 
 
@@ -201,6 +217,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SCHEDULER",
         help="run only these schedulers of the suite (e.g. 'graff' with --graff-kwargs, to pair "
         "a variant with a committed run by `compare` without re-running every baseline)",
+    )
+    run.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="TASK",
+        help="run only these tasks of the suite (e.g. 'digits_cnn_sgd' with --only graff and "
+        "--graff-kwargs, to pair a rule for one optimizer with a committed run)",
     )
     run.add_argument(
         "--fresh",

@@ -179,6 +179,7 @@ def run_suite(
     graff_kwargs: dict[str, Any] | None = None,
     resume_key: str | None = None,
     only: tuple[str, ...] = (),
+    tasks: tuple[str, ...] = (),
 ) -> tuple[list[dict[str, Any]], int]:
     """Run every spec of ``suite``; results are appended to ``out/runs.jsonl`` as they finish.
 
@@ -188,13 +189,15 @@ def run_suite(
     Returns every run (kept and new) and the number kept.
 
     ``graff_kwargs`` (recorded in every result) are passed to every GRAFF variant; ``only``
-    (scheduler names) keeps just their runs.
+    (scheduler names) and ``tasks`` (task names) keep just their runs.
     """
     from tqdm import tqdm
 
     specs = suite.specs(seeds)
     if only:
         specs = [spec for spec in specs if spec["scheduler"] in only]
+    if tasks:
+        specs = [spec for spec in specs if spec["task"] in tasks]
     if graff_kwargs:
         specs = [{**spec, "graff_kwargs": dict(graff_kwargs)} for spec in specs]
     out.mkdir(parents=True, exist_ok=True)

@@ -137,3 +137,26 @@ def test_only_runs_the_named_schedulers_and_reports(tmp_path, monkeypatch) -> No
         main(["run", "--suite", "quick", "--out", str(tmp_path), "--only", "prodigy"])
     with pytest.raises(SystemExit, match="give --out"):  # never over the committed results
         main(["run", "--suite", "quick", "--only", "graff"])
+
+
+def test_tasks_runs_the_named_tasks_only(tmp_path, monkeypatch) -> None:
+    """``--tasks``: the suite's runs of those tasks alone, recorded in the meta; an unknown task
+    is a clear exit, and a partial run needs its own --out."""
+    import dataclasses
+
+    import benchmarks.suites
+
+    two = (*TINY.task_configs, ("digits_cnn_sgd", {"steps": 6, "channels": 4}))
+    monkeypatch.setitem(
+        benchmarks.suites.SUITES, "quick", dataclasses.replace(TINY, task_configs=two)
+    )
+    first = "digits_cnn_sgd"
+    args = ["run", "--suite", "quick", "--only", "graff", "--tasks", first, "--fresh"]
+    main([*args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {r["task"] for r in data["runs"]} == {first}
+    assert data["meta"]["tasks"] == [first]
+    with pytest.raises(SystemExit, match="has no task"):
+        main(["run", "--suite", "quick", "--out", str(tmp_path), "--tasks", "no_such_task"])
+    with pytest.raises(SystemExit, match="give --out"):
+        main(["run", "--suite", "quick", "--tasks", first])

@@ -622,3 +622,43 @@ def test_adam_with_a_measured_lambda_rises_past_ten_on_a_flat_quadratic() -> Non
 
     assert run(with_lambda=True) > 20.0
     assert run(with_lambda=False) == pytest.approx(10.0, rel=1e-6)
+
+
+# ------------------------------------------------------------------ rise_needs_progress
+def _peak_after(losses: list[float], *, gate: bool) -> float:
+    """σ after feeding ``losses`` to PeakSearch.step (no λ̂, 1,000-step budget, 40 % search)."""
+    search = _calibrator(search_fraction=0.4, rise_needs_progress=gate, guard=False)
+    probe = type("Probe", (), {"hvp": False, "tripwire": None, "n_estimates": 0})()
+    for i, loss in enumerate(losses, 1):
+        search.observe(loss)
+        search.step(i / 1000, 0.0, None, loss=loss, nonfinite_losses=0, probe=probe,
+                    last_log_factor=search.log_peak)  # fmt: skip
+    return search.log_peak
+
+
+def test_rise_needs_progress_holds_on_a_stalled_loss_and_rises_on_a_falling_one() -> None:
+    falling = [2.0 * 0.995**i for i in range(200)]
+    # a fall to 1.0 by step 10, then a noisy plateau: the fast average rarely makes a new best
+    stalled = [2.0 - 0.1 * i for i in range(11)] + [
+        1.0 + 0.05 * math.sin(1.7 * i) for i in range(189)
+    ]
+    # the default rise ignores the loss: the same σ on both streams
+    assert _peak_after(falling, gate=False) == pytest.approx(_peak_after(stalled, gate=False))
+    # with the gate: a loss at its best on every step rises as the default does ...
+    assert _peak_after(falling, gate=True) == pytest.approx(_peak_after(falling, gate=False))
+    # ... and a stalled one mostly holds: it rose while the loss fell, far less afterwards
+    held, free = _peak_after(stalled, gate=True), _peak_after(stalled, gate=False)
+    assert _peak_after(stalled[:11], gate=False) <= held < 0.5 * free
+
+
+def test_rise_needs_progress_default_follows_the_optimizer() -> None:
+    params = [nn.Parameter(torch.zeros(2))]
+    sgd, adam = torch.optim.SGD(params, lr=0.1), torch.optim.AdamW(params, lr=0.1)
+    auto = GraffConfig(rise_needs_progress=None)
+    assert PeakSearch.from_config(auto, sgd, guard=True).rise_needs_progress
+    assert not PeakSearch.from_config(auto, adam, guard=True).rise_needs_progress
+    for forced in (True, False):
+        config = GraffConfig(rise_needs_progress=forced)
+        assert PeakSearch.from_config(config, adam, guard=True).rise_needs_progress is forced
+    with pytest.raises(graff.errors.GraffTypeError):
+        GraffConfig(rise_needs_progress=1)
