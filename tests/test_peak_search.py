@@ -636,7 +636,7 @@ def _peak_after(losses: list[float], *, gate: bool) -> float:
     return search.log_peak
 
 
-def test_rise_needs_progress_holds_on_a_stalled_loss_and_rises_on_a_falling_one() -> None:
+def test_rise_needs_progress_holds_on_a_stalled_loss_and_rises_on_a_falling_or_flat_one() -> None:
     falling = [2.0 * 0.995**i for i in range(200)]
     # a fall to 1.0 by step 10, then a noisy plateau: the fast average rarely makes a new best
     stalled = [2.0 - 0.1 * i for i in range(11)] + [
@@ -649,6 +649,9 @@ def test_rise_needs_progress_holds_on_a_stalled_loss_and_rises_on_a_falling_one(
     # ... and a stalled one mostly holds: it rose while the loss fell, far less afterwards
     held, free = _peak_after(stalled, gate=True), _peak_after(stalled, gate=False)
     assert _peak_after(stalled[:11], gate=False) <= held < 0.5 * free
+    # a loss that never left its starting level (the LR too low) does not hold the rise
+    flat = [1.0 + 0.05 * math.sin(1.7 * i) for i in range(200)]
+    assert _peak_after(flat, gate=True) == pytest.approx(_peak_after(flat, gate=False))
 
 
 def test_rise_needs_progress_default_follows_the_optimizer() -> None:

@@ -100,9 +100,10 @@ class GraffConfig:
             ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
             ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
             user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
-        rise_needs_progress: The peak search rises only on steps whose fast loss average is at
-            its best so far (after the first few losses); on other steps it holds, and its phase
-            still ends on time. ``None``: on for optimizers without a preconditioner (SGD),
+        rise_needs_progress: Once the loss has made progress (its best fast average 5 % below
+            where it started), the peak search rises only on steps whose fast average is at its
+            best; on other steps it holds, and its phase still ends on time. A loss still at its
+            starting level never holds the rise. ``None``: on for optimizers without a preconditioner (SGD),
             whose loss under a too-high LR can sit at a plateau (dead units) that neither the
             guard nor the back-off sees, off for Adam-type ones, where a loss that is flat
             because the LR is too *low* looks the same and the rise is the cure. ``False``

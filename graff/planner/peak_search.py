@@ -40,6 +40,9 @@ REFRESH_ITERS = 6
 #: this factor above the guard's limit is implausible (``docs/concepts/guard.md``): it is set
 #: aside until the next estimate.
 IMPLAUSIBLE = 4.0
+#: ``rise_needs_progress``: the relative fall of the loss below its starting level that counts as
+#: progress (the back-off's tolerance while the search is watched).
+PROGRESS = 0.05
 
 
 class PeakSearch:
@@ -298,7 +301,7 @@ class PeakSearch:
         self.log_ceiling = self.ceiling(log_bound) if self.guard else None
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
-        stalled = losses.count >= losses.min_count and not at_best
+        stalled = self.rise_needs_progress and self._stalled(at_best)
         backed_off = self.update(
             fraction_used,
             log_prior,
@@ -309,12 +312,26 @@ class PeakSearch:
             exploding=exploding,
             pull_back=not (self.loss_evidence and self.healthy),
             applied=last_log_factor,
-            stalled=self.rise_needs_progress and stalled,
+            stalled=stalled,
         )
         if backed_off or self.cooldown > 0:
             # Re-baseline the loss average through the cool-down: it is still catching up with
             # the excursion that caused the back-off, which is not a new instability.
             losses.reset_best()
+
+    def _stalled(self, at_best: bool) -> bool:
+        """``rise_needs_progress``: the loss made progress (its best fast average is at least
+        :data:`PROGRESS` below the level it started from) and is no longer at its best.
+
+        A loss that never left its starting level (a flat start: the LR is too low, or the
+        model has not found the signal yet) does not stall the rise: there the rise is the cure.
+        A loss that fell and then went back up to a plateau above its best — the dead-unit
+        plateau a too-high LR leaves under SGD — does.
+        """
+        start, losses = self.explosion.start, self.losses
+        if at_best or start is None or losses.count < losses.min_count:
+            return False
+        return losses.best < start - PROGRESS * abs(start)
 
     def _unstable(
         self,
