@@ -107,7 +107,8 @@ class GraffConfig:
             whose loss under a too-high LR can sit at a plateau (dead units) that neither the
             guard nor the back-off sees, off for Adam-type ones, where a loss that is flat
             because the LR is too *low* looks the same and the rise is the cure. ``False``
-            (default) never (``docs/concepts/graff.md``).
+            (default): never. An experiment switch: under SGD it lost on the benchmark's SGD
+            CNN (``docs/concepts/graff.md``, "The rise gated on progress under SGD").
         preconditioner_floor: Under adaptive optimizers λ̂ is computed with each parameter
             tensor's preconditioner floored at this fraction of its median, in [0, 1); 0: as
             the optimizer applies it. Coordinates whose second moment is still ~0 otherwise
