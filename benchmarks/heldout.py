@@ -89,6 +89,11 @@ def _train(task: Any, model: Any, opt: Any, sched: Any, steps: int, gen: Any) ->
     }
 
 
+def lr_jitter(cell: dict[str, Any]) -> float:
+    """The factor on the cell's LR (``--lr-jitter``; 1 by default): a butterfly control."""
+    return float(cell.get("lr_jitter", 1.0))
+
+
 def cell_steps(cell: dict[str, Any]) -> int:
     """The step budget of a metatrain-family cell (``--steps``; :data:`STEPS` by default)."""
     return int(cell.get("steps", STEPS))
@@ -119,7 +124,7 @@ def _build(cell: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, ...]:
 
     task = make_task(cell["family"], cell["arch"], cell["seed"])
     model = task.build(cell["seed"])
-    lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"]
+    lr = DEFAULT_LR[(cell["arch"], cell["optimizer"])] * cell["factor"] * lr_jitter(cell)
     opt = make_optimizer(cell["arch"], cell["optimizer"], lr, model)
     loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
     sched = _scheduler(opt, cell_steps(cell), model, loss_fn, cell["seed"], kwargs)
@@ -232,7 +237,8 @@ def _run_char(cell: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     task = _CHAR["task"]
     model = task.build(cell["seed"])
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer("adamw", params, DEFAULT_LR * cell["factor"], WEIGHT_DECAY)
+    lr = DEFAULT_LR * cell["factor"] * lr_jitter(cell)
+    opt = build_optimizer("adamw", params, lr, WEIGHT_DECAY)
     loss_fn = task.probe_loss_fn(model) if cell["lam"] else None
     sched = _scheduler(opt, CHAR_STEPS, model, loss_fn, cell["seed"], kwargs)
     gen = torch.Generator().manual_seed(1000 + cell["seed"])
@@ -246,6 +252,7 @@ def cells(
     kwargs: dict,
     data_dir: Any,
     steps: int = STEPS,
+    jitter: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Every run of the sweep (both λ̂ settings of every cell, the char transformer first: the
     slowest runs start early)."""
@@ -265,6 +272,8 @@ def cells(
         cell["graff_kwargs"] = kwargs
         if steps != STEPS and cell["family"] != "char":
             cell["steps"] = steps
+        if jitter != 1.0:
+            cell["lr_jitter"] = jitter
     return out
 
 
@@ -289,6 +298,8 @@ def _key(cell: dict[str, Any], lam: bool = True) -> str:
     values = [cell[k] for k in names] + [cell.get("graff_kwargs") or {}]
     if cell_steps(cell) != STEPS:  # a sweep at another budget (``--steps``)
         values.append(cell["steps"])
+    if lr_jitter(cell) != 1.0:  # a butterfly control (``--lr-jitter``)
+        values.append({"lr_jitter": lr_jitter(cell)})
     return json.dumps(values + ([cell["lam"]] if lam else []), sort_keys=True)
 
 
@@ -357,6 +368,14 @@ def main(argv: list[str] | None = None) -> None:
         help=f"budget of the metatrain-family runs (default {STEPS})",
     )
     parser.add_argument("--graff-kwargs", default="{}", help="GraffConfig fields, as JSON")
+    parser.add_argument(
+        "--lr-jitter",
+        type=float,
+        default=1.0,
+        help="multiply every run's LR by this (e.g. 1.01): a butterfly control that shows how "
+        "many cells a change too small to matter moves by more than 1 %% (pair with the default "
+        "sweep by `compare --heldout`)",
+    )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument(
         "--trace",
@@ -370,6 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         help="start over: keep none of the runs an earlier call of the same commit left",
     )
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.lr_jitter) and args.lr_jitter > 0):
+        parser.error(f"--lr-jitter must be a positive number, got {args.lr_jitter}")
     if args.trace:
         cell = _trace_cell_arg(args.trace, not args.trace_off, json.loads(args.graff_kwargs))
         if args.steps != STEPS:
@@ -390,7 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     todo = [
         c
         for c in cells(
-            args.seeds, args.optimizers, args.char_seeds, kwargs, args.data_dir, args.steps
+            args.seeds,
+            args.optimizers,
+            args.char_seeds,
+            kwargs,
+            args.data_dir,
+            args.steps,
+            args.lr_jitter,
         )
         if _key(c) not in done
     ]
@@ -405,7 +432,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             if i % 10 == 0 or i == len(todo):
                 print(f"  {i}/{len(todo)}", flush=True)
-    text = summary([r for r in rows if (r.get("graff_kwargs") or {}) == kwargs])
+    text = summary(
+        [
+            r
+            for r in rows
+            if (r.get("graff_kwargs") or {}) == kwargs and lr_jitter(r) == args.lr_jitter
+        ]
+    )
     head = (
         f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
         f"{' (dirty)' if meta['git_dirty'] else ''}, {meta['date']}, "

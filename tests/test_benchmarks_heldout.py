@@ -191,3 +191,29 @@ def test_a_cell_trains_for_its_own_budget(monkeypatch) -> None:
             "lam": False, "steps": 37}  # fmt: skip
     assert heldout.run_cell(cell)["status"] == "ok"
     assert seen == [37]
+
+
+def test_lr_jitter_scales_the_lr_and_keys_the_cells_apart(monkeypatch) -> None:
+    """``--lr-jitter``: every cell's optimizer LR is the default × factor × jitter, recorded in
+    the cell and its key (a jittered run never resumes from, or is counted with, a default one)."""
+    from metatrain.tasks import DEFAULT_LR
+
+    default = heldout.cells([1], ["sgd"], [0], {}, None)
+    jittered = heldout.cells([1], ["sgd"], [0], {}, None, jitter=1.01)
+    assert all("lr_jitter" not in c for c in default)
+    assert {c["lr_jitter"] for c in jittered} == {1.01}
+    assert all(heldout._key(a) != heldout._key(b) for a, b in zip(default, jittered, strict=True))
+    lrs = []
+    monkeypatch.setattr(
+        heldout,
+        "_train",
+        lambda task, model, opt, *a: lrs.append(opt.param_groups[0]["initial_lr"]) or {},
+    )
+    cell = {"family": "tabular", "arch": "mlp", "optimizer": "sgd", "factor": 0.1, "seed": 1,
+            "lam": False}  # fmt: skip
+    for jitter in (1.0, 1.01):
+        assert heldout.run_cell({**cell, "lr_jitter": jitter})["status"] == "ok"
+    base = DEFAULT_LR[("mlp", "sgd")] * 0.1
+    assert lrs == [pytest.approx(base), pytest.approx(base * 1.01)]
+    with pytest.raises(SystemExit):
+        heldout.main(["--lr-jitter", "0"])
