@@ -1,4 +1,4 @@
-"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout``, ``lambda-accuracy``, ``trace`` and ``compare``."""
+"""Command line: ``python -m benchmarks run --suite quick|full|floor|ablations|anchors|planner|budgets|wallclock``, ``overhead``, ``soak``, ``gpu``, ``heldout``, ``lambda-accuracy``, ``trace``, ``compare`` and ``butterfly``."""
 
 from __future__ import annotations
 
@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> None:
 
         compare(argv[1:])
         return
+    if argv[:1] == ["butterfly"]:  # its own parser (benchmarks/butterfly.py)
+        from benchmarks.butterfly import main as butterfly
+
+        butterfly(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train every scheduler on every task of a suite")
@@ -277,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     tr.set_defaults(func=trace.main)
     sub.add_parser("heldout", help="GRAFF with and without λ̂ on tasks the benchmark never uses")
     sub.add_parser("lambda-accuracy", help="λ̂ (Lanczos, power iteration) against ARPACK's top")
+    sub.add_parser("compare", help="pair two runs of a suite (or two held-out sweeps) seed by seed")
+    sub.add_parser(
+        "butterfly", help="λ̂ on vs off against each held-out cell's spread under a 1 %% LR nudge"
+    )
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -373,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=1.0,
         help="multiply every run's LR by this (e.g. 1.01): a butterfly control that shows how "
-        "many cells a change too small to matter moves by more than 1 %% (pair with the default "
-        "sweep by `compare --heldout`)",
+        "many cells a change too small to matter moves by more than 1 %% (read against the default "
+        "sweep by `python -m benchmarks butterfly`)",
     )
     parser.add_argument("--data-dir", default=None)
     parser.add_argument(
