@@ -104,10 +104,10 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit(path: Path) -> str:
-    from benchmarks.compare import _sweep_commit
-
-    return _sweep_commit(path)
+def _commit(rows: list[dict[str, Any]]) -> str:
+    """The commit(s) a sweep's rows were run at (their resume key; "?" for uncommitted code)."""
+    keys = sorted({str(r.get("resume_key") or "?")[:7] for r in rows})
+    return ", ".join(keys) if keys else "?"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv_ = sys.argv[1:] if argv is None else argv
     result = {
         "command": shlex.join(["python", "-m", "benchmarks", "butterfly", *argv_]),
-        "base_commit": _commit(args.base),
-        "nudged_commit": _commit(args.nudged),
+        "base_commit": _commit(base),
+        "nudged_commit": _commit(nudged),
         "jitter": jitters.pop(),
         "counts": {opt: counts(cs) for opt, cs in sorted(by_opt.items())},
         "worse_beyond_spread": [

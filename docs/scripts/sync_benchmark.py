@@ -39,6 +39,7 @@ TABLES = (
     ("wallclock_60/results.md", "Wall-clock budgets of at least 60 s"),
     ("overhead/overhead.md", "Per-step overhead and memory (LoRA tasks)"),
     ("heldout/summary.md", "λ̂ on vs λ̂ off on tasks the benchmark never uses"),
+    ("heldout/butterfly/butterfly.md", "λ̂ on vs λ̂ off, against each cell's butterfly spread"),
     ("wallclock/results.md", "Short wall-clock budgets"),
 )
 
