@@ -60,7 +60,10 @@ class PeakSearch:
        peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
        limit, because the sharpness measured early grows during training (progressive
        sharpening) and an LR at the limit becomes unstable later. ``log_ceiling=None`` (no
-       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still.
+       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still. With
+       ``rise_needs_progress`` (an experiment switch, off by default) the rise also waits on
+       steps whose loss average is off its best once the loss has fallen
+       :data:`PROGRESS` below its start.
     2. **The ceiling only removes what the search added.** Whenever the ceiling falls below a
        raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
        but never below 0 on this account: the user's own LR is cut only by the guard itself
