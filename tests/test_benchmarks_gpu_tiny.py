@@ -56,3 +56,17 @@ def test_without_a_gpu_the_full_mode_refuses_clearly(monkeypatch, tmp_path: Path
     with pytest.raises(SystemExit, match=r"needs a CUDA GPU.*--tiny"):
         main(["gpu", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_the_full_configuration_is_a_qwen3_model_of_100_to_300m_parameters() -> None:
+    """Issue 18's GPU command: a Qwen3-architecture model of ~100-300M parameters built from a
+    config (built on the meta device: no memory, no GPU needed to check its size)."""
+    from benchmarks.gpu import FULL, build_model
+
+    meta = torch.device("meta")
+    with meta:
+        model = build_model(FULL, FULL.vocab, seed=0, device=meta)
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    params = sum(p.numel() for p in model.parameters())
+    assert 100e6 <= params <= 300e6, params
+    assert FULL.micro_batch == 8 and FULL.accum == 8  # the seed's micro-batch 8 x 8 accumulation
