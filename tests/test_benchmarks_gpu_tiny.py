@@ -69,4 +69,5 @@ def test_the_full_configuration_is_a_qwen3_model_of_100_to_300m_parameters() -> 
     assert type(model).__name__ == "Qwen3ForCausalLM"
     params = sum(p.numel() for p in model.parameters())
     assert 100e6 <= params <= 300e6, params
-    assert FULL.micro_batch == 8 and FULL.accum == 8  # the seed's micro-batch 8 x 8 accumulation
+    # the seed's micro-batch 8 x 8 accumulation
+    assert (FULL.micro_batch, FULL.accum) == (8, 8)
