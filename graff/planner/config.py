@@ -100,15 +100,6 @@ class GraffConfig:
             ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
             ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
             user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
-        rise_needs_progress: Once the loss has made progress (its best fast average 5 % below
-            where it started), the peak search rises only on steps whose fast average is at its
-            best; on other steps it holds, and its phase still ends on time. A loss still at its
-            starting level never holds the rise. ``None``: on for optimizers without a preconditioner (SGD),
-            whose loss under a too-high LR can sit at a plateau (dead units) that neither the
-            guard nor the back-off sees, off for Adam-type ones, where a loss that is flat
-            because the LR is too *low* looks the same and the rise is the cure. ``False``
-            (default): never. An experiment switch: under SGD it lost on the benchmark's SGD
-            CNN (``docs/concepts/graff.md``, "The rise gated on progress under SGD").
         preconditioner_floor: Under adaptive optimizers λ̂ is computed with each parameter
             tensor's preconditioner floored at this fraction of its median, in [0, 1); 0: as
             the optimizer applies it. Coordinates whose second moment is still ~0 otherwise
@@ -145,14 +136,13 @@ class GraffConfig:
     loss_evidence: bool | None = None
     keep_raised_peak: bool = True
     search_after_hold: bool | None = None
-    rise_needs_progress: bool | None = False
     preconditioner_floor: float = 0.01
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
             if not isinstance(getattr(self, name), bool):
                 raise GraffTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
-        for name in ("loss_evidence", "search_after_hold", "rise_needs_progress"):
+        for name in ("loss_evidence", "search_after_hold"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
                 raise GraffTypeError(f"{name} must be None, True or False, got {value!r}.")

@@ -40,9 +40,6 @@ REFRESH_ITERS = 6
 #: this factor above the guard's limit is implausible (``docs/concepts/guard.md``): it is set
 #: aside until the next estimate.
 IMPLAUSIBLE = 4.0
-#: ``rise_needs_progress``: the relative fall of the loss below its starting level that counts as
-#: progress (the back-off's tolerance while the search is watched).
-PROGRESS = 0.05
 
 
 class PeakSearch:
@@ -60,10 +57,7 @@ class PeakSearch:
        peak keeps :math:`\eta\hat\lambda \le c/\rho`, a fraction ``1/headroom`` of the stability
        limit, because the sharpness measured early grows during training (progressive
        sharpening) and an LR at the limit becomes unstable later. ``log_ceiling=None`` (no
-       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still. With
-       ``rise_needs_progress`` (an experiment switch, off by default) the rise also waits on
-       steps whose loss average is off its best once the loss has fallen
-       :data:`PROGRESS` below its start.
+       curvature estimate) means no ceiling; ``hold=True`` keeps :math:`\sigma` still.
     2. **The ceiling only removes what the search added.** Whenever the ceiling falls below a
        raised :math:`\sigma` (a new, larger :math:`\hat\lambda`), :math:`\sigma` comes down to it,
        but never below 0 on this account: the user's own LR is cut only by the guard itself
@@ -112,13 +106,11 @@ class PeakSearch:
         loss_evidence: bool = False,
         keep_raised_peak: bool = False,
         search_after_hold: bool | None = False,
-        rise_needs_progress: bool = False,
     ) -> None:
         self.guard = guard
         self.loss_evidence = loss_evidence
         self.keep_raised_peak = keep_raised_peak
         self.search_after_hold = search_after_hold
-        self.rise_needs_progress = rise_needs_progress
         # fraction of the budget used at the last step the search held for a first λ̂ (with
         # search_after_hold the search phase and its watch count from there)
         self.hold_until = 0.0
@@ -203,11 +195,6 @@ class PeakSearch:
             ),
             keep_raised_peak=config.keep_raised_peak,
             search_after_hold=config.search_after_hold,
-            rise_needs_progress=(
-                preconditioner_kind(optimizer) is None
-                if config.rise_needs_progress is None
-                else config.rise_needs_progress
-            ),
         )
 
     # ------------------------------------------------------------- triggers
@@ -304,7 +291,6 @@ class PeakSearch:
         self.log_ceiling = self.ceiling(log_bound) if self.guard else None
         losses = self.losses
         at_best = losses.count >= losses.min_count and losses.fast <= losses.best
-        stalled = self.rise_needs_progress and self._stalled(at_best)
         backed_off = self.update(
             fraction_used,
             log_prior,
@@ -315,26 +301,11 @@ class PeakSearch:
             exploding=exploding,
             pull_back=not (self.loss_evidence and self.healthy),
             applied=last_log_factor,
-            stalled=stalled,
         )
         if backed_off or self.cooldown > 0:
             # Re-baseline the loss average through the cool-down: it is still catching up with
             # the excursion that caused the back-off, which is not a new instability.
             losses.reset_best()
-
-    def _stalled(self, at_best: bool) -> bool:
-        """``rise_needs_progress``: the loss made progress (its best fast average is at least
-        :data:`PROGRESS` below the level it started from) and is no longer at its best.
-
-        A loss that never left its starting level (a flat start: the LR is too low, or the
-        model has not found the signal yet) does not stall the rise: there the rise is the cure.
-        A loss that fell and then went back up to a plateau above its best — the dead-unit
-        plateau a too-high LR leaves under SGD — does.
-        """
-        start, losses = self.explosion.start, self.losses
-        if at_best or start is None or losses.count < losses.min_count:
-            return False
-        return losses.best < start - PROGRESS * abs(start)
 
     def _unstable(
         self,
@@ -418,7 +389,6 @@ class PeakSearch:
         exploding: bool = False,
         pull_back: bool = True,
         applied: float | None = None,
-        stalled: bool = False,
     ) -> bool:
         """Advance one step; returns True when it answered an instability (rules 3 and 4).
 
@@ -480,12 +450,10 @@ class PeakSearch:
             return True
         self.capped = False
         if self.searching:
-            self._rise(fraction_used, hold, log_ceiling if has_ceiling else None, stalled)
+            self._rise(fraction_used, hold, log_ceiling if has_ceiling else None)
         return False
 
-    def _rise(
-        self, fraction_used: float, hold: bool, log_ceiling: float | None, stalled: bool = False
-    ) -> None:
+    def _rise(self, fraction_used: float, hold: bool, log_ceiling: float | None) -> None:
         """Rule 1 for one step of the search phase: end it, hold, or rise toward the ceiling."""
         if hold and self.search_after_hold is not False:  # the phase starts once it can move
             self.hold_until = min(fraction_used, self.search_fraction)
@@ -499,7 +467,7 @@ class PeakSearch:
         phase_over = fraction_used - self.counted_hold() >= self.search_fraction
         if phase_over or self.log_peak >= top - 1e-9:
             self.searching = False
-        elif not (hold or stalled):
+        elif not hold:
             est = self.search_fraction * self.steps / max(fraction_used, 1e-12)
             target = self.log_peak + RISE / max(10.0, 0.5 * est)
             if log_ceiling is not None:
