@@ -230,14 +230,16 @@ class PeakSearch:
         """
         if log_bound is None or not (self.guard and probe.hvp and self.enabled):
             return False
+        progressed = self._progressed_since_estimate(probe)
         stale = (self.capped and self.searching) or log_bound < log_prior
-        if stale and not self._progressed_since_estimate(probe):
+        if stale and not progressed:
             return False
         return stale and self.refresh_due() and self._affordable(probe, budget, owner_seconds)
 
     def _progressed_since_estimate(self, probe: CurvatureProbe) -> bool:
         """With ``refresh_after_progress`` (and no loss evidence): whether the loss average has
-        fallen by that fraction since the estimate in force was first seen."""
+        fallen by that fraction since the estimate in force was first seen, or has risen above
+        its best."""
         fall = self.refresh_after_progress
         if fall is None or self.loss_evidence:
             return True
@@ -247,6 +249,8 @@ class PeakSearch:
         seen = probe.n_estimates
         if self._estimate_loss is None or self._estimate_loss[0] != seen:
             self._estimate_loss = (seen, losses.fast)
+        if losses.count >= losses.min_count and losses.fast > losses.best:
+            return True  # the loss went up: the sharpness may have grown to the LR in use
         return losses.fast <= (1.0 - fall) * self._estimate_loss[1]
 
     def refresh(self, probe: CurvatureProbe) -> bool:
