@@ -106,9 +106,6 @@ class GraffConfig:
             inflate the early estimates by orders of magnitude (2,600× on a held-out CNN),
             and their ceiling holds the LR down; the floor costs over-fitting tasks, whose
             validation loss that accident had helped (``docs/concepts/graff.md``).
-        refresh_after_progress: Experiment (issue 18): without loss evidence (SGD), the peak
-            search asks for an extra λ̂ refresh only once the loss average has fallen by this
-            fraction since the estimate in force was first seen; ``None``: no such condition.
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields
@@ -140,7 +137,6 @@ class GraffConfig:
     keep_raised_peak: bool = True
     search_after_hold: bool | None = None
     preconditioner_floor: float = 0.01
-    refresh_after_progress: float | None = None
 
     def __post_init__(self) -> None:
         for name in _SWITCHES:
@@ -175,10 +171,6 @@ class GraffConfig:
         if self.search_headroom is not None:
             checked["search_headroom"] = check_in_range(
                 "search_headroom", self.search_headroom, 1.0, 1e3
-            )
-        if self.refresh_after_progress is not None:
-            checked["refresh_after_progress"] = check_in_range(
-                "refresh_after_progress", self.refresh_after_progress, 0.0, 1.0, high_open=True
             )
         if self.guard_c is not None:
             checked["guard_c"] = check_positive("guard_c", self.guard_c)

@@ -106,11 +106,8 @@ class PeakSearch:
         loss_evidence: bool = False,
         keep_raised_peak: bool = False,
         search_after_hold: bool | None = False,
-        refresh_after_progress: float | None = None,
     ) -> None:
         self.guard = guard
-        self.refresh_after_progress = refresh_after_progress
-        self._estimate_loss: tuple[int, float] | None = None  # (estimate, loss when first seen)
         self.loss_evidence = loss_evidence
         self.keep_raised_peak = keep_raised_peak
         self.search_after_hold = search_after_hold
@@ -198,7 +195,6 @@ class PeakSearch:
             ),
             keep_raised_peak=config.keep_raised_peak,
             search_after_hold=config.search_after_hold,
-            refresh_after_progress=config.refresh_after_progress,
         )
 
     # ------------------------------------------------------------- triggers
@@ -230,28 +226,8 @@ class PeakSearch:
         """
         if log_bound is None or not (self.guard and probe.hvp and self.enabled):
             return False
-        progressed = self._progressed_since_estimate(probe)
         stale = (self.capped and self.searching) or log_bound < log_prior
-        if stale and not progressed:
-            return False
         return stale and self.refresh_due() and self._affordable(probe, budget, owner_seconds)
-
-    def _progressed_since_estimate(self, probe: CurvatureProbe) -> bool:
-        """With ``refresh_after_progress`` (and no loss evidence): whether the loss average has
-        fallen by that fraction since the estimate in force was first seen, or has risen above
-        its best."""
-        fall = self.refresh_after_progress
-        if fall is None or self.loss_evidence:
-            return True
-        losses = self.losses
-        if not losses.count:
-            return False
-        seen = probe.n_estimates
-        if self._estimate_loss is None or self._estimate_loss[0] != seen:
-            self._estimate_loss = (seen, losses.fast)
-        if losses.count >= losses.min_count and losses.fast > losses.best:
-            return True  # the loss went up: the sharpness may have grown to the LR in use
-        return losses.fast <= (1.0 - fall) * self._estimate_loss[1]
 
     def refresh(self, probe: CurvatureProbe) -> bool:
         """Re-measure λ̂ (a short, warm-started estimate); False if the probe could not."""
