@@ -326,11 +326,20 @@ def markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# graff benchmark — `gpu` (one wall-clock budget per method)",
         "",
-        f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`, {meta['date']}, "
+        f"`{meta['command']}` at commit `{meta['git_commit'][:12]}`"
+        f"{' (dirty)' if meta.get('git_dirty') else ''}, {meta['date']}, "
         f"{meta['machine'].get('gpu', meta['machine']['device'])}, torch {meta['machine']['torch']}; "
         f"{meta['parameters'] / 1e6:.1f}M parameters, {meta['config']['seconds']:g} s per method.",
         "",
     ]
+    planned = meta.get("methods_planned", [])
+    done = [r["method"] for r in payload["runs"]]
+    if len(done) < len(planned):
+        missing = ", ".join(m for m in planned if m not in done)
+        lines += [
+            f"**Partial:** {len(done)} of {len(planned)} methods so far (not run: {missing}).",
+            "",
+        ]
     rows = []
     for r in payload["runs"]:
         if r["status"] != "ok":
@@ -391,11 +400,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     env = Env(cfg, data, device, bf16, args.seed)
     step_seconds, params = warm_up(env)
     env.est_steps = max(1, int(cfg.seconds / step_seconds))
-    runs = []
-    for name in methods:
-        result = run_method(env, name)
-        runs.append(result)
-        print(_line(result), flush=True)
+    out = Path(args.out or REPO / "benchmarks" / "results" / ("gpu_tiny" if args.tiny else "gpu"))
+    out.mkdir(parents=True, exist_ok=True)
     prov = provenance()
     meta = {
         **{k: prov[k] for k in ("command", "git_commit", "git_dirty", "date")},
@@ -410,12 +416,18 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "warm_up_step_seconds": step_seconds,
         "estimated_steps": env.est_steps,
     }
-    payload = sanitize({"meta": meta, "runs": runs})
-    payload["meta"]["wall_seconds"] = time.perf_counter() - start
-    out = Path(args.out or REPO / "benchmarks" / "results" / ("gpu_tiny" if args.tiny else "gpu"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(dumps_compact(payload))
-    (out / "results.md").write_text(markdown(payload))
+    runs: list[dict[str, Any]] = []
+    for name in methods:
+        result = run_method(env, name)
+        runs.append(result)
+        print(_line(result), flush=True)
+        # written after every method: a run cut short (a lent machine's time limit) keeps the
+        # methods it finished
+        payload = sanitize({"meta": meta, "runs": runs})
+        payload["meta"]["wall_seconds"] = time.perf_counter() - start
+        payload["meta"]["methods_planned"] = list(methods)
+        (out / "results.json").write_text(dumps_compact(payload))
+        (out / "results.md").write_text(markdown(payload))
     print(f"wrote {out}/results.json and results.md ({payload['meta']['wall_seconds']:.0f} s)")
     return payload
 

@@ -39,23 +39,38 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def git_state() -> tuple[str, bool]:
+    """The commit of the code that runs and whether ``graff/`` or ``benchmarks/`` (results
+    excepted) differ from it. Without git or a ``.git`` (a copy of the tree, as a lent GPU
+    machine gets: ``benchmarks/device/``), ``GRAFF_GIT_COMMIT`` and ``GRAFF_GIT_DIRTY`` (``0``:
+    clean), written where the copy was made, say it; else the commit is ``"unknown"`` and the
+    code counts as dirty (a sweep then resumes nothing)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit == "unknown":
+        copied = os.environ.get("GRAFF_GIT_COMMIT", "").strip()
+        if copied:
+            return copied, os.environ.get("GRAFF_GIT_DIRTY", "1").strip() != "0"
+        return commit, True
+    status = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "graff",
+        "benchmarks",
+        ":(exclude)benchmarks/results",
+    )
+    return commit, bool(status)
+
+
 def provenance() -> dict[str, Any]:
     import torch
 
+    commit, dirty = git_state()
     return {
         "command": " ".join(["python -m benchmarks", *sys.argv[1:]]),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(
-            _git(
-                "status",
-                "--porcelain",
-                "--untracked-files=no",
-                "--",
-                "graff",
-                "benchmarks",
-                ":(exclude)benchmarks/results",
-            )
-        ),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
