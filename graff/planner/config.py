@@ -2,7 +2,7 @@
 
 ``GraffScheduler`` takes what a user sets for a run (model, prior, guard, clamps, seed, …);
 everything a study of the method varies lives here, with the defaults the benchmarks chose
-(``docs/concepts/graff.md`` gives the measurements behind each).
+(``docs/concepts/graff.md`` says what decided each; ``docs/design-log.md`` gives the measurements).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class GraffConfig:
             GRAFF — the prior, the peak search and the guard alone, with the residual and the
             multipliers held at zero (no planner forward pass, no online update, no entropy
             probe): level with the planner at the user's LR, but worse when the user's LR is
-            3-10× off (``docs/concepts/graff.md``, "What the learned part contributes").
+            3-10× off (``docs/design-log.md``, "What the learned part contributes").
         online: Train the planner online on the de-biased hypergradient cosine (``False``: the
             frozen-planner ablation).
         edges: Message passing between blocks (``False``: the no-edges/MLP ablation).
@@ -99,13 +99,13 @@ class GraffConfig:
             the first λ̂ shows the user's LR far below the stability limit (the search's ceiling
             ≥ 20×, ``graff.planner.search_defaults.FAR_BELOW_CEILING``), otherwise as ``False``.
             ``True`` always: it helped LoRA at 0.1× the user's LR but cost it a little at the
-            user's LR, where the ceiling is nearer (``docs/concepts/graff.md``).
+            user's LR, where the ceiling is nearer (``docs/design-log.md``).
         preconditioner_floor: Under adaptive optimizers λ̂ is computed with each parameter
             tensor's preconditioner floored at this fraction of its median, in [0, 1); 0: as
             the optimizer applies it. Coordinates whose second moment is still ~0 otherwise
             inflate the early estimates by orders of magnitude (2,600× on a held-out CNN),
             and their ceiling holds the LR down; the floor costs over-fitting tasks, whose
-            validation loss that accident had helped (``docs/concepts/graff.md``).
+            validation loss that accident had helped (``docs/design-log.md``).
 
     Raises:
         GraffConfigError, GraffTypeError: On a bad value or a contradiction between fields

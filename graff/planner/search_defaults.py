@@ -38,7 +38,7 @@ def default_headroom(optimizer: torch.optim.Optimizer) -> float:
     training (progressive sharpening), so the margin is wide; under Adam-type optimizers the
     preconditioned sharpness adapts to the LR (adaptive edge of stability), so a narrower one
     suffices. The values were chosen on the benchmark's quality floor
-    (``docs/concepts/graff.md``).
+    (``docs/design-log.md``).
     """
     return 4.0 if preconditioner_kind(optimizer) is not None else 8.0
 
@@ -52,6 +52,6 @@ def default_peak_max(adaptive: bool, measured: bool) -> float:
     loss can stop it — the loss average lags the LR by ~10 steps, so without a ceiling the search
     is past the edge before the back-off sees it. Under SGD the back-off from a higher rise
     returns to a level far below the best, so SGD-type optimizers keep 10×. The measurements
-    behind both choices are in ``docs/concepts/graff.md`` ("How far the search may rise").
+    behind both choices are in ``docs/design-log.md`` ("How far the search may rise").
     """
     return PEAK_MAX_MEASURED if (adaptive and measured) else PEAK_MAX_UNMEASURED
