@@ -19,19 +19,16 @@ data="$(cd "${GRAFF_GSM8K_DIR:-../shared/data/gsm8k}" && pwd)"
 for f in train.jsonl test.jsonl; do
   [ -f "$data/$f" ] || { echo "prepare.sh: $data/$f not found; set GRAFF_GSM8K_DIR" >&2; exit 1; }
 done
-python - <<'PY' || { echo "prepare.sh: .device/ must be git-ignored" >&2; exit 1; }
-import subprocess, sys
-sys.exit(subprocess.run(["git", "check-ignore", "-q", ".device/env"]).returncode)
-PY
+git check-ignore -q .device/env || { echo "prepare.sh: .device/ must be git-ignored" >&2; exit 1; }
 rm -rf .device
 mkdir -p .device/wheels
 ln -s "$data" .device/gsm8k
 version="$(python -c 'import importlib.metadata as m; print(m.version("schedulefree"))')"
 python -m pip download -q --no-deps -d .device/wheels "schedulefree==$version"
-dirty=1
-if [ -z "$(git status --porcelain --untracked-files=no -- graff benchmarks ':(exclude)benchmarks/results')" ]; then
-  dirty=0
-fi
-printf 'GRAFF_GIT_COMMIT=%s\nGRAFF_GIT_DIRTY=%s\n' "$(git rev-parse HEAD)" "$dirty" > .device/env
+# the commit and cleanliness exactly as benchmarks/meta.py records them (one definition)
+python -c 'from benchmarks.meta import git_state
+commit, dirty = git_state()
+print(f"GRAFF_GIT_COMMIT={commit}\nGRAFF_GIT_DIRTY={int(dirty)}")' > .device/env
+dirty="$(sed -n 's/^GRAFF_GIT_DIRTY=//p' .device/env)"
 echo "prepared .device/ for commit $(git rev-parse --short HEAD) (dirty=$dirty): $(ls .device/wheels)"
 [ "$dirty" = 0 ] || echo "warning: graff/ or benchmarks/ has uncommitted changes; commit first" >&2
